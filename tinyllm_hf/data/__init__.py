@@ -1,0 +1,1 @@
+"""tinyllm_hf.data"""
