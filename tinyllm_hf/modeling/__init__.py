@@ -1,0 +1,38 @@
+"""Tinyllm model classes and their registration with transformers' Auto classes."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tinyllm_hf.modeling.configuration_tinyllm import PRESETS, TinyllmConfig
+from tinyllm_hf.modeling.modeling_tinyllm import (
+    TinyllmForCausalLM,
+    TinyllmForSequenceClassification,
+    TinyllmModel,
+    TinyllmPreTrainedModel,
+)
+
+AUTO_CLASSES = (
+    (AutoModel, TinyllmModel),
+    (AutoModelForCausalLM, TinyllmForCausalLM),
+    (AutoModelForSequenceClassification, TinyllmForSequenceClassification),
+)
+
+
+def register_auto_classes() -> None:
+    """Make `Auto*.from_pretrained` resolve model_type "tinyllm" to our classes (idempotent), and mark the classes so
+    `save_pretrained` copies the modeling files next to the weights and writes `auto_map` for trust_remote_code."""
+    AutoConfig.register("tinyllm", TinyllmConfig, exist_ok=True)
+    TinyllmConfig.register_for_auto_class()
+    for auto_class, model_class in AUTO_CLASSES:
+        auto_class.register(TinyllmConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
+
+
+__all__ = [
+    "PRESETS",
+    "TinyllmConfig",
+    "TinyllmPreTrainedModel",
+    "TinyllmModel",
+    "TinyllmForCausalLM",
+    "TinyllmForSequenceClassification",
+    "register_auto_classes",
+]

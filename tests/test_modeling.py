@@ -1,0 +1,262 @@
+"""TinyllmForCausalLM behaves like a Hugging Face causal LM: masking, cache, padding, save/load, remote code, Llama."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
+
+from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM, TinyllmForSequenceClassification, TinyllmModel
+from tinyllm_hf.modeling.convert import ConversionError, tinyllm_config_to_llama, tinyllm_to_llama, tinyllm_to_llama_model
+
+VOCAB = 97
+
+
+def tiny_config(**overrides):
+    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1)
+    return TinyllmConfig(**{**fields, **overrides})
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TinyllmForCausalLM(tiny_config()).eval()
+
+
+def test_shapes_and_causal_masking(model):
+    ids = torch.randint(2, VOCAB, (3, 12))
+    logits = model(ids).logits
+    assert logits.shape == (3, 12, VOCAB)
+    changed = ids.clone()
+    changed[:, 8:] = torch.randint(2, VOCAB, (3, 4))
+    new_logits = model(changed).logits
+    torch.testing.assert_close(new_logits[:, :8], logits[:, :8])  # the past never sees the future
+    assert not torch.allclose(new_logits[:, 8:], logits[:, 8:])
+
+
+def test_sdpa_and_eager_attention_agree(model):
+    ids = torch.randint(2, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    sdpa = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("eager")
+    eager = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(sdpa[0, 3:], eager[0, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa[1], eager[1], atol=1e-5, rtol=1e-5)
+
+
+def greedy_without_cache(model, ids, steps):
+    with torch.no_grad():
+        for _ in range(steps):
+            next_id = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+def test_cached_generation_equals_uncached(model):
+    prompt = torch.randint(2, VOCAB, (2, 6))
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch.testing.assert_close(cached, greedy_without_cache(model, prompt, 12))
+
+
+def test_left_padded_batch_equals_each_row(model):
+    rows = [torch.randint(2, VOCAB, (n,)) for n in (7, 4, 2)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(batch[i, width:], alone[0, len(r):]), f"row {i} differs when batched with left padding"
+        batch_logits = model(ids[i:i + 1], attention_mask=mask[i:i + 1]).logits[0, width - len(r):]
+        torch.testing.assert_close(batch_logits, model(r[None]).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_reload_safetensors_only(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+    assert {"configuration_tinyllm.py", "modeling_tinyllm.py"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded, TinyllmForCausalLM)
+    ids = torch.randint(2, VOCAB, (2, 9))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    # RoPE tables are non-persistent buffers: they must be recomputed, not left as meta-device garbage.
+    torch.testing.assert_close(reloaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), TinyllmModel)
+
+
+def test_tied_embeddings_are_shared_and_not_saved_twice(model, tmp_path):
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+
+
+def test_remote_code_loads_without_the_package(model, tmp_path):
+    """In a process where `import tinyllm_hf` fails, trust_remote_code loads the saved model and generates the same."""
+    model.save_pretrained(tmp_path)
+    prompt = torch.randint(2, VOCAB, (1, 5))
+    expected = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    script = textwrap.dedent(f"""
+        import sys, json, torch
+        sys.modules["tinyllm_hf"] = None  # make `import tinyllm_hf` fail
+        try:
+            import tinyllm_hf
+            raise SystemExit("tinyllm_hf is importable")
+        except ImportError:
+            pass
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        out = model.generate(torch.tensor({prompt.tolist()}), max_new_tokens=10, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        reward = AutoModelForSequenceClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True,
+                                                                     num_labels=1)
+        print(json.dumps([type(model).__module__, out.tolist(), type(reward).__name__]))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    module, tokens, reward_class = json.loads(result.stdout.strip().splitlines()[-1])
+    assert module.startswith("transformers_modules")
+    assert tokens == expected.tolist()
+    assert reward_class == "TinyllmForSequenceClassification"
+
+
+def test_matches_llama_logits_and_exports(model, tmp_path):
+    llama = tinyllm_to_llama_model(model)
+    assert isinstance(llama, LlamaForCausalLM)
+    ids = torch.randint(2, VOCAB, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    torch.testing.assert_close(llama(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                               atol=1e-4, rtol=0)
+    model.save_pretrained(tmp_path / "tinyllm")
+    tinyllm_to_llama(tmp_path / "tinyllm", tmp_path / "llama")
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_theta"] == 10000.0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    assert isinstance(reloaded, LlamaForCausalLM)
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_llama_export_rejects_what_llama_cannot_express():
+    with pytest.raises(ConversionError, match="qkv_bias"):
+        tinyllm_config_to_llama(tiny_config(qkv_bias=True))
+
+
+def test_export_to_non_empty_directory_fails_cleanly(model, tmp_path):
+    model.save_pretrained(tmp_path / "tinyllm")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        tinyllm_to_llama(tmp_path / "tinyllm", tmp_path / "taken")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        tinyllm_to_llama(tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("TINYLLM_LEGACY_PYTHON"), reason="set TINYLLM_LEGACY_PYTHON to a python with "
+                    "transformers 4.57 (scripts/test.sh builds one) to test loading in older transformers")
+def test_llama_export_loads_in_transformers_4(model, tmp_path):
+    model.save_pretrained(tmp_path / "tinyllm")
+    tinyllm_to_llama(tmp_path / "tinyllm", tmp_path / "llama")
+    ids = torch.randint(2, VOCAB, (2, 12))
+    script = textwrap.dedent(f"""
+        import json, torch, transformers
+        from transformers import AutoModelForCausalLM
+        assert transformers.__version__.startswith("4."), transformers.__version__
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "llama")!r})
+        print(json.dumps(model(torch.tensor({ids.tolist()})).logits.tolist()))
+    """)
+    result = subprocess.run([os.environ["TINYLLM_LEGACY_PYTHON"], "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    legacy_logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(legacy_logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "hidden_size"),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(hidden_size=12, num_attention_heads=4, num_key_value_heads=4), "head_dim"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+    ],
+)
+def test_invalid_config_names_the_fields(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="16m"):
+        TinyllmConfig.from_preset("17m")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = TinyllmForCausalLM(tiny_config()).train()
+    ids = torch.randint(2, VOCAB, (2, 16))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert model.model.layers[0].gradient_checkpointing
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_loss_honours_num_items_in_batch(model):
+    ids = torch.randint(2, VOCAB, (2, 10))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    mean_loss = model(ids, labels=labels).loss
+    counted = (labels[:, 1:] != -100).sum()
+    summed = model(ids, labels=labels, num_items_in_batch=counted * 2).loss
+    torch.testing.assert_close(summed, mean_loss / 2)
+
+
+def test_sequence_classification_pools_last_real_token(tmp_path):
+    torch.manual_seed(0)
+    classifier = TinyllmForSequenceClassification(tiny_config(num_labels=1)).eval()
+    ids = torch.randint(2, VOCAB, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)  # left padding
+    right_padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    alone = classifier(ids).logits
+    left = classifier(padded, attention_mask=(padded != 0).long()).logits
+    right = classifier(right_padded, attention_mask=(right_padded != 0).long()).logits
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+    classifier.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(tmp_path), TinyllmForSequenceClassification)
+
+
+def test_scaled_rope_is_used():
+    ids = torch.randint(2, VOCAB, (1, 12))
+    torch.manual_seed(0)
+    plain = TinyllmForCausalLM(tiny_config()).eval()
+    torch.manual_seed(0)
+    scaled = TinyllmForCausalLM(tiny_config(rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                             "rope_theta": 10000.0})).eval()
+    assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
+    torch.testing.assert_close(tinyllm_to_llama_model(scaled)(ids).logits, scaled(ids).logits, atol=1e-4, rtol=0)
