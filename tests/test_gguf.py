@@ -1,0 +1,180 @@
+"""GGUF export: transformers and upstream llama.cpp (llama-cpp-python) read our file and agree with the HF model."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
+
+from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
+from tinyllm_hf.integrations.gguf import export_gguf, main  # noqa: E402
+
+N_TOKENS = 16
+
+
+def _llama_cpp():
+    return pytest.importorskip(
+        "llama_cpp", reason='llama.cpp checks need llama-cpp-python: pip install "tinyllm-hf[llamacpp]" (builds from source)'
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    model_dir = checkpoint_dir(root)
+    files = {t: export_gguf(model_dir, root / "out" / f"model-{t}.gguf", t) for t in ("f16", "q8_0")}
+    return model_dir, files
+
+
+def _teacher_forced_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _first_mismatch(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_metadata_describes_llama_with_our_tokenizer(exported):
+    from transformers import AutoTokenizer
+
+    model_dir, files = exported
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reader = gguf.GGUFReader(files["f16"])
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    assert field("general.architecture") == "llama"
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert field("tokenizer.ggml.padding_token_id") == tokenizer.pad_token_id
+    assert field("tokenizer.ggml.add_bos_token") is False
+    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    for special in ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"):
+        assert types[tokens.index(special)] == gguf.TokenType.CONTROL
+    assert len(field("tokenizer.ggml.merges")) > 0
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "blk.0.attn_q.weight" in names
+
+
+def test_transformers_reads_f16_gguf_back(exported):
+    """transformers un-permutes Q/K when reading GGUF: equal logits prove our permutation is llama.cpp's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, files = exported
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(files["f16"].parent, gguf_file=files["f16"].name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(files["f16"].parent, gguf_file=files["f16"].name)
+    for prompt in PROMPTS:
+        ids, greedy = hf_greedy(model_dir, prompt, N_TOKENS)
+        assert tokenizer(prompt).input_ids == ids
+        ref, got = _teacher_forced_logits(reference, ids + greedy), _teacher_forced_logits(loaded.eval(), ids + greedy)
+        # f16 weights: errors of ~1e-3 relative to the logits' spread, nowhere near a permutation bug (order 1).
+        assert (ref - got).abs().max() < 0.05 * ref.std()
+        assert (ref.argmax(-1) == got.argmax(-1)).all()
+
+
+def test_q8_0_stays_close_to_fp32(exported):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, files = exported
+    assert files["q8_0"].stat().st_size < 0.7 * files["f16"].stat().st_size
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(files["q8_0"].parent, gguf_file=files["q8_0"].name, dtype=torch.float32)
+    for prompt in PROMPTS:
+        ids, greedy = hf_greedy(model_dir, prompt, N_TOKENS)
+        ref, got = _teacher_forced_logits(reference, ids + greedy), _teacher_forced_logits(loaded.eval(), ids + greedy)
+        # 8-bit blocks: ~2% mean logit error on the fixture's deliberately large random weights (0.1% for f16).
+        assert (ref - got).abs().mean() < 0.04 * ref.std()
+        assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
+
+
+def test_llama_cpp_greedy_matches_transformers(exported):
+    llama_cpp = _llama_cpp()
+    model_dir, files = exported
+    llm = llama_cpp.Llama(model_path=str(files["f16"]), n_ctx=256, n_threads=2, verbose=False)
+    for prompt in PROMPTS:
+        ids, greedy = hf_greedy(model_dir, prompt, N_TOKENS)
+        # llama.cpp's own BPE (gpt-2 pre-tokenizer, merges from the file) must reproduce our tokenizer's ids.
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+        llm.reset()
+        out = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == N_TOKENS:
+                break
+        assert out == greedy, f"{prompt!r}: llama.cpp diverges from transformers at token {_first_mismatch(out, greedy)}"
+
+
+def test_llama_cpp_applies_our_chat_template(exported):
+    llama_cpp = _llama_cpp()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    model_dir, files = exported
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    llm = llama_cpp.Llama(model_path=str(files["f16"]), n_ctx=256, n_threads=2, verbose=False)
+    messages = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}]
+    # The same path create_chat_completion takes for a GGUF that carries a chat template and no chat_format.
+    template = llm.metadata["tokenizer.chat_template"]
+    eos = llm.detokenize([llm.token_eos()], special=True).decode()
+    formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=eos, stop_token_ids=[llm.token_eos()])
+    prompt = formatter(messages=messages).prompt
+    assert prompt == "<|system|>\n你是助手\n<|user|>\n你好\n<|assistant|>\n"
+    assert prompt == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # End to end: llama.cpp's chat completion continues exactly as transformers does from that prompt.
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == list(ids)
+    reply = llm.create_chat_completion(messages=messages, max_tokens=N_TOKENS, temperature=0.0, top_k=1)
+    assert reply["choices"][0]["message"]["content"]
+
+
+def test_llama_cpp_loads_quantized_files(exported, tmp_path):
+    llama_cpp = _llama_cpp()
+    model_dir, files = exported
+    q4 = export_gguf(model_dir, tmp_path / "model-q4_k_m.gguf", "q4_k_m")
+    assert q4.stat().st_size < files["f16"].stat().st_size
+    ids, greedy = hf_greedy(model_dir, PROMPTS[0], N_TOKENS)
+    for path in (files["q8_0"], q4):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+        out = [t for _, t in zip(range(N_TOKENS), llm.generate(ids, top_k=1, temp=0.0, reset=True))]
+        assert len(out) == N_TOKENS and all(0 <= t < llm.n_vocab() for t in out)
+
+
+def test_bad_inputs_fail_cleanly_without_output(tmp_path, exported, capsys):
+    model_dir, _ = exported
+    not_llama = tmp_path / "bert"
+    not_llama.mkdir()
+    (not_llama / "config.json").write_text('{"model_type": "bert"}')
+    out = tmp_path / "out" / "x.gguf"
+    with pytest.raises(ValueError, match="not a Tinyllm or Llama checkpoint"):
+        export_gguf(not_llama, out)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        export_gguf(tmp_path / "missing", out)
+    with pytest.raises(ValueError, match="unknown --outtype"):
+        export_gguf(model_dir, out, "q3")
+    assert main(["--model", str(not_llama), "--output", str(out)]) == 1
+    assert "not a Tinyllm or Llama checkpoint" in capsys.readouterr().err
+    assert not out.exists() and not any(p.name.startswith(".gguf-export-") for p in out.parent.glob("*"))
+
+
+def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path, exported):
+    import shutil
+
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    model_dir, _ = exported
+    odd = tmp_path / "nfkc"
+    shutil.copytree(model_dir, odd)
+    tokenizer = AutoTokenizer.from_pretrained(odd)
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.save_pretrained(odd)
+    with pytest.raises(ValueError, match="normalizer NFKC"):
+        export_gguf(odd, tmp_path / "odd.gguf")
+    assert not (tmp_path / "odd.gguf").exists()

@@ -1,0 +1,298 @@
+"""Export a Tinyllm or Llama checkpoint to a GGUF file that upstream llama.cpp loads as the `llama` architecture.
+
+Tinyllm uses Llama's parameter names and math, so the GGUF is written directly from the safetensors state dict with the
+`gguf` package, the way llama.cpp's `convert_hf_to_gguf.py` writes a Llama model:
+
+- hyperparameters under `llama.*`; Q and K projection rows permuted from HF's half-rotation RoPE layout to the
+  interleaved layout llama.cpp's `llama` graph expects;
+- the tokenizer as a `gpt2` (byte-level BPE) vocabulary with merges, pre-tokenizer `gpt-2` (the regex of our ByteLevel
+  pre-tokenizer; `convert_hf_to_gguf.py` rejects our tokenizer because it only knows pre-tokenizers by hash), special
+  tokens typed CONTROL, EOS/pad ids and the chat template;
+- f16 and q8_0 tensors are written by the `gguf` package; q4_k_m is produced from the f16 file by llama.cpp's own
+  quantizer through `llama-cpp-python` (`pip install "tinyllm-hf[llamacpp]"`).
+
+    tinyllm export gguf --model DIR --outtype q8_0 --output model-q8_0.gguf
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+OUTTYPES = ("f16", "q8_0", "q4_k_m")
+SUPPORTED_MODEL_TYPES = ("tinyllm", "llama")
+
+
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError('GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"') from None
+    return gguf
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading the checkpoint
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json of a Tinyllm or Llama checkpoint, rejecting anything else with a one-line reason."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --model must be a Tinyllm or Llama checkpoint directory")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not a Tinyllm or Llama checkpoint")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (llama.cpp's llama uses silu)")
+    return config
+
+
+def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of the (possibly sharded) safetensors checkpoint, as float32 numpy arrays."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors in {model_dir} (save the model with save_pretrained)")
+    tensors = {}
+    for file in files:
+        # framework="pt" reads bf16 too, which numpy cannot represent.
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name).float().numpy()
+    return tensors
+
+
+def rope_settings(config: dict) -> tuple[float, str, float]:
+    """(theta, scaling type, scaling factor) from transformers 5 `rope_parameters` or the older flat fields."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise ValueError(f"rope_type {rope_type!r} has no GGUF export here (supported: default, linear)")
+    return float(theta), rope_type, float(params.get("factor", 1.0))
+
+
+def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows from HF's [first half | second half] RoPE pairing to llama.cpp's interleaved pairs.
+
+    Same as `LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py; applies to q/k weights and biases.
+    """
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _write_hparams(writer, config: dict, name: str) -> None:
+    gguf = _require_gguf()
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    theta, rope_type, factor = rope_settings(config)
+    writer.add_name(name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_rope_freq_base(theta)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * n_head != config["hidden_size"]:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    writer.add_vocab_size(config["vocab_size"])
+
+
+def check_tokenizer_matches_gpt2_pretokenizer(tokenizer_json: dict) -> None:
+    """llama.cpp re-implements tokenization: refuse tokenizers its `gpt-2` pre-tokenizer would split differently."""
+    model = tokenizer_json.get("model", {})
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
+        pre = pre["pretokenizers"][0]
+    problems = []
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        problems.append("model is not a byte-level BPE")
+    if tokenizer_json.get("normalizer"):
+        problems.append(f"normalizer {tokenizer_json['normalizer'].get('type')} is set")
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+        problems.append("pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)")
+    if problems:
+        raise ValueError("tokenizer cannot be expressed as llama.cpp's gpt-2 BPE: " + "; ".join(problems))
+
+
+def _write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
+    """Vocabulary, merges, token types, special ids and chat template, as llama.cpp reads a `gpt2` tokenizer."""
+    gguf = _require_gguf()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
+    check_tokenizer_matches_gpt2_pretokenizer(tok_json)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
+
+    id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = id_to_token.get(i)
+        if token is None:  # embedding rows beyond the tokenizer (vocab padded for speed): never produced
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer in {model_dir} has no eos_token: generation in llama.cpp would never stop")
+    # Our tokenizer has no BOS (documents are separated by EOS, as in GPT-2); llama.cpp still wants an id, and a BPE
+    # vocab without one defaults to id 11 -- use EOS, as GPT-2 does, and never prepend it.
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False))
+    writer.add_add_eos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _write_tensors(writer, config: dict, tensors: dict[str, np.ndarray], outtype: str) -> None:
+    gguf = _require_gguf()
+    n_layers = config["num_hidden_layers"]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    for hf_name, data in tensors.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from rope theta by llama.cpp
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings", True):
+            continue  # tied: llama.cpp falls back to token_embd when there is no output.weight
+        if ".q_proj." in hf_name:
+            data = permute_for_llama_cpp(data, n_head)
+        elif ".k_proj." in hf_name:
+            data = permute_for_llama_cpp(data, n_kv)
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"tensor {hf_name!r} has no counterpart in llama.cpp's llama architecture")
+        # As llama.cpp's converter: 1-D tensors (norms, biases) stay f32; q8_0 needs rows that split into 32-blocks.
+        if data.ndim == 1:
+            writer.add_tensor(gguf_name, data.astype(np.float32))
+        elif outtype == "q8_0" and data.shape[-1] % 32 == 0:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, data.astype(np.float16))
+
+
+def _write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
+    """Write an f16 or q8_0 GGUF of `model_dir` to `path`."""
+    gguf = _require_gguf()
+    config = read_config(model_dir)
+    tensors = read_state_dict(model_dir)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _write_hparams(writer, config, name=Path(model_dir).resolve().name)
+    file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_tokenizer(writer, model_dir, config["vocab_size"])
+    _write_tensors(writer, config, tensors, outtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def quantize_with_llama_cpp(f16_file: Path, output_file: Path, outtype: str = "q4_k_m") -> None:
+    """Run llama.cpp's quantizer (k-quants need its importance-aware rounding, which the gguf package lacks)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ImportError(f'--outtype {outtype} needs llama.cpp\'s quantizer: pip install "tinyllm-hf[llamacpp]"') from None
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[outtype]
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(output_file).encode(), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama.cpp failed to quantize {f16_file} to {outtype} (status {status})")
+
+
+def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "f16") -> Path:
+    """Write `model_dir` (Tinyllm or Llama checkpoint) as a llama.cpp GGUF; nothing is left at `output_file` on error."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    model_dir, output_file = Path(model_dir), Path(output_file)
+    read_config(model_dir)  # fail on a wrong directory before any work
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary file next to the output and rename at the end: a failed export leaves no partial file.
+    with tempfile.TemporaryDirectory(dir=output_file.parent, prefix=".gguf-export-") as tmp:
+        f16_or_q8 = Path(tmp) / ("model-q8_0.gguf" if outtype == "q8_0" else "model-f16.gguf")
+        _write_gguf(model_dir, f16_or_q8, "q8_0" if outtype == "q8_0" else "f16")
+        final = f16_or_q8
+        if outtype == "q4_k_m":
+            final = Path(tmp) / "model-q4_k_m.gguf"
+            quantize_with_llama_cpp(f16_or_q8, final, outtype)
+        os.replace(final, output_file)
+    return output_file
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line (`tinyllm export gguf ...` routes here)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_gguf_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="Tinyllm or Llama checkpoint directory (safetensors + tokenizer)")
+    parser.add_argument("--output", required=True, help="GGUF file to write, e.g. model-q8_0.gguf")
+    parser.add_argument("--outtype", default="f16", choices=OUTTYPES, help="tensor type (q4_k_m needs [llamacpp])")
+    return parser
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    try:
+        path = export_gguf(args.model, args.output, args.outtype)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
+        print(f"tinyllm export gguf: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_gguf_arguments(argparse.ArgumentParser(prog="tinyllm export gguf", description=__doc__.split("\n")[0]))
+    return run_gguf(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
