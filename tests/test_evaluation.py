@@ -1,0 +1,481 @@
+"""Evaluation: benchmark loaders on the official layouts, ppl/gen scoring, letter parsing, perplexity, tasks, results,
+lm-eval agreement. Models are tiny Llamas or fakes whose preferences are known, built here."""
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tinyllm_hf.evaluation import benchmarks, harness, mc
+from tinyllm_hf.evaluation.benchmarks import Benchmark, Question, format_question, load_local, load_mapping
+from tinyllm_hf.evaluation.engine import encode_pair, greedy_generate, loglikelihoods
+from tinyllm_hf.evaluation.mc import evaluate_multiple_choice, parse_letter, score_choices
+from tinyllm_hf.evaluation.perplexity import load_texts, perplexity, windows
+from tinyllm_hf.evaluation.results import load_results, make_results, results_table, save_results
+from tinyllm_hf.evaluation.tasks import evaluate_tasks
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+needs_fixtures = pytest.mark.skipif(
+    not (FIXTURES / "ceval").is_dir() or not (FIXTURES / "cmmlu").is_dir(),
+    reason=f"benchmark fixtures not found at {FIXTURES} (a copy of shared/ beside the repository)",
+)
+
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Newlines as Jinja string literals: transformers renders templates with trim_blocks, which eats a newline after a tag.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ '<|endoftext|>' }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+SENTENCES = [
+    "今天天气很好，我们去公园散步。", "这部电影非常好看，情节紧凑。", "以下是中国关于法学考试的单项选择题，请选出其中的正确答案。",
+    "答案：A", "答案：B", "答案：C", "答案：D", "下列说法正确的是", "学习使人进步，骄傲使人落后。", "他在图书馆里读了一下午的书。",
+    "画蛇添足比喻做了多余的事，反而不恰当。", "春天来了，花儿都开了。", "计算机网络是现代社会的基础设施。", "化学反应遵循质量守恒定律。",
+]
+
+
+def _sentences():
+    # A few hundred lines: every sentence with a few prefixes, so common pairs become merges.
+    return [f"{prefix}{s}" for s in SENTENCES for prefix in ("", "我认为", "老师说", "据报道，", "其实")] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_sentences(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", additional_special_tokens=SPECIALS[2:]
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(tokenizer, context=4096, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
+        # Large weights give peaked, clearly different option scores, so argmax is robust to float noise.
+        initializer_range=0.5,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tokenizer, llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def toy_benchmark(answers="ABCDABCDAB", dev=2) -> Benchmark:
+    def q(i, answer, subject="toy"):
+        return Question(subject, str(i), f"第{i}题：下列说法正确的是____", (f"甲{i}", f"乙{i}", f"丙{i}", f"丁{i}"), answer)
+
+    questions = [q(i, a) for i, a in enumerate(answers)]
+    return Benchmark(
+        name="ceval",
+        split="val",
+        questions={"toy": questions},
+        dev={"toy": [q(100 + i, "ABCD"[i % 4]) for i in range(dev)]},
+        subject_names={"toy": "测试"},
+        categories={"toy": ["STEM"]},
+    )
+
+
+class FakeLM(torch.nn.Module):
+    """A causal LM whose next-token logits favour `choose(decoded input text)` at every position."""
+
+    def __init__(self, tokenizer, choose, context=4096):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+        self.tokenizer, self.choose = tokenizer, choose
+        self.config = SimpleNamespace(max_position_embeddings=context)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        for i, row in enumerate(input_ids):
+            text = self.tokenizer.decode(row[attention_mask[i].bool()])
+            logits[i, :, self.choose(text)] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def letter_token(tokenizer, letter):
+    # The last token of the scored continuation " X" (a leading space token, if separate, is shared by all options).
+    return encode_pair(tokenizer, "答案：", " " + letter)[1][-1]
+
+
+def oracle(tokenizer, questions):
+    by_prompt = {format_question(q): q.answer for q in questions}
+
+    def choose(text):
+        answer = next(a for p, a in by_prompt.items() if text.rstrip().endswith(p))
+        return letter_token(tokenizer, answer)
+
+    return choose
+
+
+# ---------------------------------------------------------------- loaders
+
+
+@needs_fixtures
+def test_ceval_loader_reads_official_layout():
+    bench = load_local("ceval", FIXTURES / "ceval", "val")
+    assert sorted(bench.questions) == sorted(p.name[: -len("_val.csv")] for p in (FIXTURES / "ceval" / "val").glob("*.csv"))
+    law = bench.questions["law"]
+    assert law[0].question.startswith("下列关于法律推理的表述") and law[0].answer == "C" and law[0].id == "0"
+    assert all(q.answer in "ABCD" for qs in bench.questions.values() for q in qs)
+    assert len(bench.dev["law"]) == 5 and bench.scored
+    assert bench.categories["law"] == ["Humanities"] and bench.subject_names["law"] == "法学"
+
+
+@needs_fixtures
+def test_cmmlu_loader_reads_official_layout():
+    bench = load_local("cmmlu", FIXTURES / "cmmlu", subjects=["agronomy", "anatomy"])
+    assert bench.split == "test" and list(bench.questions) == ["agronomy", "anatomy"]
+    first = bench.questions["agronomy"][0]
+    assert first.question.startswith("在农业生产中被当作") and first.options[1] == "土地" and first.answer == "B"
+    assert bench.categories["anatomy"] == ["STEM"] and bench.categories["agronomy"] == ["Other"]
+
+
+@needs_fixtures
+def test_packaged_ceval_mapping_agrees_with_fixture_mapping():
+    ours = load_mapping(None, "ceval")
+    theirs = load_mapping(FIXTURES / "ceval" / "mapping.json")
+    assert ours.keys() == theirs.keys() and len(ours) == 52
+    for subject, (name, cats) in ours.items():
+        # The fixture spells one category "Social Sciences"; C-Eval's subject_mapping.json says "Social Science".
+        assert theirs[subject] == (name, [c + "s" if c == "Social Science" else c for c in cats])
+
+
+@needs_fixtures
+def test_cmmlu_mapping_covers_every_subject():
+    mapping = load_mapping(None, "cmmlu")
+    assert set(mapping) == {p.stem for p in (FIXTURES / "cmmlu" / "dev").glob("*.csv")}
+    counts = {c: sum(c in cats for _, cats in mapping.values()) for c in ("STEM", "Humanities", "Social Science", "Other", "China specific")}
+    assert counts == {"STEM": 17, "Humanities": 13, "Social Science": 22, "Other": 15, "China specific": 15}  # the CMMLU paper
+
+
+def test_unlabelled_split_is_reported_unscored(tmp_path, tokenizer):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "law_test.csv").write_text("id,question,A,B,C,D,answer\n0,问题一____,甲,乙,丙,丁,\n1,问题二,甲,乙,丙,丁,\n", "utf-8")
+    bench = load_local("ceval", tmp_path, "test")
+    assert not bench.scored
+    model = FakeLM(tokenizer, lambda text: letter_token(tokenizer, "D"))
+    result = evaluate_multiple_choice(model, tokenizer, bench, progress=False)
+    assert result["accuracy"] is None and result["scored"] is False and result["n"] == 2
+    assert result["predictions"] == {"law": {"0": "D", "1": "D"}}  # C-Eval's submission format
+
+
+def test_loader_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no val/ folder"):
+        load_local("ceval", tmp_path, "val")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,问,甲,乙,丙,丁,E\n", "utf-8")
+    with pytest.raises(ValueError, match=r"law_val.csv: row 0 has answer 'E'"):
+        load_local("ceval", tmp_path, "val")
+    with pytest.raises(FileNotFoundError, match="subject\\(s\\) physics"):
+        load_local("ceval", tmp_path, "val", subjects=["physics"])
+    with pytest.raises(benchmarks.DatasetUnavailableError, match="--cmmlu-dir"):
+        benchmarks.load_hub("cmmlu", subjects=["agronomy"])  # HF_HUB_OFFLINE=1: nothing can be downloaded
+
+
+# ---------------------------------------------------------------- ppl mode
+
+
+def test_ppl_scores_equal_hand_computed_loglikelihood(tokenizer, llama):
+    bench = toy_benchmark()
+    prompt = mc.ppl_prompt(bench, bench.questions["toy"][3], 1, tokenizer, 4096).text
+    scores = score_choices(llama, tokenizer, [prompt])[0]
+    for letter, score in zip("ABCD", scores):
+        ids = tokenizer(prompt + " " + letter).input_ids
+        n_cont = len(ids) - len(tokenizer(prompt).input_ids)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(llama(torch.tensor([ids])).logits[0].float(), -1)
+        expected = sum(logprobs[t - 1, ids[t]].item() for t in range(len(ids) - n_cont, len(ids)))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_batched_loglikelihoods_equal_one_by_one(tokenizer, llama):
+    # Mixed lengths and multi-token continuations: left padding and position ids must not change any score.
+    requests = [("今天天气很好", "，我们去公园"), ("答案：", " B"), ("学习使人进步，骄傲使人落后。他在", "图书馆里读书"), ("春天", "来了")]
+    batched = loglikelihoods(llama, tokenizer, requests, batch_size=4)
+    single = [loglikelihoods(llama, tokenizer, [r], batch_size=1)[0] for r in requests]
+    assert batched == pytest.approx(single, abs=1e-4)
+
+
+def test_oracle_model_scores_100_percent(tokenizer):
+    bench = toy_benchmark()
+    model = FakeLM(tokenizer, oracle(tokenizer, bench.questions["toy"]))
+    result = evaluate_multiple_choice(model, tokenizer, bench, "ppl", shots=2, batch_size=3, progress=False)
+    assert result["accuracy"] == 1.0 and result["n"] == 10 and result["mean_shots"] == 2
+    assert result["per_subject"]["toy"]["accuracy"] == 1.0 and result["per_category"]["STEM"]["accuracy"] == 1.0
+
+
+@needs_fixtures
+def test_constant_model_scores_the_share_of_its_letter(tokenizer):
+    bench = load_local("ceval", FIXTURES / "ceval", "val")
+    model = FakeLM(tokenizer, lambda text: letter_token(tokenizer, "C"))
+    result = evaluate_multiple_choice(model, tokenizer, bench, "ppl", batch_size=8, progress=False)
+    answers = [q.answer for qs in bench.questions.values() for q in qs]
+    assert result["accuracy"] == pytest.approx(answers.count("C") / len(answers))
+    for subject, qs in bench.questions.items():
+        assert result["per_subject"][subject]["correct"] == sum(q.answer == "C" for q in qs)
+    humanities = [q for s, qs in bench.questions.items() if bench.categories[s] == ["Humanities"] for q in qs]
+    assert result["per_category"]["Humanities"]["n"] == len(humanities)
+
+
+def test_exemplars_are_dropped_to_fit_never_the_question(tokenizer):
+    bench = toy_benchmark(dev=5)
+    q = bench.questions["toy"][0]
+    full = mc.ppl_prompt(bench, q, 5, tokenizer, 100_000)
+    assert full.shots == 5 and full.text.endswith(format_question(q))
+    budget = len(tokenizer(full.text).input_ids) - 1
+    cut = mc.ppl_prompt(bench, q, 5, tokenizer, budget)
+    assert cut.shots == 4 and cut.text.endswith(format_question(q)) and not cut.overflow
+    assert len(tokenizer(cut.text).input_ids) <= budget
+    tiny = mc.ppl_prompt(bench, q, 5, tokenizer, 10)
+    assert tiny.shots == 0 and tiny.overflow and format_question(q) in tiny.text
+
+
+# ---------------------------------------------------------------- gen mode
+
+
+@pytest.mark.parametrize(
+    "reply, letter",
+    [
+        ("答案是B", "B"), ("B.", "B"), ("(B)", "B"), ("（C）", "C"), ("选 B", "B"), ("B", "B"), ("正确答案：D", "D"),
+        ("答案：A。因为……", "A"), ("我认为答案应该是 C", "C"), ("故选D", "D"), ("C选项正确", "C"), ("B、土地", "B"),
+        ("答案为选项A", "A"), ("经过分析，本题选择：B", "B"), ("我觉得是 C 吧", "C"), ("ｂ", None), ("Ｂ", "B"),
+        ("我不知道", None), ("A和B都有可能", None), ("Because it is obvious", None), ("", None),
+    ],
+)
+def test_parse_letter(reply, letter):
+    assert parse_letter(reply) == letter
+
+
+class FakeChatLM(FakeLM):
+    """`generate` appends a fixed reply for the question in the last user turn (styles vary to exercise the parser)."""
+
+    STYLES = ("答案是{}", "{}.", "({})", "选 {}", "正确答案：{}")
+
+    def __init__(self, tokenizer, questions, reply=None):
+        super().__init__(tokenizer, choose=lambda text: 0)
+        self.questions, self.reply = questions, reply
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        rows = []
+        for row, mask in zip(input_ids, attention_mask):
+            last_user = self.tokenizer.decode(row[mask.bool()]).rsplit("<|user|>\n", 1)[1]
+            i, q = next((i, q) for i, q in enumerate(self.questions) if format_question(q) in last_user)
+            text = self.reply or self.STYLES[i % len(self.STYLES)].format(q.answer)
+            new = self.tokenizer(text).input_ids + [self.tokenizer.eos_token_id]
+            rows.append(torch.cat([row, torch.tensor(new[:max_new_tokens])]))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return torch.stack([torch.cat([r, torch.full((width - len(r),), pad)]) for r in rows])
+
+
+def test_gen_mode_with_a_right_chat_model_scores_100_percent(tokenizer):
+    bench = toy_benchmark()
+    model = FakeChatLM(tokenizer, bench.questions["toy"])
+    result = evaluate_multiple_choice(model, tokenizer, bench, "gen", shots=2, batch_size=4, max_new_tokens=16, progress=False)
+    assert result["accuracy"] == 1.0 and result["unparsed"] == 0 and result["mean_shots"] == 2
+
+
+def test_gen_mode_counts_unparseable_replies(tokenizer):
+    bench = toy_benchmark()
+    model = FakeChatLM(tokenizer, bench.questions["toy"], reply="我不知道")
+    result = evaluate_multiple_choice(model, tokenizer, bench, "gen", progress=False)
+    assert result["accuracy"] == 0.0 and result["unparsed"] == 10 == result["per_subject"]["toy"]["unparsed"]
+
+
+def test_gen_prompt_is_a_multi_turn_chat(tokenizer):
+    bench = toy_benchmark(dev=2)
+    q = bench.questions["toy"][0]
+    messages = mc.chat_messages(bench, q, bench.dev["toy"])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert messages[0]["content"].startswith("以下是中国关于测试考试的单项选择题") and messages[1]["content"] == "A"
+    assert messages[-1]["content"] == format_question(q)
+    assert mc.gen_prompt(bench, q, 2, tokenizer, 4096).text.endswith(format_question(q) + "\n<|assistant|>\n")
+
+
+def test_batched_generation_equals_one_by_one(tokenizer, llama):
+    prompts = ["今天天气", "学习使人进步，骄傲使人落后。他在图书馆", "春天来了"]
+    batched = greedy_generate(llama, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    single = [greedy_generate(llama, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert batched == single and all(batched)
+
+
+def test_gen_mode_needs_a_chat_template(tokenizer, llama):
+    plain = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    with pytest.raises(ValueError, match="chat template"):
+        evaluate_multiple_choice(llama, plain, toy_benchmark(), "gen", progress=False)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_windows_score_every_token_once():
+    for n, length, stride in [(10, 4, 2), (10, 4, 3), (3, 8, 4), (17, 5, 1)]:
+        spans = windows(n, length, stride)
+        scored = [t for b, e, k in spans for t in range(e - k, e)]
+        assert scored == list(range(1, n)) and all(e - b <= length and k < e - b for b, e, k in spans)
+    with pytest.raises(ValueError, match="stride"):
+        windows(10, 4, 4)
+
+
+def test_perplexity_matches_direct_computation_and_sliding_is_consistent(tokenizer, llama):
+    texts = ["今天天气很好，我们去公园散步。", "画蛇添足比喻做了多余的事，反而不恰当。春天来了，花儿都开了。"]
+    full = perplexity(llama, tokenizer, texts, progress=False)
+    nll, n = 0.0, 0
+    for text in texts:
+        ids = [tokenizer.eos_token_id] + tokenizer(text).input_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(llama(torch.tensor([ids])).logits[0], -1)
+        nll -= sum(logprobs[t - 1, ids[t]].item() for t in range(1, len(ids)))
+        n += len(ids) - 1
+    assert full["n_tokens"] == n and full["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert full["bits_per_char"] == pytest.approx(nll / math.log(2) / sum(map(len, texts)), rel=1e-4)
+    # A short window changes the context each token sees, not which tokens are scored.
+    windowed = perplexity(llama, tokenizer, texts, max_length=4, stride=2, batch_size=3, progress=False)
+    assert windowed["n_tokens"] == n and windowed["bits_per_char"] != full["bits_per_char"]
+
+
+def test_load_texts_from_files(tmp_path):
+    (tmp_path / "a.txt").write_text("第一行\n\n第二行\n", "utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "你好"}\n{"text": "世界"}\n', "utf-8")
+    (tmp_path / "c.jsonl").write_text('{"content": "你好"}\n', "utf-8")
+    assert load_texts(tmp_path / "a.txt") == ["第一行", "第二行"]
+    assert load_texts(str(tmp_path / "b.jsonl")) == ["你好", "世界"]
+    with pytest.raises(ValueError, match="c.jsonl:1: .*'text'"):
+        load_texts(tmp_path / "c.jsonl")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_texts(tmp_path / "missing.txt")
+
+
+# ---------------------------------------------------------------- task accuracy
+
+
+def test_task_accuracy_with_exact_and_contains_checkers(tokenizer):
+    replies = {"这句话的情感是？": "积极。", "“画蛇添足”是什么意思？": "比喻做了多余的事", "写一个名字": "王小明"}
+
+    class Replier(FakeChatLM):
+        def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+            self.reply = None
+            rows = []
+            for row, mask in zip(input_ids, attention_mask):
+                text = self.tokenizer.decode(row[mask.bool()])
+                reply = next(r for q, r in replies.items() if q in text)
+                rows.append(torch.cat([row, torch.tensor(self.tokenizer(reply).input_ids)]))
+            width = max(len(r) for r in rows)
+            return torch.stack([torch.cat([r, torch.full((width - len(r),), 0)]) for r in rows])
+
+    examples = [
+        {"task": "sentiment", "messages": [{"role": "user", "content": "这句话的情感是？"}], "answer": "积极"},
+        {"task": "sentiment", "messages": [{"role": "user", "content": "这句话的情感是？"}, {"role": "assistant", "content": "消极"}]},
+        {"task": "idiom", "prompt": "“画蛇添足”是什么意思？", "answer": ["多余", "没必要"], "checker": "contains"},
+        {"task": "names", "messages": [{"role": "user", "content": "写一个名字"}], "answer": "李雷", "checker": "contains"},
+    ]
+    result = evaluate_tasks(Replier(tokenizer, []), tokenizer, examples, progress=False)
+    assert result["per_task"]["sentiment"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert result["per_task"]["idiom"]["accuracy"] == 1.0 and result["per_task"]["names"]["accuracy"] == 0.0
+    assert result["accuracy"] == 0.5 and result["n"] == 4
+    with pytest.raises(ValueError, match="task record 0: checker must be one of"):
+        evaluate_tasks(Replier(tokenizer, []), tokenizer, [{"prompt": "x", "answer": "y", "checker": "regex"}])
+
+
+# ---------------------------------------------------------------- results, CLI, lm-eval
+
+
+def test_results_roundtrip_and_version_check(tmp_path):
+    results = make_results("out/model", "sha256:abc", {"ppl": {"n_tokens": 5, "perplexity": 3.0, "bits_per_char": 1.5}})
+    path = save_results(results, tmp_path / "r.json")
+    assert load_results(path) == results and results["format_version"] == 1
+    assert "1.500 bits/char" in results_table(results)
+    path.write_text(json.dumps({**results, "format_version": 99}), "utf-8")
+    with pytest.raises(ValueError, match="format_version 99"):
+        load_results(path)
+
+
+@needs_fixtures
+def test_cli_writes_results(tmp_path, saved_llama, capsys):
+    from tinyllm_hf.evaluation.cli import main
+
+    text_file = tmp_path / "texts.txt"
+    text_file.write_text("今天天气很好。\n春天来了，花儿都开了。\n", "utf-8")
+    out = tmp_path / "results.json"
+    argv = [
+        "--model", str(saved_llama), "--tasks", "ceval,cmmlu,ppl", "--ceval-dir", str(FIXTURES / "ceval"),
+        "--cmmlu-dir", str(FIXTURES / "cmmlu"), "--cmmlu-subjects", "anatomy", "--limit", "3", "--shots", "1",
+        "--text-file", str(text_file), "--output", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    results = load_results(out)
+    assert results["model"] == str(saved_llama) and results["revision"].startswith("sha256:")
+    ceval = results["tasks"]["ceval"]
+    assert ceval["n"] == 15 and ceval["mode"] == "ppl" and ceval["shots"] == 1 and len(ceval["per_subject"]) == 5
+    assert 0.0 <= ceval["accuracy"] <= 1.0 and set(ceval["per_category"]) <= {"STEM", "Social Science", "Humanities", "Other"}
+    assert results["tasks"]["cmmlu"]["n"] == 3 and results["tasks"]["ppl"]["n_texts"] == 2
+    assert "| ceval | ppl | 1 |" in capsys.readouterr().out
+    assert main(["--model", str(saved_llama), "--tasks", "ceval", "--ceval-dir", str(tmp_path / "nope")]) == 1
+    assert "no val/ folder" in capsys.readouterr().err
+
+
+def test_shipped_lm_eval_yamls_are_up_to_date():
+    expected = harness.task_files()
+    shipped = {p.name: p.read_text("utf-8") for p in harness.TASKS_DIR.glob("*.yaml")}
+    assert shipped == expected, "run `python -m tinyllm_hf.evaluation.harness` to regenerate lm_eval_tasks/"
+
+
+@needs_fixtures
+def test_lm_eval_agrees_with_our_ppl_mode(tokenizer, llama, saved_llama, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    # The subject with the shortest questions keeps this test to seconds.
+    SUBJECT, TASK = "chinese_language_and_literature", "tinyllm_ceval_chinese_language_and_literature"
+    monkeypatch.setenv("TINYLLM_CEVAL_DIR", str(FIXTURES / "ceval"))
+    bench = load_local("ceval", FIXTURES / "ceval", "val", subjects=[SUBJECT])
+    ours = evaluate_multiple_choice(llama, tokenizer, bench, "ppl", shots=1, progress=False)
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(saved_llama), "dtype": "float32"},
+        tasks=[TASK],
+        num_fewshot=1,
+        batch_size=8,
+        device="cpu",
+        task_manager=TaskManager(include_path=str(harness.TASKS_DIR), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,  # no stderr estimates: they take longer than the evaluation
+    )
+    assert out["results"][TASK]["acc,none"] == pytest.approx(ours["accuracy"])
+    # Same prompts, same tokens: the per-option log-likelihoods agree too.
+    prompts = [mc.ppl_prompt(bench, q, 1, tokenizer, 4096).text for q in bench.questions[SUBJECT]]
+    scores = score_choices(llama, tokenizer, prompts)
+    samples = out["samples"][TASK]
+    assert len(samples) == len(prompts) == ours["n"]
+    for sample in samples:
+        theirs = [resp[0][0] for resp in sample["resps"]]
+        assert theirs == pytest.approx(scores[sample["doc_id"]], abs=1e-3)

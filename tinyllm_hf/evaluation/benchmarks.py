@@ -1,0 +1,223 @@
+"""C-Eval and CMMLU: loading the official file layouts (or the Hub datasets) and the one prompt format both modes use.
+
+C-Eval (https://github.com/hkust-nlp/ceval): `{dev,val,test}/<subject>_<split>.csv` with the header
+`id,question,A,B,C,D,answer[,explanation]`; the test split has empty answers (scored only by the C-Eval server).
+CMMLU (https://github.com/haonan-li/CMMLU): `{dev,test}/<subject>.csv` with the header `,Question,A,B,C,D,Answer`.
+Both become lists of `Question`; the dev split (5 per subject) is the pool of few-shot exemplars.
+
+Prompts follow lm-evaluation-harness's `ceval-valid` / `cmmlu` tasks exactly, so our ppl-mode numbers and lm-eval's agree:
+
+    <description>                      以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\n\n  (C-Eval)
+                                       以下是关于{科目}的单项选择题，请直接给出正确答案的选项。\n\n      (CMMLU)
+    <exemplar> " " <letter> "\n\n"     (k times, dev split, in file order)
+    <question>\nA. ..\nB. ..\nC. ..\nD. ..\n答案：
+"""
+
+import csv
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+LETTERS = ("A", "B", "C", "D")
+BENCHMARKS = ("ceval", "cmmlu")
+HUB_NAMES = {"ceval": "ceval/ceval-exam", "cmmlu": "haonan-li/cmmlu"}
+DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test"}
+DESCRIPTIONS = {
+    "ceval": "以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n",
+    "cmmlu": "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n",
+}
+ANSWER_PROMPT = "答案："
+EXEMPLAR_SEPARATOR = "\n\n"
+# The continuation scored in ppl mode is " A" etc.: lm-eval's default target delimiter is a space.
+TARGET_DELIMITER = " "
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A benchmark could not be fetched from the Hub (offline, or the dataset cannot be read)."""
+
+
+@dataclass(frozen=True)
+class Question:
+    subject: str
+    id: str
+    question: str
+    options: tuple[str, str, str, str]
+    answer: str | None  # None when the split is unlabelled (C-Eval test)
+
+
+@dataclass
+class Benchmark:
+    """One benchmark split: questions per subject, dev exemplars per subject, subject names and categories."""
+
+    name: str
+    split: str
+    questions: dict[str, list[Question]]
+    dev: dict[str, list[Question]] = field(default_factory=dict)
+    subject_names: dict[str, str] = field(default_factory=dict)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def scored(self) -> bool:
+        return all(q.answer is not None for qs in self.questions.values() for q in qs)
+
+
+# ---------------------------------------------------------------- subject mappings
+
+
+def load_mapping(path: str | Path | None = None, benchmark: str = "ceval") -> dict[str, tuple[str, list[str]]]:
+    """Subject -> (Chinese name, categories). Without `path`, the mapping shipped with the package.
+
+    Accepted shapes per subject: C-Eval's official `subject_mapping.json` (`[English, 中文, Category]`),
+    `{"name": .., "category": ..}` (the shared fixtures' mapping.json) or `{"name": .., "categories": [..]}`.
+    """
+    if path is None:
+        text = resources.files("tinyllm_hf.evaluation").joinpath(f"{benchmark}_subject_mapping.json").read_text("utf-8")
+        source = f"{benchmark}_subject_mapping.json (package data)"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"subject mapping not found: {path}")
+        text, source = path.read_text("utf-8"), str(path)
+    mapping = {}
+    for subject, entry in json.loads(text).items():
+        if isinstance(entry, list) and len(entry) == 3:
+            mapping[subject] = (entry[1], [entry[2]])
+        elif isinstance(entry, dict) and "name" in entry and ("category" in entry or "categories" in entry):
+            cats = entry.get("categories") or [entry["category"]]
+            mapping[subject] = (entry["name"], list(cats))
+        else:
+            raise ValueError(f"{source}: subject {subject!r} must be [English, 中文, Category] or have name and category")
+    return mapping
+
+
+# ---------------------------------------------------------------- local files
+
+
+def _read_csv(path: Path, benchmark: str, subject: str) -> list[Question]:
+    question_col, answer_col = ("question", "answer") if benchmark == "ceval" else ("Question", "Answer")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {question_col, *LETTERS} <= rows[0].keys():
+        raise ValueError(f"{path}: expected columns {question_col},A,B,C,D[,{answer_col}], got {list(rows[0])}")
+    questions = []
+    for i, row in enumerate(rows):
+        # CMMLU's id is the unnamed first column; C-Eval's is `id`.
+        qid = row.get("id") or row.get("") or str(i)
+        answer = (row.get(answer_col) or "").strip().upper() or None
+        if answer is not None and answer not in LETTERS:
+            raise ValueError(f"{path}: row {i} has answer {answer!r}, expected one of A, B, C, D")
+        options = tuple(str(row[letter]) for letter in LETTERS)
+        questions.append(Question(subject, str(qid), str(row[question_col]), options, answer))
+    return questions
+
+
+def _subject_files(root: Path, benchmark: str, split: str) -> dict[str, Path]:
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{benchmark}: no {split}/ folder in {root}")
+    suffix = f"_{split}.csv" if benchmark == "ceval" else ".csv"
+    files = {p.name[: -len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}"))}
+    if not files:
+        raise FileNotFoundError(f"{benchmark}: no *{suffix} files in {folder}")
+    return files
+
+
+def load_local(
+    benchmark: str,
+    root: str | Path,
+    split: str | None = None,
+    subjects: list[str] | None = None,
+    mapping_path: str | Path | None = None,
+) -> Benchmark:
+    """Read a benchmark in its official layout. Subjects default to every file present in the split's folder."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+    root, split = Path(root), split or DEFAULT_SPLIT[benchmark]
+    files = _subject_files(root, benchmark, split)
+    if subjects:
+        missing = sorted(set(subjects) - set(files))
+        if missing:
+            raise FileNotFoundError(f"{benchmark}: no {split} file for subject(s) {', '.join(missing)} in {root / split}")
+        files = {s: files[s] for s in subjects}
+    dev_files = _subject_files(root, benchmark, "dev") if (root / "dev").is_dir() else {}
+    mapping = load_mapping(mapping_path, benchmark)
+    return Benchmark(
+        name=benchmark,
+        split=split,
+        questions={s: _read_csv(p, benchmark, s) for s, p in files.items()},
+        dev={s: _read_csv(dev_files[s], benchmark, s) for s in files if s in dev_files},
+        subject_names={s: mapping[s][0] if s in mapping else s for s in files},
+        categories={s: mapping[s][1] for s in files if s in mapping},
+    )
+
+
+# ---------------------------------------------------------------- Hugging Face Hub
+
+
+def load_hub(benchmark: str, split: str | None = None, subjects: list[str] | None = None) -> Benchmark:
+    """Download a benchmark with `datasets` (one config per subject). Needs network access."""
+    import datasets
+
+    split = split or DEFAULT_SPLIT[benchmark]
+    mapping = load_mapping(None, benchmark)
+    subjects = subjects or list(mapping)
+    question_col, answer_col = ("question", "answer") if benchmark == "ceval" else ("Question", "Answer")
+    questions, dev = {}, {}
+    for subject in subjects:
+        try:
+            ds = datasets.load_dataset(HUB_NAMES[benchmark], subject)
+        except Exception as err:  # offline, unknown subject, or a script-based dataset the installed `datasets` refuses
+            raise DatasetUnavailableError(
+                f"could not load {HUB_NAMES[benchmark]} ({subject}) from the Hub: {err}. "
+                f"Download the dataset and pass its folder with --{benchmark}-dir instead."
+            ) from err
+        for name, target in ((split, questions), ("dev", dev)):
+            rows = ds[name]
+            target[subject] = [
+                Question(
+                    subject,
+                    str(row.get("id", i)),
+                    str(row[question_col]),
+                    tuple(str(row[letter]) for letter in LETTERS),
+                    (row.get(answer_col) or "").strip().upper() or None,
+                )
+                for i, row in enumerate(rows)
+            ]
+    return Benchmark(
+        name=benchmark,
+        split=split,
+        questions=questions,
+        dev=dev,
+        subject_names={s: mapping[s][0] for s in subjects if s in mapping},
+        categories={s: mapping[s][1] for s in subjects if s in mapping},
+    )
+
+
+def load_benchmark(
+    benchmark: str,
+    source: str | Path | None = None,
+    split: str | None = None,
+    subjects: list[str] | None = None,
+    mapping_path: str | Path | None = None,
+) -> Benchmark:
+    """`source` is a local folder in the official layout, or None / the Hub name to download."""
+    if source is None or str(source) == HUB_NAMES.get(benchmark):
+        return load_hub(benchmark, split, subjects)
+    return load_local(benchmark, source, split, subjects, mapping_path)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def description(benchmark: str, subject_name: str) -> str:
+    return DESCRIPTIONS[benchmark].format(name=subject_name)
+
+
+def format_question(q: Question) -> str:
+    options = "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, q.options))
+    return f"{q.question.strip()}{options}\n{ANSWER_PROMPT}"
+
+
+def format_exemplar(q: Question) -> str:
+    return f"{format_question(q)}{TARGET_DELIMITER}{q.answer}{EXEMPLAR_SEPARATOR}"

@@ -1,0 +1,128 @@
+r"""`tinyllm eval`: C-Eval / CMMLU (ppl or gen mode), perplexity and task accuracy, written to one results JSON.
+
+    tinyllm eval --model out/pretrain --tasks ceval,cmmlu,ppl --ceval-dir data/ceval --cmmlu-dir data/cmmlu \
+        --mode ppl --shots 5 --output out/pretrain/eval_results.json
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, DatasetUnavailableError, load_benchmark
+from tinyllm_hf.evaluation.mc import MODES, evaluate_multiple_choice
+from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
+
+TASKS = (*BENCHMARKS, "ppl", "tasks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tinyllm eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or Hub id (any causal LM; Tinyllm included)")
+    p.add_argument("--revision", default=None, help="Hub revision of --model")
+    p.add_argument("--tasks", default="ceval,cmmlu,ppl", help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--output", default=None, help="results JSON (default: MODEL/eval_results.json, or ./eval_results.json)")
+    p.add_argument("--mode", choices=MODES, default="ppl", help="ppl: option log-likelihood (base models); gen: chat + parse")
+    p.add_argument("--shots", type=int, default=0, help="few-shot exemplars from the dev split")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each subject")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="reply length in gen mode and for --tasks tasks")
+    for name in BENCHMARKS:
+        p.add_argument(f"--{name}-dir", default=None, help=f"local {name} folder in the official layout (default: {HUB_NAMES[name]})")
+        p.add_argument(f"--{name}-split", default=DEFAULT_SPLIT[name], help=f"split to evaluate (default {DEFAULT_SPLIT[name]})")
+        p.add_argument(f"--{name}-subjects", default=None, help="comma-separated subjects (default: all present)")
+    p.add_argument("--ceval-mapping", default=None, help="C-Eval subject_mapping.json (default: the packaged one)")
+    p.add_argument("--text-file", default=None, help="ppl texts: .txt (one per line) or .jsonl (default: corpus validation split)")
+    p.add_argument("--ppl-max-length", type=int, default=None, help="ppl window (default: the model's context)")
+    p.add_argument("--ppl-stride", type=int, default=None, help="ppl window step (default: half the window)")
+    p.add_argument("--tasks-file", default=None, help="JSONL of checkable task records for --tasks tasks")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None):
+    """Model and tokenizer for any causal LM; Tinyllm checkpoints resolve through the Auto classes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tinyllm_hf  # noqa: F401  (registers Tinyllm with the Auto classes)
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        # bf16 halves memory and time on GPUs; CPU matmuls are fastest (and exact) in fp32.
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=True)
+    return model.to(device).eval(), tokenizer
+
+
+def _subjects(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if "tasks" in tasks and not args.tasks_file:
+        raise ValueError("--tasks tasks needs --tasks-file (JSONL of task records)")
+    # Data first: a missing folder or file fails before the model is loaded.
+    benchmarks = {
+        name: load_benchmark(
+            name,
+            getattr(args, f"{name}_dir"),
+            getattr(args, f"{name}_split"),
+            _subjects(getattr(args, f"{name}_subjects")),
+            args.ceval_mapping if name == "ceval" else None,
+        )
+        for name in BENCHMARKS
+        if name in tasks
+    }
+    if "ppl" in tasks:
+        from tinyllm_hf.evaluation.perplexity import load_texts
+
+        texts = load_texts(args.text_file)
+    if "tasks" in tasks:
+        from tinyllm_hf.evaluation.tasks import load_examples
+
+        examples = load_examples(args.tasks_file)
+    model, tokenizer = load_model(args.model, args.revision, args.dtype, args.device)
+    progress = not args.no_progress
+    results = {}
+    for name in tasks:
+        if name in benchmarks:
+            results[name] = evaluate_multiple_choice(
+                model, tokenizer, benchmarks[name], args.mode, args.shots, args.batch_size, args.max_new_tokens,
+                args.limit, progress,
+            )
+        elif name == "ppl":
+            from tinyllm_hf.evaluation.perplexity import perplexity
+
+            results[name] = perplexity(model, tokenizer, texts, args.ppl_max_length, args.ppl_stride, progress=progress)
+        else:
+            from tinyllm_hf.evaluation.tasks import evaluate_tasks
+
+            results[name] = evaluate_tasks(model, tokenizer, examples, args.max_new_tokens, args.batch_size, progress)
+    settings = {k: v for k, v in vars(args).items() if k not in ("model", "output", "no_progress")}
+    revision = args.revision or weights_revision(args.model)
+    return make_results(args.model, revision, results, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = run(args)
+    except (ValueError, FileNotFoundError, DatasetUnavailableError) as err:
+        print(f"tinyllm eval: error: {err}", file=sys.stderr)
+        return 1
+    default = Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else Path("eval_results.json")
+    path = save_results(results, args.output or default)
+    print(results_table(results))
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Accuracy on checkable generation tasks (held-out sentiment, idiom, definition, name questions from the SFT data).
+
+A record is a dict:
+    task      name to report under, e.g. "sentiment"
+    messages  chat messages to continue (a trailing assistant message is the reference answer), or
+    prompt    a raw prompt string (for base models)
+    answer    the reference, a string or a list of accepted strings (optional when messages end with the assistant)
+    checker   "exact" (the normalised reply equals an answer; default) or "contains" (the reply contains an answer)
+The model answers each record greedily; results are reported per task and overall.
+"""
+
+import json
+import unicodedata
+from collections import defaultdict
+from pathlib import Path
+
+from tinyllm_hf.evaluation.engine import greedy_generate
+
+# Punctuation around a short answer ("积极。", "「画蛇添足」") does not make it wrong.
+_EDGE_PUNCTUATION = " \t\n\r。．.，,！!？?、；;：:\"'“”‘’「」『』《》()（）[]【】"
+
+
+def normalize(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).strip(_EDGE_PUNCTUATION).lower()
+
+
+def check_exact(reply: str, answers: list[str]) -> bool:
+    return normalize(reply) in {normalize(a) for a in answers}
+
+
+def check_contains(reply: str, answers: list[str]) -> bool:
+    reply = normalize(reply)
+    return any(normalize(a) and normalize(a) in reply for a in answers)
+
+
+CHECKERS = {"exact": check_exact, "contains": check_contains}
+
+
+def prepare(record: dict, index: int = 0) -> tuple[list[dict] | str, list[str], str, str]:
+    """(messages or prompt, accepted answers, task, checker) of one record, validated."""
+    where = f"task record {index}"
+    checker = record.get("checker", "exact")
+    if checker not in CHECKERS:
+        raise ValueError(f"{where}: checker must be one of {', '.join(CHECKERS)}, not {checker!r}")
+    answer = record.get("answer")
+    if "messages" in record:
+        messages = list(record["messages"])
+        if messages and messages[-1].get("role") == "assistant":
+            answer = answer if answer is not None else messages[-1]["content"]
+            messages = messages[:-1]
+        query = messages
+    elif "prompt" in record:
+        query = record["prompt"]
+    else:
+        raise ValueError(f"{where}: needs 'messages' or 'prompt'")
+    if answer is None:
+        raise ValueError(f"{where}: needs 'answer' (or a final assistant message)")
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    return query, answers, record.get("task", "default"), checker
+
+
+def load_examples(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file not found: {path}")
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    examples: list[dict],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
+    prepared = [prepare(r, i) for i, r in enumerate(examples)]
+    needs_chat = any(isinstance(query, list) for query, *_ in prepared)
+    if needs_chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("task records with 'messages' need a tokenizer with a chat template")
+    prompts = [
+        tokenizer.apply_chat_template(query, tokenize=False, add_generation_prompt=True) if isinstance(query, list) else query
+        for query, *_ in prepared
+    ]
+    replies = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    per_task: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0})
+    for (_, answers, task, checker), reply in zip(prepared, replies):
+        per_task[task]["n"] += 1
+        per_task[task]["correct"] += CHECKERS[checker](reply, answers)
+    for entry in per_task.values():
+        entry["accuracy"] = entry["correct"] / entry["n"]
+    n, correct = len(prepared), sum(e["correct"] for e in per_task.values())
+    return {
+        "mode": "gen",
+        "shots": 0,
+        "accuracy": correct / n if n else None,
+        "n": n,
+        "correct": correct,
+        "per_task": dict(sorted(per_task.items())),
+    }
