@@ -1,0 +1,174 @@
+"""Train a byte-level BPE tokenizer and save it as a `PreTrainedTokenizerFast` that `AutoTokenizer` loads.
+
+Byte-level BPE starts from all 256 bytes, so every UTF-8 string (rare characters, emoji, mixed scripts) encodes and
+decodes back exactly; there is no unknown token. The pre-tokenizer is GPT-2's (`ByteLevel(use_regex=True)`): its
+`\\p{L}+` already keeps runs of Chinese characters together and splits them from digits, punctuation and spaces, and
+llama.cpp re-implements exactly this regex (GGUF pre-tokenizer `gpt-2`). Extra CJK splitting was measured and did not
+pay off (docs/tokenizer.md). There is no normalizer: text cleaning belongs to the corpus, and a normalizer would make
+decode(encode(x)) differ from x.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+
+# Chosen by measurement (docs/tokenizer.md): 8192 tokens compress the held-out text to within ~10% of 32k tokens
+# while keeping the embedding table a modest share of the small presets.
+DEFAULT_VOCAB_SIZE = 8192
+# The longest context of the standard presets; trainers take their sequence length from the model config.
+DEFAULT_MODEL_MAX_LENGTH = 1024
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+# The class name older transformers (4.x) can load; transformers 5 would write "TokenizersBackend".
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def new_byte_level_bpe() -> Tokenizer:
+    """An untrained byte-level BPE with our pre-tokenizer and decoder (no normalizer, no post-processor)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _text_batches(texts: Iterable[str] | Iterable[list[str]], batch_size: int, seen: dict) -> Iterator[list[str]]:
+    """Regroup strings (or lists of strings) into lists for the trainer, checking types and counting characters.
+
+    The trainer pre-tokenizes each list in parallel in Rust, so lists beat single strings. Strings with lone
+    surrogates (e.g. bytes decoded with `errors="surrogateescape"`) are not UTF-8 and are rejected here with a clear
+    message instead of an opaque error from inside the trainer.
+    """
+    batch: list[str] = []
+    for index, item in enumerate(texts):
+        for text in item if isinstance(item, (list, tuple)) else [item]:
+            if not isinstance(text, str):
+                raise ValueError(f"tokenizer training texts must be str, got {type(text).__name__} at item {index}")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"text at item {index} is not valid UTF-8 ({err.reason} at character {err.start})")
+            seen["chars"] += len(text)
+            batch.append(text)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def train_tokenizer(
+    texts: Iterable[str] | Iterable[list[str]],
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    output_dir: str | os.PathLike | None = None,
+    min_frequency: int = 2,
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    batch_size: int = 1000,
+    overwrite: bool = False,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and return it with our special tokens, chat template, EOS and pad set.
+
+    Args:
+        texts: strings, or lists of strings (batches, e.g. from `tinyllm_hf.data.corpus.iter_texts`).
+        vocab_size: total size including the 256 byte tokens and the special tokens (ids 0..4, `SPECIAL_TOKENS`).
+            Training stops early if no pair occurs `min_frequency` times any more; the result is then smaller.
+        output_dir: if given, save there with `save_tokenizer` (atomic: no partial directory on failure).
+        min_frequency: a pair must occur this often to be merged.
+        model_max_length: stored in tokenizer_config.json.
+        batch_size: strings per list handed to the Rust trainer.
+        overwrite: replace an existing non-empty `output_dir`.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens), "
+            f"got {vocab_size!r}"
+        )
+    if output_dir is not None:
+        _check_output_dir(Path(output_dir), overwrite)
+    tokenizer = new_byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    seen = {"chars": 0}
+    tokenizer.train_from_iterator(_text_batches(texts, batch_size, seen), trainer=trainer)
+    if seen["chars"] == 0:
+        raise ValueError("the training corpus is empty: no characters to learn a tokenizer from")
+    fast = wrap_tokenizer(tokenizer, model_max_length)
+    if output_dir is not None:
+        save_tokenizer(fast, output_dir, overwrite=overwrite)
+    return fast
+
+
+def wrap_tokenizer(tokenizer: Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:
+    """A `tokenizers.Tokenizer` that contains `SPECIAL_TOKENS` as a transformers tokenizer with our chat format."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _check_output_dir(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output path {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {target} is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `output_dir`; on success it replaces `output_dir`, on error it is
+    deleted, so a failed run never leaves a partial output behind."""
+    target = Path(output_dir)
+    _check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        # Move the old directory aside first so the target name is never missing a complete tokenizer for long.
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(retired / target.name)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`save_pretrained` into `output_dir` atomically, with a tokenizer_config.json that transformers 4.x also loads."""
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        tokenizer.save_pretrained(staging)
+        write_portable_tokenizer_config(staging)
+    return Path(output_dir)
+
+
+def write_portable_tokenizer_config(directory: str | os.PathLike) -> None:
+    """Rewrite tokenizer_config.json so transformers 4.x loads it too: `tokenizer_class` PreTrainedTokenizerFast
+    (transformers 5 writes TokenizersBackend, unknown to 4.x) and the chat template inline (4.x releases before
+    chat_template.jinja support read it only from there)."""
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    template_path = Path(directory) / "chat_template.jinja"
+    if template_path.exists():
+        config["chat_template"] = template_path.read_text(encoding="utf-8")
+        template_path.unlink()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
