@@ -49,6 +49,8 @@ def read_config(model_dir: Path) -> dict:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{path}: model_type {model_type!r} is not a Tinyllm or Llama checkpoint")
+    if config.get("num_experts"):
+        raise ValueError(f"{path}: a Mixture-of-Experts model has no GGUF export here (llama.cpp's llama is dense)")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (llama.cpp's llama uses silu)")
     return config

@@ -1,0 +1,304 @@
+"""`tinyllm quantize`: smaller / faster copies of a Tinyllm or Llama checkpoint for CPU inference.
+
+    tinyllm quantize --model out/sft --method onnx-int8 --output out/sft-onnx-int8
+
+Methods (all on the core transformers 5 install plus the `quant` extra, no second transformers):
+    onnx           ONNX prefill + decode graphs with explicit KV cache (transformers' own exporter), fp32
+    onnx-int8      the same, weights int8 by ONNX Runtime dynamic quantization (activations quantized on the fly)
+    quanto-int8    optimum-quanto int8 weight-only, saved as quanto's safetensors + quantization map
+    quanto-int4    optimum-quanto int4 weight-only (group-wise)
+    openvino-int8  OpenVINO IR (transformers' exporter) with NNCF int8 weight compression
+    openvino-int4  OpenVINO IR with NNCF int4 weight compression
+GPTQ, AWQ and bitsandbytes need a CUDA GPU: use them through transformers' quantization configs on a GPU machine.
+
+Every output directory holds the tokenizer, the model config and `tinyllm_quant.json`; `load_quantized(dir)` reloads
+any of them as an object with `generate(ids, ...)` (new token ids) and `__call__(ids)` (logits), for eval/chat/serve.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+QUANT_FILE = "tinyllm_quant.json"
+EXPORT_PROMPT = "你好，请介绍一下你自己。"  # sample input the ONNX/OpenVINO exporters trace generation with
+
+# method -> (modules it needs, the pip extra that provides them)
+METHODS = {
+    "onnx": (("onnx", "onnxscript", "onnxruntime"), "quant"),
+    "onnx-int8": (("onnx", "onnxscript", "onnxruntime"), "quant"),
+    "quanto-int8": (("optimum.quanto",), "quant"),
+    "quanto-int4": (("optimum.quanto",), "quant"),
+    "openvino-int8": (("openvino", "nncf"), "openvino"),
+    "openvino-int4": (("openvino", "nncf"), "openvino"),
+}
+GPU_ONLY = {
+    "gptq": "GPTQConfig",
+    "awq": "AwqConfig",
+    "bnb-int8": "BitsAndBytesConfig(load_in_8bit=True)",
+    "bnb-int4": "BitsAndBytesConfig(load_in_4bit=True)",
+}
+
+
+class QuantizeError(ValueError):
+    """Input `tinyllm quantize` cannot work with; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks before any work
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_method(method: str) -> None:
+    if method in GPU_ONLY:
+        raise QuantizeError(
+            f"--method {method} needs a CUDA GPU (it is not available on CPU); on a GPU machine load the model with "
+            f"transformers' {GPU_ONLY[method]} instead. CPU methods: {', '.join(METHODS)}"
+        )
+    if method not in METHODS:
+        raise QuantizeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    modules, extra = METHODS[method]
+    missing = [m for m in modules if not _importable(m)]
+    if missing:
+        raise ImportError(f"--method {method} needs {', '.join(missing)}: pip install \"tinyllm-hf[{extra}]\"")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # parent package (e.g. `optimum`) missing
+        return False
+
+
+def check_checkpoint(model_dir: Path) -> dict:
+    """The config of a Tinyllm or Llama checkpoint directory; anything else is refused with the reason."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --model must be a Tinyllm or Llama checkpoint directory")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("model_type") not in ("tinyllm", "llama"):
+        raise QuantizeError(f"{path}: model_type {config.get('model_type')!r} is not a Tinyllm or Llama checkpoint")
+    return config
+
+
+def load_source(model_dir: Path):
+    """(fp32 model in eval mode, tokenizer) of the checkpoint to quantize."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tinyllm_hf  # noqa: F401  (registers model_type "tinyllm" with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Methods: each writes its files into an (empty, temporary) directory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def export_onnx(model, tokenizer, out_dir: Path, int8: bool) -> None:
+    from transformers.exporters import OnnxConfig, OnnxExporter, OnnxRuntimeDynamicConfig, OnnxRuntimeQuantizer
+
+    quantizer = OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig()) if int8 else None
+    sample = dict(tokenizer(EXPORT_PROMPT, return_tensors="pt"))
+    # multi_token_decode: the decode graph takes any number of new tokens, so the cache length and step are dynamic.
+    exported = OnnxExporter().export_for_generation(
+        model, sample, OnnxConfig(dynamic=True, quantizer=quantizer), multi_token_decode=True
+    )
+    exported.save_pretrained(out_dir)
+
+
+def quantize_quanto(model, out_dir: Path, bits: int) -> None:
+    from optimum.quanto import freeze, qint4, qint8, quantization_map, quantize
+    from safetensors.torch import save_file
+
+    # lm_head stays fp32: it is tied to the embedding by default (quanto would untie and duplicate it), and the
+    # output projection is where rounding moves the argmax most.
+    quantize(model, weights=qint8 if bits == 8 else qint4, exclude="lm_head")
+    freeze(model)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # shares storage with the embedding; re-tied on load
+    save_file(state, out_dir / "model.safetensors")
+    (out_dir / "quantization_map.json").write_text(json.dumps(quantization_map(model), indent=2))
+    model.config.save_pretrained(out_dir)
+
+
+def export_openvino(model, tokenizer, out_dir: Path, bits: int) -> None:
+    from transformers.exporters import (
+        NNCFOpenVINOQuantizer,
+        NNCFWeightCompressionConfig,
+        OpenVINOConfig,
+        OpenVINOExporter,
+    )
+
+    import nncf
+
+    if bits == 8:
+        compression = NNCFWeightCompressionConfig(mode=nncf.CompressWeightsMode.INT8_ASYM)
+    else:
+        # int4 scales are per group of input channels; the group must divide every linear layer's input width.
+        widths = {model.config.hidden_size, model.config.intermediate_size}
+        group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), -1)  # -1: per channel
+        compression = NNCFWeightCompressionConfig(mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group)
+    quantizer = NNCFOpenVINOQuantizer(compression)
+    sample = dict(tokenizer(EXPORT_PROMPT, return_tensors="pt"))
+    exported = OpenVINOExporter().export_for_generation(
+        model, sample, OpenVINOConfig(dynamic=True, stateful=False, quantizer=quantizer), multi_token_decode=True
+    )
+    exported.save_pretrained(out_dir)
+
+
+def run_method(method: str, model_dir: Path, out_dir: Path) -> None:
+    model, tokenizer = load_source(model_dir)
+    if method in ("onnx", "onnx-int8"):
+        export_onnx(model, tokenizer, out_dir, int8=method == "onnx-int8")
+    elif method in ("quanto-int8", "quanto-int4"):
+        quantize_quanto(model, out_dir, bits=8 if method == "quanto-int8" else 4)
+    else:
+        export_openvino(model, tokenizer, out_dir, bits=8 if method == "openvino-int8" else 4)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / QUANT_FILE).write_text(
+        json.dumps({"method": method, "source": str(model_dir.resolve())}, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, method: str) -> Path:
+    """Write the `method` variant of `model_dir` to `output_dir`; on any error nothing is left at `output_dir`."""
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    check_method(method)
+    check_checkpoint(model_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} exists and is not empty: choose a new --output directory")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the destination and rename when complete, so a failure never leaves a half-written model.
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
+    try:
+        run_method(method, model_dir, tmp)
+        if output_dir.exists():
+            output_dir.rmdir()  # empty, checked above
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a variant back, with one interface for every method
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TorchCausalLM:
+    """A transformers model behind the same `generate(ids)` / `__call__(ids)` interface as `OnnxCausalLM`."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.config = model.config.to_dict()
+
+    def __call__(self, input_ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([list(input_ids)])).logits[0].float().numpy()
+
+    def generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+    ) -> list[int]:
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        ids = torch.tensor([list(input_ids)])
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
+        eos = self.model.config.eos_token_id if eos_token_id is None else eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                eos_token_id=eos, pad_token_id=self.model.config.pad_token_id or 0, **sampling,
+            )
+        return out[0, ids.shape[1]:].tolist()
+
+
+def load_quanto(model_dir: Path):
+    import torch
+    from optimum.quanto import requantize
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import tinyllm_hf  # noqa: F401  (registers model_type "tinyllm")
+
+    config = AutoConfig.from_pretrained(model_dir)
+    # Built on CPU (not meta) so non-persistent buffers such as RoPE's inv_freq are real; the weights are replaced.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    qmap = json.loads((model_dir / "quantization_map.json").read_text())
+    requantize(model, load_file(model_dir / "model.safetensors"), qmap, device=torch.device("cpu"))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # requantize re-creates parameters, untying them
+    return TorchCausalLM(model)
+
+
+def load_quantized(model_dir: str | Path, num_threads: int | None = None):
+    """(model, tokenizer) for a directory written by `tinyllm quantize` (or a plain checkpoint, as fp32)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    info_path = model_dir / QUANT_FILE
+    method = json.loads(info_path.read_text())["method"] if info_path.is_file() else None
+    if method in ("onnx", "onnx-int8"):
+        from tinyllm_hf.integrations.runtimes import OnnxCausalLM
+
+        model = OnnxCausalLM.from_pretrained(model_dir, num_threads=num_threads)
+    elif method in ("openvino-int8", "openvino-int4"):
+        from tinyllm_hf.integrations.runtimes import OpenVINOCausalLM
+
+        model = OpenVINOCausalLM.from_pretrained(model_dir, num_threads=num_threads)
+    elif method in ("quanto-int8", "quanto-int4"):
+        model = load_quanto(model_dir)
+    elif method is None:
+        model = TorchCausalLM(load_source(model_dir)[0])
+    else:
+        raise QuantizeError(f"{info_path}: unknown method {method!r}")
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tinyllm quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="Tinyllm or Llama checkpoint directory")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--output", required=True, help="new output directory")
+    args = parser.parse_args(argv)
+    try:
+        out = quantize_checkpoint(args.model, args.output, args.method)
+    except (QuantizeError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"tinyllm quantize: error: {err}", file=sys.stderr)
+        return 1
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {args.method} model to {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
