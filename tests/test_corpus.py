@@ -3,9 +3,11 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,6 +25,7 @@ from tinyllm_hf.data.corpus import (
     read_sanguo,
     source_files,
     stable_fraction,
+    stats_table,
 )
 from tinyllm_hf.data.records import ner_record, parse_readings, record_id, split_sentences
 
@@ -226,11 +229,17 @@ def test_default_corpus_builds_with_disjoint_splits_and_stats():
         share = by_split["validation"]["documents"] / (by_split["train"]["documents"] + by_split["validation"]["documents"])
         assert 0.01 < share < 0.03, name
     assert sum(s["train"]["documents"] for s in stats.values()) == len(corpus["train"])
-    train, validation = set(corpus["train"]["text"]), set(corpus["validation"]["text"])
-    assert len(train) == len(corpus["train"]) and not train & validation
-    assert "迈向充满希望的新世纪——一九九八年新年讲话（附图片1张）" in train
+    # arrow-side checks: turning 130k documents into Python strings takes seconds on a busy machine
+    train, validation = corpus["train"].data.column("text"), corpus["validation"].data.column("text")
+    assert pc.count_distinct(train).as_py() == len(train) and not pc.any(pc.is_in(validation, value_set=train)).as_py()
+    assert pc.any(pc.equal(train, "迈向充满希望的新世纪——一九九八年新年讲话（附图片1张）")).as_py()
     idiom = next(t for t in corpus["train"].filter(lambda s: s == "idioms", input_columns="source")["text"] if t.startswith("阿鼻地狱"))
     assert idiom.startswith("阿鼻地狱（ā bí dì yù）：") and "终至堕入阿鼻地狱。" in idiom and "～" not in idiom
+    # docs/data.md states these numbers: they must be what the code measures
+    docs = (Path(__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    for row in stats_table(stats).splitlines():
+        if row.startswith(tuple(f"| {name} |" for name in stats)):
+            assert row in docs, f"docs/data.md is out of date: {row}"
     streamed = list(iter_texts(load_corpus(split="validation", streaming=True), batch_size=10_000))[0]
     assert streamed == corpus["validation"]["text"][:10_000]
 
@@ -254,7 +263,7 @@ def test_records_fields_counts_and_stable_ids():
         assert len(records) > minimum, kind
         ids = records["id"]
         assert len(set(ids)) == len(ids) and all(i.startswith(f"{kind}-") for i in ids[:10])
-        assert 0.08 < sum(split_of(i) == "heldout" for i in ids) / len(ids) < 0.12, kind
+        assert 0.08 < sum(split_of(i) == "heldout" for i in ids[:5000]) / 5000 < 0.12, kind
     idioms = load_records("idioms")
     first = idioms[0]
     assert first["id"] == record_id("idioms", "阿鼻地狱") == "idioms-f52dcea94f2adf79"
