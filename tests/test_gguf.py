@@ -114,7 +114,7 @@ def test_llama_cpp_greedy_matches_transformers(exported):
 def test_llama_cpp_applies_our_chat_template(exported):
     llama_cpp = _llama_cpp()
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, files = exported
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -131,7 +131,14 @@ def test_llama_cpp_applies_our_chat_template(exported):
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == list(ids)
     reply = llm.create_chat_completion(messages=messages, max_tokens=N_TOKENS, temperature=0.0, top_k=1)
-    assert reply["choices"][0]["message"]["content"]
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
+    # llama-cpp-python drops byte sequences that are not valid UTF-8 where transformers writes U+FFFD.
+    expected = tokenizer.decode(greedy, skip_special_tokens=True).replace("\ufffd", "")
+    assert reply["choices"][0]["message"]["content"] == expected
 
 
 def test_llama_cpp_loads_quantized_files(exported, tmp_path):

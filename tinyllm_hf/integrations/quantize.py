@@ -35,8 +35,8 @@ METHODS = {
     "onnx-int8": (("onnx", "onnxscript", "onnxruntime"), "quant"),
     "quanto-int8": (("optimum.quanto",), "quant"),
     "quanto-int4": (("optimum.quanto",), "quant"),
-    "openvino-int8": (("openvino", "nncf"), "openvino"),
-    "openvino-int4": (("openvino", "nncf"), "openvino"),
+    "openvino-int8": (("openvino", "nncf"), "quant"),
+    "openvino-int4": (("openvino", "nncf"), "quant"),
 }
 GPU_ONLY = {
     "gptq": "GPTQConfig",
