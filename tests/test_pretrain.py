@@ -1,0 +1,469 @@
+"""Pretraining: packing, recipes, the Trainer run end to end, kill -9 + resume, non-finite loss, 2-process DDP,
+and the shipped accelerate/DeepSpeed configs."""
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, TrainingArguments
+
+from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
+from tinyllm_hf.data import packing
+from tinyllm_hf.data.packing import collate_blocks, pack_dataset, packing_stats, unigram_entropy
+from tinyllm_hf.trainers import common, pretrain
+from tinyllm_hf.trainers.common import (
+    NonFiniteLossError,
+    checkpoint_step,
+    latest_checkpoint,
+    matmul_flops_per_token,
+    parse_recipe,
+    remove_staging_dirs,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECTS = ["小明", "老师", "我们", "妈妈", "学生", "医生"]
+VERBS = ["喜欢", "看见", "买了", "想要", "找到"]
+OBJECTS = ["苹果", "新书", "小猫", "电影", "大海", "花园"]
+PLACES = ["在北京", "在学校", "在家里", "在公园"]
+
+
+def sentence(rng: random.Random) -> str:
+    return f"{rng.choice(SUBJECTS)}{rng.choice(PLACES)}{rng.choice(VERBS)}{rng.choice(OBJECTS)}。"
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    """~600 short documents of templated Chinese: learnable structure, enough for a validation split."""
+    rng = random.Random(0)
+    lines = [f"{i}号：" + "".join(sentence(rng) for _ in range(rng.randint(1, 4))) for i in range(600)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
+    """A small byte-level BPE with the project's EOS/pad tokens (stand-in for a trained tinyllm tokenizer)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train([str(corpus_file)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+
+
+def recipe_args(corpus_file, tokenizer_dir, output_dir, **overrides) -> list[str]:
+    """Command-line arguments of a tiny pretraining run (hidden 32, 2 layers, blocks of 32 tokens)."""
+    values = {
+        "tokenizer_name_or_path": tokenizer_dir,
+        "dataset_name": corpus_file,
+        "config_overrides": "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,max_position_embeddings=32",
+        "output_dir": output_dir,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 2,
+        "max_steps": 20,
+        "logging_steps": 1,
+        "save_steps": 10,
+        "eval_strategy": "steps",
+        "eval_steps": 10,
+        "per_device_eval_batch_size": 8,
+        "peak_flops": 1e11,  # skip the matmul measurement: it is not what these tests check
+        "dataloader_num_workers": 0,
+        "use_cpu": True,
+        **overrides,
+    }
+    argv = []
+    for key, value in values.items():
+        if value is not None:  # None: leave the key at its default
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read_state(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())
+
+
+def data_order(output_dir, rank=0) -> dict[int, str]:
+    """step -> hash of the batch; a step logged twice (re-run after a resume) keeps its last record."""
+    lines = (Path(output_dir) / "data_order" / f"rank{rank}.jsonl").read_text().splitlines()
+    return {record["step"]: record["sha1"] for record in map(json.loads, lines)}
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared CPU two OpenMP threads waiting for each other made
+    steps ~30x slower. Subprocesses get OMP_NUM_THREADS=1 for the same reason."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def documents(texts) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": texts, "source": ["test"] * len(texts)})
+
+
+def test_packing_appends_eos_keeps_order_and_wastes_at_most_one_block_per_batch(tokenizer):
+    rng = random.Random(1)
+    docs = documents(["".join(sentence(rng) for _ in range(rng.randint(1, 5))) for _ in range(300)])
+    packed = pack_dataset(docs, tokenizer, block_size=16)
+    blocks = np.array(packed["input_ids"])
+    assert blocks.shape[1] == 16 and blocks.dtype == np.int64 or blocks.dtype == np.int32
+    stream = [i for text in docs["text"] for i in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    n = blocks.size
+    assert blocks.ravel().tolist() == stream[:n]  # one batch here: blocks are the document stream, in order
+    assert len(stream) - n < 16
+    stats = packing_stats(docs, packed, tokenizer)
+    assert stats["tokens"] == len(stream) and stats["packed_tokens"] == n
+    assert (blocks == tokenizer.eos_token_id).sum() >= 300 - 2  # one EOS per document (the last may be cut)
+    assert tokenizer.pad_token_id not in blocks
+
+
+def test_packing_is_cached_and_multiprocess_gives_the_same_blocks(tokenizer, monkeypatch, tmp_path):
+    rng = random.Random(2)
+    texts = ["".join(sentence(rng) for _ in range(3)) for _ in range(600)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts), encoding="utf-8")
+    docs = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(packing, "PACK_BATCH_DOCS", 100)  # several batches, so several workers have work
+    monkeypatch.setattr(packing, "MIN_DOCS_PER_PROCESS", 1)
+    single = pack_dataset(docs, tokenizer, block_size=32)
+    again = pack_dataset(docs, tokenizer, block_size=32)
+    assert again.cache_files == single.cache_files  # the second call loads the cached blocks
+    multi = pack_dataset(docs, tokenizer, block_size=24, num_proc=2)
+    single_24 = pack_dataset(docs, tokenizer, block_size=24)
+    assert multi["input_ids"] == single_24["input_ids"]
+    assert multi.cache_files != single.cache_files
+
+
+def test_streaming_packing_gives_the_same_blocks_shuffled_deterministically(tokenizer):
+    rng = random.Random(3)
+    docs = documents(["".join(sentence(rng) for _ in range(2)) for _ in range(200)])
+    reference = pack_dataset(docs, tokenizer, block_size=16)["input_ids"]
+    streamed = [list(b["input_ids"]) for b in pack_dataset(docs.to_iterable_dataset(), tokenizer, 16, seed=7, shuffle_buffer_size=50)]
+    again = [list(b["input_ids"]) for b in pack_dataset(docs.to_iterable_dataset(), tokenizer, 16, seed=7, shuffle_buffer_size=50)]
+    assert sorted(streamed) == sorted(reference)
+    assert streamed == again and streamed != reference
+
+
+def test_packing_rejects_bad_input(tokenizer):
+    with pytest.raises(ValueError, match="no column 'body'"):
+        pack_dataset(documents(["你好"]), tokenizer, 16, text_field="body")
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    with pytest.raises(ValueError, match="no EOS token"):
+        pack_dataset(documents(["你好"]), no_eos, 16)
+
+
+def test_collate_and_unigram_entropy():
+    blocks = datasets.Dataset.from_dict({"input_ids": [[0, 1, 2, 3], [0, 0, 1, 1]]})
+    batch = collate_blocks([blocks[0], blocks[1]])
+    assert batch["input_ids"].dtype == torch.long and torch.equal(batch["labels"], batch["input_ids"])
+    p = np.array([3, 3, 1, 1]) / 8
+    assert unigram_entropy(blocks, vocab_size=5) == pytest.approx(float(-(p * np.log(p)).sum()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipes and helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_recipe_values_are_overridden_by_the_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_preset: 16m\nlearning_rate: 0.001\nmax_steps: 100\noutput_dir: out\n")
+    model_args, data_args, args, run_args = parse_recipe(
+        [pretrain.ModelArguments, pretrain.DataArguments, TrainingArguments],
+        ["--config", str(recipe), "--max_steps", "10", "--resume"],
+        defaults=pretrain.DEFAULTS,
+    )
+    assert (model_args.model_preset, args.learning_rate, args.max_steps) == ("16m", 0.001, 10)
+    assert run_args.resume and args.report_to == ["tensorboard"]
+    recipe.write_text("learning_rate: 0.001\nlearnig_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in recipe .*r.yaml: learnig_rate"):
+        parse_recipe([TrainingArguments], ["--config", str(recipe)])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        parse_recipe([TrainingArguments], ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_config_overrides_are_typed_and_validated():
+    assert pretrain.parse_overrides("hidden_size=64, rms_norm_eps=1e-5,tie_word_embeddings=false") == {
+        "hidden_size": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    with pytest.raises(ValueError, match="expected key=value"):
+        pretrain.parse_overrides("hidden_size")
+
+
+def test_flops_per_token_formula():
+    config = TinyllmConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64)
+    model = TinyllmForCausalLM(config)
+    per_layer = 4 * 32 * 32 + 3 * 32 * 64
+    assert matmul_flops_per_token(model, 64) == 6 * (2 * per_layer + 100 * 32) + 12 * 2 * 32 * 64
+
+
+def test_latest_checkpoint_ignores_partial_and_staging_folders(tmp_path):
+    def checkpoint(name, complete=True):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (path / "trainer_state.json").write_text("{}")
+        return path
+
+    assert latest_checkpoint(tmp_path) is None
+    checkpoint("checkpoint-5")
+    checkpoint("checkpoint-10")
+    checkpoint("checkpoint-20", complete=False)
+    checkpoint("tmp-checkpoint-30")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    remove_staging_dirs(tmp_path)
+    assert not (tmp_path / "tmp-checkpoint-30").exists() and (tmp_path / "checkpoint-20").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_end_to_end(corpus_file, tokenizer_dir, tmp_path):
+    from tinyllm_hf.cli import main as cli_main
+
+    out = tmp_path / "run"
+    argv = recipe_args(corpus_file, tokenizer_dir, out, max_steps=60, save_steps=20, eval_steps=20, peak_flops=None)
+    assert cli_main(["pretrain", *argv]) == 0
+    state = read_state(out)
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    assert state["global_step"] == 60 and losses[-1] < losses[0] - 1.0
+    assert evals[-1] < losses[0]
+    logged = [e for e in state["log_history"] if "mfu" in e]
+    assert logged and all(e["tokens_per_second"] > 0 and 0 < e["mfu"] < 1.5 for e in logged)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_loss"] < results["eval_unigram_entropy"]  # learnt more than token frequencies
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40", "checkpoint-60"]
+    assert not list(out.glob("tmp-*"))
+    assert (out / "loss_curve.png").stat().st_size > 10_000
+    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    model = TinyllmForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 32 and model.config.eos_token_id == 0
+    assert PreTrainedTokenizerFast.from_pretrained(out).eos_token == "<|endoftext|>"
+
+
+def test_non_finite_loss_stops_with_a_clear_message(corpus_file, tokenizer_dir, tmp_path, capsys):
+    # Inf in the weights makes the very first loss NaN.
+    model_args, data_args, args, run_args = parse_recipe(
+        [pretrain.ModelArguments, pretrain.DataArguments, TrainingArguments],
+        recipe_args(corpus_file, tokenizer_dir, tmp_path / "nan", report_to="none", max_steps=5, eval_strategy="no"),
+    )
+    tokenizer = pretrain.load_tokenizer(data_args.tokenizer_name_or_path)
+    model = pretrain.build_model(model_args, tokenizer)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("inf"))
+    train_dataset, _ = pretrain.build_datasets(data_args, tokenizer, 32, seed=0)
+    trainer = pretrain.PretrainTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate_blocks)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 1: training stopped"):
+        trainer.train()
+    assert not list((tmp_path / "nan").glob("checkpoint-*"))
+    # Through main: one line on stderr and exit code 1 (here: a learning rate that blows up).
+    code = pretrain.main(recipe_args(corpus_file, tokenizer_dir, tmp_path / "lr", report_to="none",
+                                     learning_rate=1e38, warmup_steps=0, max_grad_norm=0, max_steps=20))
+    assert code == 1 and "non-finite training loss" in capsys.readouterr().err
+
+
+def test_bad_recipe_input_gives_one_line_errors(corpus_file, tokenizer_dir, tmp_path, capsys):
+    assert pretrain.main(recipe_args(corpus_file, tmp_path / "nope", tmp_path / "o")) == 1
+    assert "tokenizer folder not found" in capsys.readouterr().err
+    assert pretrain.main(recipe_args(corpus_file, tokenizer_dir, tmp_path / "o", block_size=64)) == 1
+    assert "block_size 64 exceeds the model's max_position_embeddings 32" in capsys.readouterr().err
+
+
+def run_pretrain(argv, **popen):
+    return subprocess.Popen([sys.executable, "-m", "tinyllm_hf.trainers.pretrain", *argv], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(corpus_file, tokenizer_dir, tmp_path):
+    common_args = dict(max_steps=60, save_steps=10, eval_steps=30, data_order_log=True, report_to="none",
+                       save_total_limit=2)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    ref_proc = run_pretrain(recipe_args(corpus_file, tokenizer_dir, reference, **common_args))
+    proc = run_pretrain(recipe_args(corpus_file, tokenizer_dir, interrupted, **common_args))
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoint-20").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint-20 within 240 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "trainer_state.json").exists(), "the run finished before it was killed"
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read().decode()[-3000:]
+
+    # What a kill while saving would leave: a staging folder, or a (non-atomic) checkpoint folder without its state.
+    (interrupted / "tmp-checkpoint-50" / "checkpoint-50").mkdir(parents=True)
+    (interrupted / "checkpoint-55").mkdir()
+    (interrupted / "checkpoint-55" / "model.safetensors").write_bytes(b"partial")
+    last = latest_checkpoint(interrupted)
+    killed_at = checkpoint_step(last)
+    assert killed_at is not None and 20 <= killed_at < 50
+    state_before = json.loads((Path(last) / "trainer_state.json").read_text())
+
+    resumed = run_pretrain(recipe_args(corpus_file, tokenizer_dir, interrupted, resume=True, **common_args))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-3000:]
+
+    assert not (interrupted / "tmp-checkpoint-50").exists()
+    ref_state, state = read_state(reference), read_state(interrupted)
+    assert state["global_step"] == ref_state["global_step"] == 60
+    assert data_order(interrupted) == data_order(reference)  # same batches at every step, before and after the kill
+    losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    ref_losses = {e["step"]: e["loss"] for e in ref_state["log_history"] if "loss" in e}
+    # One continuous curve: steps up to the checkpoint come from before the kill, the rest from the resumed run.
+    assert sorted(losses) == list(range(1, 61))
+    before = {e["step"]: e["loss"] for e in state_before["log_history"] if "loss" in e}
+    assert sorted(before) == list(range(1, killed_at + 1)) and all(losses[s] == before[s] for s in before)
+    for step in range(1, 61):
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-4, abs=1e-4), step
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_see_different_data(corpus_file, tokenizer_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "-m", "tinyllm_hf.trainers.pretrain"]
+    argv = recipe_args(corpus_file, tokenizer_dir, out, max_steps=3, save_steps=3, eval_steps=3, data_order_log=True,
+                       report_to="none")
+    result = subprocess.run(launch + argv, cwd=REPO, env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = data_order(out, 0), data_order(out, 1)
+    assert sorted(rank0) == sorted(rank1) == [1, 2, 3]
+    assert all(rank0[step] != rank1[step] for step in rank0)
+    state = read_state(out)
+    assert state["global_step"] == 3 and (out / "checkpoint-3" / "rng_state_1.pth").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shipped recipes and launcher configs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+PRETRAIN_RECIPES = sorted((REPO / "recipes" / "pretrain").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", PRETRAIN_RECIPES, ids=lambda p: p.stem)
+def test_pretrain_recipes_parse_and_fit_their_preset(recipe):
+    values = yaml.safe_load(recipe.read_text())
+    model_args, data_args, args, _ = parse_recipe(
+        [pretrain.ModelArguments, pretrain.DataArguments, TrainingArguments],
+        ["--config", str(recipe), "--use_cpu", "true", "--bf16", "false"],
+        defaults=pretrain.DEFAULTS,
+    )
+    config = TinyllmConfig.from_preset(model_args.model_preset, **pretrain.parse_overrides(model_args.config_overrides))
+    assert (data_args.block_size or config.max_position_embeddings) <= config.max_position_embeddings
+    assert args.lr_scheduler_type in ("cosine", "warmup_stable_decay")
+    assert args.report_to == ["tensorboard"] and args.max_steps > 0
+    if recipe.stem != "quickstart":  # GPU recipes train in bf16
+        assert values.get("bf16") is True and model_args.model_preset == recipe.stem
+
+
+def test_recipes_cover_every_preset_and_both_schedules():
+    names = {p.stem for p in PRETRAIN_RECIPES}
+    assert {"quickstart", "16m", "42m", "92m", "210m", "440m", "1.5b"} <= names
+    schedules = {yaml.safe_load(p.read_text())["lr_scheduler_type"] for p in PRETRAIN_RECIPES}
+    assert schedules == {"cosine", "warmup_stable_decay"}
+
+
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+
+
+def launcher_settings(config_path, monkeypatch):
+    """What `accelerate launch --config_file config_path` would hand its processes, computed without starting any:
+    the launcher's own parser and validation, then (for DeepSpeed) the environment and the DeepSpeedPlugin that each
+    process would build from it, which reads and checks the DeepSpeed JSON without needing deepspeed installed."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_path), "-m", "tinyllm_hf.trainers.pretrain"])
+    args, defaults, mixed_precision_from_config = _validate_launch_command(args)
+    if not args.use_deepspeed:
+        return args, None
+    # As accelerate's launch_command does before calling the DeepSpeed launcher:
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)  # the configs name their DeepSpeed JSON relative to the repository root
+    return args, DeepSpeedPlugin()
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_configs_are_accepted_by_the_launcher(path, monkeypatch):
+    raw = yaml.safe_load(path.read_text())
+    args, plugin = launcher_settings(path, monkeypatch)
+    assert args.num_processes >= 1 and args.num_machines == raw["num_machines"]
+    if args.num_machines > 1:
+        assert raw["main_process_ip"] and raw["machine_rank"] == 0 and raw["rdzv_backend"] == "static"
+    if plugin is None:
+        assert raw["mixed_precision"] == "no"  # precision is the recipe's bf16 setting, in one place
+        return
+    assert "mixed_precision" not in raw
+    expected_stage = 3 if "zero3" in path.stem else 2
+    assert plugin.zero_stage == expected_stage and plugin.zero3_init_flag == (expected_stage == 3)
+    zero = plugin.deepspeed_config["zero_optimization"]
+    offload = zero.get("offload_optimizer", {}).get("device", "none")
+    assert (offload == "cpu") == ("offload" in path.stem)
+    # Batch sizes, clipping and precision are filled from the Trainer's arguments, so recipes stay the one source.
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
+        assert plugin.deepspeed_config[key] == "auto", key
+    assert plugin.deepspeed_config["bf16"]["enabled"] == "auto"
+
+
+def test_deepspeed_config_with_mixed_precision_is_rejected(tmp_path, monkeypatch):
+    """The check above is real: accelerate refuses mixed_precision next to a deepspeed_config_file."""
+    config = yaml.safe_load((REPO / "recipes" / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    config["mixed_precision"] = "bf16"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="When using `deepspeed_config_file`, the following accelerate config"):
+        launcher_settings(bad, monkeypatch)

@@ -1,0 +1,415 @@
+"""Pieces every training stage shares: recipe parsing, reliable checkpoints, throughput/MFU and loss-curve logging.
+
+- `parse_recipe`: a YAML recipe (`--config`) parsed into dataclasses with `HfArgumentParser`; any key can be
+  overridden on the command line (`--max_steps 10`), unknown keys are an error naming the file.
+- `ReliableTrainerMixin`: mix into any `transformers.Trainer` subclass (TRL's included) for atomic checkpoints
+  (written into `tmp-checkpoint-N/`, renamed to `checkpoint-N` once complete), a clear stop on a non-finite loss and an
+  optional per-step data-order log.
+- `latest_checkpoint`: the newest complete checkpoint of a run, for `--resume`.
+- `ThroughputCallback` (tokens/s and MFU) and `LossCurveCallback` (loss-curve PNG at the end of training).
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
+
+logger = logging.get_logger("tinyllm_hf")
+
+STAGING_PREFIX = "tmp-"  # checkpoints are written under tmp-checkpoint-N/ and renamed when complete
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipes: YAML + command-line overrides -> dataclasses
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunArguments:
+    """Options of the run itself, shared by every training stage."""
+
+    config: str | None = field(default=None, metadata={"help": "YAML recipe; any of its keys can be overridden on the command line"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir (if there is one)"}
+    )
+    peak_flops: float | None = field(
+        default=None,
+        metadata={"help": "peak FLOP/s per device for MFU; default: measured with a matmul at the start of training"},
+    )
+    loss_curve: bool = field(default=True, metadata={"help": "write loss_curve.png into output_dir at the end"})
+    data_order_log: bool = field(
+        default=False,
+        metadata={"help": "append every micro-batch's step, rank and token hash to output_dir/data_order/rank<N>.jsonl"},
+    )
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """A recipe file as a dict (FileNotFoundError / ValueError naming the file when it is missing or not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        recipe = yaml.safe_load(f)
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping of argument names to values")
+    return recipe
+
+
+def parse_recipe(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None,
+                 prog: str | None = None) -> tuple:
+    """Instances of `dataclass_types` from `defaults` < the `--config` YAML recipe < command-line flags.
+
+    `RunArguments` is added (last) when not given, since `--config` itself is one of its fields. The recipe's keys
+    become parser defaults (as TRL's `TrlParser` does), so `--key value` on the command line always wins.
+    """
+    dataclass_types = list(dataclass_types)
+    if RunArguments not in dataclass_types:
+        dataclass_types.append(RunArguments)
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values = dict(defaults or {})
+    config = _config_path(argv)
+    if config is not None:
+        values.update(load_recipe(config))
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"recipe {config}" if config else "defaults"
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)} (see --help for the accepted keys)")
+    for action in parser._actions:
+        if action.dest in values:
+            action.default = values[action.dest]
+            action.required = False
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a recipe path")
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, newest complete checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint directory with its trainer state and model weights (the state is written last by the Trainer)."""
+    path = Path(path)
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
+    return checkpoint_step(path) is not None and (path / TRAINER_STATE_NAME).is_file() and has_weights
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete `checkpoint-N` with the largest N in `output_dir`, or None. Staging folders never qualify."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    complete = [p for p in output_dir.iterdir() if p.is_dir() and is_complete_checkpoint(p)]
+    for path in output_dir.iterdir():
+        if path.is_dir() and checkpoint_step(path) is not None and path not in complete:
+            logger.warning(f"ignoring incomplete checkpoint {path}")
+    return str(max(complete, key=checkpoint_step)) if complete else None
+
+
+def remove_staging_dirs(output_dir: str | os.PathLike) -> None:
+    """Delete half-written `tmp-checkpoint-N` folders left by a run that was killed while saving."""
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        for path in output_dir.glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"):
+            logger.warning(f"removing unfinished checkpoint {path}")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    # Renaming is atomic, but without fsync a power loss could still leave the renamed files empty.
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(staged: Path, final: Path) -> None:
+    """Move a fully written checkpoint into place with one atomic rename."""
+    _fsync_tree(staged)
+    if final.exists():  # the same step saved again (a rerun into the same output_dir): replace it
+        trash = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
+        os.replace(final, trash)
+        shutil.rmtree(trash)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class ReliableTrainerMixin:
+    """Atomic checkpoints, a hard stop on non-finite losses and an optional data-order log for any Trainer.
+
+    Use as `class MyTrainer(ReliableTrainerMixin, transformers.Trainer)` (or a TRL trainer). The Trainer writes a
+    checkpoint file by file into `checkpoint-N/`, so a run killed while saving leaves a folder that looks like a
+    checkpoint but is not one. Here the Trainer writes into `tmp-checkpoint-N/checkpoint-N/`; once every process has
+    finished writing, the main process renames it to `checkpoint-N` (atomic on POSIX), so a `checkpoint-N` folder is
+    always complete.
+    """
+
+    data_order_log: bool = False
+    _staging_dir: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards)
+        if self.args.should_save:
+            self._point_best_checkpoint_to(run_dir, staging / name)
+            publish_checkpoint(staging / name, run_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            # Rotation ran inside the staging folder (a no-op there); apply it to the real checkpoints.
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _point_best_checkpoint_to(self, run_dir: Path, staged: Path) -> None:
+        # The Trainer looked for the best checkpoint inside the staging folder; name its final location instead.
+        best_step = self.state.best_global_step
+        if not best_step:
+            return
+        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+        if best_step == self.state.global_step or best.is_dir():
+            self.state.best_model_checkpoint = str(best)
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.data_order_log:
+            self._log_data_order(inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The Trainer's own `logging_nan_inf_filter` silently replaces a NaN loss with the running mean, so the run
+        # would go on training (and checkpointing) NaN weights: stop instead, before the optimizer applies the step.
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}: training stopped. "
+                "Lower learning_rate, keep max_grad_norm > 0, or check the data; resume from the last checkpoint "
+                "with --resume."
+            )
+        return loss
+
+    def _log_data_order(self, inputs) -> None:
+        ids = inputs["input_ids"].detach().cpu().contiguous()
+        record = {
+            "step": self.state.global_step + 1,
+            "rank": self.args.process_index,
+            "first_ids": ids[:, :8].tolist(),
+            "sha1": hashlib.sha1(ids.numpy().tobytes()).hexdigest(),
+        }
+        path = Path(self.args.output_dir) / "data_order" / f"rank{self.args.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Throughput and MFU
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def matmul_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (weights used in matmuls) + 12 * layers * attention width * seq_len.
+
+    6N counts forward (2N) and backward (4N) multiply-adds of every `nn.Linear` weight; the output projection counts
+    even when it is tied to the embedding (it is still a matmul), the embedding lookup and the norms do not. The second
+    term is the attention scores and weighted sum (QK^T and AV: 2 * 2 * seq_len * width forward, x3 for training) per
+    layer, without halving for the causal mask (the PaLM paper's convention).
+    """
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    attention_width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    return 6 * matmul_params + 12 * config.num_hidden_layers * attention_width * seq_len
+
+
+def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048,
+                        repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of a square matmul on `device`: the practical peak MFU is measured against."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    iters = 20 if device.type == "cuda" else 1
+    best = math.inf
+    for _ in range(repeats + 1):  # the first round warms up kernels and caches
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b)
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - start) / iters)
+    return 2 * size**3 / best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds `tokens_per_second` (whole job) and `mfu` to every training log, from the median optimizer step since the
+    previous log (the median ignores steps that also evaluated or saved).
+
+    tokens_per_step: tokens in one optimizer step over all processes (exact for packed blocks). When None, the growth
+    of `state.num_input_tokens_seen` is used (set `include_num_input_tokens_seen`).
+    """
+
+    def __init__(self, flops_per_token: float, tokens_per_step: int | None = None, peak_flops: float | None = None,
+                 peak_dtype: torch.dtype = torch.float32):
+        self.flops_per_token = flops_per_token
+        self.tokens_per_step = tokens_per_step
+        self.peak_flops = peak_flops
+        self.peak_dtype = peak_dtype
+        self._step_times: list[float] = []
+        self._last_end: float | None = None
+        self._tokens_at_log = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.peak_flops is None:
+            self.peak_flops = measure_matmul_peak(args.device, self.peak_dtype)
+            source = f"measured: {str(self.peak_dtype).removeprefix('torch.')} 2048^3 matmul on {args.device}"
+        else:
+            source = "given"
+        if state.is_world_process_zero:
+            logger.warning(
+                f"MFU = tokens/s x {self.flops_per_token:.4g} FLOPs/token / ({args.world_size} x "
+                f"{self.peak_flops / 1e9:.1f} GFLOP/s peak per process, {source})"
+            )
+        self._tokens_at_log = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._last_end is not None:
+            self._step_times.append(now - self._last_end)
+        self._last_end = now
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._last_end = None  # the next interval would include the evaluation
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last_end = None  # ... or the checkpoint
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self._step_times:
+            return
+        step_time = statistics.median(self._step_times)
+        if self.tokens_per_step is not None:
+            tokens_per_step = self.tokens_per_step
+        else:
+            tokens_per_step = (state.num_input_tokens_seen - self._tokens_at_log) / max(len(self._step_times), 1)
+            self._tokens_at_log = state.num_input_tokens_seen
+        tokens_per_second = tokens_per_step / step_time
+        extra = {
+            "tokens_per_second": round(tokens_per_second, 1),
+            "mfu": round(tokens_per_second * self.flops_per_token / (args.world_size * self.peak_flops), 4),
+        }
+        logs.update(extra)
+        # Trainer.log stored a copy of these logs in log_history before calling the callbacks.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+        self._step_times.clear()
+
+
+def add_callback_first(trainer, callback: TrainerCallback) -> None:
+    """Put `callback` before the Trainer's printers and reporters, so the values it adds to logs reach them."""
+    trainer.callback_handler.callbacks.insert(0, callback)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loss curve
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, reference: dict[str, float] | None = None) -> Path:
+    """Training and evaluation loss against step as a PNG; `reference` draws labelled horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    for label, value in (reference or {}).items():
+        ax.axhline(value, color="gray", linestyle="--", linewidth=1)
+        ax.annotate(label, (0, value), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class LossCurveCallback(TrainerCallback):
+    """Writes `output_dir/loss_curve.png` when training ends (the whole history, including before a resume)."""
+
+    def __init__(self, reference: dict[str, float] | None = None, filename: str = "loss_curve.png"):
+        self.reference = reference
+        self.filename = filename
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = plot_loss_curve(state.log_history, Path(args.output_dir) / self.filename, self.reference)
+            logger.warning(f"loss curve written to {path}")

@@ -1,0 +1,227 @@
+"""Pretraining: a Tinyllm model (fresh from a preset, or continued from a checkpoint) on packed blocks of a corpus.
+
+    tinyllm pretrain --config recipes/pretrain/quickstart.yaml [--any_recipe_key value ...]
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m tinyllm_hf.trainers.pretrain --config ...
+
+The recipe holds the keys of `ModelArguments`, `DataArguments`, `RunArguments` and `transformers.TrainingArguments`;
+the command line overrides any of them. `--resume` continues from the newest complete checkpoint in `output_dir`.
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.data.corpus import load_corpus
+from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entropy
+from tinyllm_hf.modeling import PRESETS, TinyllmConfig
+from tinyllm_hf.trainers.common import (
+    LossCurveCallback,
+    NonFiniteLossError,
+    ReliableTrainerMixin,
+    RunArguments,
+    ThroughputCallback,
+    add_callback_first,
+    latest_checkpoint,
+    logger,
+    matmul_flops_per_token,
+    parse_recipe,
+    remove_staging_dirs,
+)
+
+# Defaults that differ from TrainingArguments' own; recipes and the command line override them.
+DEFAULTS = {"output_dir": "outputs/pretrain", "report_to": ["tensorboard"], "logging_steps": 10}
+STREAMING_EVAL_BLOCKS = 1000  # validation blocks kept when streaming (when max_eval_samples is not set)
+
+
+@dataclass
+class ModelArguments:
+    model_preset: str = field(default="tiny", metadata={"help": f"size of a new model: {', '.join(PRESETS)}"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "continue training this checkpoint instead of starting from a preset"}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "preset fields to change, e.g. 'hidden_size=64,num_hidden_layers=2,max_position_embeddings=128'"},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+
+
+@dataclass
+class DataArguments:
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "tokenizer folder (tinyllm tokenizer)"})
+    dataset_name: str = field(
+        default="default",
+        metadata={"help": "corpus for load_corpus: 'default', an embedded source, a local file/folder or a Hub dataset"},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
+    text_field: str = field(default="text", metadata={"help": "column (or JSON field) holding the documents"})
+    block_size: int | None = field(default=None, metadata={"help": "tokens per block; default: the model's context"})
+    streaming: bool = field(default=False, metadata={"help": "tokenize on the fly (corpora larger than memory)"})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "blocks in the streaming shuffle buffer"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "cap on validation blocks"})
+
+
+class PretrainTrainer(ReliableTrainerMixin, Trainer):
+    """The HF Trainer with atomic checkpoints and a stop on non-finite loss."""
+
+
+def load_tokenizer(path: str | None):
+    if not path:
+        raise ValueError(
+            "tokenizer_name_or_path is not set: train one with `tinyllm tokenizer` and pass its folder "
+            "(recipe key tokenizer_name_or_path or --tokenizer_name_or_path)"
+        )
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"tokenizer folder not found: {path}")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def parse_overrides(text: str | None) -> dict:
+    """'a=1,b=1e-5,c=true,d=x' -> {'a': 1, 'b': 1e-05, 'c': True, 'd': 'x'}: JSON values, else YAML, else strings."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config_overrides: expected key=value, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:  # YAML reads True/False/yes and bare words; "1e-5" is only a float in JSON
+            overrides[key.strip()] = yaml.safe_load(value.strip())
+    return overrides
+
+
+def build_model(model_args: ModelArguments, tokenizer):
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
+        )
+        if model_args.config_overrides:
+            raise ValueError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
+        if len(tokenizer) > model.config.vocab_size:  # e.g. a tokenizer extended with new tokens
+            logger.warning(f"resizing embeddings from {model.config.vocab_size} to {len(tokenizer)} tokens")
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    config = TinyllmConfig.from_preset(
+        model_args.model_preset,
+        **parse_overrides(model_args.config_overrides),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    # from_config (not the constructor) so DeepSpeed ZeRO-3 can partition the weights while they are created.
+    return AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: int):
+    """(train, validation) packed datasets; validation is always map-style, so it can be measured and reused."""
+    corpus = load_corpus(data_args.dataset_name, streaming=data_args.streaming, text_field=data_args.text_field,
+                         config=data_args.dataset_config)
+    pack = dict(tokenizer=tokenizer, block_size=block_size, num_proc=data_args.preprocessing_num_workers, seed=seed,
+                shuffle_buffer_size=data_args.shuffle_buffer_size)
+    train = pack_dataset(corpus["train"], **pack)
+    validation = pack_dataset(corpus["validation"], **pack)
+    if data_args.streaming:
+        n = data_args.max_eval_samples or STREAMING_EVAL_BLOCKS
+        validation = datasets.Dataset.from_list(list(validation.take(n)), features=validation.features)
+    elif data_args.max_eval_samples is not None:
+        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    if len(validation) == 0:
+        raise ValueError(f"the validation split of {data_args.dataset_name!r} holds less than one block of {block_size} tokens")
+    return train, validation
+
+
+def peak_dtype(args: TrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def resume_checkpoint(args: TrainingArguments, run_args: RunArguments) -> str | None:
+    if args.resume_from_checkpoint:
+        return args.resume_from_checkpoint
+    if not run_args.resume:
+        return None
+    checkpoint = latest_checkpoint(args.output_dir)
+    if checkpoint is None:
+        logger.warning(f"--resume: no complete checkpoint in {args.output_dir}, starting from step 0")
+    return checkpoint
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, run_args: RunArguments) -> dict:
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
+    model = build_model(model_args, tokenizer)
+    block_size = data_args.block_size or model.config.max_position_embeddings
+    if block_size > model.config.max_position_embeddings:
+        raise ValueError(
+            f"block_size {block_size} exceeds the model's max_position_embeddings {model.config.max_position_embeddings}"
+        )
+    with args.main_process_first(desc="tokenizing and packing"):
+        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, block_size, args.data_seed or args.seed)
+    entropy = unigram_entropy(eval_dataset, len(tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.warning(
+        f"model: {n_params / 1e6:.2f}M parameters; blocks of {block_size} tokens: "
+        f"{len(train_dataset) if hasattr(train_dataset, '__len__') else 'streamed'} train, {len(eval_dataset)} validation; "
+        f"validation unigram entropy {entropy:.3f} nats/token"
+    )
+
+    trainer = PretrainTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        callbacks=[LossCurveCallback({"validation unigram entropy": entropy})] if run_args.loss_curve else None,
+    )
+    tokens_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size * block_size
+    add_callback_first(
+        trainer,
+        ThroughputCallback(matmul_flops_per_token(model, block_size), tokens_per_step, run_args.peak_flops, peak_dtype(args)),
+    )
+    trainer.data_order_log = run_args.data_order_log
+
+    if args.should_save:
+        remove_staging_dirs(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, run_args))
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    if args.eval_strategy != "no" or args.do_eval:
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        if last is not None and last["step"] == trainer.state.global_step:  # the schedule just evaluated this model
+            eval_metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+        else:
+            eval_metrics = trainer.evaluate()
+        eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50))
+        eval_metrics["eval_unigram_entropy"] = entropy
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, data_args, training_args, run_args = parse_recipe(
+            [ModelArguments, DataArguments, TrainingArguments, RunArguments], argv, defaults=DEFAULTS,
+            prog="tinyllm pretrain",
+        )
+        train(model_args, data_args, training_args, run_args)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        print(f"tinyllm pretrain: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
