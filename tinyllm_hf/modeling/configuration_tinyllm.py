@@ -15,7 +15,14 @@ PRESETS = {
     "210m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12, max_position_embeddings=1024),
     "440m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=1024),
     "1.5b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=1024),
+    # Mixture-of-Experts twins of `tiny` and `92m` with about the same ACTIVE parameters per token: top-2 routed experts
+    # plus one shared expert, each a third of the dense MLP width (3 * 120 ~ 352, 3 * 464 ~ 1408).
+    "moe-tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256,
+                     num_experts=8, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=120),
+    "moe-92m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, max_position_embeddings=1024,
+                    num_experts=16, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=464),
 }
+ROUTER_SCORINGS = ("softmax", "sigmoid")
 
 
 class TinyllmConfig(PretrainedConfig):
@@ -38,6 +45,25 @@ class TinyllmConfig(PretrainedConfig):
         tie_word_embeddings: share the input embedding with the output projection (saves `vocab * hidden` weights).
         attention_bias: bias on q/k/v/o projections (Llama's flag). qkv_bias: bias on q/k/v only (Qwen2 style).
         initializer_range: standard deviation of the normal weight initialisation.
+
+    Mixture of Experts (all ignored while `num_experts=0`, the dense default):
+        num_experts: routed experts per MoE layer; 0 builds the dense model.
+        num_experts_per_tok: experts each token is routed to (top-k).
+        num_shared_experts: experts every token always goes through; they are stored merged as one SwiGLU MLP
+            (`mlp.shared_expert`) of width `shared_expert_intermediate_size`.
+        moe_intermediate_size: width of each routed expert (`None`: `intermediate_size`).
+        shared_expert_intermediate_size: width of the merged shared expert (`None`: num_shared_experts *
+            moe_intermediate_size, which is exactly that many experts summed).
+        router_scoring: "softmax" over all experts (Mixtral, Qwen2-MoE) or independent "sigmoid" scores (DeepSeek-V3).
+        norm_topk_prob: rescale the k selected scores to sum to 1 (off by default, as in Qwen2-MoE: llama.cpp's
+            qwen2moe graph never rescales, so GGUF export needs it off).
+        first_k_dense_replace / moe_layer_freq: layer `i` is MoE when `i >= first_k_dense_replace` and
+            `i % moe_layer_freq == 0` (DeepSeek's definition); the other layers keep the dense MLP of `intermediate_size`.
+        router_aux_loss_coef: weight of the Switch-Transformer load-balancing loss added to the training loss.
+        router_z_loss_coef: weight of the router z-loss (mean squared log-sum-exp of router logits, ST-MoE).
+        router_bias_update_rate: > 0 enables DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, used only
+            to choose the top-k experts, moves by this rate towards under-loaded experts after every training forward.
+        output_router_logits: return router logits (and compute the auxiliary losses) also outside training.
     """
 
     model_type = "tinyllm"
@@ -63,12 +89,30 @@ class TinyllmConfig(PretrainedConfig):
     attention_bias: bool = False
     qkv_bias: bool = False
     attention_dropout: float = 0.0
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    num_shared_experts: int = 0
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    router_scoring: str = "softmax"
+    norm_topk_prob: bool = False
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0
+    output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_experts:
+            if self.moe_intermediate_size is None:
+                self.moe_intermediate_size = self.intermediate_size
+            if self.shared_expert_intermediate_size is None and self.num_shared_experts:
+                self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if self.rope_parameters is None and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 10000.0)}
         super().__post_init__(**kwargs)
@@ -99,10 +143,57 @@ class TinyllmConfig(PretrainedConfig):
             raise ValueError(f"TinyllmConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"TinyllmConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"TinyllmConfig.num_experts must be 0 (dense) or a positive integer, got {self.num_experts!r}")
+        if self.num_experts:
+            self.validate_moe()
+
+    def validate_moe(self):
+        """Reject Mixture-of-Experts settings that cannot be built or cannot train, naming the fields involved."""
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"TinyllmConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                f"num_experts ({self.num_experts})"
+            )
+        if self.norm_topk_prob and self.num_experts_per_tok == 1:
+            raise ValueError(
+                "TinyllmConfig.norm_topk_prob=True with num_experts_per_tok=1 makes every routing weight 1, so the "
+                "router never receives a gradient; set norm_topk_prob=False or route to more experts"
+            )
+        if self.router_scoring not in ROUTER_SCORINGS:
+            raise ValueError(f"TinyllmConfig.router_scoring must be one of {ROUTER_SCORINGS}, got {self.router_scoring!r}")
+        for name in ("moe_intermediate_size", "moe_layer_freq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"TinyllmConfig.{name} must be a positive integer, got {value!r}")
+        # Expert weights are stacked 3D tensors; torch's grouped matmul needs 16-byte aligned rows even in bf16.
+        for name in ("hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ValueError(f"TinyllmConfig.{name} must be a multiple of 8 in a Mixture-of-Experts model, got {value}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"TinyllmConfig.num_shared_experts must be >= 0, got {self.num_shared_experts!r}")
+        if not self.num_shared_experts and self.shared_expert_intermediate_size:
+            raise ValueError(
+                f"TinyllmConfig.shared_expert_intermediate_size ({self.shared_expert_intermediate_size}) is set but "
+                "num_shared_experts is 0"
+            )
+        if self.first_k_dense_replace < 0 or not any(map(self.is_moe_layer, range(self.num_hidden_layers))):
+            raise ValueError(
+                f"TinyllmConfig.first_k_dense_replace ({self.first_k_dense_replace}) and moe_layer_freq "
+                f"({self.moe_layer_freq}) must leave at least one of the {self.num_hidden_layers} num_hidden_layers "
+                "as a Mixture-of-Experts layer"
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TinyllmConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return bool(self.num_experts) and layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TinyllmConfig":
-        """A named preset (`tiny`, `16m`, ..., `1.5b`) with any field overridden, e.g. `vocab_size=len(tokenizer)`."""
+        """A named preset (`tiny`, `16m`, ..., `1.5b`, `moe-tiny`, `moe-92m`) with any field overridden, e.g. `vocab_size=len(tokenizer)`."""
         if name not in PRESETS:
             raise ValueError(f"unknown Tinyllm preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

@@ -1,29 +1,37 @@
 """Tinyllm: a small Llama-style decoder (pre-norm RMSNorm, RoPE, grouped-query causal attention, SwiGLU MLP).
 
-Read top to bottom in the order data flows: norm -> rotary embedding -> MLP -> attention -> decoder layer -> model ->
-task heads. Parameter names mirror transformers' `LlamaForCausalLM`, so a checkpoint converts to Llama by config
+With `config.num_experts > 0` the MLP of some layers becomes a Mixture of Experts (router -> top-k routed experts +
+always-on shared experts); attention, norms and cache are the same code in both variants.
+
+Read top to bottom in the order data flows: norm -> rotary embedding -> MLP -> Mixture of Experts -> attention ->
+decoder layer -> model -> task heads. Parameter names mirror transformers' `LlamaForCausalLM`, so a checkpoint converts to Llama by config
 mapping alone and tools that know Llama (vLLM, llama.cpp, optimum) load it unchanged.
 
 This file ships as Hub remote code: it imports only torch, transformers and `configuration_tinyllm`.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_tinyllm import TinyllmConfig
 
@@ -103,6 +111,143 @@ class TinyllmMLP(nn.Module):
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class TinyllmRouter(nn.Module):
+    """Scores every expert for every token and picks the top-k.
+
+    With `router_bias_update_rate > 0` a per-expert bias (DeepSeek-V3's auxiliary-loss-free balancing) is added to the
+    scores when *choosing* experts but not when weighting them, so it steers load without distorting outputs.
+    """
+
+    def __init__(self, config: TinyllmConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.scoring = config.router_scoring
+        self.norm_topk_prob = config.norm_topk_prob
+        self.bias_update_rate = config.router_bias_update_rate
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        if self.bias_update_rate > 0:
+            # Persistent: the bias is part of the trained model. `pending_load` counts tokens until the next update.
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+            self.register_buffer("pending_load", torch.zeros(config.num_experts), persistent=False)
+        else:
+            self.expert_bias = None
+
+    def score(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """(tokens, experts) logits -> fp32 scores: a softmax over experts or an independent sigmoid per expert."""
+        if self.scoring == "sigmoid":
+            return torch.sigmoid(router_logits.float())
+        return nn.functional.softmax(router_logits, dim=-1, dtype=torch.float32)
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 scores (tokens, experts) -> routing weights and expert ids, both (tokens, top_k)."""
+        if self.expert_bias is None:
+            top_weights, top_index = torch.topk(scores, self.top_k, dim=-1)
+        else:
+            top_index = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+            top_weights = scores.gather(-1, top_index)
+        if self.norm_topk_prob:
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return top_weights, top_index
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, hidden) -> router logits (tokens, experts), routing weights and expert ids (tokens, top_k)."""
+        router_logits = nn.functional.linear(hidden_states, self.weight)
+        top_weights, top_index = self.select(self.score(router_logits))
+        return router_logits, top_weights.to(hidden_states.dtype), top_index
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """One auxiliary-loss-free balancing step: move the bias of each expert by `bias_update_rate` up if it received
+        fewer tokens than the mean since the last update, down if more; then start counting afresh."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.pending_load)  # every rank must keep the same bias, so balance the global load
+        self.expert_bias += self.bias_update_rate * torch.sign(self.pending_load.mean() - self.pending_load)
+        self.pending_load.zero_()
+
+
+@use_experts_implementation
+class TinyllmExperts(nn.Module):
+    """The routed experts of one layer as stacked SwiGLU weights, laid out as transformers' Qwen2-MoE experts:
+    gate_up_proj (experts, 2 * moe_intermediate, hidden) holds [gate; up], down_proj (experts, hidden, moe_intermediate).
+
+    `forward` is the default "eager" dispatch; `config._experts_implementation` (set with `experts_implementation=` in
+    `from_pretrained` or `model.set_experts_implementation`) swaps in transformers' "grouped_mm" or "batched_mm".
+    """
+
+    def __init__(self, config: TinyllmConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.moe_intermediate_size))
+        self.act_fn = nn.functional.silu
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states (tokens, hidden), top_k_index / top_k_weights (tokens, top_k) -> (tokens, hidden).
+
+        Sorting the (token, expert) pairs by expert makes each expert's tokens one contiguous slice, so every expert
+        runs as a single matmul; the only Python loop is over experts.
+        """
+        top_k = top_k_index.shape[-1]
+        expert_of_pair = top_k_index.reshape(-1)  # (tokens * top_k,)
+        order = torch.argsort(expert_of_pair, stable=True)
+        token_of_pair = order // top_k  # source token of each sorted pair
+        tokens_per_expert = torch.bincount(expert_of_pair, minlength=self.num_experts).tolist()  # one host sync
+        grouped = hidden_states[token_of_pair]  # (pairs, hidden), grouped by expert
+        outputs, start = [], 0
+        for expert, count in enumerate(tokens_per_expert):
+            if count == 0:
+                continue
+            gate, up = nn.functional.linear(grouped[start:start + count], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+            start += count
+        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token_of_pair, weighted.to(hidden_states.dtype))
+
+
+class TinyllmSparseMoeBlock(nn.Module):
+    """Mixture-of-Experts MLP: each token goes through its top-k routed experts (weighted by the router) plus the
+    shared expert, if any. Parameter names match transformers' Qwen2-MoE block (`gate`, `experts`, `shared_expert`)."""
+
+    def __init__(self, config: TinyllmConfig):
+        super().__init__()
+        self.gate = TinyllmRouter(config)
+        self.experts = TinyllmExperts(config)
+        self.shared_expert = (
+            TinyllmMLP(config, config.shared_expert_intermediate_size) if config.num_shared_experts else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])  # (batch * seq, hidden)
+        _, top_k_weights, top_k_index = self.gate(hidden_states)
+        output = self.experts(hidden_states, top_k_index, top_k_weights)
+        if self.shared_expert is not None:
+            output = output + self.shared_expert(hidden_states)
+        return output.reshape(shape)
+
+
+def router_balance_losses(router: TinyllmRouter, router_logits: torch.Tensor, token_mask: torch.Tensor | None):
+    """Load statistics of one MoE layer from its router logits (tokens, experts); `token_mask` (tokens,) drops padding.
+
+    Returns the Switch-Transformer load-balancing loss `sum_i f_i * P_i` (f_i: share of routed slots sent to expert
+    i, times num_experts; P_i: mean normalised score of expert i; 1.0 when perfectly balanced), the router z-loss
+    (mean squared log-sum-exp of the logits) and the number of tokens each expert received (experts,).
+    """
+    scores = router.score(router_logits)  # (tokens, experts), fp32
+    _, top_index = router.select(scores)
+    num_experts = scores.shape[-1]
+    weight = torch.ones(scores.shape[0], device=scores.device) if token_mask is None else token_mask.float()
+    num_tokens = weight.sum().clamp(min=1)
+    slots = nn.functional.one_hot(top_index, num_experts).sum(1).float()  # (tokens, experts) selections
+    tokens_per_expert = (slots * weight[:, None]).sum(0)
+    load_fraction = tokens_per_expert * num_experts / (num_tokens * router.top_k)
+    probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores normalised per token; softmax is unchanged
+    mean_prob = (probs * weight[:, None]).sum(0) / num_tokens
+    aux_loss = (load_fraction * mean_prob).sum()
+    z_loss = (torch.logsumexp(router_logits.float(), dim=-1).square() * weight).sum() / num_tokens
+    return aux_loss, z_loss, tokens_per_expert
+
+
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(batch, kv_heads, seq, head_dim) -> (batch, kv_heads * n_rep, seq, head_dim)."""
     if n_rep == 1:
@@ -178,7 +323,7 @@ class TinyllmDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: TinyllmConfig, layer_idx: int):
         super().__init__()
         self.self_attn = TinyllmAttention(config, layer_idx)
-        self.mlp = TinyllmMLP(config)
+        self.mlp = TinyllmSparseMoeBlock(config) if config.is_moe_layer(layer_idx) else TinyllmMLP(config)
         self.input_layernorm = TinyllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = TinyllmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -202,7 +347,11 @@ class TinyllmPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-    _can_record_outputs = {"hidden_states": TinyllmDecoderLayer, "attentions": TinyllmAttention}
+    _can_record_outputs = {
+        "hidden_states": TinyllmDecoderLayer,
+        "attentions": TinyllmAttention,
+        "router_logits": OutputRecorder(TinyllmRouter, index=0),
+    }
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes `auto_map` only for the saved class; list every head so AutoModel,
@@ -216,10 +365,24 @@ class TinyllmPreTrainedModel(PreTrainedModel):
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # transformers defaults to "grouped_mm", but torch's CPU grouped matmul has no backward (torch 2.13): default to
+        # the sorted per-expert loop and let GPU runs ask for `experts_implementation="grouped_mm"`.
+        return super().get_correct_experts_implementation(requested_experts or "eager")
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, TinyllmRotaryEmbedding):
+        std = self.config.initializer_range
+        if isinstance(module, TinyllmExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TinyllmRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.expert_bias is not None:
+                init.zeros_(module.expert_bias)
+                init.zeros_(module.pending_load)
+        elif isinstance(module, TinyllmRotaryEmbedding):
             inv_freq, _ = (
                 module.compute_default_rope_parameters(module.config)
                 if module.rope_type == "default"
@@ -251,7 +414,7 @@ class TinyllmModel(TinyllmPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if cache is None:
@@ -288,7 +451,22 @@ class TinyllmModel(TinyllmPreTrainedModel):
                 position_ids=position_ids,
                 **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+        # The MoE output has a `router_logits` field, which `capture_outputs` fills when `output_router_logits=True`.
+        output_class = MoeModelOutputWithPast if self.config.num_experts else BaseModelOutputWithPast
+        return output_class(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+@dataclass
+class TinyllmMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus the router z-loss and the tokens each expert received.
+
+    aux_loss / z_loss: load-balancing and z-loss averaged over MoE layers, before their coefficients (the `loss` field
+    already includes `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` when labels are given).
+    expert_counts: (moe_layers, num_experts) tokens routed to each expert in this batch, padding excluded.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+    expert_counts: torch.FloatTensor | None = None
 
 
 class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
@@ -298,7 +476,12 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = TinyllmModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._moe_log = None  # running sums since the last `pop_moe_stats()`, filled by training forwards
         self.post_init()
+
+    def routers(self) -> list[TinyllmRouter]:
+        """The router of every MoE layer, in layer order (empty for a dense model)."""
+        return [layer.mlp.gate for layer in self.model.layers if isinstance(layer.mlp, TinyllmSparseMoeBlock)]
 
     def forward(
         self,
@@ -310,10 +493,23 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | TinyllmMoeCausalLMOutputWithPast:
         """`labels` are the input ids (shifted inside the loss); -100 marks positions without loss. Extra keyword
-        arguments reach the loss, so the Trainer's `num_items_in_batch` normalises gradient accumulation correctly."""
+        arguments reach the loss, so the Trainer's `num_items_in_batch` normalises gradient accumulation correctly.
+
+        Mixture of Experts: in training (or with `output_router_logits=True`) the router logits are collected and the
+        balancing losses computed; `loss` is then the language-model loss plus the weighted balancing losses."""
+        if self.config.num_experts:
+            if output_router_logits is None:
+                output_router_logits = self.training or self.config.output_router_logits
+            if self.training and self.config.router_bias_update_rate > 0:
+                # Apply the load counted by earlier forwards now, not at the end of this one: gradient checkpointing
+                # re-runs the routers during backward and must see the bias this forward used.
+                for router in self.routers():
+                    router.update_bias()
+            kwargs["output_router_logits"] = output_router_logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -334,6 +530,8 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if self.config.num_experts:
+            return self._moe_output(loss, logits, outputs, attention_mask)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -341,6 +539,60 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _moe_output(self, loss, logits, outputs, attention_mask) -> TinyllmMoeCausalLMOutputWithPast:
+        aux_loss = z_loss = expert_counts = None
+        router_logits = outputs.router_logits
+        if router_logits:
+            # Padding is excluded when the mask covers exactly the routed tokens (not while decoding with a cache).
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == router_logits[0].shape[0]:
+                token_mask = attention_mask.reshape(-1).to(router_logits[0].device).bool()
+            per_layer = [router_balance_losses(r, lg, token_mask) for r, lg in zip(self.routers(), router_logits)]
+            aux_loss = torch.stack([layer[0] for layer in per_layer]).mean()
+            z_loss = torch.stack([layer[1] for layer in per_layer]).mean()
+            expert_counts = torch.stack([layer[2] for layer in per_layer])  # (moe_layers, experts)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+            if self.training:
+                self._accumulate_moe_stats(aux_loss, z_loss, expert_counts)
+        return TinyllmMoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            expert_counts=expert_counts,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=router_logits,
+        )
+
+    @torch.no_grad()
+    def _accumulate_moe_stats(self, aux_loss, z_loss, expert_counts) -> None:
+        for router, counts in zip(self.routers(), expert_counts):
+            if router.expert_bias is not None:
+                router.pending_load += counts
+        # Detached device tensors: no host sync per step; `pop_moe_stats` syncs once per logging interval.
+        if self._moe_log is None:
+            self._moe_log = {"aux_loss": 0.0, "z_loss": 0.0, "forwards": 0, "expert_counts": 0.0}
+        self._moe_log["aux_loss"] += aux_loss.detach()
+        self._moe_log["z_loss"] += z_loss.detach()
+        self._moe_log["expert_counts"] += expert_counts.detach()
+        self._moe_log["forwards"] += 1
+
+    def pop_moe_stats(self) -> dict | None:
+        """Mean aux/z loss and summed tokens per expert (moe_layers x experts) over the training forwards since the
+        last call, then reset; None if there were none. Trainer callbacks call this to log expert load."""
+        log, self._moe_log = self._moe_log, None
+        if log is None:
+            return None
+        return {
+            "aux_loss": float(log["aux_loss"]) / log["forwards"],
+            "z_loss": float(log["z_loss"]) / log["forwards"],
+            "expert_counts": log["expert_counts"].tolist(),
+        }
 
 
 class TinyllmForSequenceClassification(TinyllmPreTrainedModel):
@@ -395,4 +647,10 @@ class TinyllmForSequenceClassification(TinyllmPreTrainedModel):
         )
 
 
-__all__ = ["TinyllmPreTrainedModel", "TinyllmModel", "TinyllmForCausalLM", "TinyllmForSequenceClassification"]
+__all__ = [
+    "TinyllmPreTrainedModel",
+    "TinyllmModel",
+    "TinyllmForCausalLM",
+    "TinyllmForSequenceClassification",
+    "TinyllmMoeCausalLMOutputWithPast",
+]
