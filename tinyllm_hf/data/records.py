@@ -7,17 +7,14 @@ whose key repeats an earlier one is dropped.
 """
 
 import hashlib
-import importlib.metadata
 import re
 from collections.abc import Callable, Iterator
 
 import datasets
-from datasets.exceptions import DatasetGenerationError
 
 from .corpus import (
-    _SOURCE_FILES,
-    _files_signature,
     cache_fingerprint,
+    generate_dataset,
     join_words,
     normalize_word,
     parse_tagged_line,
@@ -28,6 +25,7 @@ from .corpus import (
     read_words,
     read_xiehouyu,
     source_files,
+    source_signature,
     stable_fraction,
 )
 
@@ -54,7 +52,7 @@ _KIND_SOURCE = {
 
 _STRING = datasets.Value("string")
 _ENTITY = {"text": _STRING, "label": _STRING, "start": datasets.Value("int32"), "end": datasets.Value("int32")}
-_FEATURES = {
+_STRING_COLUMNS = {
     "idioms": ["word", "pinyin", "explanation", "derivation", "example", "example_source"],
     "words": ["word", "definition"],
     "chars": ["char", "radical", "structure", "corner_code", "components", "traditional", "wubi", "definition"],
@@ -62,13 +60,9 @@ _FEATURES = {
     "reviews": ["text", "label"],
     "ner_sentences": ["text"],
 }
-_EXTRA_FEATURES = {
+_NESTED_COLUMNS = {
     "chars": {"readings": [{"pinyin": _STRING, "senses": [_STRING]}]},
-    "ner_sentences": {
-        "words": [_STRING],
-        "tags": [_STRING],
-        "entities": [_ENTITY],
-    },
+    "ner_sentences": {"words": [_STRING], "tags": [_STRING], "entities": [_ENTITY]},
 }
 
 # PKU tags of the entities kept, and the label each gets.
@@ -199,7 +193,7 @@ def _generate_records(kind: str):
 
 
 def _features(kind: str) -> datasets.Features:
-    columns = {"id": _STRING, **{name: _STRING for name in _FEATURES[kind]}, **_EXTRA_FEATURES.get(kind, {})}
+    columns = {"id": _STRING, **{name: _STRING for name in _STRING_COLUMNS[kind]}, **_NESTED_COLUMNS.get(kind, {})}
     return datasets.Features(columns)
 
 
@@ -207,16 +201,5 @@ def load_records(kind: str) -> datasets.Dataset:
     """Structured records of one kind (see RECORD_KINDS) as a Dataset with a stable `id` column."""
     if kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(RECORD_KINDS)}")
-    source = _KIND_SOURCE[kind]
-    distribution = _SOURCE_FILES[source][0]
-    fingerprint = cache_fingerprint(
-        f"records|{kind}|{distribution}=={importlib.metadata.version(distribution)}", _files_signature(source_files(source))
-    )
-    try:
-        return datasets.Dataset.from_generator(
-            _generate_records, features=_features(kind), gen_kwargs={"kind": kind}, fingerprint=fingerprint
-        )
-    except DatasetGenerationError as err:
-        if err.__cause__ is None:
-            raise
-        raise err.__cause__ from None
+    fingerprint = cache_fingerprint(f"records|{kind}", source_signature(_KIND_SOURCE[kind]))
+    return generate_dataset(_generate_records, _features(kind), {"kind": kind}, fingerprint)
