@@ -16,6 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tinyllm_hf.data import EMBEDDED_SOURCES, corpus_stats, iter_texts, load_corpus, load_records, normalize_text, split_of
 from tinyllm_hf.data.corpus import (
+    _hub,
     clean_documents,
     document_split,
     is_installed,
@@ -174,6 +175,20 @@ def test_non_utf8_missing_empty_and_unsupported_files(hf_cache):
     pq.write_table(pa.table({"body": ["好"]}), hf_cache / "p.parquet")
     with pytest.raises(ValueError, match=r"p\.parquet: no column 'text' \(columns: body\)"):
         load_corpus(str(hf_cache / "p.parquet"))
+
+
+def test_hub_code_path_on_a_local_dataset_folder(hf_cache):
+    # load_dataset(name) also accepts a folder of data files, which runs the Hub branch (streamed load_dataset,
+    # cleaning, hash split) offline; load_corpus itself would route an existing folder to the local-file branch.
+    folder = hf_cache / "hub_like"
+    folder.mkdir()
+    docs = _docs(80)
+    pq.write_table(pa.table({"content": docs + ["  ", docs[3]]}), folder / "train.parquet")
+    corpus = _hub(str(folder), None, "content", streaming=False)
+    assert sorted(_texts(corpus["train"]) + _texts(corpus["validation"])) == sorted(docs)
+    assert _texts(_hub(str(folder), None, "content", streaming=True)["train"]) == _texts(corpus["train"])
+    with pytest.raises(ValueError, match="has no field 'text'"):
+        _hub(str(folder), None, "text", streaming=False)
 
 
 def test_unknown_names_give_clear_errors(hf_cache):
