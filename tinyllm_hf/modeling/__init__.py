@@ -10,6 +10,9 @@ from tinyllm_hf.modeling.modeling_tinyllm import (
     TinyllmPreTrainedModel,
 )
 
+# Linear layers LoRA adapts by default (PEFT has no built-in list for model_type "tinyllm").
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 AUTO_CLASSES = (
     (AutoModel, TinyllmModel),
     (AutoModelForCausalLM, TinyllmForCausalLM),
@@ -28,6 +31,7 @@ def register_auto_classes() -> None:
 
 
 __all__ = [
+    "LORA_TARGET_MODULES",
     "PRESETS",
     "TinyllmConfig",
     "TinyllmPreTrainedModel",

@@ -113,6 +113,9 @@ class TinyllmConfig(PretrainedConfig):
                 self.moe_intermediate_size = self.intermediate_size
             if self.shared_expert_intermediate_size is None and self.num_shared_experts:
                 self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
+        else:
+            # A dense model has no router: TRL trainers read a non-zero coefficient as "this is an MoE model".
+            self.router_aux_loss_coef = 0.0
         if self.rope_parameters is None and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 10000.0)}
         super().__post_init__(**kwargs)

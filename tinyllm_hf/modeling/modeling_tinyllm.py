@@ -615,6 +615,7 @@ class TinyllmForSequenceClassification(TinyllmPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,  # accepted for trainers that pass it; scoring never needs a cache
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(

@@ -1,0 +1,82 @@
+"""Direct preference optimisation of a chat model with TRL's DPOTrainer.
+
+    tinyllm dpo --config recipes/dpo/quickstart.yaml [--model_name_or_path runs/x/sft] [--beta 0.1] [--loss_type ipo]
+    accelerate launch -m tinyllm_hf.trainers.dpo --config ...
+
+The recipe holds the keys of `PreferenceDataArguments`, TRL's `ModelConfig` (model path, LoRA) and `DPOConfig`
+(beta, loss_type: sigmoid, ipo, hinge, ...). The reference model is a frozen copy of the starting policy (with LoRA:
+the policy with its adapter disabled), and its log-probabilities are computed once up front by default.
+"""
+
+import sys
+
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer, ModelConfig
+
+from tinyllm_hf.trainers.alignment import (
+    PreferenceDataArguments,
+    load_policy,
+    load_tokenizer,
+    peft_config,
+    preference_datasets,
+    trl_defaults,
+)
+from tinyllm_hf.trainers.common import (
+    LossCurveCallback,
+    NonFiniteLossError,
+    ReliableTrainerMixin,
+    RunArguments,
+    latest_checkpoint,
+    parse_recipe,
+    remove_staging_dirs,
+)
+
+DEFAULTS = trl_defaults("outputs/dpo", precompute_ref_log_probs=True, max_length=256)
+
+
+class TinyllmDPOTrainer(ReliableTrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer with atomic checkpoints and a stop on non-finite loss."""
+
+
+def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPOConfig, run_args: RunArguments) -> dict:
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
+    if eval_dataset is None:
+        args.eval_strategy = "no"
+    trainer = TinyllmDPOTrainer(
+        model=load_policy(model_args),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
+    )
+    if args.should_save:
+        remove_staging_dirs(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if run_args.resume else None)
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+        trainer.save_metrics("eval", metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        data_args, model_args, training_args, run_args = parse_recipe(
+            [PreferenceDataArguments, ModelConfig, DPOConfig, RunArguments], argv, defaults=DEFAULTS, prog="tinyllm dpo"
+        )
+        train(data_args, model_args, training_args, run_args)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        print(f"tinyllm dpo: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
