@@ -76,6 +76,18 @@ def tiny_llama(tokenizer, context=4096, seed=0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_tinyllm(tokenizer, context=4096, seed=0):
+    from tinyllm_hf.modeling import TinyllmConfig, TinyllmForCausalLM
+
+    torch.manual_seed(seed)
+    config = TinyllmConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.5,
+    )
+    return TinyllmForCausalLM(config).eval()
+
+
 @pytest.fixture(scope="module")
 def llama(tokenizer):
     return tiny_llama(tokenizer)
@@ -217,8 +229,10 @@ def test_ppl_scores_equal_hand_computed_loglikelihood(tokenizer, llama):
         assert score == pytest.approx(expected, abs=1e-4)
 
 
-def test_batched_loglikelihoods_equal_one_by_one(tokenizer, llama):
+@pytest.mark.parametrize("architecture", ["llama", "tinyllm"])
+def test_batched_loglikelihoods_equal_one_by_one(architecture, tokenizer):
     # Mixed lengths and multi-token continuations: left padding and position ids must not change any score.
+    llama = (tiny_llama if architecture == "llama" else tiny_tinyllm)(tokenizer)
     requests = [("今天天气很好", "，我们去公园"), ("答案：", " B"), ("学习使人进步，骄傲使人落后。他在", "图书馆里读书"), ("春天", "来了")]
     batched = loglikelihoods(llama, tokenizer, requests, batch_size=4)
     single = [loglikelihoods(llama, tokenizer, [r], batch_size=1)[0] for r in requests]
@@ -321,7 +335,9 @@ def test_gen_prompt_is_a_multi_turn_chat(tokenizer):
     assert mc.gen_prompt(bench, q, 2, tokenizer, 4096).text.endswith(format_question(q) + "\n<|assistant|>\n")
 
 
-def test_batched_generation_equals_one_by_one(tokenizer, llama):
+@pytest.mark.parametrize("architecture", ["llama", "tinyllm"])
+def test_batched_generation_equals_one_by_one(architecture, tokenizer):
+    llama = (tiny_llama if architecture == "llama" else tiny_tinyllm)(tokenizer)
     prompts = ["今天天气", "学习使人进步，骄傲使人落后。他在图书馆", "春天来了"]
     batched = greedy_generate(llama, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     single = [greedy_generate(llama, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
@@ -450,32 +466,40 @@ def test_shipped_lm_eval_yamls_are_up_to_date():
 
 
 @needs_fixtures
-def test_lm_eval_agrees_with_our_ppl_mode(tokenizer, llama, saved_llama, monkeypatch):
+@pytest.mark.parametrize("architecture", ["llama", "tinyllm"])
+def test_lm_eval_agrees_with_our_ppl_mode(architecture, tokenizer, tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    # The subject with the shortest questions keeps this test to seconds.
-    SUBJECT, TASK = "chinese_language_and_literature", "tinyllm_ceval_chinese_language_and_literature"
+    from tinyllm_hf.evaluation.cli import load_model
+
+    model = (tiny_llama if architecture == "llama" else tiny_tinyllm)(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tok = load_model(str(tmp_path), device="cpu")  # what `tinyllm eval --model DIR` runs
+    # The subject with the shortest questions, and its first questions only, keep this test to seconds.
+    subject, task, limit = "chinese_language_and_literature", "tinyllm_ceval_chinese_language_and_literature", 12
     monkeypatch.setenv("TINYLLM_CEVAL_DIR", str(FIXTURES / "ceval"))
-    bench = load_local("ceval", FIXTURES / "ceval", "val", subjects=[SUBJECT])
-    ours = evaluate_multiple_choice(llama, tokenizer, bench, "ppl", shots=1, progress=False)
+    bench = load_local("ceval", FIXTURES / "ceval", "val", subjects=[subject])
+    ours = evaluate_multiple_choice(model, tok, bench, "ppl", shots=1, limit=limit, progress=False)
     out = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(saved_llama), "dtype": "float32"},
-        tasks=[TASK],
+        model_args={"pretrained": str(tmp_path), "dtype": "float32", "trust_remote_code": True},
+        tasks=[task],
         num_fewshot=1,
+        limit=limit,
         batch_size=8,
         device="cpu",
         task_manager=TaskManager(include_path=str(harness.TASKS_DIR), include_defaults=False),
         log_samples=True,
         bootstrap_iters=0,  # no stderr estimates: they take longer than the evaluation
     )
-    assert out["results"][TASK]["acc,none"] == pytest.approx(ours["accuracy"])
-    # Same prompts, same tokens: the per-option log-likelihoods agree too.
-    prompts = [mc.ppl_prompt(bench, q, 1, tokenizer, 4096).text for q in bench.questions[SUBJECT]]
-    scores = score_choices(llama, tokenizer, prompts)
-    samples = out["samples"][TASK]
-    assert len(samples) == len(prompts) == ours["n"]
+    assert out["results"][task]["acc,none"] == pytest.approx(ours["accuracy"])
+    # Same prompts, same tokens: the per-option log-likelihoods agree too (lm-eval pads right, we pad left).
+    prompts = [mc.ppl_prompt(bench, q, 1, tok, 4096).text for q in bench.questions[subject][:limit]]
+    scores = score_choices(model, tok, prompts)
+    samples = out["samples"][task]
+    assert len(samples) == len(prompts) == ours["n"] == limit
     for sample in samples:
         theirs = [resp[0][0] for resp in sample["resps"]]
         assert theirs == pytest.approx(scores[sample["doc_id"]], abs=1e-3)

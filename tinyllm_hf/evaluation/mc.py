@@ -121,6 +121,15 @@ def _continuation_budget(tokenizer, prompt: str, max_length: int) -> int:
     return max_length + 1 - longest
 
 
+def ppl_prompts(bench: Benchmark, questions: list[Question], shots: int, tokenizer, max_length: int) -> list[Prompt]:
+    """ppl-mode prompts that leave room for the answer letter within `max_length` tokens."""
+    if not questions:
+        return []
+    # Every prompt ends with the same "答案：", so one question tells how many tokens the letters take.
+    budget = _continuation_budget(tokenizer, format_question(questions[0]), max_length)
+    return [ppl_prompt(bench, q, shots, tokenizer, budget) for q in questions]
+
+
 def evaluate_multiple_choice(
     model,
     tokenizer,
@@ -143,9 +152,7 @@ def evaluate_multiple_choice(
     questions = [q for qs in bench.questions.values() for q in qs[:limit]]
     max_length = context_length(model, tokenizer)
     if mode == "ppl":
-        # Every prompt ends with the same "答案：", so one question tells how many tokens the letters take.
-        budget = _continuation_budget(tokenizer, format_question(questions[0]), max_length) if questions else max_length
-        prompts = [ppl_prompt(bench, q, shots, tokenizer, budget) for q in questions]
+        prompts = ppl_prompts(bench, questions, shots, tokenizer, max_length)
         scores = score_choices(model, tokenizer, [p.text for p in prompts], batch_size, progress)
         predictions = [LETTERS[max(range(len(LETTERS)), key=s.__getitem__)] for s in scores]
         replies = None
