@@ -50,7 +50,9 @@ def bench_preset(preset: str, vocab_size: int, batch: int, seq: int, rounds: int
     train = {name: [] for name in models}
     gen = {name: [] for name in models}
     for round_index in range(rounds + 1):  # round 0 warms up both models and is discarded
-        for name, model in models.items():
+        # Alternate which model goes first, so neither always inherits a cache the other warmed (or trashed).
+        order = list(models.items()) if round_index % 2 == 0 else list(models.items())[::-1]
+        for name, model in order:
             model.train()
             tps = train_step_tokens_per_s(model, ids, optimizers[name])
             model.eval()
