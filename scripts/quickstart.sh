@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: set up a virtual environment (CPU torch first, then tinyllm-hf with its training, quantization,
+# serving and evaluation extras) and run the whole pipeline of recipes/quickstart.yaml on the embedded corpus.
+# Run it again to continue an interrupted run; extra arguments go to `tinyllm run` (e.g. --output_dir runs/mine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/tinyllm" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q -U pip
+    "$VENV/bin/pip" install -q torch==2.13.0
+    "$VENV/bin/pip" install -q -e ".[train,quant,serve,eval]"
+fi
+export TOKENIZERS_PARALLELISM=false
+exec "$VENV/bin/tinyllm" run --config recipes/quickstart.yaml "$@"

@@ -1,0 +1,86 @@
+"""`tinyllm run` end to end with the quickstart recipe cut to a few steps, so no stage can break another silently."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tinyllm_hf.pipeline import STAGES, as_flags, load_pipeline_recipe, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke_recipe(tmp_path: Path) -> Path:
+    """The quickstart recipe, every stage kept, with step counts and data sizes cut down for CI."""
+    recipe = load_pipeline_recipe(ROOT / "recipes" / "quickstart.yaml")
+    recipe["tokenizer"].update(corpus="reviews", vocab_size=600)
+    few_steps = {"max_steps": 3, "save_steps": 2, "logging_steps": 1, "eval_steps": 2, "report_to": "none"}
+    recipe["pretrain"]["args"] = {**few_steps, "dataset_name": "reviews", "config_overrides":
+                                  "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4",
+                                  "per_device_train_batch_size": 4, "max_eval_samples": 4}
+    preference_sizes = "sentiment=8,idiom_meaning=4"
+    recipe["sft"]["args"] = {**few_steps, "task_sizes": "sentiment=16,xiehouyu=8,identity=4"}
+    recipe["reward"]["args"] = {**few_steps, "task_sizes": preference_sizes, "max_eval_samples": 8}
+    recipe["dpo"]["args"] = {**few_steps, "task_sizes": preference_sizes, "max_eval_samples": 8}
+    recipe["eval"].update(task_sizes="sentiment=4,xiehouyu=2", args={"max-new-tokens": 8, "limit": 4})
+    recipe["gguf"]["outtypes"] = ["f16"]
+    recipe["report"]["prompts"] = recipe["report"]["prompts"][:2]
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), "utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
+    recipe = smoke_recipe(tmp_path)
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
+    for stage in STAGES:
+        assert (run_dir / stage / "stage.json").exists(), f"stage {stage} did not finish"
+    report = (run_dir / "report" / "report.md").read_text("utf-8")
+    assert "## Stages" in report and "## Evaluation" in report and "## Sample chats" in report
+    assert (run_dir / "report" / "pretrain_loss.png").exists()
+    staged = run_dir / "release" / "staged"
+    assert {"README.md", "model.safetensors", "modeling_tinyllm.py", "model-f16.gguf"} <= {p.name for p in staged.iterdir()}
+    stages = json.loads((run_dir / "tinyllm_stages.json").read_text())
+    assert [s["stage"] for s in stages] == ["pretrain", "sft", "reward", "dpo"]
+    assert stages[0]["steps"] == 3 and stages[0]["final_loss"] > 0
+    eval_sft = json.loads((run_dir / "eval" / "sft.json").read_text())
+    assert eval_sft["tasks"]["tasks"]["n"] > 0
+
+    # A second run finds every stage finished and does nothing but say so.
+    capsys.readouterr()
+    assert main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == len(STAGES)
+
+
+def test_an_unfinished_stage_runs_again(tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: x\nrelease:\n  repo_id: a/b\n", "utf-8")
+    ran = []
+    from tinyllm_hf import pipeline
+
+    monkeypatch.setattr(pipeline.Pipeline, "release", lambda self: ran.append("release"))
+    run_dir = tmp_path / "run"
+    (run_dir / "release").mkdir(parents=True)
+    (run_dir / "release" / "stage.json.tmp").write_text("{")  # a crash while writing the summary
+    assert main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
+    assert ran == ["release"] and (run_dir / "release" / "stage.json").exists()
+    assert main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
+    assert ran == ["release"]
+
+
+def test_bad_recipes_give_clear_errors(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrian: {}\n", "utf-8")
+    assert main(["--config", str(bad)]) == 1
+    assert "pretrian" in capsys.readouterr().err
+
+
+def test_recipe_args_become_flags():
+    assert as_flags({"max_steps": 3, "report_to": ["none"], "resume": True}) == [
+        "--max_steps", "3", "--report_to", "none", "--resume", "true"]

@@ -1,0 +1,265 @@
+"""`tinyllm run`: every stage of a recipe in order, from raw text to a staged Hub release and a report.
+
+    tinyllm run --config recipes/quickstart.yaml [--output_dir runs/NAME] [--only sft] [--from-stage eval]
+
+Each stage runs its own command (`tinyllm tokenizer`, `tinyllm pretrain`, ...) in a subprocess with the same recipe
+entries, writes into `OUTPUT_DIR/<stage>/` and, when it succeeds, a `stage.json` summary. A stage whose summary exists
+is skipped, so an interrupted run continues where it stopped (training stages also resume from their last complete
+checkpoint). Every stage can be run alone with the command printed in its log.
+
+The recipe names every choice: a top-level `output_dir`, then one mapping per stage, in the order of STAGES. A stage
+missing from the recipe is not run. Training stages take `recipe:` (their own YAML recipe) and `args:` (overrides).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "quantize", "gguf", "release", "report")
+TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
+ALIGNED_STAGES = ("grpo", "dpo")  # the chat model released is the last of these that ran, else the SFT model
+SUMMARY = "stage.json"
+STAGES_FILE = "tinyllm_stages.json"
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or the recipe cannot run."""
+
+
+def load_pipeline_recipe(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pipeline recipe not found: {path}")
+    recipe = yaml.safe_load(path.read_text("utf-8")) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"pipeline recipe {path} must be a YAML mapping")
+    unknown = sorted(set(recipe) - set(STAGES) - {"output_dir", "description"})
+    if unknown:
+        raise ValueError(f"unknown key(s) in {path}: {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    return recipe
+
+
+def as_flags(args: dict | None) -> list[str]:
+    """{"max_steps": 10, "report_to": ["none"]} -> ["--max_steps", "10", "--report_to", "none"]."""
+    flags = []
+    for key, value in (args or {}).items():
+        flags.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            flags += [str(v) for v in value]
+        elif isinstance(value, bool):
+            flags.append(str(value).lower())
+        else:
+            flags.append(str(value))
+    return flags
+
+
+class Pipeline:
+    def __init__(self, recipe: dict, output_dir: Path, recipe_path: Path):
+        self.recipe = recipe
+        self.out = output_dir
+        self.recipe_path = recipe_path
+
+    # ---------------------------------------------------------------- helpers
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / SUMMARY).exists()
+
+    def configured(self, stage: str) -> bool:
+        return stage in self.recipe and self.recipe[stage] is not None
+
+    def chat_model(self) -> Path:
+        for stage in ALIGNED_STAGES:
+            if self.configured(stage):
+                return self.stage_dir(stage)
+        return self.stage_dir("sft") if self.configured("sft") else self.stage_dir("pretrain")
+
+    def run_command(self, stage: str, args: list[str]) -> None:
+        """Run `tinyllm <args>` for a stage, streaming its output to the console and to the stage's log."""
+        command = [sys.executable, "-m", "tinyllm_hf.cli", *args]
+        log_path = self.stage_dir(stage) / "stage.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        printable = " ".join(["tinyllm", *args])
+        print(f"[{stage}] $ {printable}", flush=True)
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(f"$ {printable}\n")
+            log.flush()
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            if process.wait() != 0:
+                raise PipelineError(f"stage {stage} failed (exit {process.returncode}); see {log_path}")
+
+    def training_args(self, stage: str, **paths) -> list[str]:
+        entry = self.recipe[stage]
+        args = []
+        if entry.get("recipe"):
+            args += ["--config", str(entry["recipe"])]
+        args += as_flags({**paths, "output_dir": self.stage_dir(stage), "resume": True,
+                          "include_num_input_tokens_seen": True, **(entry.get("args") or {})})
+        return args
+
+    # ---------------------------------------------------------------- stages
+
+    def tokenizer(self):
+        entry = self.recipe["tokenizer"]
+        output = self.stage_dir("tokenizer") / "tokenizer"
+        args = ["tokenizer", "train", "--corpus", str(entry.get("corpus", "default")), "--output", str(output)]
+        if entry.get("vocab_size"):
+            args += ["--vocab-size", str(entry["vocab_size"])]
+        if output.exists():
+            args.append("--overwrite")  # a tokenizer without stage.json is incomplete: train it again
+        self.run_command("tokenizer", args)
+
+    def pretrain(self):
+        self.run_command("pretrain", ["pretrain", *self.training_args(
+            "pretrain", tokenizer_name_or_path=self.stage_dir("tokenizer") / "tokenizer")])
+
+    def sft(self):
+        self.run_command("sft", ["sft", *self.training_args("sft", model_name_or_path=self.stage_dir("pretrain"))])
+
+    def reward(self):
+        self.run_command("reward", ["reward", *self.training_args("reward", model_name_or_path=self.stage_dir("sft"))])
+
+    def dpo(self):
+        self.run_command("dpo", ["dpo", *self.training_args("dpo", model_name_or_path=self.stage_dir("sft"))])
+
+    def grpo(self):
+        paths = {"model_name_or_path": self.stage_dir("sft")}
+        if self.configured("reward"):
+            paths["reward_model_path"] = self.stage_dir("reward")
+        self.run_command("grpo", ["grpo", *self.training_args("grpo", **paths)])
+
+    def eval(self):
+        entry = self.recipe["eval"]
+        from tinyllm_hf.data.sft import heldout_task_records, parse_task_sizes, write_task_file
+
+        tasks_file = self.stage_dir("eval") / "heldout_tasks.jsonl"
+        write_task_file(heldout_task_records(sizes=parse_task_sizes(entry.get("task_sizes"))), tasks_file)
+        models = [s for s in entry.get("models", ["pretrain", "sft", *ALIGNED_STAGES]) if self.configured(s)]
+        for model_stage in models:
+            # Base models are scored by option likelihood, chat models by their generated answers.
+            mode = "ppl" if model_stage == "pretrain" else entry.get("chat_mode", "gen")
+            tasks = entry.get("base_tasks", "ppl") if model_stage == "pretrain" else entry.get("tasks", "ppl,tasks")
+            args = ["eval", "--model", str(self.stage_dir(model_stage)), "--tasks", tasks, "--mode", mode,
+                    "--tasks-file", str(tasks_file), "--output", str(self.stage_dir("eval") / f"{model_stage}.json")]
+            args += as_flags(entry.get("args"))
+            self.run_command("eval", args)
+
+    def quantize(self):
+        for method in self.recipe["quantize"].get("methods", []):
+            target = self.stage_dir("quantize") / method
+            shutil.rmtree(target, ignore_errors=True)
+            self.run_command("quantize", ["quantize", "--model", str(self.chat_model()), "--method", method,
+                                          "--output", str(target)])
+
+    def gguf(self):
+        for outtype in self.recipe["gguf"].get("outtypes", ["f16"]):
+            self.run_command("gguf", ["export", "gguf", "--model", str(self.chat_model()), "--outtype", outtype,
+                                      "--output", str(self.stage_dir("gguf") / f"model-{outtype}.gguf")])
+
+    def release(self):
+        entry = self.recipe["release"]
+        staged = self.stage_dir("release") / "staged"
+        shutil.rmtree(staged, ignore_errors=True)
+        self.write_stage_records()
+        args = ["push", "--model", str(self.chat_model()), "--repo-id", entry.get("repo_id", "your-name/tinyllm-zh"),
+                "--run-dir", str(self.out), "--dry-run", str(staged)]
+        final_results = self.stage_dir("eval") / f"{self.chat_model().name}.json"
+        if final_results.exists():
+            args += ["--results", str(final_results)]
+        ggufs = sorted(self.stage_dir("gguf").glob("*.gguf"))
+        if ggufs:
+            args += ["--include-gguf", *map(str, ggufs)]
+        self.run_command("release", args)
+
+    def report(self):
+        from tinyllm_hf.report import write_report
+
+        write_report(self.out, self.recipe, self.chat_model())
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def summarize(self, stage: str, seconds: float) -> dict:
+        """What the report and the model card say about a stage, read from the files it wrote."""
+        summary = {"stage": stage, "wall_time_s": round(seconds, 1), "recipe": None, "dataset": None, "steps": None,
+                   "tokens": None, "final_loss": None}
+        entry = self.recipe.get(stage) or {}
+        if entry.get("recipe"):
+            summary["recipe"] = str(entry["recipe"])
+        state_path = self.stage_dir(stage) / "trainer_state.json"
+        if state_path.exists():
+            state = json.loads(state_path.read_text("utf-8"))
+            summary["steps"] = state.get("global_step")
+            summary["tokens"] = state.get("num_input_tokens_seen") or None
+            losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
+            summary["final_loss"] = losses[-1] if losses else None
+            evals = [e["eval_loss"] for e in state.get("log_history", []) if "eval_loss" in e]
+            if evals:
+                summary["final_eval_loss"] = evals[-1]
+        if stage in TRAINING_STAGES:
+            summary["dataset"] = (entry.get("args") or {}).get("dataset_name", "default (embedded)")
+        return summary
+
+    def write_stage_records(self) -> None:
+        """tinyllm_stages.json in the run folder: the training stages for the model card, in order."""
+        records = [json.loads((self.stage_dir(s) / SUMMARY).read_text("utf-8"))
+                   for s in TRAINING_STAGES if self.done(s)]
+        (self.out / STAGES_FILE).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", "utf-8")
+
+    def run(self, only: list[str] | None = None, from_stage: str | None = None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        stages = [s for s in STAGES if self.configured(s)]
+        if from_stage:
+            stages = stages[stages.index(from_stage):]
+        if only:
+            stages = [s for s in stages if s in only]
+        for stage in stages:
+            if self.done(stage) and not only:
+                print(f"[{stage}] done already ({self.stage_dir(stage) / SUMMARY}), skipped", flush=True)
+                continue
+            if only and self.done(stage):
+                (self.stage_dir(stage) / SUMMARY).unlink()
+            print(f"[{stage}] starting", flush=True)
+            start = time.perf_counter()
+            getattr(self, stage)()
+            summary = self.summarize(stage, time.perf_counter() - start)
+            # Written last and atomically: a stage without stage.json did not finish and runs again next time.
+            tmp = self.stage_dir(stage) / (SUMMARY + ".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", "utf-8")
+            tmp.replace(self.stage_dir(stage) / SUMMARY)
+            print(f"[{stage}] finished in {summary['wall_time_s']:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinyllm run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pipeline recipe, e.g. recipes/quickstart.yaml")
+    parser.add_argument("--output_dir", "--output-dir", help="run folder (default: the recipe's output_dir)")
+    parser.add_argument("--only", nargs="+", choices=STAGES, help="run just these stages (again, if done)")
+    parser.add_argument("--from-stage", choices=STAGES, help="start at this stage")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_pipeline_recipe(args.config)
+        output_dir = Path(args.output_dir or recipe.get("output_dir") or "runs/" + Path(args.config).stem)
+        Pipeline(recipe, output_dir, Path(args.config)).run(args.only, args.from_stage)
+    except (PipelineError, ValueError, FileNotFoundError) as error:
+        print(f"tinyllm run: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

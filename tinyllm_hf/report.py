@@ -1,0 +1,142 @@
+"""The run report: `RUN/report/report.md` with its PNGs, written from the files the stages left behind.
+
+Sections: per-stage time, steps, tokens and final losses; the loss curves; evaluation tables comparing the base,
+SFT and aligned models; the quantization table; and sample chats with the prompts fixed in the recipe.
+"""
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_PROMPTS = [
+    "你好，请介绍一下你自己。",
+    "成语「画蛇添足」是什么意思？",
+    "判断下面这条评论的情感是正面还是负面，只回答“正面”或“负面”。\n评论：房间干净，服务也很热情。",
+    "歇后语「外甥打灯笼——」的下半句是什么？",
+    "请对下面的句子分词，词语之间用空格隔开。\n今天北京的天气很好",
+]
+MAX_NEW_TOKENS = 64
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text("utf-8")) if path.exists() else None
+
+
+def _fmt(value, pattern="{:,.0f}"):
+    return "–" if value is None else pattern.format(value)
+
+
+def stage_table(run_dir: Path, stages) -> str:
+    rows = ["| stage | wall time | steps | tokens | final train loss | final eval loss |", "|---|---|---|---|---|---|"]
+    for stage in stages:
+        summary = _read_json(run_dir / stage / "stage.json")
+        if summary is None:
+            continue
+        rows.append(
+            f"| {stage} | {_fmt(summary['wall_time_s'], '{:,.0f} s')} | {_fmt(summary.get('steps'))} | "
+            f"{_fmt(summary.get('tokens'))} | {_fmt(summary.get('final_loss'), '{:.4f}')} | "
+            f"{_fmt(summary.get('final_eval_loss'), '{:.4f}')} |"
+        )
+    return "\n".join(rows)
+
+
+def eval_table(run_dir: Path, model_stages) -> str:
+    """One row per evaluated model: perplexity, held-out task accuracy (overall and per task), C-Eval, CMMLU."""
+    results = {s: _read_json(run_dir / "eval" / f"{s}.json") for s in model_stages}
+    results = {s: r for s, r in results.items() if r}
+    if not results:
+        return "_No evaluation results._"
+    task_names = sorted({t for r in results.values() for t in r["tasks"].get("tasks", {}).get("per_task", {})})
+    header = ["model", "bits/char", "perplexity", "held-out tasks", *task_names, "C-Eval", "CMMLU"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for stage, result in results.items():
+        tasks = result["tasks"]
+        ppl, held = tasks.get("ppl", {}), tasks.get("tasks", {})
+        per_task = held.get("per_task", {})
+
+        def accuracy(entry):
+            return "–" if not entry or entry.get("accuracy") is None else f"{100 * entry['accuracy']:.1f}%"
+
+        cells = [stage, _fmt(ppl.get("bits_per_char"), "{:.3f}"), _fmt(ppl.get("perplexity"), "{:.2f}"),
+                 accuracy(held) + (f" ({held.get('mode')})" if held else ""),
+                 *[accuracy(per_task.get(t)) for t in task_names],
+                 accuracy(tasks.get("ceval")), accuracy(tasks.get("cmmlu"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+@torch.no_grad()
+def sample_chats(model_dir: Path, prompts: list[str]) -> list[tuple[str, str]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tinyllm_hf  # noqa: F401
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    chats = []
+    for prompt in prompts:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+        chats.append((prompt, reply))
+    return chats
+
+
+def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
+    from tinyllm_hf.pipeline import STAGES, TRAINING_STAGES
+
+    report_dir = run_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# tinyllm run report: {run_dir.name}",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
+        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU") + ".",
+        "",
+        "## Stages",
+        "",
+        stage_table(run_dir, [s for s in STAGES if s != "report"]),
+    ]
+    total = sum((_read_json(run_dir / s / "stage.json") or {}).get("wall_time_s", 0) for s in STAGES)
+    lines += ["", f"Total wall time of the finished stages: {total / 60:.1f} min.", ""]
+
+    curves = []
+    for stage in TRAINING_STAGES:
+        source = run_dir / stage / "loss_curve.png"
+        if source.exists():
+            shutil.copy2(source, report_dir / f"{stage}_loss.png")
+            curves.append(f"![{stage} loss]({stage}_loss.png)")
+    if curves:
+        lines += ["## Loss curves", "", *curves, ""]
+
+    lines += ["## Evaluation", "", "Base model scored by likelihood (ppl mode), chat models by their generated answers "
+              "on the held-out items of the embedded tasks (none of them seen in training).", "",
+              eval_table(run_dir, [s for s in TRAINING_STAGES if s != "reward"]), ""]
+    reward = _read_json(run_dir / "reward" / "pairwise_accuracy.json")
+    if reward:
+        lines += [f"Reward model: pairwise accuracy {100 * reward['pairwise_accuracy']:.1f}% on "
+                  f"{reward['heldout_pairs']} held-out preference pairs.", ""]
+
+    quant = run_dir / "quantize" / "drift.md"
+    if quant.exists():
+        lines += ["## Quantized variants", "", quant.read_text("utf-8"), ""]
+
+    prompts = (recipe.get("report") or {}).get("prompts") or DEFAULT_PROMPTS
+    lines += ["## Sample chats", "", f"Greedy replies of `{chat_model.name}` (special tokens shown).", ""]
+    for prompt, reply in sample_chats(chat_model, prompts):
+        lines += [f"**User:** {prompt}", "", "**Assistant:**", "", "```text", reply, "```", ""]
+
+    release = run_dir / "release" / "staged"
+    if release.exists():
+        lines += ["## Release", "", f"Staged for the Hub in `{release}`: "
+                  + ", ".join(sorted(p.name for p in release.iterdir())) + ".", ""]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines), "utf-8")
+    print(f"report written to {path}")
+    return path
