@@ -170,22 +170,33 @@ def test_export_to_non_empty_directory_fails_cleanly(model, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("TINYLLM_LEGACY_PYTHON"), reason="set TINYLLM_LEGACY_PYTHON to a python with "
                     "transformers 4.57 (scripts/test.sh builds one) to test loading in older transformers")
-def test_llama_export_loads_in_transformers_4(model, tmp_path):
-    model.save_pretrained(tmp_path / "tinyllm")
-    tinyllm_to_llama(tmp_path / "tinyllm", tmp_path / "llama")
-    ids = torch.randint(2, VOCAB, (2, 12))
+def test_llama_export_loads_in_transformers_4(tiny_model_dir, tmp_path):
+    """vLLM and optimum-onnx pin transformers 4.x: the export (weights, rope_theta, tokenizer, chat template) must load
+    there and give the same logits and the same chat prompt ids."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tinyllm_to_llama(tiny_model_dir, tmp_path / "llama")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "user", "content": "你好"}]
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = torch.randint(2, model.config.vocab_size, (2, 12))
     script = textwrap.dedent(f"""
         import json, torch, transformers
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         assert transformers.__version__.startswith("4."), transformers.__version__
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "llama")!r})
-        print(json.dumps(model(torch.tensor({ids.tolist()})).logits.tolist()))
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / "llama")!r})
+        prompt = tokenizer.apply_chat_template({messages!r}, add_generation_prompt=True)
+        print(json.dumps([model(torch.tensor({ids.tolist()})).logits.tolist(), prompt, type(model).__name__]))
     """)
     result = subprocess.run([os.environ["TINYLLM_LEGACY_PYTHON"], "-c", script], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    legacy_logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
-    torch.testing.assert_close(legacy_logits, model(ids).logits, atol=1e-4, rtol=0)
+    legacy_logits, legacy_prompt, legacy_class = json.loads(result.stdout.strip().splitlines()[-1])
+    assert legacy_class == "LlamaForCausalLM"
+    torch.testing.assert_close(torch.tensor(legacy_logits), model(ids).logits, atol=1e-4, rtol=0)
+    assert legacy_prompt == list(prompt_ids)
 
 
 @pytest.mark.parametrize(
