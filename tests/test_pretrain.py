@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
 from tinyllm_hf.data import packing
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, packing_stats, unigram_entropy
+from tinyllm_hf.tokenizer.train import train_tokenizer
 from tinyllm_hf.trainers import common, pretrain
 from tinyllm_hf.trainers.common import (
     NonFiniteLossError,
@@ -56,16 +56,9 @@ def corpus_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
-    """A small byte-level BPE with the project's EOS/pad tokens (stand-in for a trained tinyllm tokenizer)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train([str(corpus_file)], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(path)
+    """The project's byte-level BPE (EOS <|endoftext|>, pad <|pad|>), small enough for tiny models."""
+    path = tmp_path_factory.mktemp("tokenizer") / "tok"
+    train_tokenizer(corpus_file.read_text(encoding="utf-8").splitlines(), vocab_size=400, output_dir=path)
     return path
 
 

@@ -1,0 +1,129 @@
+r"""Pretraining throughput: tokens/s and MFU of Tinyllm against a plain `LlamaForCausalLM` under the same Trainer.
+
+For each preset, the Llama twin has the same config and weights (`tinyllm_to_llama_model`). Every variant trains with
+`PretrainTrainer` (the class `tinyllm pretrain` uses) on random packed blocks (speed does not depend on the data) for
+`--steps` optimizer steps per round; rounds are interleaved (tinyllm, llama, tinyllm+bf16, ...) so that a busy machine
+slows all of them alike, and the fp32 matmul peak is measured again before every round (its best value is used).
+Reported: median step time over all rounds (the first `--warmup` steps of every round dropped), tokens/s, and
+MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (matmul weights) + 12 x layers x attention width x
+seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
+
+    python bench/pretrain_throughput.py [--presets tiny 16m] [--variants tinyllm llama bf16 compile foreach]
+                                        [--rounds 3] [--steps 6] [--tokens-per-step 4096] [--threads 2]
+"""
+
+import argparse
+import datetime
+import logging
+import platform
+import statistics
+import tempfile
+import time
+
+import datasets
+import numpy as np
+import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
+from tinyllm_hf.data.packing import collate_blocks
+from tinyllm_hf.modeling.convert import tinyllm_to_llama_model
+from tinyllm_hf.trainers.common import matmul_flops_per_token, measure_matmul_peak
+from tinyllm_hf.trainers.pretrain import PretrainTrainer
+
+VOCAB_SIZE = 8192  # the tokenizer's default vocabulary
+# name -> (model to use, TrainingArguments changes)
+VARIANTS = {
+    "tinyllm": ("tinyllm", {}),
+    "llama": ("llama", {}),
+    "bf16": ("tinyllm", {"bf16": True}),  # bf16 autocast, fp32 master weights
+    "compile": ("tinyllm", {"torch_compile": True}),
+    "foreach": ("tinyllm", {"optim": "adamw_torch"}),  # the multi-tensor AdamW instead of the default fused one
+}
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def random_blocks(n_blocks: int, block_size: int, seed: int = 0) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    return datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB_SIZE, (n_blocks, block_size), dtype=np.int32)})
+
+
+def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes: dict, output_dir: str) -> list[float]:
+    args = TrainingArguments(
+        output_dir=output_dir, use_cpu=True, per_device_train_batch_size=batch_size, max_steps=steps + warmup,
+        learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000,
+        dataloader_num_workers=0, **changes,
+    )
+    timer = StepTimer()
+    trainer = PretrainTrainer(model=model, args=args, train_dataset=blocks, data_collator=collate_blocks, callbacks=[timer])
+    trainer.train()
+    intervals = np.diff(timer.ends).tolist()
+    return intervals[warmup - 1:]  # the interval ending at step warmup+1 is the first steady one
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "16m"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every round")
+    parser.add_argument("--tokens-per-step", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    logging.getLogger("torch._inductor").setLevel(logging.ERROR)
+
+    rows = []
+    for preset in args.presets:
+        torch.manual_seed(0)
+        config = TinyllmConfig.from_preset(preset, vocab_size=VOCAB_SIZE)
+        block_size = config.max_position_embeddings
+        batch_size = max(args.tokens_per_step // block_size, 1)
+        tokens_per_step = batch_size * block_size
+        blocks = random_blocks(batch_size * (args.steps + args.warmup), block_size)
+        tinyllm = TinyllmForCausalLM(config)
+        models = {"tinyllm": tinyllm, "llama": tinyllm_to_llama_model(tinyllm)}
+        # Each variant trains its own copy, so an optimizer step of one never changes another's weights.
+        copies = {name: type(models[kind])(models[kind].config) for name, (kind, _) in VARIANTS.items() if name in args.variants}
+        for name, model in copies.items():
+            model.load_state_dict(models[VARIANTS[name][0]].state_dict())
+        flops_per_token = matmul_flops_per_token(tinyllm, block_size)
+        times = {name: [] for name in copies}
+        peaks = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(args.rounds):
+                peaks.append(measure_matmul_peak("cpu"))
+                for name, model in copies.items():
+                    times[name] += step_times(model, blocks, batch_size, args.steps, args.warmup, VARIANTS[name][1], tmp)
+        peak = max(peaks)
+        n_params = sum(p.numel() for p in tinyllm.parameters())
+        for name in copies:
+            step = statistics.median(times[name])
+            tokens_per_second = tokens_per_step / step
+            rows.append((preset, n_params, name, step, tokens_per_second, tokens_per_second * flops_per_token / peak))
+        print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+              f"(best of {len(peaks)}; min {min(peaks) / 1e9:.1f})", flush=True)
+
+    header = "| preset | params | variant | median step (s) | tokens/s | MFU | vs llama |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for preset, n_params, name, step, tps, mfu in rows:
+        llama = next((r[4] for r in rows if r[0] == preset and r[2] == "llama"), None)
+        ratio = f"{tps / llama:.2f}" if llama else "-"
+        lines.append(f"| {preset} | {n_params / 1e6:.2f}M | {name} | {step:.3f} | {tps:,.0f} | {mfu:.1%} | {ratio} |")
+    print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} threads, {args.tokens_per_step} tokens/step, {args.rounds} rounds x {args.steps} steps")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
