@@ -274,6 +274,16 @@ def test_pretrain_end_to_end(corpus_file, tokenizer_dir, tmp_path):
     assert PreTrainedTokenizerFast.from_pretrained(out).eos_token == "<|endoftext|>"
 
 
+def test_pretrain_streaming(corpus_file, tokenizer_dir, tmp_path):
+    out = tmp_path / "stream"
+    argv = recipe_args(corpus_file, tokenizer_dir, out, streaming=True, shuffle_buffer_size=50, max_eval_samples=4,
+                       max_steps=6, save_steps=3, eval_steps=3, report_to="none", data_order_log=True)
+    assert pretrain.main(argv) == 0
+    assert read_state(out)["global_step"] == 6 and len(set(data_order(out).values())) == 6
+    results = json.loads((out / "eval_results.json").read_text())
+    assert math.isfinite(results["eval_loss"]) and (out / "checkpoint-6" / "trainer_state.json").is_file()
+
+
 def test_non_finite_loss_stops_with_a_clear_message(corpus_file, tokenizer_dir, tmp_path, capsys):
     # Inf in the weights makes the very first loss NaN.
     model_args, data_args, args, run_args = parse_recipe(

@@ -147,6 +147,9 @@ def resume_checkpoint(args: TrainingArguments, run_args: RunArguments) -> str | 
     if args.resume_from_checkpoint:
         return args.resume_from_checkpoint
     if not run_args.resume:
+        if latest_checkpoint(args.output_dir) is not None:
+            logger.warning(f"{args.output_dir} holds checkpoints from an earlier run: starting from step 0 anyway "
+                           "(pass --resume to continue instead)")
         return None
     checkpoint = latest_checkpoint(args.output_dir)
     if checkpoint is None:
@@ -164,7 +167,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
             f"block_size {block_size} exceeds the model's max_position_embeddings {model.config.max_position_embeddings}"
         )
     with args.main_process_first(desc="tokenizing and packing"):
-        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, block_size, args.data_seed or args.seed)
+        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, block_size, args.seed if args.data_seed is None else args.data_seed)
     entropy = unigram_entropy(eval_dataset, len(tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     logger.warning(
