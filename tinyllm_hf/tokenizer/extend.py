@@ -80,16 +80,17 @@ def _missing_characters(texts: list[str], vocab: dict, min_frequency: int, limit
     return missing[:limit]
 
 
-def _encoded_words(backend: Tokenizer, texts: list[str], batch_size: int = 1000) -> tuple[list[str], list[int]]:
+def _encoded_words(backend: Tokenizer, texts: list[str], batch_size: int = 1000) -> tuple[list[str], dict[str, int]]:
     """The corpus as base-token words for the trainer: each distinct base id becomes one private-use character, words
     are joined by spaces. Words break where the base pre-tokenizer splits, before a `▁` word start, and around
-    special, unknown and byte-fallback tokens (which no new token may contain). Returns (lines, id of each char)."""
+    special, unknown and byte-fallback tokens (which no new token may contain). Returns (lines, base id of each
+    private-use character)."""
     model = backend.model
-    barrier = {i for i in range(backend.get_vocab_size(with_added_tokens=True))
-               if (token := backend.id_to_token(i)) is not None
-               and (token.startswith("<0x") and len(token) == 6 and getattr(model, "byte_fallback", False))}
-    barrier.update(backend.token_to_id(t.content) for t in backend.get_added_tokens_decoder().values())
-    if getattr(model, "unk_token", None):
+    barrier = set(backend.get_added_tokens_decoder())
+    if model.byte_fallback:
+        barrier.update(i for token, i in backend.get_vocab(with_added_tokens=False).items()
+                       if len(token) == 6 and token.startswith("<0x") and token.endswith(">"))
+    if model.unk_token:
         barrier.add(backend.token_to_id(model.unk_token))
     char_of: dict[int, str] = {}
     lines = []
@@ -110,8 +111,7 @@ def _encoded_words(backend: Tokenizer, texts: list[str], batch_size: int = 1000)
             if current:
                 words.append("".join(current))
             lines.append(" ".join(words))
-    ids_by_char = {c: i for i, c in char_of.items()}
-    return lines, ids_by_char
+    return lines, {c: i for i, c in char_of.items()}
 
 
 def _learn_merges(backend: Tokenizer, texts: list[str], num_merges: int, min_frequency: int) -> list[tuple[str, str]]:
@@ -147,8 +147,8 @@ def extend_tokenizer(
     """Return `base` with up to `num_new_tokens` new tokens (or up to `target_vocab_size` in total) learned from `texts`.
 
     Fewer tokens are added when the corpus has no more pairs occurring `min_frequency` times. The corpus is held in
-    memory (it is encoded twice for SentencePiece-style bases): pass a sample of a large corpus. If `output_dir` is
-    given, the tokenizer is saved there atomically.
+    memory (read twice for SentencePiece-style bases: character counts, then encoding): pass a sample of a large one.
+    If `output_dir` is given, the tokenizer is saved there atomically.
     """
     tokenizer = load_base_tokenizer(base)
     old_size = len(tokenizer)

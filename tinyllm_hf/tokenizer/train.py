@@ -4,7 +4,7 @@ Byte-level BPE starts from all 256 bytes, so every UTF-8 string (rare characters
 decodes back exactly; there is no unknown token. The pre-tokenizer is GPT-2's (`ByteLevel(use_regex=True)`): its
 `\\p{L}+` already keeps runs of Chinese characters together and splits them from digits, punctuation and spaces, and
 llama.cpp re-implements exactly this regex (GGUF pre-tokenizer `gpt-2`). Extra CJK splitting was measured and did not
-pay off (docs/tokenizer.md). There is no normalizer: text cleaning belongs to the corpus, and a normalizer would make
+pay off (docs/tokenizer.md, `bench/tokenizer.py pretokenizers`). There is no normalizer: text cleaning belongs to the corpus, and a normalizer would make
 decode(encode(x)) differ from x.
 """
 
@@ -21,8 +21,9 @@ from transformers import PreTrainedTokenizerFast
 
 from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
-# Chosen by measurement (docs/tokenizer.md): 8192 tokens compress the held-out text to within ~10% of 32k tokens
-# while keeping the embedding table a modest share of the small presets.
+# Chosen by measurement on the default corpus (docs/tokenizer.md, `bench/tokenizer.py sweep`): 4096 needs 11.5% more
+# tokens; beyond 8192 most added tokens are seen < 100 times in training and the embedding table dominates the small
+# presets (already 46% of `16m` at 8192).
 DEFAULT_VOCAB_SIZE = 8192
 # The longest context of the standard presets; trainers take their sequence length from the model config.
 DEFAULT_MODEL_MAX_LENGTH = 1024
