@@ -153,3 +153,153 @@ def test_identity_is_train_only_and_repeats_to_its_size():
         build_default_sft("heldout", ["identity"])
     with pytest.raises(ValueError, match="unknown SFT task"):
         build_default_sft("train", ["poetry"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer: assistant-only labels, multi-turn, packing
+# --------------------------------------------------------------------------------------------------------------------
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "你是老师。"}, {"role": "user", "content": "这本书好看吗？"},
+     {"role": "assistant", "content": "很好看"}, {"role": "user", "content": "为什么？"},
+     {"role": "assistant", "content": "故事感人"}],
+    [{"role": "user", "content": "房间很干净"}, {"role": "assistant", "content": "正面"}],
+]
+
+
+def sft_trainer(model_dir, tmp_path, **config):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from tinyllm_hf.trainers.sft import TinyllmSFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, max_length=128, bf16=False,
+                     activation_checkpointing=False, use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                     max_steps=1, save_strategy="no", dataloader_num_workers=0, **config)
+    return TinyllmSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"messages": CONVERSATIONS}),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+
+
+def labelled_spans(labels):
+    """[(start, end), ...] of the runs of positions whose label is not -100."""
+    spans, start = [], None
+    for i, label in enumerate([*labels, -100]):
+        if label != -100 and start is None:
+            start = i
+        elif label == -100 and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def test_loss_is_on_assistant_answers_and_their_eos_only(tiny_model_dir, tmp_path):
+    trainer = sft_trainer(tiny_model_dir, tmp_path)
+    tokenizer = trainer.processing_class
+    row = trainer.train_dataset[0]
+    ids, labels = row["input_ids"], row["labels"]
+    spans = labelled_spans(labels)
+    # Exactly the two answers carry loss, each with its closing <|endoftext|>; labels equal the tokens there.
+    assert [tokenizer.decode(ids[a:b]) for a, b in spans] == ["很好看<|endoftext|>", "故事感人<|endoftext|>"]
+    assert all(ids[b - 1] == tokenizer.eos_token_id for _, b in spans)
+    assert all(labels[i] == ids[i] for a, b in spans for i in range(a, b))
+    # Everything else (system prompt, user turns, role headers) is masked.
+    masked = tokenizer.decode([t for t, label in zip(ids, labels) if label == -100])
+    assert masked == "<|system|>\n你是老师。\n<|user|>\n这本书好看吗？\n<|assistant|>\n<|user|>\n为什么？\n<|assistant|>\n"
+    # A conversation without a system message is trained under the default system prompt, also masked.
+    second = trainer.train_dataset[1]
+    masked = tokenizer.decode([t for t, label in zip(second["input_ids"], second["labels"]) if label == -100])
+    assert masked.startswith(f"<|system|>\n{DEFAULT_SYSTEM_PROMPT}\n<|user|>\n房间很干净")
+
+    # The collator pads with -100 and keeps the labels of every row.
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    n = len(second["labels"])
+    assert batch["labels"][1, :n].tolist() == second["labels"] and (batch["labels"][1, n:] == -100).all()
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
+def test_packed_conversations_keep_their_labels_and_do_not_see_each_other(tiny_model_dir, tmp_path):
+    trainer = sft_trainer(tiny_model_dir, tmp_path, packing=True)
+    assert len(trainer.train_dataset) == 1  # both conversations fit one 128-token row
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    unpacked = sft_trainer(tiny_model_dir, tmp_path).train_dataset
+    lengths = [len(row["input_ids"]) for row in unpacked]
+    assert sorted(trainer.train_dataset[0]["seq_lengths"]) == sorted(lengths)
+    assert (batch["labels"] != -100).sum() == sum(sum(label != -100 for label in row["labels"]) for row in unpacked)
+    # Positions restart at each conversation, so attention stays within it: each packed conversation gets exactly
+    # the logits it gets alone.
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        start = 0
+        for length in trainer.train_dataset[0]["seq_lengths"]:
+            alone = model(input_ids=batch["input_ids"][:, start : start + length]).logits[0]
+            torch.testing.assert_close(packed[start : start + length], alone, atol=1e-5, rtol=1e-4)
+            start += length
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `tinyllm sft` end to end with LoRA, `tinyllm merge`
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def lora_run(model_dir, output_dir) -> int:
+    from tinyllm_hf.trainers import sft
+
+    return sft.main([
+        "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), "--dataset_name", "default",
+        "--sft_tasks", "sentiment,identity", "--task_sizes", "sentiment=16,identity=4", "--max_eval_samples", "4",
+        "--heldout_eval_per_task", "2", "--use_peft", "true", "--lora_r", "4", "--learning_rate", "0.05",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "128", "--use_cpu", "true",
+        "--report_to", "none", "--save_strategy", "no", "--loss_curve", "false", "--peak_flops", "1e11",
+    ])
+
+
+def test_lora_sft_saves_a_peft_adapter_that_merges_to_the_same_outputs(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tinyllm_hf.trainers import merge
+
+    adapter = tmp_path / "adapter"
+    assert lora_run(tiny_model_dir, adapter) == 0
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert not (adapter / "model.safetensors").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    results = json.loads((adapter / "heldout_results.json").read_text())
+    assert results["per_task"]["sentiment"]["n"] == 2
+    assert (adapter / "heldout_tasks.jsonl").is_file()
+
+    merged_dir = tmp_path / "merged"
+    assert merge.main(["--adapter", str(adapter), "--output", str(merged_dir), "--base", str(tiny_model_dir)]) == 0
+    assert not (merged_dir / "adapter_config.json").exists()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        with_adapter = PeftModel.from_pretrained(base, adapter).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    assert (with_adapter - base_logits).abs().max() > 1e-3  # the adapter learned something, so the check means something
+    torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_rejects_a_folder_without_an_adapter(tiny_model_dir, tmp_path, capsys):
+    from tinyllm_hf.trainers import merge
+
+    assert merge.main(["--adapter", str(tiny_model_dir), "--output", str(tmp_path / "m")]) == 1
+    assert "not a PEFT adapter folder" in capsys.readouterr().err
+
+
+def test_qlora_without_bitsandbytes_or_cuda_says_so(tiny_model_dir, tmp_path, capsys):
+    from tinyllm_hf.trainers import sft
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine may run QLoRA")
+    code = sft.main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--use_peft", "true",
+                     "--load_in_4bit", "true", "--use_cpu", "true"])
+    assert code == 1
+    assert "needs bitsandbytes on a CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""`tinyllm merge`: fold a LoRA adapter into its base model's weights and save a plain, full checkpoint.
+
+    tinyllm merge --adapter outputs/sft-lora --output outputs/sft-merged [--base outputs/pretrain]
+
+The merged folder loads like any Tinyllm checkpoint (no peft needed), with the adapter folder's tokenizer (the one SFT
+trained with) or else the base model's. `--base` defaults to the base model the adapter was trained on, as recorded in
+its adapter_config.json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.tokenizer.train import atomic_output_dir, write_portable_tokenizer_config
+
+ADAPTER_CONFIG = "adapter_config.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
+    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_path} does not name its base model: pass --base")
+    return base
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None, dtype: str = "float32",
+                  overwrite: bool = False) -> Path:
+    """Load `base`, apply the adapter, merge it into the weights and save model + tokenizer to `output_dir`.
+
+    Merging runs in `dtype` (float32 by default: merging in half precision rounds the sum of base and update)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    base = base or adapter_base(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
+    if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
+        raise FileNotFoundError(f"base model folder not found: {base}")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_portable_tokenizer_config(staging)
+    return Path(output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tinyllm merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="folder with adapter_config.json and the adapter weights")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--base", default=None, help="base model folder or Hub id (default: the adapter's recorded base)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to merge and save in")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    args = p.parse_args(argv)
+    try:
+        path = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"tinyllm merge: error: {err}", file=sys.stderr)
+        return 1
+    print(f"merged model written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

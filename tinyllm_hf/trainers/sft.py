@@ -1,0 +1,336 @@
+"""Supervised fine-tuning with TRL's `SFTTrainer`: full weights, LoRA or QLoRA, loss on the assistant's tokens only.
+
+    tinyllm sft --config recipes/sft/quickstart.yaml [--any_recipe_key value ...]
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m tinyllm_hf.trainers.sft --config ...
+
+The recipe holds the keys of `SFTDataArguments`, TRL's `ModelConfig` (model_name_or_path, dtype, use_peft, lora_*,
+load_in_4bit, ...), TRL's `SFTConfig` and `RunArguments`; the command line overrides any of them.
+
+Data: `dataset_name` is "default" (the embedded set of checkable questions, `tinyllm_hf.data.sft`), a local
+.jsonl/.json file or folder, or a Hugging Face dataset name; several, comma-separated, are concatenated. Every row
+becomes `messages`, rendered by the tokenizer's chat template, whose `{% generation %}` markers make TRL put the loss on
+the assistant's answers and their closing `<|endoftext|>` only (`assistant_only_loss`, on by default here).
+
+Output: the full model (or, with `use_peft`, the adapter in PEFT format; `tinyllm merge` folds it into the base) with
+its tokenizer; with the default set, `heldout_tasks.jsonl` (the held-out questions as task records for
+`tinyllm eval --tasks tasks`), and with `heldout_eval_per_task > 0` the held-out accuracy per task in
+`heldout_results.json`.
+"""
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import ModelConfig, SFTConfig, SFTTrainer
+from trl.trainer.utils import get_peft_config, get_quantization_config
+
+import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.data.sft import (
+    FORMATS,
+    MALFORMED_POLICIES,
+    TASKS,
+    build_default_sft,
+    heldout_task_records,
+    load_sft_dataset,
+    parse_task_sizes,
+    write_task_file,
+)
+from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
+from tinyllm_hf.trainers.common import (
+    LossCurveCallback,
+    NonFiniteLossError,
+    ReliableTrainerMixin,
+    RunArguments,
+    ThroughputCallback,
+    add_callback_first,
+    logger,
+    matmul_flops_per_token,
+    parse_recipe,
+    remove_staging_dirs,
+)
+from tinyllm_hf.trainers.pretrain import peak_dtype, resume_checkpoint
+
+# Every linear layer of a Tinyllm (= Llama) block: LoRA on all of them is the QLoRA paper's recommendation.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HELDOUT_TASKS_FILE = "heldout_tasks.jsonl"
+HELDOUT_RESULTS_FILE = "heldout_results.json"
+
+# Defaults that differ from SFTConfig's own; recipes and the command line override them. SFTConfig turns on bf16 and
+# gradient checkpointing by default: both only slow a small model down on a CPU, so recipes for GPUs switch them on.
+DEFAULTS = {
+    "output_dir": "outputs/sft",
+    "assistant_only_loss": True,
+    "bf16": False,
+    "activation_checkpointing": False,
+    "report_to": ["tensorboard"],
+    "logging_steps": 10,
+    "include_num_input_tokens_seen": True,  # tokens/s in the logs (padding included)
+}
+
+
+@dataclass
+class SFTDataArguments:
+    dataset_name: str = field(
+        default="default",
+        metadata={"help": "'default' (embedded checkable questions), a local .jsonl/.json file or folder, or a Hugging "
+                          "Face dataset name; several comma-separated are concatenated"},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    dataset_format: str = field(default="auto", metadata={"help": f"row format: {', '.join(FORMATS)}"})
+    malformed: str = field(
+        default="error",
+        metadata={"help": "a malformed row stops the run ('error') or is skipped, counted and reported ('skip')"},
+    )
+    sft_tasks: str | None = field(
+        default=None, metadata={"help": f"tasks of the default set, comma-separated (default: all of {', '.join(TASKS)})"}
+    )
+    task_sizes: str | None = field(
+        default=None,
+        metadata={"help": "training conversations per default-set task, e.g. 'sentiment=6000,identity=200' "
+                          "(default: all; a size above a task's count repeats it)"},
+    )
+    max_eval_samples: int = field(
+        default=500, metadata={"help": "held-out conversations for the validation loss (0: no validation set)"}
+    )
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "share of your own (non-default) data held out for the validation loss"}
+    )
+    heldout_eval_per_task: int = field(
+        default=0,
+        metadata={"help": "after training, answer this many held-out questions per default-set task and report the "
+                          "accuracy (heldout_results.json); 0 skips it"},
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: the model's folder"})
+
+    def __post_init__(self):
+        if self.dataset_format not in FORMATS:
+            raise ValueError(f"dataset_format must be one of {', '.join(FORMATS)}, not {self.dataset_format!r}")
+        if self.malformed not in MALFORMED_POLICIES:
+            raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {self.malformed!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}")
+
+    @property
+    def sources(self) -> list[str]:
+        return [s.strip() for s in self.dataset_name.split(",") if s.strip()]
+
+    @property
+    def tasks(self) -> list[str] | None:
+        return [t.strip() for t in self.sft_tasks.split(",") if t.strip()] if self.sft_tasks else None
+
+
+class TinyllmSFTTrainer(ReliableTrainerMixin, SFTTrainer):
+    """TRL's SFTTrainer with atomic checkpoints and a stop on non-finite loss."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, PEFT
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_quantization_support() -> None:
+    """QLoRA needs bitsandbytes and a GPU it supports; say so plainly instead of failing deep inside loading."""
+    problems = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("bitsandbytes is not installed (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        problems.append("no CUDA GPU is visible")
+    if problems:
+        raise ValueError(
+            "load_in_4bit/load_in_8bit (QLoRA) needs bitsandbytes on a CUDA GPU, but " + " and ".join(problems)
+            + ". Train a LoRA adapter on the unquantized model instead (use_peft: true without load_in_4bit)."
+        )
+
+
+def load_tokenizer(data_args: SFTDataArguments, model_args: ModelConfig):
+    path = data_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer in {path} has no chat template; give a tinyllm tokenizer (tokenizer_name_or_path)")
+    return tokenizer
+
+
+def load_model(model_args: ModelConfig, tokenizer):
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
+    path = Path(model_args.model_name_or_path).expanduser()
+    if model_args.model_name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    quantization_config = None
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        if not model_args.use_peft:
+            raise ValueError("a quantized (load_in_4bit/8bit) base model cannot be trained itself: set use_peft: true")
+        check_quantization_support()
+        quantization_config = get_quantization_config(model_args)
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization_config,
+        # bitsandbytes layers must be placed on the GPU while loading, one full copy per process.
+        device_map={"": torch.cuda.current_device()} if quantization_config is not None else None,
+    )
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: use the tokenizer "
+            "the model was pretrained with"
+        )
+    # Chat generation must stop at the end-of-turn token the answers are trained to end with.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def peft_config(model_args: ModelConfig):
+    if not model_args.use_peft:
+        return None
+    if model_args.lora_target_modules is None:
+        model_args.lora_target_modules = LORA_TARGET_MODULES
+    return get_peft_config(model_args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_datasets(data_args: SFTDataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, validation) conversations (`messages` only) from every source in `dataset_name`."""
+    if not data_args.sources:
+        raise ValueError("dataset_name is empty")
+    train_parts, eval_parts = [], []
+    for source in data_args.sources:
+        if source == "default":
+            sizes = parse_task_sizes(data_args.task_sizes)
+            train_parts.append(build_default_sft("train", data_args.tasks, sizes, seed))
+            if data_args.max_eval_samples > 0:
+                eval_parts.append(build_default_sft("heldout", data_args.tasks, seed=seed))
+            continue
+        dataset = load_sft_dataset(source, data_args.dataset_format, data_args.malformed, data_args.dataset_split,
+                                   data_args.dataset_config)
+        if data_args.eval_fraction > 0:
+            split = dataset.train_test_split(test_size=data_args.eval_fraction, seed=seed)
+            dataset = split["train"]
+            eval_parts.append(split["test"])
+        train_parts.append(dataset)
+    train = _concatenate(train_parts).shuffle(seed=seed)
+    evaluation = None
+    if eval_parts and data_args.max_eval_samples > 0:
+        evaluation = _concatenate(eval_parts)
+        evaluation = evaluation.shuffle(seed=seed).select(range(min(data_args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
+    # Sources carry different extra columns (the default set has id and task); the trainer needs only the messages.
+    return datasets.concatenate_datasets([part.select_columns(["messages"]) for part in parts])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Held-out accuracy
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: str) -> dict | None:
+    """Held-out task accuracy with the evaluation stage's generic evaluator; written to heldout_results.json."""
+    from tinyllm_hf.evaluation.tasks import evaluate_tasks
+
+    records = heldout_task_records(data_args.tasks)
+    write_task_file(records, Path(output_dir) / HELDOUT_TASKS_FILE)
+    if data_args.heldout_eval_per_task <= 0:
+        return None
+    per_task: dict[str, int] = {}
+    chosen = []
+    for record in records:  # the first N of each task, in the file's fixed order
+        if per_task.get(record["task"], 0) < data_args.heldout_eval_per_task:
+            per_task[record["task"]] = per_task.get(record["task"], 0) + 1
+            chosen.append(record)
+    model.eval()
+    results = evaluate_tasks(model, tokenizer, chosen, max_new_tokens=64, progress=False)
+    path = Path(output_dir) / HELDOUT_RESULTS_FILE
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = ", ".join(f"{task} {entry['accuracy']:.3f} (n={entry['n']})" for task, entry in results["per_task"].items())
+    logger.warning(f"held-out accuracy: {summary}; written to {path}")
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig, run_args: RunArguments) -> dict:
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(data_args, model_args)
+    model = load_model(model_args, tokenizer)
+    context = model.config.max_position_embeddings
+    if args.max_length is None or args.max_length > context:
+        logger.warning(f"max_length {args.max_length} -> {context} (the model's context)")
+        args.max_length = context
+    with args.main_process_first(desc="building the SFT data"):
+        train_dataset, eval_dataset = build_datasets(data_args, args.data_seed or args.seed)
+    if eval_dataset is None and args.eval_strategy != "no":
+        raise ValueError("eval_strategy is set but there is no validation data (max_eval_samples 0, or eval_fraction 0 "
+                         "with your own data)")
+    logger.warning(f"SFT data: {len(train_dataset)} training and {len(eval_dataset or [])} validation conversations")
+
+    trainer = TinyllmSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
+    )
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    add_callback_first(
+        trainer, ThroughputCallback(matmul_flops_per_token(base, args.max_length), None, run_args.peak_flops, peak_dtype(args))
+    )
+    trainer.data_order_log = run_args.data_order_log
+    if hasattr(trainer.model, "print_trainable_parameters"):
+        trainer.model.print_trainable_parameters()
+
+    if args.should_save:
+        remove_staging_dirs(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, run_args))
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if args.should_save:
+        write_portable_tokenizer_config(args.output_dir)
+        if "default" in data_args.sources:
+            heldout = evaluate_heldout(trainer.model, tokenizer, data_args, args.output_dir)
+            if heldout is not None:
+                metrics.update({f"heldout_accuracy_{task}": e["accuracy"] for task, e in heldout["per_task"].items()})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, data_args, training_args, run_args = parse_recipe(
+            [ModelConfig, SFTDataArguments, SFTConfig, RunArguments], argv, defaults=DEFAULTS
+        )
+        train(model_args, data_args, training_args, run_args)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        print(f"tinyllm sft: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
