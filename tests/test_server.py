@@ -16,7 +16,7 @@ pytest.importorskip("fastapi", reason='the server needs the serve extra: pip ins
 openai = pytest.importorskip("openai", reason="the API tests use the official openai client: pip install openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_fixtures import build_chat_checkpoint, free_port, run_uvicorn  # noqa: E402
+from serve_fixtures import SlowBackend, build_chat_checkpoint, free_port, run_uvicorn  # noqa: E402
 from tinyllm_hf.integrations.engine import Engine, TransformersBackend  # noqa: E402
 from tinyllm_hf.integrations.server import build_app, main  # noqa: E402
 
@@ -54,23 +54,6 @@ def server(backend):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-class SlowBackend:
-    """The real backend with a pause in every decode step and no EOS, so a request is reliably still running (for
-    `max_tokens` steps) when the test acts."""
-
-    eos_token_ids = frozenset()
-
-    def __init__(self, backend, delay: float = 0.05):
-        self._backend, self._delay = backend, delay
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def decode(self, tokens, state):
-        time.sleep(self._delay)
-        return self._backend.decode(tokens, state)
 
 
 def hf_greedy_text(checkpoint, messages, max_new_tokens: int) -> tuple[int, str]:

@@ -1,0 +1,174 @@
+"""`tinyllm demo`: the conversation sent to the model, the Space app, and the chat UI driven in headless Chromium.
+
+The browser test needs Debian's Chromium and Playwright's Python package (CI installs both):
+    apt-get install -y chromium fonts-wqy-zenhei && pip install playwright
+Screenshots land in test-artifacts/.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+pytest.importorskip("gradio", reason='the demo needs the serve extra: pip install "tinyllm-hf[serve]"')
+httpx = pytest.importorskip("httpx")
+
+from serve_fixtures import SlowBackend, build_chat_checkpoint, free_port  # noqa: E402
+from tinyllm_hf.integrations.demo import build_demo, conversation, launch, stream_reply  # noqa: E402
+from tinyllm_hf.integrations.engine import Engine, TransformersBackend  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+APP = Path(__file__).resolve().parents[1] / "tinyllm_hf" / "integrations" / "app.py"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = build_chat_checkpoint(tmp_path_factory.mktemp("demo") / "model")
+    # The UI test needs a reply of many tokens; a zero EOS embedding (tied to the output layer) gives EOS a logit of 0
+    # against the large logits of the other tokens, so the random model practically never stops early.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.eos_token_id] = 0.0
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint):
+    return TransformersBackend(checkpoint)
+
+
+class RecordingEngine(Engine):
+    """An engine that remembers every prompt it was given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompts: list[list[int]] = []
+
+    def submit(self, prompt_ids, params, sink):
+        self.prompts.append(list(prompt_ids))
+        return super().submit(prompt_ids, params, sink)
+
+
+def test_conversation_keeps_every_turn_and_gradio_text_parts():
+    history = [
+        {"role": "user", "content": "第一问"},
+        {"role": "assistant", "content": [{"type": "text", "text": "第一答"}]},
+    ]
+    assert conversation("  你是助手 ", history, "第二问") == [
+        {"role": "system", "content": "你是助手"},
+        {"role": "user", "content": "第一问"},
+        {"role": "assistant", "content": "第一答"},
+        {"role": "user", "content": "第二问"},
+    ]
+    assert conversation("", [], "问")[0]["role"] == "user"  # an empty system prompt leaves the template's default
+
+
+def test_stream_reply_sends_the_whole_history_and_grows(backend):
+    engine = RecordingEngine(backend)
+    try:
+        messages = conversation("你是助手", [{"role": "user", "content": "第一问"},
+                                            {"role": "assistant", "content": "第一答"}], "第二问")
+        replies = list(stream_reply(engine, messages, temperature=0.0, top_p=1.0, max_tokens=12))
+        prompt = backend.tokenizer.decode(engine.prompts[0])
+        assert prompt == backend.render_chat(messages)
+        assert prompt.index("第一问") < prompt.index("第一答") < prompt.index("第二问")
+        assert len(replies) > 1 and all(b.startswith(a) for a, b in zip(replies, replies[1:]))
+
+        # Closing the generator early (the Stop button) cancels the sequence in the engine.
+        stream = stream_reply(engine, messages, temperature=0.0, top_p=1.0, max_tokens=200)
+        next(stream)
+        stream.close()
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.finished["cancelled"] == 1
+    finally:
+        engine.close()
+
+
+def test_space_app_runs_unchanged(checkpoint):
+    port = free_port()
+    env = {**os.environ, "TINYLLM_MODEL": str(checkpoint), "GRADIO_SERVER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, str(APP)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, page = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert page is not None and page.status_code == 200, proc.stderr.read().decode() if proc.poll() else None
+        assert "tinyllm chat" in page.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"{CHROMIUM} not found: apt-get install -y chromium fonts-wqy-zenhei (CI installs it)")
+def test_chat_in_headless_chromium(backend):
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    ARTIFACTS.mkdir(exist_ok=True)
+    # A short pause per token keeps each reply streaming long enough to watch it grow and to press Stop mid-way.
+    engine = RecordingEngine(SlowBackend(backend, delay=0.02))
+    demo = build_demo(engine)
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    bot = "#chatbot [data-testid='bot']"
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-dev-shm-usage"]
+            )
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(url, wait_until="domcontentloaded")  # Gradio keeps a connection open: never "networkidle"
+            page.wait_for_selector("#prompt textarea", timeout=60_000)
+            # Record the reply's length at every DOM change: a streamed reply passes through several lengths.
+            page.evaluate("""() => {
+                window.replyLengths = [];
+                new MutationObserver(() => {
+                    const bots = document.querySelectorAll("#chatbot [data-testid='bot']");
+                    if (bots.length) window.replyLengths.push(bots[bots.length - 1].innerText.length);
+                }).observe(document.querySelector("#chatbot"), {childList: true, subtree: true, characterData: true});
+            }""")
+
+            # Turn 1: type, press Enter, watch the reply stream in, press Stop before it completes.
+            page.fill("#prompt textarea", "你好，请介绍一下你自己")
+            page.press("#prompt textarea", "Enter")
+            page.wait_for_function(f"() => document.querySelector(\"{bot}\")?.innerText.length > 20", timeout=60_000)
+            page.click("#stop")
+            deadline = time.monotonic() + 10
+            while engine.finished["cancelled"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.finished["cancelled"] == 1, "Stop did not cancel the generation"
+            lengths = [n for n in page.evaluate("window.replyLengths") if n > 0]
+            assert len(set(lengths)) >= 3, f"the reply did not stream: lengths seen {lengths}"
+            first_reply = page.locator(bot).last.inner_text()
+
+            # Turn 2: the model receives the first turn too.
+            page.fill("#prompt textarea", "再说一遍")
+            page.click("#send")
+            page.wait_for_function(f"() => document.querySelectorAll(\"{bot}\").length == 2", timeout=60_000)
+            page.wait_for_function(f"() => document.querySelectorAll(\"{bot}\")[1].innerText.length > 5", timeout=60_000)
+            second_prompt = backend.tokenizer.decode(engine.prompts[1])
+            assert "你好，请介绍一下你自己" in second_prompt and "再说一遍" in second_prompt
+            assert second_prompt.count("<|assistant|>") == 2 and first_reply.strip()
+            page.screenshot(path=str(ARTIFACTS / "demo-chat.png"))
+
+            # Clear empties the conversation.
+            page.click("#clear")
+            page.wait_for_function(f"() => document.querySelectorAll(\"{bot}\").length == 0", timeout=30_000)
+            browser.close()
+    finally:
+        demo.close()
+        engine.close()

@@ -1,0 +1,46 @@
+"""The web chat demo as a Hugging Face Space: `tinyllm push --space` copies this file unchanged into the Space.
+
+The model comes from the `TINYLLM_MODEL` variable (a Hub repo id or a local directory; set it in the Space's
+settings), else from `model_id.txt` next to this file (written by `tinyllm push --space`). On a Space, Gradio's
+`GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` variables say where to listen; locally it binds 127.0.0.1:7860.
+
+    TINYLLM_MODEL=out/sft python app.py
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from tinyllm_hf.integrations.demo import build_demo, launch
+from tinyllm_hf.integrations.engine import Engine, TransformersBackend
+
+
+def model_source() -> str:
+    if os.environ.get("TINYLLM_MODEL"):
+        return os.environ["TINYLLM_MODEL"]
+    id_file = Path(__file__).with_name("model_id.txt")
+    if id_file.is_file():
+        return id_file.read_text(encoding="utf-8").strip()
+    raise SystemExit("set TINYLLM_MODEL to a model repo id or checkpoint directory (or write model_id.txt)")
+
+
+def model_dir(source: str) -> Path:
+    """A local checkpoint directory as is; anything else is a Hub repo id, downloaded once."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source))
+
+
+def main() -> int:
+    source = model_source()
+    engine = Engine(TransformersBackend(model_dir(source)))
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    launch(build_demo(engine, title=f"tinyllm chat: {source}"), host, port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
