@@ -300,8 +300,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (whole job) and `mfu` to every training log, from the median optimizer step since the
-    previous log (the median ignores steps that also evaluated or saved).
+    """Adds `tokens_per_second` (whole job), `mfu` and `peak_gflops` (per process) to every training log, from the
+    median optimizer step since the previous log (the median ignores steps that also evaluated or saved).
 
     tokens_per_step: tokens in one optimizer step over all processes (exact for packed blocks). When None, the growth
     of `state.num_input_tokens_seen` is used (set `include_num_input_tokens_seen`).
@@ -316,11 +316,13 @@ class ThroughputCallback(TrainerCallback):
         self._step_times: list[float] = []
         self._last_end: float | None = None
         self._tokens_at_log = 0
+        self._measure = peak_flops is None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.peak_flops is None:
-            self.peak_flops = measure_matmul_peak(args.device, self.peak_dtype)
-            source = f"measured: {str(self.peak_dtype).removeprefix('torch.')} 2048^3 matmul on {args.device}"
+        if self._measure:
+            self.peak_flops = max(self.peak_flops or 0.0, measure_matmul_peak(args.device, self.peak_dtype))
+            source = (f"measured: {str(self.peak_dtype).removeprefix('torch.')} 2048^3 matmul on {args.device}, "
+                      "measured again at every evaluation and save, the best value used")
         else:
             source = "given"
         if state.is_world_process_zero:
@@ -337,10 +339,17 @@ class ThroughputCallback(TrainerCallback):
         self._last_end = now
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self._last_end = None  # the next interval would include the evaluation
+        self._pause(args)
 
     def on_save(self, args, state, control, **kwargs):
-        self._last_end = None  # ... or the checkpoint
+        self._pause(args)
+
+    def _pause(self, args) -> None:
+        # Training is paused anyway: on a machine shared with other jobs the peak measured at the start can be
+        # depressed (MFU above 1), so measure again and keep the best value.
+        if self._measure:
+            self.peak_flops = max(self.peak_flops, measure_matmul_peak(args.device, self.peak_dtype, repeats=2))
+        self._last_end = None  # the next interval includes the evaluation or the save, not a training step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self._step_times:
@@ -355,6 +364,7 @@ class ThroughputCallback(TrainerCallback):
         extra = {
             "tokens_per_second": round(tokens_per_second, 1),
             "mfu": round(tokens_per_second * self.flops_per_token / (args.world_size * self.peak_flops), 4),
+            "peak_gflops": round(self.peak_flops / 1e9, 1),
         }
         logs.update(extra)
         # Trainer.log stored a copy of these logs in log_history before calling the callbacks.
