@@ -310,3 +310,23 @@ def test_cli_extend_with_model(tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model-ext")
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == len(base) + 100
     assert Path(tmp_path / "ext" / "tokenizer.json").exists()
+
+
+# --- docs/tokenizer.md states what the code does -----------------------------------------------------------------------
+
+def test_tokenizer_doc_matches_the_code():
+    from tinyllm_hf.modeling.presets import preset_parameter_counts
+    from tinyllm_hf.tokenizer import DEFAULT_VOCAB_SIZE
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tokenizer.md").read_text("utf-8")
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert f"| {token_id} | `{token.replace('|', chr(92) + '|')}` |" in doc
+    assert f"DEFAULT_SYSTEM_PROMPT = \"{DEFAULT_SYSTEM_PROMPT}\"" in doc
+    assert f"## Default vocabulary size: {DEFAULT_VOCAB_SIZE:,} (measured)" in doc
+    # The sweep table's parameter counts and embedding shares are those of the presets in the code.
+    for size in (4096, DEFAULT_VOCAB_SIZE, 32768):
+        counts = preset_parameter_counts(size)
+        row = next(line for line in doc.splitlines() if line.replace("*", "").startswith(f"| {size:,} |"))
+        for preset in ("tiny", "16m", "92m"):
+            total, embedding = counts[preset]
+            assert f"{total / 1e6:.2f}M ({100 * embedding / total:.0f}%)" in row.replace("*", "")
