@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tinyllm_hf.data.sft import (  # noqa: E402
     entities_answer,
     heldout_task_records,
     load_sft_dataset,
+    parse_task_sizes,
     to_messages,
 )
 from tinyllm_hf.tokenizer.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
@@ -253,7 +255,7 @@ def lora_run(model_dir, output_dir) -> int:
     return sft.main([
         "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), "--dataset_name", "default",
         "--sft_tasks", "sentiment,identity", "--task_sizes", "sentiment=16,identity=4", "--max_eval_samples", "4",
-        "--heldout_eval_per_task", "2", "--use_peft", "true", "--lora_r", "4", "--learning_rate", "0.05",
+        "--heldout_eval_sizes", "sentiment=2", "--use_peft", "true", "--lora_r", "4", "--learning_rate", "0.05",
         "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "128", "--use_cpu", "true",
         "--report_to", "none", "--save_strategy", "no", "--loss_curve", "false", "--peak_flops", "1e11",
     ])
@@ -303,3 +305,17 @@ def test_qlora_without_bitsandbytes_or_cuda_says_so(tiny_model_dir, tmp_path, ca
                      "--load_in_4bit", "true", "--use_cpu", "true"])
     assert code == 1
     assert "needs bitsandbytes on a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in (Path(__file__).parents[1] / "recipes" / "sft").glob("*.yaml")))
+def test_every_sft_recipe_parses(recipe):
+    from trl import ModelConfig, SFTConfig
+
+    from tinyllm_hf.trainers.common import parse_recipe
+    from tinyllm_hf.trainers.sft import DEFAULTS, SFTDataArguments
+
+    # use_cpu: the GPU recipes ask for bf16, which SFTConfig refuses on a machine without a GPU unless told it is a CPU run.
+    model_args, data_args, args, _ = parse_recipe([ModelConfig, SFTDataArguments, SFTConfig], ["--config", recipe, "--use_cpu", "true"],
+                                                  defaults=DEFAULTS)
+    assert args.assistant_only_loss and model_args.model_name_or_path and data_args.sources
+    parse_task_sizes(data_args.task_sizes), parse_task_sizes(data_args.heldout_eval_sizes)

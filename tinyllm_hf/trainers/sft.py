@@ -13,7 +13,7 @@ the assistant's answers and their closing `<|endoftext|>` only (`assistant_only_
 
 Output: the full model (or, with `use_peft`, the adapter in PEFT format; `tinyllm merge` folds it into the base) with
 its tokenizer; with the default set, `heldout_tasks.jsonl` (the held-out questions as task records for
-`tinyllm eval --tasks tasks`), and with `heldout_eval_per_task > 0` the held-out accuracy per task in
+`tinyllm eval --tasks tasks`), and with `heldout_eval_sizes` the held-out accuracy of those tasks in
 `heldout_results.json`.
 """
 
@@ -101,10 +101,10 @@ class SFTDataArguments:
     eval_fraction: float = field(
         default=0.0, metadata={"help": "share of your own (non-default) data held out for the validation loss"}
     )
-    heldout_eval_per_task: int = field(
-        default=0,
-        metadata={"help": "after training, answer this many held-out questions per default-set task and report the "
-                          "accuracy (heldout_results.json); 0 skips it"},
+    heldout_eval_sizes: str | None = field(
+        default=None,
+        metadata={"help": "after training, answer this many held-out questions of these default-set tasks and report "
+                          "the accuracy in heldout_results.json, e.g. 'sentiment=200,xiehouyu=50'"},
     )
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: the model's folder"})
 
@@ -245,14 +245,16 @@ def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: 
 
     records = heldout_task_records(data_args.tasks)
     write_task_file(records, Path(output_dir) / HELDOUT_TASKS_FILE)
-    if data_args.heldout_eval_per_task <= 0:
+    sizes = parse_task_sizes(data_args.heldout_eval_sizes)
+    if not sizes:
         return None
-    per_task: dict[str, int] = {}
-    chosen = []
+    chosen, taken = [], dict.fromkeys(sizes, 0)
     for record in records:  # the first N of each task, in the file's fixed order
-        if per_task.get(record["task"], 0) < data_args.heldout_eval_per_task:
-            per_task[record["task"]] = per_task.get(record["task"], 0) + 1
+        if taken.get(record["task"], 0) < sizes.get(record["task"], 0):
+            taken[record["task"]] += 1
             chosen.append(record)
+    if not chosen:
+        raise ValueError(f"heldout_eval_sizes names no task of this run ({', '.join(data_args.tasks or TASKS)})")
     model.eval()
     results = evaluate_tasks(model, tokenizer, chosen, max_new_tokens=64, progress=False)
     path = Path(output_dir) / HELDOUT_RESULTS_FILE
