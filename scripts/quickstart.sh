@@ -11,5 +11,6 @@ if [ ! -x "$VENV/bin/tinyllm" ]; then
     "$VENV/bin/pip" install -q torch==2.13.0
     "$VENV/bin/pip" install -q -e ".[train,quant,serve,eval]"
 fi
-export TOKENIZERS_PARALLELISM=false
+# PASSIVE: OpenMP threads sleep instead of spinning while they wait, which matters on a busy or small machine.
+export TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec "$VENV/bin/tinyllm" run --config recipes/quickstart.yaml "$@"
