@@ -379,6 +379,21 @@ def test_perplexity_matches_direct_computation_and_sliding_is_consistent(tokeniz
     assert windowed["n_tokens"] == n and windowed["bits_per_char"] != full["bits_per_char"]
 
 
+def test_default_texts_are_the_corpus_validation_split(monkeypatch):
+    import datasets
+
+    import tinyllm_hf.data.corpus as corpus
+
+    calls = []
+
+    def fake_load_corpus(source, split=None, **kwargs):
+        calls.append((source, split))
+        return datasets.Dataset.from_dict({"text": ["验证集第一篇", "验证集第二篇"], "source": ["a", "b"]})
+
+    monkeypatch.setattr(corpus, "load_corpus", fake_load_corpus)
+    assert load_texts(None) == ["验证集第一篇", "验证集第二篇"] and calls == [("default", "validation")]
+
+
 def test_load_texts_from_files(tmp_path):
     (tmp_path / "a.txt").write_text("第一行\n\n第二行\n", "utf-8")
     (tmp_path / "b.jsonl").write_text('{"text": "你好"}\n{"text": "世界"}\n', "utf-8")
