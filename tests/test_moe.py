@@ -362,3 +362,46 @@ def test_llama_cpp_runs_the_moe_gguf_like_transformers(moe_gguf):
     top2 = expected.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.05
     assert (expected.argmax(-1) == got.argmax(-1))[clear].all()
+
+
+@pytest.mark.parametrize("recipe", ["pretrain-quickstart", "pretrain-92m", "sft-quickstart", "sft-92m"])
+def test_moe_recipes_parse_with_their_stage(recipe):
+    """Every key is one the stage's parser defines, and the pretraining recipes build an MoE config."""
+    from tinyllm_hf.trainers.common import parse_recipe
+
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "moe", f"{recipe}.yaml")
+    gpu_only = ["--bf16", "false", "--optim", "adamw_torch"] if "92m" in recipe else []  # parse on a CPU machine
+    if recipe.startswith("pretrain"):
+        from transformers import TrainingArguments
+
+        from tinyllm_hf.trainers.pretrain import DataArguments, ModelArguments, parse_overrides
+
+        model_args, *_ = parse_recipe([ModelArguments, DataArguments, TrainingArguments], ["--config", path, *gpu_only])
+        config = TinyllmConfig.from_preset(model_args.model_preset, **parse_overrides(model_args.config_overrides))
+        assert config.num_experts > 0
+    else:
+        from trl import ModelConfig, SFTConfig
+
+        from tinyllm_hf.trainers.sft import SFTDataArguments
+
+        parse_recipe([ModelConfig, SFTDataArguments, SFTConfig], ["--config", path, *gpu_only])
+
+
+def test_moe_callback_logs_load_and_plots(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from tinyllm_hf.trainers.common import add_callback_first
+    from tinyllm_hf.trainers.moe_callbacks import MoeLoadCallback
+
+    model = moe_model()
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, VOCAB, (16, 12))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    add_callback_first(trainer, MoeLoadCallback())
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 2 and all(e["moe_load_max_over_mean"] >= 1.0 and e["moe_aux_loss"] > 0 for e in logged)
+    history = json.loads((tmp_path / "expert_load.json").read_text())
+    assert [sum(map(sum, h["expert_counts"])) for h in history] == [2 * 4 * 12 * 2 * 2] * 2  # steps x batch x seq x k x layers
+    assert (tmp_path / "expert_load.png").stat().st_size > 0
