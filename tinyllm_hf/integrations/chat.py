@@ -1,0 +1,170 @@
+"""`tinyllm chat`: talk to a chat model in the terminal, the reply streamed token by token.
+
+    tinyllm chat --model outputs/sft-quickstart [--system "你是一个诗人。"] [--temperature 0.7] [--greedy]
+
+The conversation is rendered with the model's own chat template (the one SFT trained with), so every turn sees the
+whole history; the oldest turns are dropped when the history no longer fits the model's context. A folder holding a
+LoRA adapter (adapter_config.json) is loaded on top of its base model. Commands: /reset starts a new conversation,
+/system TEXT changes the system prompt (and resets), /exit (or Ctrl-D) quits.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from threading import Thread
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.trainers.merge import ADAPTER_CONFIG, adapter_base
+
+HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /help, /exit"
+
+
+def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) from a model folder, a LoRA adapter folder (applied to its base) or a Hub id."""
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (Path(path) / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(Path(path)), dtype=getattr(torch, dtype))
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer in {path} has no chat template: chat needs a model trained with `tinyllm sft`")
+    return model.to(device).eval(), tokenizer
+
+
+class ChatSession:
+    """A conversation with a model: the history, the system prompt and how replies are sampled."""
+
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, max_new_tokens: int = 256,
+                 **generation_kwargs):
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt = system_prompt  # None: the chat template's default system prompt
+        self.max_new_tokens = max_new_tokens
+        self.generation_kwargs = generation_kwargs
+        self.history: list[dict] = []
+        self.context = getattr(model.config, "max_position_embeddings", None) or 2048
+        if max_new_tokens >= self.context:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({self.context})")
+
+    def reset(self, system_prompt: str | None = None) -> None:
+        self.history = []
+        if system_prompt is not None:
+            self.system_prompt = system_prompt
+
+    def messages(self, history: list[dict]) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + history
+
+    def prompt_ids(self, user_text: str) -> torch.Tensor:
+        """Token ids of the whole conversation plus `user_text`, ending with the assistant's header; the oldest
+        exchanges are dropped until the prompt leaves room for `max_new_tokens` in the context."""
+        history = [*self.history, {"role": "user", "content": user_text}]
+        while True:
+            ids = self.tokenizer.apply_chat_template(self.messages(history), add_generation_prompt=True,
+                                                     return_tensors="pt", return_dict=True)["input_ids"]
+            if ids.shape[1] + self.max_new_tokens <= self.context:
+                self.history = history[:-1]
+                return ids
+            if len(history) == 1:
+                raise ValueError(f"the message is too long: {ids.shape[1]} tokens with the system prompt, and the "
+                                 f"model's context is {self.context} (of which {self.max_new_tokens} for the reply)")
+            history = history[2:]  # the oldest user message and its answer
+
+    def stream(self, user_text: str) -> Iterator[str]:
+        """Yield the reply to `user_text` in pieces as it is generated; the finished reply joins the history."""
+        input_ids = self.prompt_ids(user_text).to(self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                      max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                      pad_token_id=self.tokenizer.pad_token_id, **self.generation_kwargs)
+        thread = Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        thread.join()
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], object] = None) -> int:
+    """The interactive loop: read a line, answer it (streamed), until /exit or end of input."""
+    write = write or (lambda text: print(text, end="", flush=True))
+    write(f"{HELP}\n")
+    while True:
+        try:
+            line = read("\n你: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/help":
+            write(f"{HELP}\n")
+        elif line == "/reset":
+            session.reset()
+            write("(new conversation)\n")
+        elif line.startswith("/system"):
+            session.reset(line.removeprefix("/system").strip() or None)
+            write(f"(system prompt: {session.system_prompt or 'the default'}; new conversation)\n")
+        elif line.startswith("/"):
+            write(f"unknown command {line.split()[0]}; {HELP}\n")
+        else:
+            write("助手: ")
+            try:
+                for piece in session.stream(line):
+                    write(piece)
+            except ValueError as err:
+                write(f"({err})")
+            write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tinyllm chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (or LoRA adapter folder, or Hub id)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable replies)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    return p
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    if args.greedy:
+        return {"do_sample": False, "repetition_penalty": args.repetition_penalty}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "repetition_penalty": args.repetition_penalty}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        model, tokenizer = load_chat_model(args.model, args.device, args.dtype)
+        session = ChatSession(model, tokenizer, args.system, args.max_new_tokens, **generation_kwargs(args))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"tinyllm chat: error: {err}", file=sys.stderr)
+        return 1
+    return repl(session)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
