@@ -474,6 +474,24 @@ def test_cli_writes_results(tmp_path, saved_llama, capsys):
     assert "no val/ folder" in capsys.readouterr().err
 
 
+def test_cli_task_accuracy_defaults_to_embedded_heldout_tasks(saved_llama, tmp_path, monkeypatch):
+    import tinyllm_hf.data.sft as sft
+    from tinyllm_hf.evaluation.cli import main
+
+    calls = []
+
+    def fake_records(tasks=None, sizes=None):
+        calls.append(sizes)
+        return [{"task": "sentiment", "messages": [{"role": "user", "content": "好评还是差评？"}, {"role": "assistant", "content": "好评"}]}]
+
+    monkeypatch.setattr(sft, "heldout_task_records", fake_records)
+    out = tmp_path / "r.json"
+    argv = ["--model", str(saved_llama), "--tasks", "tasks", "--task-sizes", "sentiment=1", "--max-new-tokens", "4",
+            "--output", str(out), "--no-progress"]
+    assert main(argv) == 0 and calls == ["sentiment=1"]
+    assert load_results(out)["tasks"]["tasks"]["per_task"]["sentiment"]["n"] == 1
+
+
 def test_shipped_lm_eval_yamls_are_up_to_date():
     expected = harness.task_files()
     shipped = {p.name: p.read_text("utf-8") for p in harness.TASKS_DIR.glob("*.yaml")}

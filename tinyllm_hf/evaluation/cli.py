@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", default=None, help="ppl texts: .txt (one per line) or .jsonl (default: corpus validation split)")
     p.add_argument("--ppl-max-length", type=int, default=None, help="ppl window (default: the model's context)")
     p.add_argument("--ppl-stride", type=int, default=None, help="ppl window step (default: half the window)")
-    p.add_argument("--tasks-file", default=None, help="JSONL of checkable task records for --tasks tasks")
+    p.add_argument("--tasks-file", default=None, help="JSONL of task records for --tasks tasks (default: the embedded "
+                   "held-out SFT tasks)")
+    p.add_argument("--task-sizes", default=None, help="with the embedded tasks: records per task, e.g. sentiment=200,xiehouyu=50")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -66,8 +68,6 @@ def run(args: argparse.Namespace) -> dict:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    if "tasks" in tasks and not args.tasks_file:
-        raise ValueError("--tasks tasks needs --tasks-file (JSONL of task records)")
     # Data first: a missing folder or file fails before the model is loaded.
     benchmarks = {
         name: load_benchmark(
@@ -84,10 +84,15 @@ def run(args: argparse.Namespace) -> dict:
         from tinyllm_hf.evaluation.perplexity import load_texts
 
         texts = load_texts(args.text_file)
-    if "tasks" in tasks:
+    if "tasks" in tasks and args.tasks_file:
         from tinyllm_hf.evaluation.tasks import load_examples
 
         examples = load_examples(args.tasks_file)
+    elif "tasks" in tasks:
+        # The held-out questions of the embedded SFT set: never seen in training, checkable by exact match.
+        from tinyllm_hf.data.sft import heldout_task_records
+
+        examples = heldout_task_records(sizes=args.task_sizes)
     model, tokenizer = load_model(args.model, args.revision, args.dtype, args.device)
     progress = not args.no_progress
     results = {}
