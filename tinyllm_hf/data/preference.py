@@ -1,4 +1,5 @@
-"""Preference data (prompt, chosen, rejected) for DPO and reward models, always conversational.
+"""Preference data (prompt, chosen, rejected) for DPO and reward models, and prompts with checkable answers for
+on-policy RL (GRPO, RLOO); always conversational.
 
 - **Your own data** (`load_preference_dataset`): a local .jsonl/.json file or folder, or a Hugging Face dataset name,
   with `prompt`, `chosen`, `rejected`, each either a string or a list of chat messages (TRL's standard and
@@ -10,6 +11,9 @@
   definition or 歇后语 answer of another entry. Prompts are built by the SFT builders themselves, so a preference pair
   asks exactly what SFT taught and evaluation checks. Items are split by `records.split_of`, as in SFT: an idiom held
   out of SFT is held out here too.
+
+- **RL prompts** (`build_prompt_dataset`): the same checkable tasks as prompts only, with the reference `answer` and the
+  `task` kept as columns for the reward functions (`tinyllm_hf.trainers.rewards`), split by item in the same way.
 """
 
 import random
@@ -68,6 +72,33 @@ def to_preference(row) -> dict:
 def load_preference_dataset(source: str, malformed: str = "error", split: str = "train",
                             config: str | None = None) -> datasets.Dataset:
     """Preference pairs from a local .jsonl/.json file or folder, or a Hub dataset, as conversational columns."""
+    return _load_rows(source, to_preference, malformed, split, config, "preference pairs")
+
+
+def to_prompt(row) -> dict:
+    """One RL prompt row -> {"prompt": [messages ending with the user], "answer": str, "task": str}.
+
+    `answer` (the reference reply) and `task` are optional; without them only rewards that need neither apply."""
+    if not isinstance(row, dict):
+        raise sft.MalformedRowError(f"expected a JSON object, got {type(row).__name__}")
+    if "prompt" not in row:
+        raise sft.MalformedRowError("missing field prompt")
+    prompt = _as_messages(row["prompt"], "prompt", "user")
+    # A prompt is a conversation up to (not including) the reply: valid once any reply is appended.
+    sft.validate_messages(prompt + [{"role": "assistant", "content": "-"}])
+    for name in ("answer", "task"):
+        if not isinstance(row.get(name, ""), str):
+            raise sft.MalformedRowError(f"{name} must be a string")
+    return {"prompt": prompt, "answer": row.get("answer", ""), "task": row.get("task", "default")}
+
+
+def load_prompt_dataset(source: str, malformed: str = "error", split: str = "train",
+                        config: str | None = None) -> datasets.Dataset:
+    """RL prompts (`prompt`, optional `answer` and `task`) from a local .jsonl/.json file or folder, or a Hub dataset."""
+    return _load_rows(source, to_prompt, malformed, split, config, "prompts")
+
+
+def _load_rows(source: str, convert, malformed: str, split: str, config: str | None, what: str) -> datasets.Dataset:
     if malformed not in sft.MALFORMED_POLICIES:
         raise ValueError(f"malformed must be one of {', '.join(sft.MALFORMED_POLICIES)}, not {malformed!r}")
     path = Path(source).expanduser()
@@ -80,7 +111,7 @@ def load_preference_dataset(source: str, malformed: str = "error", split: str = 
         try:
             if isinstance(row, Exception):
                 raise row
-            kept.append(to_preference(row))
+            kept.append(convert(row))
         except sft.MalformedRowError as err:
             if malformed == "error":
                 raise sft.MalformedRowError(f"{where}: {err} (pass --malformed skip to skip such rows)") from None
@@ -89,7 +120,7 @@ def load_preference_dataset(source: str, malformed: str = "error", split: str = 
         sft.logger.warning(f"{source}: skipped {len(bad)} malformed of {len(bad) + len(kept)} rows:\n  "
                            + "\n  ".join(bad[:sft.MAX_REPORTED]))
     if not kept:
-        raise ValueError(f"{source}: no valid preference pairs ({len(bad)} malformed rows)")
+        raise ValueError(f"{source}: no valid {what} ({len(bad)} malformed rows)")
     return datasets.Dataset.from_list(kept)
 
 
@@ -107,6 +138,22 @@ TASKS = {
     "word_definition": ("words", "definition"),
     "xiehouyu": ("xiehouyu", "answer"),
 }
+
+
+def _split_records(kind: str, split: str) -> list[dict]:
+    # Filtering the id column first and converting only the kept rows is much faster than iterating the Dataset.
+    records = load_records(kind)
+    return records.select([i for i, item_id in enumerate(records["id"]) if split_of(item_id) == split]).to_list()
+
+
+def _check_split_and_tasks(split: str, tasks: Iterable[str] | None) -> list[str]:
+    if split not in sft.SPLITS:
+        raise ValueError(f"split must be one of {', '.join(sft.SPLITS)}, not {split!r}")
+    tasks = list(TASKS) if tasks is None else list(tasks)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; the checkable tasks are {', '.join(TASKS)}")
+    return tasks
 
 
 def _pairs(task: str, records: list[dict]) -> Iterator[dict]:
@@ -134,21 +181,47 @@ def build_default_preferences(split: str = "train", tasks: Iterable[str] | None 
     split: "train" or "heldout", decided per item by `records.split_of` exactly as for SFT.
     sizes: {task: number of pairs}; a task not named keeps all its pairs.
     """
-    if split not in sft.SPLITS:
-        raise ValueError(f"split must be one of {', '.join(sft.SPLITS)}, not {split!r}")
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown preference task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    tasks = _check_split_and_tasks(split, tasks)
     sizes = sizes or {}
     rows = []
     for task in tasks:
-        kind = TASKS[task][0]
-        records = [r for r in load_records(kind) if split_of(r["id"]) == split]
-        pairs = list(_pairs(task, records))
+        pairs = list(_pairs(task, _split_records(TASKS[task][0], split)))
         rows += pairs[: sizes.get(task, len(pairs))]
     if not rows:
         raise ValueError(f"no {split} preference pairs for tasks {', '.join(tasks)}")
     # Shuffled before building the Dataset: Dataset.shuffle + flatten_indices rewrites nested columns very slowly.
+    random.Random(seed).shuffle(rows)
+    return datasets.Dataset.from_list(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompts with checkable answers for on-policy RL
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_prompt_dataset(split: str = "train", tasks: Iterable[str] | None = None,
+                         sizes: dict[str, int] | None = None, seed: int = 0) -> datasets.Dataset:
+    """Columns id, task, prompt (messages ending with the user's question) and answer (the reference reply), for the
+    checkable tasks, shuffled with `seed`. The prompts are exactly the SFT questions of the same items.
+
+    split: "train" or "heldout" (`records.split_of`, as for SFT). sizes: {task: number of prompts}; default all.
+    """
+    tasks = _check_split_and_tasks(split, tasks)
+    sizes = sizes or {}
+    rows = []
+    for task in tasks:
+        build = sft.TASKS[task][1]
+        records = sorted(_split_records(TASKS[task][0], split), key=lambda r: stable_fraction(r["id"], f"rl-{task}:"))
+        task_rows = []
+        for record in records:
+            conversation = build(record)
+            if conversation is not None:
+                task_rows.append({"id": record["id"], "task": task, "prompt": conversation[:-1],
+                                  "answer": conversation[-1]["content"]})
+            if len(task_rows) == sizes.get(task):
+                break
+        rows += task_rows
+    if not rows:
+        raise ValueError(f"no {split} prompts for tasks {', '.join(tasks)}")
     random.Random(seed).shuffle(rows)
     return datasets.Dataset.from_list(rows)

@@ -1,21 +1,32 @@
-"""Pieces the alignment stages share: preference data arguments, policy/tokenizer loading, LoRA configuration."""
+"""Pieces the alignment stages share: preference and prompt data arguments, policy/tokenizer loading, LoRA
+configuration, and the training run of the on-policy stages (GRPO, RLOO)."""
 
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, get_peft_config
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
-from tinyllm_hf.data.preference import build_default_preferences, load_preference_dataset
+from tinyllm_hf.data.preference import (
+    build_default_preferences,
+    build_prompt_dataset,
+    load_preference_dataset,
+    load_prompt_dataset,
+)
 from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
 from tinyllm_hf.modeling import LORA_TARGET_MODULES
+from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
+from tinyllm_hf.trainers.common import LossCurveCallback, latest_checkpoint, remove_staging_dirs
+from tinyllm_hf.trainers.rewards import build_rewards
 
 
 def trl_defaults(output_dir: str, **overrides) -> dict:
-    """Defaults for TRL configs: TRL turns bf16 on by default, which fails on CPUs and pre-Ampere GPUs."""
+    """Defaults for TRL configs. TRL turns bf16 on by default, which fails on CPUs and pre-Ampere GPUs, and gradient
+    checkpointing, which only slows a small model down; recipes for big models on GPUs switch it back on."""
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return {"output_dir": output_dir, "report_to": ["tensorboard"], "logging_steps": 10, "bf16": bf16, **overrides}
+    return {"output_dir": output_dir, "report_to": ["tensorboard"], "logging_steps": 10, "bf16": bf16,
+            "gradient_checkpointing": False, **overrides}
 
 
 @dataclass
@@ -58,6 +69,30 @@ def preference_datasets(data_args: PreferenceDataArguments, seed: int):
     return train, evaluation.select_columns(columns) if evaluation is not None else None
 
 
+@dataclass
+class PromptDataArguments:
+    dataset_name: str = field(
+        default="default",
+        metadata={"help": "'default' (the embedded checkable questions), or a local .jsonl/.json file or folder or a Hub "
+                          "dataset with prompt (string or messages) and, for the correctness reward, answer and task"},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    tasks: str | None = field(default=None, metadata={"help": "embedded tasks, comma-separated (default: all checkable)"})
+    task_sizes: str | None = field(default=None, metadata={"help": "prompts per embedded task, e.g. 'sentiment=500'"})
+    malformed: str = field(default="error", metadata={"help": f"malformed rows: {' or '.join(MALFORMED_POLICIES)}"})
+
+
+def prompt_dataset(data_args: PromptDataArguments, seed: int):
+    """Training prompts with the columns the reward functions read (answer, task)."""
+    if data_args.dataset_name == "default":
+        dataset = build_prompt_dataset("train", _task_list(data_args.tasks), parse_task_sizes(data_args.task_sizes),
+                                       seed=seed)
+        return dataset.select_columns(["prompt", "answer", "task"])
+    return load_prompt_dataset(data_args.dataset_name, data_args.malformed, data_args.dataset_split,
+                               data_args.dataset_config).shuffle(seed=seed)
+
+
 def load_tokenizer(model_args: ModelConfig):
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is not set: point it at an SFT checkpoint (recipe key or --model_name_or_path)")
@@ -67,11 +102,15 @@ def load_tokenizer(model_args: ModelConfig):
     return tokenizer
 
 
-def load_policy(model_args: ModelConfig):
-    return AutoModelForCausalLM.from_pretrained(
+def load_policy(model_args: ModelConfig, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, attn_implementation=model_args.attn_implementation or "sdpa",
         dtype=model_args.dtype or "float32",
     )
+    # Generation (RL rollouts, and the saved model's default) must stop at the end-of-turn token answers end with.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def peft_config(model_args: ModelConfig):
@@ -79,3 +118,39 @@ def peft_config(model_args: ModelConfig):
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = list(LORA_TARGET_MODULES)
     return get_peft_config(model_args)
+
+
+def finish(trainer, args, run_metrics: dict) -> None:
+    """Save the final model with a tokenizer every transformers version loads, its metrics and trainer state."""
+    trainer.save_model()
+    trainer.save_metrics("train", run_metrics)
+    trainer.save_state()
+    if args.should_save:
+        write_portable_tokenizer_config(args.output_dir)
+
+
+def train_online(trainer_class, data_args: PromptDataArguments, reward_args, model_args: ModelConfig, args,
+                 run_args) -> dict:
+    """One on-policy run (GRPO or RLOO, by `trainer_class`): sample completions of the prompts, score them with the
+    weighted reward functions, update the policy; save the final model into output_dir."""
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(model_args)
+    reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer)
+    train_dataset = prompt_dataset(data_args, args.seed)
+    if "correctness" in reward_args.names and not any(train_dataset["answer"]):
+        raise ValueError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
+    trainer = trainer_class(
+        model=load_policy(model_args, tokenizer),
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizers,
+        peft_config=peft_config(model_args),
+        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
+    )
+    if args.should_save:
+        remove_staging_dirs(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if run_args.resume else None)
+    finish(trainer, args, result.metrics)
+    return dict(result.metrics)

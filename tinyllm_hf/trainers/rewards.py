@@ -1,0 +1,144 @@
+"""Reward functions for on-policy RL (`tinyllm grpo`, `tinyllm rloo`), combined with weights (`reward_weights`).
+
+TRL calls each function as `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)` and expects one
+float per completion. Conversational prompts give each completion as `[{"role": "assistant", "content": text}]`.
+
+- `correctness` (rule-based, needs the `task` and `answer` columns of `build_prompt_dataset`): 1.0 when the reply
+  equals the reference after normalisation (`tinyllm_hf.evaluation.tasks.normalize`, as the held-out evaluation
+  checks). Otherwise sentiment scores 0.0 (a label is right or wrong: "正面" and "负面" share a character but not a
+  meaning); the explanation-like tasks (idiom meaning, word definition, 歇后语) score the character-overlap F1 with the
+  reference as partial credit, which gives the policy a gradient before it can produce an exact answer.
+- `format` (rule-based, needs the token ids): 1.0 for a well-formed reply, else 0.0. Well-formed: some text, ended by
+  the end-of-turn token (not cut off at max_completion_length), no role token (`<|user|>` ...) generated and no role
+  marker typed out as text, at most `max_completion_chars` characters.
+- `reward_model`: the scalar score of a trained reward model (`tinyllm reward`) on prompt + completion rendered with the
+  chat template. It is handed to TRL as a model, so TRL batches it, puts it on the right device and wraps it for
+  DeepSpeed; `load_reward_model` checks the folder first.
+"""
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tinyllm_hf.evaluation.tasks import normalize
+from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
+
+REWARDS = ("correctness", "format", "reward_model")
+# A label is exactly right or wrong; every other checkable task earns partial credit for overlapping characters.
+EXACT_ONLY_TASKS = frozenset({"sentiment"})
+ROLE_TOKENS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
+
+
+@dataclass
+class RewardArguments:
+    rewards: str = field(
+        default="correctness,format",
+        metadata={"help": f"reward functions, comma-separated, from {', '.join(REWARDS)}; weighted by reward_weights "
+                          "in the same order"},
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "folder of a reward model trained with `tinyllm reward` (for reward_model)"}
+    )
+    max_completion_chars: int = field(
+        default=200, metadata={"help": "the format reward gives 0 to replies longer than this many characters"}
+    )
+
+    @property
+    def names(self) -> list[str]:
+        return [name.strip() for name in self.rewards.split(",") if name.strip()]
+
+    def __post_init__(self):
+        unknown = sorted(set(self.names) - set(REWARDS))
+        if unknown or not self.names:
+            raise ValueError(f"rewards: unknown or empty {', '.join(unknown) or repr(self.rewards)}; "
+                             f"choose from {', '.join(REWARDS)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"rewards: {self.rewards!r} names a reward twice")
+        if ("reward_model" in self.names) != (self.reward_model_path is not None):
+            raise ValueError("the reward_model reward and reward_model_path go together: set both or neither")
+
+
+def completion_text(completion) -> str:
+    """The text of one completion: a string, or the content of its (last) assistant message."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """F1 of the characters the normalised prediction and reference share (a bag of characters, as in CMRC's F1)."""
+    prediction, reference = normalize(prediction), normalize(reference)
+    common = sum((Counter(prediction) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def correctness_reward(completions, answer, task, **kwargs) -> list[float]:
+    """1.0 for the reference answer (after normalisation); partial character-F1 credit except for exact-only tasks."""
+    scores = []
+    for completion, reference, name in zip(completions, answer, task, strict=True):
+        reply = completion_text(completion)
+        if normalize(reply) == normalize(reference):
+            scores.append(1.0)
+        else:
+            scores.append(0.0 if name in EXACT_ONLY_TASKS else char_f1(reply, reference))
+    return scores
+
+
+class FormatReward:
+    """1.0 for a well-formed reply (see the module docstring), else 0.0. Reads the token ids, since the decoded text
+    has the special tokens (the end-of-turn and role tokens) stripped."""
+
+    __name__ = "format_reward"
+
+    def __init__(self, tokenizer, max_chars: int = 200):
+        self.eos_id = tokenizer.eos_token_id
+        self.role_ids = {tokenizer.convert_tokens_to_ids(token) for token in ROLE_TOKENS}
+        self.max_chars = max_chars
+
+    def is_well_formed(self, text: str, ids: list[int]) -> bool:
+        return (
+            bool(text.strip())
+            and bool(ids) and ids[-1] == self.eos_id
+            and not self.role_ids.intersection(ids)
+            and not any(token in text for token in ROLE_TOKENS)
+            and len(text) <= self.max_chars
+        )
+
+    def __call__(self, completions, completion_ids, **kwargs) -> list[float]:
+        return [float(self.is_well_formed(completion_text(c), list(ids)))
+                for c, ids in zip(completions, completion_ids, strict=True)]
+
+
+def load_reward_model(path: str | os.PathLike):
+    """(model, tokenizer) of a `tinyllm reward` output folder, checked: one scalar output, a chat template, a pad token."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"reward model not found: {path} has no config.json (train one with `tinyllm reward`)")
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has {model.config.num_labels}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template or tokenizer.pad_token is None:
+        raise ValueError(f"{path}: the reward model's tokenizer needs a chat template and a pad token")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def build_rewards(args: RewardArguments, tokenizer) -> tuple[list, list]:
+    """(reward_funcs, reward_processing_classes) for TRL, in the order of `args.rewards`."""
+    funcs, processing_classes = [], []
+    for name in args.names:
+        processing_class = None
+        if name == "correctness":
+            func = correctness_reward
+        elif name == "format":
+            func = FormatReward(tokenizer, args.max_completion_chars)
+        else:
+            func, processing_class = load_reward_model(args.reward_model_path)
+        funcs.append(func)
+        processing_classes.append(processing_class)
+    return funcs, processing_classes
