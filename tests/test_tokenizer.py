@@ -177,6 +177,27 @@ def test_chat_template_multi_turn(tokenizer):
     assert masked == _piecewise_ids(tokenizer, [p for _, answer in turns for p in (answer, "<|endoftext|>")])
 
 
+def test_trl_assistant_only_loss_trains_on_answers_and_eos(tokenizer, tmp_path):
+    """What TRL's SFTTrainer actually puts in `labels` with assistant_only_loss=True: answers + EOS, nothing else."""
+    pytest.importorskip("trl")
+    import datasets
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    turns = [("你好", "你好！"), ("再见", "再见！")]
+    messages = [m for user, answer in turns for m in ({"role": "user", "content": user},
+                                                      {"role": "assistant", "content": answer})]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128))
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=128, report_to=[], use_cpu=True)
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list([{"messages": messages}]))
+    row = trainer.train_dataset[0]
+    assert row["input_ids"] == tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]
+    trained = [i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert trained == _piecewise_ids(tokenizer, [p for _, answer in turns for p in (answer, "<|endoftext|>")])
+
+
 def test_chat_template_rejects_unknown_roles(tokenizer):
     with pytest.raises(Exception, match="got role tool"):
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], tokenize=False)
