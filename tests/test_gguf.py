@@ -1,7 +1,9 @@
 """GGUF export: transformers and upstream llama.cpp (llama-cpp-python) read our file and agree with the HF model."""
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +187,16 @@ def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path, exported):
     with pytest.raises(ValueError, match="normalizer NFKC"):
         export_gguf(odd, tmp_path / "odd.gguf")
     assert not (tmp_path / "odd.gguf").exists()
+
+
+def test_tinyllm_checkpoint_exports_the_same_tensors_as_its_llama_twin(exported, tmp_path):
+    """A Tinyllm checkpoint (model_type "tinyllm") and the Llama checkpoint with the same weights give one GGUF."""
+    from tinyllm_hf.modeling.convert import llama_to_tinyllm
+
+    model_dir, files = exported
+    if json.loads((model_dir / "config.json").read_text())["model_type"] != "llama":
+        pytest.skip("the twin is built from a Llama checkpoint")
+    twin = export_gguf(llama_to_tinyllm(model_dir, tmp_path / "tinyllm"), tmp_path / "twin.gguf")
+    ours, reference = gguf.GGUFReader(twin), gguf.GGUFReader(files["f16"])
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, reference.tensors))

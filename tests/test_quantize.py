@@ -53,9 +53,11 @@ def _reference_logits(model_dir, ids):
         ("onnx-int8", 0.8),
         ("quanto-int8", 0.85),
         pytest.param("onnx", 1.0, marks=pytest.mark.slow),
-        pytest.param("quanto-int4", 0.5, marks=pytest.mark.slow),
+        # int4 on the fixture's random (high-entropy) weights only shows the variant is not noise (chance: 1/600);
+        # docs/quantization.md measures int4 drift on a trained model.
+        pytest.param("quanto-int4", 0.25, marks=pytest.mark.slow),
         pytest.param("openvino-int8", 0.85, marks=pytest.mark.slow),
-        pytest.param("openvino-int4", 0.5, marks=pytest.mark.slow),
+        pytest.param("openvino-int4", 0.25, marks=pytest.mark.slow),
     ],
 )
 def test_variant_reloads_in_fresh_process_and_generates(source, tmp_path, method, min_top1):
