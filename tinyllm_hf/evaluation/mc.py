@@ -155,7 +155,6 @@ def evaluate_multiple_choice(
         prompts = ppl_prompts(bench, questions, shots, tokenizer, max_length)
         scores = score_choices(model, tokenizer, [p.text for p in prompts], batch_size, progress)
         predictions = [LETTERS[max(range(len(LETTERS)), key=s.__getitem__)] for s in scores]
-        replies = None
     else:
         prompts = [gen_prompt(bench, q, shots, tokenizer, max_length - max_new_tokens) for q in questions]
         replies = greedy_generate(model, tokenizer, [p.text for p in prompts], max_new_tokens, batch_size, progress)
