@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from tinyllm_hf.data.records import split_of  # noqa: E402
 from tinyllm_hf.data.sft import SENTIMENT_LABELS, MalformedRowError  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import USER_TOKEN  # noqa: E402
 from tinyllm_hf.trainers import dpo, grpo, reward, rloo  # noqa: E402
+from tinyllm_hf.trainers.common import parse_recipe  # noqa: E402
 from tinyllm_hf.trainers.reward import reward_scores  # noqa: E402
 from tinyllm_hf.trainers.rewards import (  # noqa: E402
     FormatReward,
@@ -35,6 +37,7 @@ from tinyllm_hf.trainers.rewards import (  # noqa: E402
     load_reward_model,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "这条评论是正面的还是负面的？只回答“正面”或“负面”。\n"
 COMMON_FLAGS = ["--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
                 "--loss_curve", "false", "--disable_tqdm", "true", "--seed", "0"]
@@ -214,7 +217,7 @@ def test_format_reward_needs_text_eos_no_role_marker_and_a_short_reply(tiny_toke
 def test_reward_arguments_are_checked():
     with pytest.raises(ValueError, match="choose from correctness, format, reward_model"):
         RewardArguments(rewards="correctness,kindness")
-    with pytest.raises(ValueError, match="reward_model_path"):
+    with pytest.raises(ValueError, match="needs reward_model_path"):
         RewardArguments(rewards="correctness,reward_model")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_reward_model("/nonexistent/rm")
@@ -331,3 +334,20 @@ def test_rl_cli_reports_a_missing_reward_model(chat_model_dir, tmp_path, capsys)
                       "--reward_model_path", str(tmp_path / "missing"), *RL_FLAGS])
     assert code == 1
     assert "tinyllm grpo: error: reward model not found" in capsys.readouterr().err
+
+
+
+STAGES = {"dpo": dpo, "reward": reward, "grpo": grpo, "rloo": rloo}
+RECIPES = sorted(f"{p.parent.name}/{p.name}" for stage in STAGES for p in (ROOT / "recipes" / stage).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_parse_into_their_stage_arguments(recipe):
+    """Every key of every alignment recipe is an argument of its stage (a typo would only fail the run)."""
+    stage = STAGES[recipe.split("/")[0]]
+    parsed = parse_recipe(stage.ARGUMENTS, ["--config", str(ROOT / "recipes" / recipe)], defaults=stage.DEFAULTS)
+    assert parsed[-1].config.endswith(recipe)
+
+
+def test_every_stage_has_a_quickstart_recipe():
+    assert {f"{stage}/quickstart.yaml" for stage in STAGES} <= set(RECIPES)

@@ -32,6 +32,8 @@ from tinyllm_hf.trainers.common import (
     remove_staging_dirs,
 )
 
+# The recipe's sections, in the order `parse_recipe` returns them.
+ARGUMENTS = [PreferenceDataArguments, ModelConfig, DPOConfig, RunArguments]
 DEFAULTS = trl_defaults("outputs/dpo", precompute_ref_log_probs=True, max_length=256)
 
 
@@ -69,7 +71,7 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPO
 def main(argv: list[str] | None = None) -> int:
     try:
         data_args, model_args, training_args, run_args = parse_recipe(
-            [PreferenceDataArguments, ModelConfig, DPOConfig, RunArguments], argv, defaults=DEFAULTS, prog="tinyllm dpo"
+            ARGUMENTS, argv, defaults=DEFAULTS, prog="tinyllm dpo"
         )
         train(data_args, model_args, training_args, run_args)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:

@@ -33,6 +33,8 @@ from tinyllm_hf.trainers.common import (
     remove_staging_dirs,
 )
 
+# The recipe's sections, in the order `parse_recipe` returns them.
+ARGUMENTS = [PreferenceDataArguments, ModelConfig, RewardConfig, RunArguments]
 DEFAULTS = trl_defaults("outputs/reward", max_length=256)
 
 
@@ -98,7 +100,7 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
 def main(argv: list[str] | None = None) -> int:
     try:
         data_args, model_args, training_args, run_args = parse_recipe(
-            [PreferenceDataArguments, ModelConfig, RewardConfig, RunArguments], argv, defaults=DEFAULTS,
+            ARGUMENTS, argv, defaults=DEFAULTS,
             prog="tinyllm reward",
         )
         train(data_args, model_args, training_args, run_args)

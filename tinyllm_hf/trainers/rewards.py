@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tinyllm_hf.evaluation.tasks import normalize
 from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
+from tinyllm_hf.trainers.common import logger
 
 REWARDS = ("correctness", "format", "reward_model")
 # A label is exactly right or wrong; every other checkable task earns partial credit for overlapping characters.
@@ -57,8 +58,11 @@ class RewardArguments:
                              f"choose from {', '.join(REWARDS)}")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"rewards: {self.rewards!r} names a reward twice")
-        if ("reward_model" in self.names) != (self.reward_model_path is not None):
-            raise ValueError("the reward_model reward and reward_model_path go together: set both or neither")
+        if "reward_model" in self.names and not self.reward_model_path:
+            raise ValueError("the reward_model reward needs reward_model_path (a folder written by `tinyllm reward`)")
+        if self.reward_model_path and "reward_model" not in self.names:
+            # `tinyllm run` passes its reward stage's output to every GRPO recipe; a recipe may still leave it out.
+            logger.warning(f"reward_model_path {self.reward_model_path} is not used: rewards are {self.rewards}")
 
 
 def completion_text(completion) -> str:

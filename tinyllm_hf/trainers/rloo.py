@@ -18,6 +18,8 @@ from tinyllm_hf.trainers.alignment import PromptDataArguments, train_online, trl
 from tinyllm_hf.trainers.common import NonFiniteLossError, ReliableTrainerMixin, RunArguments, parse_recipe
 from tinyllm_hf.trainers.rewards import RewardArguments
 
+# The recipe's sections, in the order `parse_recipe` returns them.
+ARGUMENTS = [PromptDataArguments, RewardArguments, ModelConfig, RLOOConfig, RunArguments]
 # A small model sampling from its full distribution (TRL's default top_k=0, temperature 1) mostly produces garbage that
 # earns no reward: sample from its few most likely tokens instead.
 DEFAULTS = trl_defaults("outputs/rloo", num_generations=4, per_device_train_batch_size=8, max_completion_length=64,
@@ -31,7 +33,7 @@ class TinyllmRLOOTrainer(ReliableTrainerMixin, RLOOTrainer):
 def main(argv: list[str] | None = None) -> int:
     try:
         data_args, reward_args, model_args, training_args, run_args = parse_recipe(
-            [PromptDataArguments, RewardArguments, ModelConfig, RLOOConfig, RunArguments], argv, defaults=DEFAULTS,
+            ARGUMENTS, argv, defaults=DEFAULTS,
             prog="tinyllm rloo",
         )
         train_online(TinyllmRLOOTrainer, data_args, reward_args, model_args, training_args, run_args)
