@@ -284,6 +284,21 @@ def test_pretrain_streaming(corpus_file, tokenizer_dir, tmp_path):
     assert math.isfinite(results["eval_loss"]) and (out / "checkpoint-6" / "trainer_state.json").is_file()
 
 
+def test_capped_validation_is_a_seeded_random_subset(corpus_file, tokenizer_dir):
+    model_args, data_args, args, _ = parse_recipe(
+        [pretrain.ModelArguments, pretrain.DataArguments, TrainingArguments],
+        recipe_args(corpus_file, tokenizer_dir, "unused", block_size=16),
+    )
+    tokenizer = pretrain.load_tokenizer(data_args.tokenizer_name_or_path)
+    _, full = pretrain.build_datasets(data_args, tokenizer, 16, seed=0)
+    data_args.max_eval_samples = 4
+    _, capped = pretrain.build_datasets(data_args, tokenizer, 16, seed=0)
+    _, again = pretrain.build_datasets(data_args, tokenizer, 16, seed=0)
+    assert len(full) > 8 and len(capped) == 4 and capped["input_ids"] == again["input_ids"]
+    assert capped["input_ids"] != full["input_ids"][:4]  # not just the head of a source-ordered corpus
+    assert all(block in full["input_ids"] for block in capped["input_ids"])
+
+
 def test_non_finite_loss_stops_with_a_clear_message(corpus_file, tokenizer_dir, tmp_path, capsys):
     # Inf in the weights makes the very first loss NaN.
     model_args, data_args, args, run_args = parse_recipe(

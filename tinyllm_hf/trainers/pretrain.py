@@ -132,8 +132,9 @@ def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: i
     if data_args.streaming:
         n = data_args.max_eval_samples or STREAMING_EVAL_BLOCKS
         validation = datasets.Dataset.from_list(list(validation.take(n)), features=validation.features)
-    elif data_args.max_eval_samples is not None:
-        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    elif data_args.max_eval_samples is not None and data_args.max_eval_samples < len(validation):
+        # A random subset: the corpus is ordered by source, so the first blocks would be from a few sources only.
+        validation = validation.shuffle(seed=seed).select(range(data_args.max_eval_samples))
     if len(validation) == 0:
         raise ValueError(f"the validation split of {data_args.dataset_name!r} holds less than one block of {block_size} tokens")
     return train, validation
