@@ -4,7 +4,9 @@ For each preset, the Llama twin has the same config and weights (`tinyllm_to_lla
 `PretrainTrainer` (the class `tinyllm pretrain` uses) on random packed blocks (speed does not depend on the data) for
 `--steps` optimizer steps per round; rounds are interleaved (tinyllm, llama, tinyllm+bf16, ...) so that a busy machine
 slows all of them alike, and the fp32 matmul peak is measured again before every round (its best value is used).
-Reported: median step time over all rounds (the first `--warmup` steps of every round dropped), tokens/s, and
+The order of the variants rotates every round. Reported: median step time over all rounds (the first `--warmup` steps
+of every round dropped), the median process CPU time per step (all threads; on a busy machine it shows the work done
+when the wall clock shows the wait), tokens/s, and
 MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (matmul weights) + 12 x layers x attention width x
 seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
 
@@ -45,10 +47,10 @@ VARIANTS = {
 
 class StepTimer(TrainerCallback):
     def __init__(self):
-        self.ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []  # (wall, process CPU) time at the end of every step
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
+        self.ends.append((time.perf_counter(), time.process_time()))
 
 
 def random_blocks(n_blocks: int, block_size: int, seed: int = 0) -> datasets.Dataset:
@@ -56,7 +58,7 @@ def random_blocks(n_blocks: int, block_size: int, seed: int = 0) -> datasets.Dat
     return datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB_SIZE, (n_blocks, block_size), dtype=np.int32)})
 
 
-def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes: dict, output_dir: str) -> list[float]:
+def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes: dict, output_dir: str) -> list[tuple]:
     args = TrainingArguments(
         output_dir=output_dir, use_cpu=True, per_device_train_batch_size=batch_size, max_steps=steps + warmup,
         learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000,
@@ -65,7 +67,7 @@ def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes:
     timer = StepTimer()
     trainer = PretrainTrainer(model=model, args=args, train_dataset=blocks, data_collator=collate_blocks, callbacks=[timer])
     trainer.train()
-    intervals = np.diff(timer.ends).tolist()
+    intervals = np.diff(np.array(timer.ends), axis=0).tolist()  # [(wall, cpu)] per step
     return intervals[warmup - 1:]  # the interval ending at step warmup+1 is the first steady one
 
 
@@ -101,25 +103,30 @@ def main():
         times = {name: [] for name in copies}
         peaks = []
         with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(args.rounds):
+            names = list(copies)
+            for round_index in range(args.rounds):
                 peaks.append(measure_matmul_peak("cpu"))
-                for name, model in copies.items():
-                    times[name] += step_times(model, blocks, batch_size, args.steps, args.warmup, VARIANTS[name][1], tmp)
+                # Rotate the order every round so that no variant always runs first (or right after the peak test).
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    times[name] += step_times(copies[name], blocks, batch_size, args.steps, args.warmup,
+                                              VARIANTS[name][1], tmp)
         peak = max(peaks)
         n_params = sum(p.numel() for p in tinyllm.parameters())
         for name in copies:
-            step = statistics.median(times[name])
+            step = statistics.median(wall for wall, _ in times[name])
+            cpu = statistics.median(cpu for _, cpu in times[name])
             tokens_per_second = tokens_per_step / step
-            rows.append((preset, n_params, name, step, tokens_per_second, tokens_per_second * flops_per_token / peak))
+            rows.append((preset, n_params, name, step, cpu, tokens_per_second, tokens_per_second * flops_per_token / peak))
         print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
               f"(best of {len(peaks)}; min {min(peaks) / 1e9:.1f})", flush=True)
 
-    header = "| preset | params | variant | median step (s) | tokens/s | MFU | vs llama |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    for preset, n_params, name, step, tps, mfu in rows:
-        llama = next((r[4] for r in rows if r[0] == preset and r[2] == "llama"), None)
+    header = "| preset | params | variant | median step (s) | CPU s/step | tokens/s | MFU | vs llama |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for preset, n_params, name, step, cpu, tps, mfu in rows:
+        llama = next((r[5] for r in rows if r[0] == preset and r[2] == "llama"), None)
         ratio = f"{tps / llama:.2f}" if llama else "-"
-        lines.append(f"| {preset} | {n_params / 1e6:.2f}M | {name} | {step:.3f} | {tps:,.0f} | {mfu:.1%} | {ratio} |")
+        lines.append(f"| {preset} | {n_params / 1e6:.2f}M | {name} | {step:.3f} | {cpu:.3f} | {tps:,.0f} | {mfu:.1%} | {ratio} |")
     print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} threads, {args.tokens_per_step} tokens/step, {args.rounds} rounds x {args.steps} steps")
     print("\n".join(lines))
