@@ -41,13 +41,15 @@ class TinyllmDPOTrainer(ReliableTrainerMixin, DPOTrainer):
     """TRL's DPOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
-def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPOConfig, run_args: RunArguments) -> dict:
+def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPOConfig, run_args: RunArguments,
+          trainer_class=TinyllmDPOTrainer) -> dict:
+    """Offline preference optimisation; `trainer_class` is any trainer taking the same arguments (KTO reuses it)."""
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
     if eval_dataset is None:
         args.eval_strategy = "no"
-    trainer = TinyllmDPOTrainer(
+    trainer = trainer_class(
         model=load_policy(model_args, tokenizer),
         args=args,
         train_dataset=train_dataset,

@@ -1,0 +1,41 @@
+"""Kahneman-Tversky optimisation (KTO) of a chat model with TRL's KTOTrainer.
+
+    python -m tinyllm_hf.trainers.kto --config recipes/kto/quickstart.yaml [--desirable_weight 1.0]
+
+KTO learns from answers labelled good or bad one at a time rather than from pairs. The preference data is the same as
+for DPO (the embedded set or your own prompt/chosen/rejected files); TRL splits each pair into a desirable (chosen) and
+an undesirable (rejected) example. Keys: `PreferenceDataArguments`, TRL's `ModelConfig` and `KTOConfig` (beta,
+desirable_weight, undesirable_weight, ...). The reference model is a frozen copy of the starting policy.
+"""
+
+import sys
+
+from trl import KTOConfig, KTOTrainer, ModelConfig
+
+from tinyllm_hf.trainers.alignment import PreferenceDataArguments, trl_defaults
+from tinyllm_hf.trainers.common import NonFiniteLossError, ReliableTrainerMixin, RunArguments, parse_recipe
+from tinyllm_hf.trainers.dpo import train
+
+# The recipe's sections, in the order `parse_recipe` returns them.
+ARGUMENTS = [PreferenceDataArguments, ModelConfig, KTOConfig, RunArguments]
+DEFAULTS = trl_defaults("outputs/kto", precompute_ref_log_probs=True, max_length=256)
+
+
+class TinyllmKTOTrainer(ReliableTrainerMixin, KTOTrainer):
+    """TRL's KTOTrainer with atomic checkpoints and a stop on non-finite loss."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        data_args, model_args, training_args, run_args = parse_recipe(
+            ARGUMENTS, argv, defaults=DEFAULTS, prog="python -m tinyllm_hf.trainers.kto"
+        )
+        train(data_args, model_args, training_args, run_args, trainer_class=TinyllmKTOTrainer)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        print(f"kto: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
