@@ -207,6 +207,9 @@ BAD_REQUESTS = {
     "prompt longer than context": (
         {"messages": [{"role": "user", "content": "这本书太好了" * 200}]}, 400, "context_length_exceeded", "messages"
     ),
+    "system after user": (
+        {"messages": [*HELLO, {"role": "system", "content": "late"}]}, 400, None, "messages"
+    ),
     "temperature out of range": ({"messages": HELLO, "temperature": 5}, 400, "invalid_value", "temperature"),
     "too many stop strings": ({"messages": HELLO, "stop": list("abcde")}, 400, "invalid_value", "stop"),
     "tools unsupported": ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "unsupported_parameter", "tools"),
@@ -326,3 +329,39 @@ def test_cli_serves_on_loopback_by_default(checkpoint):
 def test_cli_rejects_a_missing_model(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nothing")]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Other backends: the same API and the same greedy reply as the transformers backend
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _llamacpp_backend(checkpoint, tmp_path):
+    pytest.importorskip("llama_cpp", reason='the llamacpp backend needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"')
+    pytest.importorskip("gguf", reason='GGUF export needs the quant extra: pip install "tinyllm-hf[quant]"')
+    from tinyllm_hf.integrations.engine import LlamaCppBackend
+    from tinyllm_hf.integrations.gguf import export_gguf
+
+    return LlamaCppBackend(export_gguf(checkpoint, tmp_path / "model-f16.gguf", "f16"))
+
+
+def _onnx_backend(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime", reason='the onnx backend needs the quant extra: pip install "tinyllm-hf[quant]"')
+    pytest.importorskip("onnxscript", reason='the onnx backend needs the quant extra: pip install "tinyllm-hf[quant]"')
+    from tinyllm_hf.integrations.engine import ExportedBackend
+    from tinyllm_hf.integrations.quantize import quantize_checkpoint
+
+    return ExportedBackend(quantize_checkpoint(checkpoint, tmp_path / "onnx", "onnx"))
+
+
+@pytest.mark.parametrize("make_backend", [_llamacpp_backend, _onnx_backend], ids=["llamacpp", "onnx"])
+def test_other_backends_serve_the_same_greedy_reply(make_backend, checkpoint, client, tmp_path):
+    expected = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=16, temperature=0)
+    with serving(make_backend(checkpoint, tmp_path)) as (url, engine):
+        other = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = other.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content == expected.choices[0].message.content
+        assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+        stream = other.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=16, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.choices[0].message.content
+        assert engine.max_batch_size == 1  # these runtimes decode one sequence at a time: requests queue

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the demo to the network")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, help="CPU threads per decode step (default: the runtime's)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--title", default=TITLE)
     return parser
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        backend = load_backend(args.backend, args.model, dtype=args.dtype)
+        backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"tinyllm demo: {exc}", file=sys.stderr)
         return 2

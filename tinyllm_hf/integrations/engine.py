@@ -379,7 +379,8 @@ class LlamaCppBackend(_SingleSequenceBackend):
         gguf_file = Path(gguf_file)
         if not gguf_file.is_file() or gguf_file.suffix != ".gguf":
             raise FileNotFoundError(f"{gguf_file} is not a .gguf file: --backend llamacpp needs --model FILE.gguf")
-        self.llm = Llama(model_path=str(gguf_file), n_ctx=0, n_threads=n_threads, logits_all=False, verbose=False)
+        self.llm = Llama(model_path=str(gguf_file), n_ctx=0, n_threads=n_threads, n_threads_batch=n_threads,
+                         logits_all=False, verbose=False)
         self.context_length = self.llm.n_ctx()
         self.eos_token_ids = {self.llm.token_eos()}
         self.chat_template = self.llm.metadata.get("tokenizer.chat_template")
@@ -391,7 +392,13 @@ class LlamaCppBackend(_SingleSequenceBackend):
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def _last_logits(self) -> torch.Tensor:
-        return torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1].copy())[None]
+        # Llama.scores stays empty unless logits_all=True (which keeps logits for every position); the last
+        # position's logits are all we need, read straight from the context.
+        import llama_cpp
+        import numpy as np
+
+        pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy())[None]
 
     def prefill(self, prompts):
         (prompt,) = prompts
@@ -407,11 +414,11 @@ class LlamaCppBackend(_SingleSequenceBackend):
 class ExportedBackend(_SingleSequenceBackend):
     """ONNX Runtime or OpenVINO prefill + decode graphs written by `tinyllm quantize` (tinyllm_hf.integrations.runtimes)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, num_threads: int | None = None):
         from tinyllm_hf.integrations.quantize import load_quantized
         from tinyllm_hf.integrations.runtimes import CachedDecoder
 
-        self.model, self.tokenizer = load_quantized(model_dir)
+        self.model, self.tokenizer = load_quantized(model_dir, num_threads=num_threads)
         if not isinstance(self.model, CachedDecoder):
             raise ValueError(f"{model_dir} is not an ONNX or OpenVINO export from `tinyllm quantize`")
         config = self.model.config
@@ -441,12 +448,19 @@ class ExportedBackend(_SingleSequenceBackend):
 BACKENDS = ("transformers", "llamacpp", "onnx")
 
 
-def load_backend(name: str, model: str | Path, dtype: str = "float32"):
-    """The backend `name` for `model` (a checkpoint directory, a .gguf file, or a `tinyllm quantize` output)."""
+def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: int | None = None):
+    """The backend `name` for `model` (a checkpoint directory, a .gguf file, or a `tinyllm quantize` output).
+
+    `threads` sets the CPU threads of one decode step (None: the runtime's default). A small model gains nothing from
+    more than one at batch sizes this small, and on an oversubscribed machine each multi-threaded op can wait ~20 ms
+    for a descheduled thread (docs/serving.md), so `--threads 1` is the safe choice for small models on shared CPUs.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
     if name == "transformers":
         return TransformersBackend(model, dtype=dtype)
     if name == "llamacpp":
-        return LlamaCppBackend(model)
+        return LlamaCppBackend(model, n_threads=threads)
     if name == "onnx":
-        return ExportedBackend(model)
+        return ExportedBackend(model, num_threads=threads)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

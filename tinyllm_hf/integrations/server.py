@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", help="model id clients send (default: the --model file or folder name)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights dtype for the transformers backend")
+    parser.add_argument("--threads", type=int, help="CPU threads per decode step (default: the runtime's; 1 suits small "
+                        "models on busy machines, see docs/serving.md)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is abandoned")
@@ -478,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     try:
-        backend = load_backend(args.backend, args.model, dtype=args.dtype)
+        backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"tinyllm serve: {exc}", file=sys.stderr)
         return 2
