@@ -10,17 +10,9 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
-# The project's chat format: <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}<|endoftext|>
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ '<|system|>\n' + message['content'] + '\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<|user|>\n' + message['content'] + '\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\n' + message['content'] + '<|endoftext|>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
-)
+# The project's own special tokens and chat template (with `{% generation %}` markers), as a trained tokenizer has them.
+from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, SPECIAL_TOKENS
+
 PROMPTS = ["我正在写这本书的心得", "这本书太好了，", "人际关系的交际技巧"]
 
 

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
-from tinyllm_hf.integrations.gguf import export_gguf, main  # noqa: E402
+from tinyllm_hf.integrations.gguf import export_gguf, main, template_for_llama_cpp  # noqa: E402
 
 N_TOKENS = 16
 
@@ -55,13 +55,29 @@ def test_metadata_describes_llama_with_our_tokenizer(exported):
     assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert field("tokenizer.ggml.padding_token_id") == tokenizer.pad_token_id
     assert field("tokenizer.ggml.add_bos_token") is False
-    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    assert field("tokenizer.chat_template") == template_for_llama_cpp(tokenizer.chat_template)
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     for special in ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"):
         assert types[tokens.index(special)] == gguf.TokenType.CONTROL
     assert len(field("tokenizer.ggml.merges")) > 0
     names = {t.name for t in reader.tensors}
     assert "token_embd.weight" in names and "blk.0.attn_q.weight" in names
+
+
+def test_template_without_generation_tags_renders_the_same(exported):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    converted = template_for_llama_cpp(tokenizer.chat_template)
+    assert "generation %}" not in converted and "generation -%}" not in converted
+    chat = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"}]
+    for messages in (chat, chat[1:]):
+        for prompt in (True, False):
+            expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+            got = tokenizer.apply_chat_template(messages, chat_template=converted, tokenize=False,
+                                                add_generation_prompt=prompt)
+            assert got == expected
 
 
 def test_transformers_reads_f16_gguf_back(exported):

@@ -17,6 +17,7 @@ Tinyllm uses Llama's parameter names and math, so the GGUF is written directly f
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -141,6 +142,16 @@ def check_tokenizer_matches_gpt2_pretokenizer(tokenizer_json: dict) -> None:
         raise ValueError("tokenizer cannot be expressed as llama.cpp's gpt-2 BPE: " + "; ".join(problems))
 
 
+def template_for_llama_cpp(template: str) -> str:
+    """The chat template with `{% generation %}` / `{% endgeneration %}` turned into comments.
+
+    Those tags only mark assistant tokens for training masks (a transformers extension); llama.cpp's and
+    llama-cpp-python's Jinja reject them as unknown. As comments with the same `-` whitespace control, the template
+    renders exactly the same text.
+    """
+    return re.sub(r"\{%(-?)\s*(end)?generation\s*(-?)%\}", r"{#\1 \2generation \3#}", template)
+
+
 def _write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     """Vocabulary, merges, token types, special ids and chat template, as llama.cpp reads a `gpt2` tokenizer."""
     gguf = _require_gguf()
@@ -185,7 +196,7 @@ def _write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     writer.add_add_bos_token(tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False))
     writer.add_add_eos_token(False)
     if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+        writer.add_chat_template(template_for_llama_cpp(tokenizer.chat_template))
 
 
 def _write_tensors(writer, config: dict, tensors: dict[str, np.ndarray], outtype: str) -> None:
