@@ -319,3 +319,10 @@ def test_every_sft_recipe_parses(recipe):
                                                   defaults=DEFAULTS)
     assert args.assistant_only_loss and model_args.model_name_or_path and data_args.sources
     parse_task_sizes(data_args.task_sizes), parse_task_sizes(data_args.heldout_eval_sizes)
+
+
+def test_task_file_cli_writes_heldout_records(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    assert sft_data.main([str(path), "--as-task-records", "--tasks", "sentiment", "--sizes", "sentiment=3"]) == 0
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3 and {r["task"] for r in rows} == {"sentiment"} and all(r["checker"] == "exact" for r in rows)
