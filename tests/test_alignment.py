@@ -357,3 +357,11 @@ def test_recipes_parse_into_their_stage_arguments(recipe):
 
 def test_every_stage_has_a_quickstart_recipe():
     assert {f"{stage}/quickstart.yaml" for stage in STAGES} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward", "grpo"])
+def test_data_order_log_is_refused_not_ignored(stage, tmp_path, capsys):
+    code = STAGES[stage].main(["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                               "--data_order_log", "true", "--use_cpu", "true", "--report_to", "none"])
+    assert code == 1
+    assert "data_order_log is supported by pretrain and sft only" in capsys.readouterr().err

@@ -120,6 +120,13 @@ def peft_config(model_args: ModelConfig):
     return get_peft_config(model_args)
 
 
+def check_run_args(run_args) -> None:
+    # The data-order log hashes `input_ids`, which preference and RL batches do not have (they carry prompt/chosen/
+    # completion ids): refuse it rather than ignore it.
+    if run_args.data_order_log:
+        raise ValueError("data_order_log is supported by pretrain and sft only, not by the alignment stages")
+
+
 def finish(trainer, args, run_metrics: dict) -> None:
     """Save the final model with a tokenizer every transformers version loads, its metrics and trainer state."""
     trainer.save_model()
@@ -133,6 +140,7 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
                  run_args) -> dict:
     """One on-policy run (GRPO or RLOO, by `trainer_class`): sample completions of the prompts, score them with the
     weighted reward functions, update the policy; save the final model into output_dir."""
+    check_run_args(run_args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args)
     reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer)

@@ -15,6 +15,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from tinyllm_hf.trainers.alignment import (
     PreferenceDataArguments,
+    check_run_args,
     finish,
     load_policy,
     load_tokenizer,
@@ -44,6 +45,7 @@ class TinyllmDPOTrainer(ReliableTrainerMixin, DPOTrainer):
 def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPOConfig, run_args: RunArguments,
           trainer_class=TinyllmDPOTrainer) -> dict:
     """Offline preference optimisation; `trainer_class` is any trainer taking the same arguments (KTO reuses it)."""
+    check_run_args(run_args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset = preference_datasets(data_args, args.seed)

@@ -17,6 +17,7 @@ from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from tinyllm_hf.trainers.alignment import (
     PreferenceDataArguments,
+    check_run_args,
     finish,
     load_tokenizer,
     peft_config,
@@ -63,6 +64,7 @@ def pairwise_accuracy(model, tokenizer, pairs, max_length: int = 256) -> float:
 
 
 def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: RewardConfig, run_args: RunArguments) -> dict:
+    check_run_args(run_args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
