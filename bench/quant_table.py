@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         drift = 100 * (ppl / reference[0] - 1)
         rows.append(f"| {name} | {size_mib(path):.2f} | {ppl:.3f} | {drift:+.2f}% | "
                     f"{min(matches)} / {np.mean(matches):.1f} | {speed:.0f} |")
-        print(rows[-1], file=sys.stderr, flush=True)
     print(f"Model: `{args.model}`; held-out: {len(chunks)} x {args.chunk_len} tokens of `{args.eval_text.name}`; "
           f"greedy match over {args.gen_tokens} tokens on {len(prompts)} prompts; decode speed: {args.speed_tokens} "
           f"new tokens, batch 1, {args.threads} threads; load average at the end "
