@@ -24,6 +24,7 @@ def smoke_recipe(tmp_path: Path) -> Path:
     recipe["reward"]["args"] = {**few_steps, "task_sizes": preference_sizes, "max_eval_samples": 8}
     recipe["dpo"]["args"] = {**few_steps, "task_sizes": preference_sizes, "max_eval_samples": 8}
     recipe["eval"].update(task_sizes="sentiment=4,xiehouyu=2", args={"max-new-tokens": 8, "limit": 4})
+    recipe["quantize"]["methods"] = ["quanto-int8"]  # the ONNX export alone takes minutes; tests/test_quantize.py covers it
     recipe["gguf"]["outtypes"] = ["f16"]
     recipe["report"]["prompts"] = recipe["report"]["prompts"][:2]
     path = tmp_path / "smoke.yaml"
@@ -32,6 +33,7 @@ def smoke_recipe(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_quickstart_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     recipe = smoke_recipe(tmp_path)
     run_dir = tmp_path / "run"
