@@ -20,9 +20,11 @@ def smoke_recipe(tmp_path: Path) -> Path:
                                   "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4",
                                   "per_device_train_batch_size": 4, "max_eval_samples": 4}
     preference_sizes = "sentiment=8,idiom_meaning=4"
-    recipe["sft"]["args"] = {**few_steps, "task_sizes": "sentiment=16,xiehouyu=8,identity=4"}
-    recipe["reward"]["args"] = {**few_steps, "task_sizes": preference_sizes, "max_eval_samples": 8}
-    recipe["dpo"]["args"] = {**few_steps, "task_sizes": preference_sizes, "max_eval_samples": 8}
+    recipe["sft"]["args"] = {**few_steps, "sft_tasks": "sentiment,xiehouyu,identity",
+                             "task_sizes": "sentiment=16,xiehouyu=8,identity=4", "heldout_eval_sizes": "sentiment=2"}
+    preference_args = {"tasks": "sentiment,idiom_meaning", "task_sizes": preference_sizes, "max_eval_samples": 8}
+    recipe["reward"]["args"] = {**few_steps, **preference_args}
+    recipe["dpo"]["args"] = {**few_steps, **preference_args}
     recipe["eval"].update(task_sizes="sentiment=4,xiehouyu=2", args={"max-new-tokens": 8, "limit": 4})
     recipe["quantize"]["methods"] = ["quanto-int8"]  # the ONNX export alone takes minutes; tests/test_quantize.py covers it
     recipe["gguf"]["outtypes"] = ["f16"]
