@@ -5,13 +5,15 @@
 
 Every model answers the same held-out questions (items no alignment or SFT stage trained on) greedily; answers are
 checked with `tinyllm_hf.evaluation.tasks.evaluate_tasks` (exact match after normalisation). Also reported: the share
-of replies that end with the end-of-turn token before the token limit (the chat format survived), and the training
-time of each model's stage from its train_results.json.
+of replies that end with the end-of-turn token before the token limit (the chat format survived), the most frequent
+sentiment replies (the held-out reviews are not balanced), the majority label's share, and the training time of each
+model's stage from its train_results.json.
 """
 
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,21 +23,27 @@ import tinyllm_hf  # noqa: F401  (registers the tinyllm model type)
 from tinyllm_hf.data.preference import TASKS
 from tinyllm_hf.data.sft import heldout_task_records, parse_task_sizes
 from tinyllm_hf.evaluation.engine import left_pad, pad_id
-from tinyllm_hf.evaluation.tasks import evaluate_tasks
+from tinyllm_hf.evaluation.tasks import evaluate_tasks, normalize
 
 
 @torch.inference_mode()
-def stop_rate(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 32) -> float:
-    """Share of greedy replies that end with the end-of-turn token within max_new_tokens."""
-    stopped = 0
+def reply_stats(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 32) -> dict:
+    """Share of greedy replies that end with the end-of-turn token within max_new_tokens, and how often each sentiment
+    label is answered (a model that always says one label scores the majority share)."""
+    stopped, labels = 0, Counter()
     for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
         rows = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"] for r in records[start:start + batch_size]]
+                                              return_dict=True)["input_ids"] for r in batch]
         input_ids, mask, _ = left_pad(rows, pad_id(tokenizer))
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
-        stopped += (out[:, input_ids.shape[1]:] == tokenizer.eos_token_id).any(dim=1).sum().item()
-    return stopped / len(records)
+        new = out[:, input_ids.shape[1]:]
+        stopped += (new == tokenizer.eos_token_id).any(dim=1).sum().item()
+        for record, ids in zip(batch, new):
+            if record["task"] == "sentiment":
+                labels[normalize(tokenizer.decode(ids, skip_special_tokens=True))] += 1
+    return {"stopped_at_eos": stopped / len(records), "sentiment_replies": dict(labels.most_common(3))}
 
 
 def main() -> None:
@@ -48,7 +56,9 @@ def main() -> None:
     torch.set_num_threads(2)
     sizes = parse_task_sizes(args.sizes)
     records = heldout_task_records([t for t in TASKS if t in sizes], sizes)
-    results = {"sizes": sizes, "max_new_tokens": args.max_new_tokens, "models": {}}
+    gold = Counter(r["messages"][-1]["content"] for r in records if r["task"] == "sentiment")
+    results = {"sizes": sizes, "max_new_tokens": args.max_new_tokens, "sentiment_labels": dict(gold),
+               "sentiment_majority_share": max(gold.values()) / sum(gold.values()) if gold else None, "models": {}}
     for spec in args.model:
         name, _, path = spec.partition("=")
         model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -59,7 +69,7 @@ def main() -> None:
             "path": path,
             "accuracy": scores["accuracy"],
             "per_task": {task: e["accuracy"] for task, e in scores["per_task"].items()},
-            "stopped_at_eos": stop_rate(model, tokenizer, records, args.max_new_tokens),
+            **reply_stats(model, tokenizer, records, args.max_new_tokens),
             "eval_seconds": round(time.perf_counter() - start, 1),
         }
         train_results = Path(path) / "train_results.json"

@@ -25,7 +25,7 @@ timed dpo tinyllm dpo --config recipes/dpo/quickstart.yaml "${common[@]}" --outp
 wait
 timed grpo tinyllm grpo --config recipes/grpo/quickstart.yaml "${common[@]}" --output_dir "$OUT/grpo" \
     --reward_model_path "$OUT/reward" --max_steps "$STEPS_GRPO" --per_device_train_batch_size 16 \
-    --learning_rate 5e-5 --save_steps "$STEPS_GRPO"
+    --learning_rate 5e-5 --save_steps "$STEPS_GRPO" --logging_steps 1
 timed eval python bench/alignment_eval.py --model "sft=$SFT" --model "dpo=$OUT/dpo" --model "grpo=$OUT/grpo" \
     --json "$OUT/eval.json"
 for stage in reward dpo grpo eval; do echo "$stage: $(cat "$OUT/$stage.time") s"; done
