@@ -90,7 +90,7 @@ def prompt_dataset(data_args: PromptDataArguments, seed: int):
                                        seed=seed)
         return dataset.select_columns(["prompt", "answer", "task"])
     return load_prompt_dataset(data_args.dataset_name, data_args.malformed, data_args.dataset_split,
-                               data_args.dataset_config).shuffle(seed=seed)
+                               data_args.dataset_config)
 
 
 def load_tokenizer(model_args: ModelConfig):
