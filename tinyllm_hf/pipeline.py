@@ -146,7 +146,9 @@ class Pipeline:
         from tinyllm_hf.data.sft import heldout_task_records, parse_task_sizes, write_task_file
 
         tasks_file = self.stage_dir("eval") / "heldout_tasks.jsonl"
-        write_task_file(heldout_task_records(sizes=parse_task_sizes(entry.get("task_sizes"))), tasks_file)
+        # Only the tasks named in task_sizes: a task left out would otherwise contribute every held-out item.
+        sizes = parse_task_sizes(entry.get("task_sizes"))
+        write_task_file(heldout_task_records(tasks=list(sizes) or None, sizes=sizes), tasks_file)
         models = [s for s in entry.get("models", ["pretrain", "sft", *ALIGNED_STAGES]) if self.configured(s)]
         for model_stage in models:
             # Base models are scored by option likelihood, chat models by their generated answers.
