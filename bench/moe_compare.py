@@ -49,7 +49,7 @@ def token_streams(tokenizer_dir: Path | None, out: Path) -> tuple[np.ndarray, np
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     streams = []
     for split in ("train", "validation"):
-        ids = tokenizer(corpus[split]["text"], add_special_tokens=False).input_ids
+        ids = tokenizer(list(corpus[split]["text"]), add_special_tokens=False).input_ids
         streams.append(np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int64))
     return streams[0], streams[1], len(tokenizer)
 
@@ -178,8 +178,9 @@ def dense_overhead(args) -> None:
             models[label] = model_cls(config_cls(**{**dict(vocab_size=8192), **_tiny_fields()})).train()
         batch = torch.randint(0, 8192, (args.batch_size, args.block_size))
         times = {label: [] for label in models}
-        for _ in range(args.repeats):
-            for label, model in models.items():
+        for repeat in range(args.repeats):
+            order = list(models.items())
+            for label, model in order if repeat % 2 else order[::-1]:  # alternate who runs first
                 began = time.perf_counter()
                 model(batch, labels=batch).loss.backward()
                 times[label].append(time.perf_counter() - began)
