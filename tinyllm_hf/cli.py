@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "reward": ("tinyllm_hf.trainers.reward", "train a reward model with TRL"),
     "grpo": ("tinyllm_hf.trainers.grpo", "on-policy RL with GRPO"),
     "rloo": ("tinyllm_hf.trainers.rloo", "on-policy RL with RLOO"),
+    "kto": ("tinyllm_hf.trainers.kto", "KTO preference optimisation (TRL KTOTrainer)"),
+    "orpo": ("tinyllm_hf.trainers.orpo", "ORPO preference optimisation (trl.experimental)"),
     "merge": ("tinyllm_hf.trainers.merge", "merge a LoRA adapter into full weights"),
     "eval": ("tinyllm_hf.evaluation.cli", "C-Eval/CMMLU, perplexity and task accuracy"),
     "export": ("tinyllm_hf.modeling.export_cli", "export to Llama (transformers/vLLM) or GGUF (llama.cpp)"),

@@ -3,6 +3,8 @@
     tinyllm export llama SRC DST      Tinyllm -> LlamaForCausalLM (transformers 4.x/5.x, vLLM, optimum)
     tinyllm export tinyllm SRC DST    LlamaForCausalLM -> Tinyllm (continue training a Llama checkpoint with us)
     tinyllm export gguf ...           GGUF for llama.cpp (see `tinyllm export gguf --help`)
+    tinyllm export qwen2-moe ...      a MoE Tinyllm as Qwen2MoeForCausalLM
+    tinyllm export gguf-moe ...       a MoE Tinyllm as a qwen2moe GGUF
 """
 
 import argparse
@@ -13,9 +15,17 @@ from tinyllm_hf.modeling import convert
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyllm export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("format", choices=["llama", "tinyllm", "gguf"])
+    parser.add_argument("format", choices=["llama", "tinyllm", "gguf", "qwen2-moe", "gguf-moe"])
     parser.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.format == "qwen2-moe":
+        from tinyllm_hf.modeling import convert_moe
+
+        return convert_moe.main(args.rest)
+    if args.format == "gguf-moe":
+        from tinyllm_hf.integrations import gguf_moe
+
+        return gguf_moe.main(args.rest)
     if args.format == "gguf":
         from tinyllm_hf.integrations import gguf
 
