@@ -12,6 +12,11 @@ seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
 
     python bench/pretrain_throughput.py [--presets tiny 16m] [--variants tinyllm llama bf16 compile foreach]
                                         [--rounds 3] [--steps 6] [--tokens-per-step 4096] [--threads 2]
+
+On a GPU (`--device cuda`) every variant trains in bf16 autocast and the peak is the best bf16 8192^3 matmul, e.g.
+    python bench/pretrain_throughput.py --device cuda --presets 92m 210m --variants tinyllm llama compile \
+        --tokens-per-step 65536 --steps 10 --warmup 3
+MoE presets have no Llama twin; their `llama` row is left out.
 """
 
 import argparse
@@ -58,15 +63,21 @@ def random_blocks(n_blocks: int, block_size: int, seed: int = 0) -> datasets.Dat
     return datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB_SIZE, (n_blocks, block_size), dtype=np.int32)})
 
 
-def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes: dict, output_dir: str) -> list[tuple]:
+def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes: dict, output_dir: str,
+               device: str) -> list[tuple]:
+    if device == "cuda":
+        changes = {"bf16": True, **changes}
     args = TrainingArguments(
-        output_dir=output_dir, use_cpu=True, per_device_train_batch_size=batch_size, max_steps=steps + warmup,
+        output_dir=output_dir, use_cpu=device == "cpu", per_device_train_batch_size=batch_size, max_steps=steps + warmup,
         learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000,
         dataloader_num_workers=0, **changes,
     )
     timer = StepTimer()
     trainer = PretrainTrainer(model=model, args=args, train_dataset=blocks, data_collator=collate_blocks, callbacks=[timer])
     trainer.train()
+    if device == "cuda":
+        model.cpu()  # free the GPU for the next variant
+        torch.cuda.empty_cache()
     intervals = np.diff(np.array(timer.ends), axis=0).tolist()  # [(wall, cpu)] per step
     return intervals[warmup - 1:]  # the interval ending at step warmup+1 is the first steady one
 
@@ -80,6 +91,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every round")
     parser.add_argument("--tokens-per-step", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -94,9 +106,12 @@ def main():
         tokens_per_step = batch_size * block_size
         blocks = random_blocks(batch_size * (args.steps + args.warmup), block_size)
         tinyllm = TinyllmForCausalLM(config)
-        models = {"tinyllm": tinyllm, "llama": tinyllm_to_llama_model(tinyllm)}
+        models = {"tinyllm": tinyllm}
+        if not config.num_experts:
+            models["llama"] = tinyllm_to_llama_model(tinyllm)
         # Each variant trains its own copy, so an optimizer step of one never changes another's weights.
-        copies = {name: type(models[kind])(models[kind].config) for name, (kind, _) in VARIANTS.items() if name in args.variants}
+        copies = {name: type(models[kind])(models[kind].config) for name, (kind, _) in VARIANTS.items()
+                  if name in args.variants and kind in models}
         for name, model in copies.items():
             model.load_state_dict(models[VARIANTS[name][0]].state_dict())
         flops_per_token = matmul_flops_per_token(tinyllm, block_size)
@@ -105,12 +120,12 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             names = list(copies)
             for round_index in range(args.rounds):
-                peaks.append(measure_matmul_peak("cpu"))
+                peaks.append(measure_matmul_peak(args.device, torch.bfloat16 if args.device == "cuda" else torch.float32))
                 # Rotate the order every round so that no variant always runs first (or right after the peak test).
                 shift = round_index % len(names)
                 for name in names[shift:] + names[:shift]:
                     times[name] += step_times(copies[name], blocks, batch_size, args.steps, args.warmup,
-                                              VARIANTS[name][1], tmp)
+                                              VARIANTS[name][1], tmp, args.device)
         peak = max(peaks)
         n_params = sum(p.numel() for p in tinyllm.parameters())
         for name in copies:
@@ -118,7 +133,7 @@ def main():
             cpu = statistics.median(cpu for _, cpu in times[name])
             tokens_per_second = tokens_per_step / step
             rows.append((preset, n_params, name, step, cpu, tokens_per_second, tokens_per_second * flops_per_token / peak))
-        print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+        print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, matmul peak {peak / 1e9:.1f} GFLOP/s "
               f"(best of {len(peaks)}; min {min(peaks) / 1e9:.1f})", flush=True)
 
     header = "| preset | params | variant | median step (s) | CPU s/step | tokens/s | MFU | vs llama |"
@@ -127,7 +142,8 @@ def main():
         llama = next((r[5] for r in rows if r[0] == preset and r[2] == "llama"), None)
         ratio = f"{tps / llama:.2f}" if llama else "-"
         lines.append(f"| {preset} | {n_params / 1e6:.2f}M | {name} | {step:.3f} | {cpu:.3f} | {tps:,.0f} | {mfu:.1%} | {ratio} |")
-    print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"\n{datetime.date.today()}, {machine}, torch {torch.__version__}, "
           f"{args.threads} threads, {args.tokens_per_step} tokens/step, {args.rounds} rounds x {args.steps} steps")
     print("\n".join(lines))
 

@@ -226,6 +226,29 @@ def test_flops_per_token_formula():
     assert matmul_flops_per_token(model, 64) == 6 * (2 * per_layer + 100 * 32) + 12 * 2 * 32 * 64
 
 
+def test_flops_per_token_counts_active_experts_only():
+    config = TinyllmConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64, num_experts=8, num_experts_per_tok=2,
+                           num_shared_experts=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    model = TinyllmForCausalLM(config)
+    attention, router = 4 * 32 * 32, 8 * 32
+    routed = 2 * 3 * 32 * 16  # two of the eight experts, gate/up/down each hidden x moe_intermediate
+    shared = 3 * 32 * 16
+    per_layer = attention + router + routed + shared
+    assert matmul_flops_per_token(model, 64) == 6 * (2 * per_layer + 100 * 32) + 12 * 2 * 32 * 64
+
+
+def test_flops_per_token_reads_zero3_partitioned_sizes():
+    config = TinyllmConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64)
+    model = TinyllmForCausalLM(config)
+    expected = matmul_flops_per_token(model, 64)
+    for parameter in model.parameters():  # what ZeRO-3 leaves on a rank: an empty tensor that knows its full size
+        parameter.ds_numel = parameter.numel()
+        parameter.data = torch.empty(0)
+    assert matmul_flops_per_token(model, 64) == expected
+
+
 def test_latest_checkpoint_ignores_partial_and_staging_folders(tmp_path):
     def checkpoint(name, complete=True):
         path = tmp_path / name

@@ -27,6 +27,8 @@ from transformers import HfArgumentParser, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
+
 logger = logging.get_logger("tinyllm_hf")
 
 STAGING_PREFIX = "tmp-"  # checkpoints are written under tmp-checkpoint-N/ and renamed when complete
@@ -268,18 +270,32 @@ def matmul_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     6N counts forward (2N) and backward (4N) multiply-adds of every `nn.Linear` weight; the output projection counts
     even when it is tied to the embedding (it is still a matmul), the embedding lookup and the norms do not. The second
     term is the attention scores and weighted sum (QK^T and AV: 2 * 2 * seq_len * width forward, x3 for training) per
-    layer, without halving for the causal mask (the PaLM paper's convention).
+    layer, without halving for the causal mask (the PaLM paper's convention). In a Mixture-of-Experts model N counts the
+    router and the experts a token is routed to (active parameters), not all experts.
     """
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     config = model.config
+    matmul_params = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, TinyllmRouter)):
+            matmul_params += _numel(module.weight)
+        elif isinstance(module, TinyllmExperts):  # each token passes through num_experts_per_tok of the stacked experts
+            stacked = _numel(module.gate_up_proj) + _numel(module.down_proj)
+            matmul_params += stacked * config.num_experts_per_tok // config.num_experts
     attention_width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     return 6 * matmul_params + 12 * config.num_hidden_layers * attention_width * seq_len
 
 
-def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048,
+def _numel(parameter: torch.nn.Parameter) -> int:
+    # DeepSpeed ZeRO-3 partitions parameters: numel() is 0 on every rank, ds_numel is the full size.
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
                         repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a square matmul on `device`: the practical peak MFU is measured against."""
+    """Best-of-`repeats` FLOP/s of a square matmul on `device`: the practical peak MFU is measured against.
+    The default size is 2048 on CPU and 8192 on GPUs, where smaller products do not fill the chip."""
     device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     iters = 20 if device.type == "cuda" else 1
@@ -321,7 +337,7 @@ class ThroughputCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self._measure:
             self.peak_flops = max(self.peak_flops or 0.0, measure_matmul_peak(args.device, self.peak_dtype))
-            source = (f"measured: {str(self.peak_dtype).removeprefix('torch.')} 2048^3 matmul on {args.device}, "
+            source = (f"measured: {str(self.peak_dtype).removeprefix('torch.')} square matmul on {args.device}, "
                       "measured again at every evaluation and save, the best value used")
         else:
             source = "given"
