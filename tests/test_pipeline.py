@@ -27,6 +27,8 @@ def smoke_recipe(tmp_path: Path) -> Path:
     recipe["dpo"]["args"] = {**few_steps, **preference_args}
     recipe["eval"].update(task_sizes="sentiment=4,xiehouyu=2", args={"max-new-tokens": 8, "limit": 4})
     recipe["quantize"]["methods"] = ["quanto-int8"]  # the ONNX export alone takes minutes; tests/test_quantize.py covers it
+    recipe["quantize"]["drift"] = {"tasks": 4, "task_tokens": 4, "eval_chunks": 2, "chunk_len": 32, "gen_tokens": 4,
+                                   "speed_tokens": 8}
     recipe["gguf"]["outtypes"] = ["f16"]
     recipe["report"]["prompts"] = recipe["report"]["prompts"][:2]
     path = tmp_path / "smoke.yaml"
@@ -46,6 +48,9 @@ def test_quickstart_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
         assert (run_dir / stage / "stage.json").exists(), f"stage {stage} did not finish"
     report = (run_dir / "report" / "report.md").read_text("utf-8")
     assert "## Stages" in report and "## Evaluation" in report and "## Sample chats" in report
+    drift = json.loads((run_dir / "quantize" / "drift.json").read_text())
+    assert [v["name"] for v in drift["variants"]] == ["fp32", "quanto-int8", "model-f16.gguf"]
+    assert "## Quantized variants" in report and "| quanto-int8 |" in report
     assert (run_dir / "report" / "pretrain_loss.png").exists()
     staged = run_dir / "release" / "staged"
     assert {"README.md", "model.safetensors", "modeling_tinyllm.py", "model-f16.gguf"} <= {p.name for p in staged.iterdir()}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "quantize", "gguf", "release", "report")
+# gguf runs before quantize: the quantize stage ends by measuring every variant, GGUF files included, against fp32.
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "gguf", "quantize", "release", "report")
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
 ALIGNED_STAGES = ("grpo", "dpo")  # the chat model released is the last of these that ran, else the SFT model
 SUMMARY = "stage.json"
@@ -159,17 +160,47 @@ class Pipeline:
             args += as_flags(entry.get("args"))
             self.run_command("eval", args)
 
+    def gguf_files(self) -> list[Path]:
+        if not self.configured("gguf"):
+            return []
+        return [self.stage_dir("gguf") / f"model-{t}.gguf" for t in self.recipe["gguf"].get("outtypes", ["f16"])]
+
+    def gguf(self):
+        for path in self.gguf_files():
+            outtype = path.stem.removeprefix("model-")
+            self.run_command("gguf", ["export", "gguf", "--model", str(self.chat_model()), "--outtype", outtype,
+                                      "--output", str(path)])
+
     def quantize(self):
-        for method in self.recipe["quantize"].get("methods", []):
+        entry = self.recipe["quantize"]
+        variants = []
+        for method in entry.get("methods", []):
             target = self.stage_dir("quantize") / method
             shutil.rmtree(target, ignore_errors=True)
             self.run_command("quantize", ["quantize", "--model", str(self.chat_model()), "--method", method,
                                           "--output", str(target)])
+            variants.append(target)
+        self.write_drift_table(entry.get("drift", {}), variants + self.gguf_files())
 
-    def gguf(self):
-        for outtype in self.recipe["gguf"].get("outtypes", ["f16"]):
-            self.run_command("gguf", ["export", "gguf", "--model", str(self.chat_model()), "--outtype", outtype,
-                                      "--output", str(self.stage_dir("gguf") / f"model-{outtype}.gguf")])
+    def write_drift_table(self, settings, variants: list[Path]) -> None:
+        """quantize/drift.md + drift.json: every variant against the chat model in fp32 (`drift: false` turns it off,
+        a mapping sets `tinyllm quantize drift` options, e.g. `{tasks: 60, eval_chunks: 16}`)."""
+        markdown, result = self.stage_dir("quantize") / "drift.md", self.stage_dir("quantize") / "drift.json"
+        for path in (markdown, result):
+            path.unlink(missing_ok=True)  # never leave the report a table of older variants
+        if settings is False or not variants:
+            return
+        if settings is True or settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"quantize.drift must be a mapping of options or false, not {settings!r}")
+        args = ["quantize", "drift", "--model", str(self.chat_model()), "--output", str(markdown), "--json", str(result)]
+        for variant in variants:
+            args += ["--variant", str(variant)]
+        tasks_file = self.stage_dir("eval") / "heldout_tasks.jsonl"  # the questions the eval stage asked
+        if tasks_file.exists() and "tasks_file" not in settings:
+            args += ["--tasks-file", str(tasks_file)]
+        self.run_command("quantize", args + as_flags(settings))
 
     def release(self):
         entry = self.recipe["release"]

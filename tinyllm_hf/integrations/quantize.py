@@ -1,6 +1,7 @@
 """`tinyllm quantize`: smaller / faster copies of a Tinyllm or Llama checkpoint for CPU inference.
 
     tinyllm quantize --model out/sft --method onnx-int8 --output out/sft-onnx-int8
+    tinyllm quantize drift --model out/sft --variant out/sft-onnx-int8 --output drift.md   (see integrations/drift.py)
 
 Methods (all on the core transformers 5 install plus the `quant` extra, no second transformers):
     onnx           ONNX prefill + decode graphs with explicit KV cache (transformers' own exporter), fp32
@@ -283,6 +284,11 @@ def load_quantized(model_dir: str | Path, num_threads: int | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "drift":  # `tinyllm quantize drift`: measure variants instead of making one
+        from tinyllm_hf.integrations import drift
+
+        return drift.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="tinyllm quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
