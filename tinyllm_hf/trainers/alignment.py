@@ -1,11 +1,12 @@
-"""Pieces the alignment stages share: preference and prompt data arguments, policy/tokenizer loading, LoRA
-configuration, and the training run of the on-policy stages (GRPO, RLOO)."""
+"""Pieces the alignment stages share: preference and prompt data arguments, policy/tokenizer loading, TRL defaults, and
+the training runs themselves: `train_offline` (DPO, KTO, ORPO: fixed preference pairs) and `train_online` (GRPO, RLOO:
+sampled completions scored by reward functions). Each stage's module keeps only its TRL trainer, config and defaults."""
 
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.preference import (
@@ -15,9 +16,7 @@ from tinyllm_hf.data.preference import (
     load_prompt_dataset,
 )
 from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
-from tinyllm_hf.modeling import LORA_TARGET_MODULES
-from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
-from tinyllm_hf.trainers.common import LossCurveCallback, latest_checkpoint, remove_staging_dirs
+from tinyllm_hf.trainers.common import LossCurveCallback, RunArguments, final_eval_metrics, peft_config, train_and_save
 from tinyllm_hf.trainers.rewards import build_rewards
 
 
@@ -27,6 +26,14 @@ def trl_defaults(output_dir: str, **overrides) -> dict:
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return {"output_dir": output_dir, "report_to": ["tensorboard"], "logging_steps": 10, "bf16": bf16,
             "gradient_checkpointing": False, **overrides}
+
+
+def online_defaults(output_dir: str, **overrides) -> dict:
+    """`trl_defaults` plus the sampling and batch defaults of the on-policy stages (GRPO, RLOO). A small model sampling
+    from its full distribution (TRL's default top_k=0, temperature 1) mostly produces garbage that earns no reward:
+    sample from its few most likely tokens instead."""
+    return trl_defaults(output_dir, num_generations=4, per_device_train_batch_size=8, max_completion_length=64,
+                        temperature=0.8, top_k=20, learning_rate=1e-5, log_completions=False, **overrides)
 
 
 @dataclass
@@ -113,13 +120,6 @@ def load_policy(model_args: ModelConfig, tokenizer):
     return model
 
 
-def peft_config(model_args: ModelConfig):
-    """A LoRA config when `use_peft` is set, targeting every linear layer of the decoder by default."""
-    if model_args.use_peft and not model_args.lora_target_modules:
-        model_args.lora_target_modules = list(LORA_TARGET_MODULES)
-    return get_peft_config(model_args)
-
-
 def check_run_args(run_args) -> None:
     # The data-order log hashes `input_ids`, which preference and RL batches do not have (they carry prompt/chosen/
     # completion ids): refuse it rather than ignore it.
@@ -127,17 +127,30 @@ def check_run_args(run_args) -> None:
         raise ValueError("data_order_log is supported by pretrain and sft only, not by the alignment stages")
 
 
-def finish(trainer, args, run_metrics: dict) -> None:
-    """Save the final model with a tokenizer every transformers version loads, its metrics and trainer state."""
-    trainer.save_model()
-    trainer.save_metrics("train", run_metrics)
-    trainer.save_state()
-    if args.should_save:
-        write_portable_tokenizer_config(args.output_dir)
+def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args: ModelConfig, args,
+                  run_args: RunArguments) -> dict:
+    """Offline preference optimisation (DPO, KTO or ORPO, by `trainer_class`) of the policy on prompt/chosen/rejected
+    pairs; evaluated on the held-out pairs when there are any; the final model saved into output_dir."""
+    check_run_args(run_args)
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
+    if eval_dataset is None:
+        args.eval_strategy = "no"
+    trainer = trainer_class(
+        model=load_policy(model_args, tokenizer),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
+    )
+    return train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
 
 
 def train_online(trainer_class, data_args: PromptDataArguments, reward_args, model_args: ModelConfig, args,
-                 run_args) -> dict:
+                 run_args: RunArguments) -> dict:
     """One on-policy run (GRPO or RLOO, by `trainer_class`): sample completions of the prompts, score them with the
     weighted reward functions, update the policy; save the final model into output_dir."""
     check_run_args(run_args)
@@ -157,8 +170,4 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
         peft_config=peft_config(model_args),
         callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
     )
-    if args.should_save:
-        remove_staging_dirs(args.output_dir)
-    result = trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if run_args.resume else None)
-    finish(trainer, args, result.metrics)
-    return dict(result.metrics)
+    return train_and_save(trainer, run_args)

@@ -5,8 +5,9 @@
 - `ReliableTrainerMixin`: mix into any `transformers.Trainer` subclass (TRL's included) for atomic checkpoints
   (written into `tmp-checkpoint-N/`, renamed to `checkpoint-N` once complete), a clear stop on a non-finite loss and an
   optional per-step data-order log.
-- `latest_checkpoint`: the newest complete checkpoint of a run, for `--resume`.
+- `latest_checkpoint` / `resume_checkpoint`: the newest complete checkpoint of a run, for `--resume`.
 - `ThroughputCallback` (tokens/s and MFU) and `LossCurveCallback` (loss-curve PNG at the end of training).
+- `run_stage`, `train_and_save`, `final_eval_metrics`, `peft_config`: the parts every stage's `main`/`train` repeats.
 """
 
 import hashlib
@@ -18,16 +19,20 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
+from trl import ModelConfig, get_peft_config
 
+from tinyllm_hf.modeling import LORA_TARGET_MODULES
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
+from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
 
 logger = logging.get_logger("tinyllm_hf")
 
@@ -140,6 +145,22 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
         if path.is_dir() and checkpoint_step(path) is not None and path not in complete:
             logger.warning(f"ignoring incomplete checkpoint {path}")
     return str(max(complete, key=checkpoint_step)) if complete else None
+
+
+def resume_checkpoint(args: TrainingArguments, run_args: RunArguments) -> str | None:
+    """The checkpoint to continue from: `resume_from_checkpoint` when given, else with `--resume` the newest complete
+    one in output_dir; without either, None (and a warning when output_dir already holds checkpoints)."""
+    if args.resume_from_checkpoint:
+        return args.resume_from_checkpoint
+    if not run_args.resume:
+        if latest_checkpoint(args.output_dir) is not None:
+            logger.warning(f"{args.output_dir} holds checkpoints from an earlier run: starting from step 0 anyway "
+                           "(pass --resume to continue instead)")
+        return None
+    checkpoint = latest_checkpoint(args.output_dir)
+    if checkpoint is None:
+        logger.warning(f"--resume: no complete checkpoint in {args.output_dir}, starting from step 0")
+    return checkpoint
 
 
 def remove_staging_dirs(output_dir: str | os.PathLike) -> None:
@@ -315,6 +336,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_dtype(args: TrainingArguments) -> torch.dtype:
+    """The dtype the matmuls of a run use, which is what its MFU is measured against."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds `tokens_per_second` (whole job), `mfu` and `peak_gflops` (per process) to every training log, from the
     median optimizer step since the previous log (the median ignores steps that also evaluated or saved).
@@ -439,3 +465,61 @@ class LossCurveCallback(TrainerCallback):
         if state.is_world_process_zero:
             path = plot_loss_curve(state.log_history, Path(args.output_dir) / self.filename, self.reference)
             logger.warning(f"loss curve written to {path}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One stage, start to end: the command line, LoRA, training, the final evaluation and the saved outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_stage(prog: str, dataclass_types, defaults: dict, train: Callable, argv: list[str] | None = None) -> int:
+    """The `main` of every training stage: parse the recipe into `dataclass_types` (see `parse_recipe`), call `train`
+    with the instances in that order, and turn a bad input or a diverged run into one `prog: error: ...` line."""
+    try:
+        train(*parse_recipe(dataclass_types, argv, defaults=defaults, prog=prog))
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def peft_config(model_args: ModelConfig):
+    """A LoRA config when `use_peft` is set (else None), targeting every linear layer of the decoder by default, the
+    QLoRA paper's recommendation."""
+    if model_args.use_peft and not model_args.lora_target_modules:
+        model_args.lora_target_modules = list(LORA_TARGET_MODULES)
+    return get_peft_config(model_args)
+
+
+def final_eval_metrics(trainer) -> dict:
+    """Validation metrics of the trained model: those the evaluation schedule logged at the last step if it did (no
+    second pass over the same data), else a fresh `trainer.evaluate()`."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last is not None and last["step"] == trainer.state.global_step:
+        return {key: value for key, value in last.items() if key.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def train_and_save(trainer, run_args: RunArguments, evaluate: Callable[..., dict] | None = None) -> dict:
+    """Train (resuming as `resume_checkpoint` says), then leave a finished stage's outputs in output_dir: the model
+    with its tokenizer (its config rewritten by `write_portable_tokenizer_config`, so transformers 4.x loads it too),
+    train_results.json, eval_results.json when there is an `evaluate`, all_results.json and trainer_state.json.
+
+    `evaluate(trainer)` (e.g. `final_eval_metrics`) measures the trained model; it runs before the state is saved, so
+    what it logs is part of trainer_state.json. Returns the train and evaluation metrics in one dict.
+    """
+    args = trainer.args
+    trainer.data_order_log = run_args.data_order_log
+    if args.should_save:
+        remove_staging_dirs(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, run_args))
+    eval_metrics = evaluate(trainer) if evaluate is not None else None
+    trainer.save_model()
+    trainer.save_metrics("train", result.metrics)
+    if eval_metrics is not None:
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+    if args.should_save:
+        write_portable_tokenizer_config(args.output_dir)
+    return {**result.metrics, **(eval_metrics or {})}

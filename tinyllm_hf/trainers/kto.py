@@ -1,6 +1,6 @@
 """Kahneman-Tversky optimisation (KTO) of a chat model with TRL's KTOTrainer.
 
-    python -m tinyllm_hf.trainers.kto --config recipes/kto/quickstart.yaml [--desirable_weight 1.0]
+    tinyllm kto --config recipes/kto/quickstart.yaml [--desirable_weight 1.0]
 
 KTO learns from answers labelled good or bad one at a time rather than from pairs. The preference data is the same as
 for DPO (the embedded set or your own prompt/chosen/rejected files); TRL splits each pair into a desirable (chosen) and
@@ -12,9 +12,8 @@ import sys
 
 from trl import KTOConfig, KTOTrainer, ModelConfig
 
-from tinyllm_hf.trainers.alignment import PreferenceDataArguments, trl_defaults
-from tinyllm_hf.trainers.common import NonFiniteLossError, ReliableTrainerMixin, RunArguments, parse_recipe
-from tinyllm_hf.trainers.dpo import train
+from tinyllm_hf.trainers.alignment import PreferenceDataArguments, train_offline, trl_defaults
+from tinyllm_hf.trainers.common import ReliableTrainerMixin, RunArguments, run_stage
 
 # The recipe's sections, in the order `parse_recipe` returns them.
 ARGUMENTS = [PreferenceDataArguments, ModelConfig, KTOConfig, RunArguments]
@@ -25,16 +24,12 @@ class TinyllmKTOTrainer(ReliableTrainerMixin, KTOTrainer):
     """TRL's KTOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
+def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: KTOConfig, run_args: RunArguments) -> dict:
+    return train_offline(TinyllmKTOTrainer, data_args, model_args, args, run_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        data_args, model_args, training_args, run_args = parse_recipe(
-            ARGUMENTS, argv, defaults=DEFAULTS, prog="python -m tinyllm_hf.trainers.kto"
-        )
-        train(data_args, model_args, training_args, run_args, trainer_class=TinyllmKTOTrainer)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"kto: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage("tinyllm kto", ARGUMENTS, DEFAULTS, train, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Odds-ratio preference optimisation (ORPO) of a chat model with TRL's experimental ORPOTrainer.
 
-    python -m tinyllm_hf.trainers.orpo --config recipes/orpo/quickstart.yaml [--beta 0.1]
+    tinyllm orpo --config recipes/orpo/quickstart.yaml [--beta 0.1]
 
 ORPO adds a preference term (the log odds ratio of chosen over rejected, weighted by `beta`) to the usual supervised
 loss on the chosen answer, so it needs no reference model and can start from a base or an SFT model. Same preference
@@ -13,9 +13,8 @@ import sys
 from trl import ModelConfig
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from tinyllm_hf.trainers.alignment import PreferenceDataArguments, trl_defaults
-from tinyllm_hf.trainers.common import NonFiniteLossError, ReliableTrainerMixin, RunArguments, parse_recipe
-from tinyllm_hf.trainers.dpo import train
+from tinyllm_hf.trainers.alignment import PreferenceDataArguments, train_offline, trl_defaults
+from tinyllm_hf.trainers.common import ReliableTrainerMixin, RunArguments, run_stage
 
 # The recipe's sections, in the order `parse_recipe` returns them.
 ARGUMENTS = [PreferenceDataArguments, ModelConfig, ORPOConfig, RunArguments]
@@ -26,16 +25,12 @@ class TinyllmORPOTrainer(ReliableTrainerMixin, ORPOTrainer):
     """TRL's ORPOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
+def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: ORPOConfig, run_args: RunArguments) -> dict:
+    return train_offline(TinyllmORPOTrainer, data_args, model_args, args, run_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        data_args, model_args, training_args, run_args = parse_recipe(
-            ARGUMENTS, argv, defaults=DEFAULTS, prog="python -m tinyllm_hf.trainers.orpo"
-        )
-        train(data_args, model_args, training_args, run_args, trainer_class=TinyllmORPOTrainer)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"orpo: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage("tinyllm orpo", ARGUMENTS, DEFAULTS, train, argv)
 
 
 if __name__ == "__main__":

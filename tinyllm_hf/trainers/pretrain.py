@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -24,16 +23,16 @@ from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entrop
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
-    NonFiniteLossError,
     ReliableTrainerMixin,
     RunArguments,
     ThroughputCallback,
     add_callback_first,
-    latest_checkpoint,
+    final_eval_metrics,
     logger,
     matmul_flops_per_token,
-    parse_recipe,
-    remove_staging_dirs,
+    peak_dtype,
+    run_stage,
+    train_and_save,
 )
 
 # Defaults that differ from TrainingArguments' own; recipes and the command line override them.
@@ -140,24 +139,6 @@ def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: i
     return train, validation
 
 
-def peak_dtype(args: TrainingArguments) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def resume_checkpoint(args: TrainingArguments, run_args: RunArguments) -> str | None:
-    if args.resume_from_checkpoint:
-        return args.resume_from_checkpoint
-    if not run_args.resume:
-        if latest_checkpoint(args.output_dir) is not None:
-            logger.warning(f"{args.output_dir} holds checkpoints from an earlier run: starting from step 0 anyway "
-                           "(pass --resume to continue instead)")
-        return None
-    checkpoint = latest_checkpoint(args.output_dir)
-    if checkpoint is None:
-        logger.warning(f"--resume: no complete checkpoint in {args.output_dir}, starting from step 0")
-    return checkpoint
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, run_args: RunArguments) -> dict:
     set_seed(args.seed)
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
@@ -191,40 +172,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         trainer,
         ThroughputCallback(matmul_flops_per_token(model, block_size), tokens_per_step, run_args.peak_flops, peak_dtype(args)),
     )
-    trainer.data_order_log = run_args.data_order_log
+    def evaluate(trainer) -> dict:
+        metrics = final_eval_metrics(trainer)
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        metrics["eval_unigram_entropy"] = entropy
+        return metrics
 
-    if args.should_save:
-        remove_staging_dirs(args.output_dir)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, run_args))
-    trainer.save_model()
-    metrics = dict(result.metrics)
-    if args.eval_strategy != "no" or args.do_eval:
-        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
-        if last is not None and last["step"] == trainer.state.global_step:  # the schedule just evaluated this model
-            eval_metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
-        else:
-            eval_metrics = trainer.evaluate()
-        eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50))
-        eval_metrics["eval_unigram_entropy"] = entropy
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    return metrics
+    return train_and_save(trainer, run_args, evaluate if args.eval_strategy != "no" or args.do_eval else None)
+
+
+# The recipe's sections, in the order `parse_recipe` returns them.
+ARGUMENTS = [ModelArguments, DataArguments, TrainingArguments, RunArguments]
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        model_args, data_args, training_args, run_args = parse_recipe(
-            [ModelArguments, DataArguments, TrainingArguments, RunArguments], argv, defaults=DEFAULTS,
-            prog="tinyllm pretrain",
-        )
-        train(model_args, data_args, training_args, run_args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"tinyllm pretrain: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage("tinyllm pretrain", ARGUMENTS, DEFAULTS, train, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and written to `output_dir/pairwise_accuracy.json`.
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,20 +19,17 @@ from trl import ModelConfig, RewardConfig, RewardTrainer
 from tinyllm_hf.trainers.alignment import (
     PreferenceDataArguments,
     check_run_args,
-    finish,
     load_tokenizer,
-    peft_config,
     preference_datasets,
     trl_defaults,
 )
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
-    NonFiniteLossError,
     ReliableTrainerMixin,
     RunArguments,
-    latest_checkpoint,
-    parse_recipe,
-    remove_staging_dirs,
+    peft_config,
+    run_stage,
+    train_and_save,
 )
 
 # The recipe's sections, in the order `parse_recipe` returns them.
@@ -63,6 +61,17 @@ def pairwise_accuracy(model, tokenizer, pairs, max_length: int = 256) -> float:
     return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
+def heldout_accuracy(trainer, tokenizer, pairs) -> dict:
+    """The reward model's pairwise accuracy on the held-out pairs, also written to output_dir/pairwise_accuracy.json."""
+    accuracy = pairwise_accuracy(trainer.model, tokenizer, pairs, trainer.args.max_length or 256)
+    if trainer.args.should_save:
+        Path(trainer.args.output_dir, "pairwise_accuracy.json").write_text(
+            json.dumps({"heldout_pairs": len(pairs), "pairwise_accuracy": accuracy}, indent=2) + "\n"
+        )
+    print(f"reward model: pairwise accuracy {accuracy:.3f} on {len(pairs)} held-out pairs")
+    return {"heldout_pairwise_accuracy": accuracy}
+
+
 def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: RewardConfig, run_args: RunArguments) -> dict:
     check_run_args(run_args)
     set_seed(args.seed)
@@ -83,33 +92,12 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
         peft_config=peft_config(model_args),
         callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
     )
-    if args.should_save:
-        remove_staging_dirs(args.output_dir)
-    result = trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir) if run_args.resume else None)
-    metrics = dict(result.metrics)
-    if eval_dataset is not None:
-        accuracy = pairwise_accuracy(trainer.model, tokenizer, eval_dataset, args.max_length or 256)
-        metrics["heldout_pairwise_accuracy"] = accuracy
-        if args.should_save:
-            Path(args.output_dir, "pairwise_accuracy.json").write_text(
-                json.dumps({"heldout_pairs": len(eval_dataset), "pairwise_accuracy": accuracy}, indent=2) + "\n"
-            )
-        print(f"reward model: pairwise accuracy {accuracy:.3f} on {len(eval_dataset)} held-out pairs")
-    finish(trainer, args, metrics)
-    return metrics
+    evaluate = partial(heldout_accuracy, tokenizer=tokenizer, pairs=eval_dataset) if eval_dataset is not None else None
+    return train_and_save(trainer, run_args, evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        data_args, model_args, training_args, run_args = parse_recipe(
-            ARGUMENTS, argv, defaults=DEFAULTS,
-            prog="tinyllm reward",
-        )
-        train(data_args, model_args, training_args, run_args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"tinyllm reward: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage("tinyllm reward", ARGUMENTS, DEFAULTS, train, argv)
 
 
 if __name__ == "__main__":

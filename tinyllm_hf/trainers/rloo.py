@@ -14,33 +14,26 @@ import sys
 
 from trl import ModelConfig, RLOOConfig, RLOOTrainer
 
-from tinyllm_hf.trainers.alignment import PromptDataArguments, train_online, trl_defaults
-from tinyllm_hf.trainers.common import NonFiniteLossError, ReliableTrainerMixin, RunArguments, parse_recipe
+from tinyllm_hf.trainers.alignment import PromptDataArguments, online_defaults, train_online
+from tinyllm_hf.trainers.common import ReliableTrainerMixin, RunArguments, run_stage
 from tinyllm_hf.trainers.rewards import RewardArguments
 
 # The recipe's sections, in the order `parse_recipe` returns them.
 ARGUMENTS = [PromptDataArguments, RewardArguments, ModelConfig, RLOOConfig, RunArguments]
-# A small model sampling from its full distribution (TRL's default top_k=0, temperature 1) mostly produces garbage that
-# earns no reward: sample from its few most likely tokens instead.
-DEFAULTS = trl_defaults("outputs/rloo", num_generations=4, per_device_train_batch_size=8, max_completion_length=64,
-                        temperature=0.8, top_k=20, learning_rate=1e-5, log_completions=False)
+DEFAULTS = online_defaults("outputs/rloo")
 
 
 class TinyllmRLOOTrainer(ReliableTrainerMixin, RLOOTrainer):
     """TRL's RLOOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
+def train(data_args: PromptDataArguments, reward_args: RewardArguments, model_args: ModelConfig, args: RLOOConfig,
+          run_args: RunArguments) -> dict:
+    return train_online(TinyllmRLOOTrainer, data_args, reward_args, model_args, args, run_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        data_args, reward_args, model_args, training_args, run_args = parse_recipe(
-            ARGUMENTS, argv, defaults=DEFAULTS,
-            prog="tinyllm rloo",
-        )
-        train_online(TinyllmRLOOTrainer, data_args, reward_args, model_args, training_args, run_args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"tinyllm rloo: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage("tinyllm rloo", ARGUMENTS, DEFAULTS, train, argv)
 
 
 if __name__ == "__main__":

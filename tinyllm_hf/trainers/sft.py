@@ -27,7 +27,7 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer
-from trl.trainer.utils import get_peft_config, get_quantization_config
+from trl.trainer.utils import get_quantization_config
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.sft import (
@@ -40,23 +40,21 @@ from tinyllm_hf.data.sft import (
     parse_task_sizes,
     write_task_file,
 )
-from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
-    NonFiniteLossError,
     ReliableTrainerMixin,
     RunArguments,
     ThroughputCallback,
     add_callback_first,
+    final_eval_metrics,
     logger,
     matmul_flops_per_token,
-    parse_recipe,
-    remove_staging_dirs,
+    peak_dtype,
+    peft_config,
+    run_stage,
+    train_and_save,
 )
-from tinyllm_hf.trainers.pretrain import peak_dtype, resume_checkpoint
 
-# Every linear layer of a Tinyllm (= Llama) block: LoRA on all of them is the QLoRA paper's recommendation.
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HELDOUT_TASKS_FILE = "heldout_tasks.jsonl"
 HELDOUT_RESULTS_FILE = "heldout_results.json"
 
@@ -189,14 +187,6 @@ def load_model(model_args: ModelConfig, tokenizer):
     return model
 
 
-def peft_config(model_args: ModelConfig):
-    if not model_args.use_peft:
-        return None
-    if model_args.lora_target_modules is None:
-        model_args.lora_target_modules = LORA_TARGET_MODULES
-    return get_peft_config(model_args)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------------
@@ -297,41 +287,23 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
     add_callback_first(
         trainer, ThroughputCallback(matmul_flops_per_token(base, args.max_length), None, run_args.peak_flops, peak_dtype(args))
     )
-    trainer.data_order_log = run_args.data_order_log
     if hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
 
-    if args.should_save:
-        remove_staging_dirs(args.output_dir)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, run_args))
-    trainer.save_model()
-    metrics = dict(result.metrics)
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    if args.should_save:
-        write_portable_tokenizer_config(args.output_dir)
-        if "default" in data_args.sources:
-            heldout = evaluate_heldout(trainer.model, tokenizer, data_args, args.output_dir)
-            if heldout is not None:
-                metrics.update({f"heldout_accuracy_{task}": e["accuracy"] for task, e in heldout["per_task"].items()})
+    metrics = train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
+    if args.should_save and "default" in data_args.sources:
+        heldout = evaluate_heldout(trainer.model, tokenizer, data_args, args.output_dir)
+        if heldout is not None:
+            metrics.update({f"heldout_accuracy_{task}": e["accuracy"] for task, e in heldout["per_task"].items()})
     return metrics
 
 
+# The recipe's sections, in the order `parse_recipe` returns them.
+ARGUMENTS = [ModelConfig, SFTDataArguments, SFTConfig, RunArguments]
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        model_args, data_args, training_args, run_args = parse_recipe(
-            [ModelConfig, SFTDataArguments, SFTConfig, RunArguments], argv, defaults=DEFAULTS
-        )
-        train(model_args, data_args, training_args, run_args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"tinyllm sft: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_stage("tinyllm sft", ARGUMENTS, DEFAULTS, train, argv)
 
 
 if __name__ == "__main__":
