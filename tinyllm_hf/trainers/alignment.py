@@ -16,7 +16,14 @@ from tinyllm_hf.data.preference import (
     load_prompt_dataset,
 )
 from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
-from tinyllm_hf.trainers.common import LossCurveCallback, RunArguments, final_eval_metrics, peft_config, train_and_save
+from tinyllm_hf.trainers.common import (
+    LossCurveCallback,
+    RunArguments,
+    comma_list,
+    final_eval_metrics,
+    peft_config,
+    train_and_save,
+)
 from tinyllm_hf.trainers.rewards import build_rewards
 
 
@@ -53,15 +60,11 @@ class PreferenceDataArguments:
     malformed: str = field(default="error", metadata={"help": f"malformed rows: {' or '.join(MALFORMED_POLICIES)}"})
 
 
-def _task_list(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 def preference_datasets(data_args: PreferenceDataArguments, seed: int):
     """(train, eval or None) with prompt/chosen/rejected columns only."""
     columns = ["prompt", "chosen", "rejected"]
     if data_args.dataset_name == "default":
-        tasks, sizes = _task_list(data_args.tasks), parse_task_sizes(data_args.task_sizes)
+        tasks, sizes = comma_list(data_args.tasks) or None, parse_task_sizes(data_args.task_sizes)
         train = build_default_preferences("train", tasks, sizes, seed=seed)
         evaluation = build_default_preferences("heldout", tasks, seed=seed)
     else:
@@ -93,8 +96,8 @@ class PromptDataArguments:
 def prompt_dataset(data_args: PromptDataArguments, seed: int):
     """Training prompts with the columns the reward functions read (answer, task)."""
     if data_args.dataset_name == "default":
-        dataset = build_prompt_dataset("train", _task_list(data_args.tasks), parse_task_sizes(data_args.task_sizes),
-                                       seed=seed)
+        tasks, sizes = comma_list(data_args.tasks) or None, parse_task_sizes(data_args.task_sizes)
+        dataset = build_prompt_dataset("train", tasks, sizes, seed=seed)
         return dataset.select_columns(["prompt", "answer", "task"])
     return load_prompt_dataset(data_args.dataset_name, data_args.malformed, data_args.dataset_split,
                                data_args.dataset_config)

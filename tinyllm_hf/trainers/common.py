@@ -65,6 +65,11 @@ class RunArguments:
     )
 
 
+def comma_list(text: str | None) -> list[str]:
+    """A comma-separated recipe value ("a, b,c") as its non-empty, stripped items (["a", "b", "c"]); None -> []."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
 def load_recipe(path: str | os.PathLike) -> dict:
     """A recipe file as a dict (FileNotFoundError / ValueError naming the file when it is missing or not a mapping)."""
     path = Path(path)

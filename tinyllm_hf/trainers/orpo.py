@@ -25,7 +25,8 @@ class TinyllmORPOTrainer(ReliableTrainerMixin, ORPOTrainer):
     """TRL's ORPOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
-def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: ORPOConfig, run_args: RunArguments) -> dict:
+def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: ORPOConfig,
+          run_args: RunArguments) -> dict:
     return train_offline(TinyllmORPOTrainer, data_args, model_args, args, run_args)
 
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tinyllm_hf.evaluation.tasks import normalize
 from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
-from tinyllm_hf.trainers.common import logger
+from tinyllm_hf.trainers.common import comma_list, logger
 
 REWARDS = ("correctness", "format", "reward_model")
 # A label is exactly right or wrong; every other checkable task earns partial credit for overlapping characters.
@@ -49,7 +49,7 @@ class RewardArguments:
 
     @property
     def names(self) -> list[str]:
-        return [name.strip() for name in self.rewards.split(",") if name.strip()]
+        return comma_list(self.rewards)
 
     def __post_init__(self):
         unknown = sorted(set(self.names) - set(REWARDS))

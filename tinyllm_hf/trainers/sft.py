@@ -46,6 +46,7 @@ from tinyllm_hf.trainers.common import (
     RunArguments,
     ThroughputCallback,
     add_callback_first,
+    comma_list,
     final_eval_metrics,
     logger,
     matmul_flops_per_token,
@@ -116,11 +117,11 @@ class SFTDataArguments:
 
     @property
     def sources(self) -> list[str]:
-        return [s.strip() for s in self.dataset_name.split(",") if s.strip()]
+        return comma_list(self.dataset_name)
 
     @property
     def tasks(self) -> list[str] | None:
-        return [t.strip() for t in self.sft_tasks.split(",") if t.strip()] if self.sft_tasks else None
+        return comma_list(self.sft_tasks) or None
 
 
 class TinyllmSFTTrainer(ReliableTrainerMixin, SFTTrainer):
