@@ -163,3 +163,12 @@ def test_drift_false_skips_the_table_and_removes_an_old_one(tmp_path, monkeypatc
     assert [args[1] for _, args in commands] == ["--model"] and not old.exists()
     with pytest.raises(ValueError, match="quantize.drift must be a mapping"):
         _quantize_stage_commands(tmp_path, monkeypatch, {"methods": [], "drift": "yes"}, {"outtypes": ["f16"]})
+
+
+def test_size_counts_model_files_only(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 2**20)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 2**20)
+    (tmp_path / "training_args.bin").write_bytes(b"x" * 2**20)
+    (tmp_path / "checkpoint-150").mkdir()
+    (tmp_path / "checkpoint-150" / "model.safetensors").write_bytes(b"x" * 2**20)
+    assert drift.size_mib(tmp_path) == 1.0

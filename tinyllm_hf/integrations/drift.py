@@ -8,7 +8,7 @@ The fp32 checkpoint (transformers) and every variant — a `tinyllm quantize` di
 through llama-cpp-python) or another checkpoint — are measured the same way, through the `generate(ids,
 max_new_tokens, eos_token_id)` / `__call__(ids) -> logits` interface of `quantize.load_quantized`:
 
-    size            weights on disk in MiB (tokenizer, configs and code excluded)
+    size            model files on disk in MiB (tokenizer, configs, code and training checkpoints excluded)
     perplexity      on held-out text, and its drift against fp32 in percent
     task accuracy   greedy answers to held-out checkable questions (the SFT tasks' held-out split, scored by
                     tinyllm_hf.evaluation.tasks), and how many answers are exactly fp32's answers
@@ -36,7 +36,8 @@ from tinyllm_hf.integrations import quantize
 
 PROMPTS = ["我正在写这本书的心得", "这本书太好了，", "人际关系的交际技巧", "今天天气很好，我们"]
 REFERENCE = "fp32"
-NOT_WEIGHTS = {".json", ".jinja", ".py", ".txt", ".md"}  # configs, tokenizer, chat template, remote code
+# Model files: safetensors / PyTorch, ONNX graphs and their external data, OpenVINO IR (.xml + .bin), GGUF.
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".onnx", ".data", ".xml", ".gguf"}
 
 
 @dataclass
@@ -118,7 +119,10 @@ def missing_runtime(kind: str) -> str | None:
 
 
 def size_mib(path: Path) -> float:
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file() and f.suffix not in NOT_WEIGHTS]
+    """Model files only: not the tokenizer, configs or code, nor a training run's checkpoint-*/ and training_args.bin."""
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    files = [f for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES and f.name != "training_args.bin"]
     return sum(f.stat().st_size for f in files) / 2**20
 
 
