@@ -1,5 +1,5 @@
 """`tinyllm quantize drift`: an fp32 copy does not drift, a quantized variant gets finite numbers, a variant whose
-runtime is missing is listed as skipped, bad paths fail with one line, and the markdown and JSON hold the same numbers."""
+runtime is missing is listed as skipped, bad paths fail with one line, and markdown and JSON hold the same numbers."""
 
 import json
 import math

@@ -194,7 +194,8 @@ class Pipeline:
             settings = {}
         if not isinstance(settings, dict):
             raise ValueError(f"quantize.drift must be a mapping of options or false, not {settings!r}")
-        args = ["quantize", "drift", "--model", str(self.chat_model()), "--output", str(markdown), "--json", str(result)]
+        args = ["quantize", "drift", "--model", str(self.chat_model()), "--output", str(markdown),
+                "--json", str(result)]
         for variant in variants:
             args += ["--variant", str(variant)]
         tasks_file = self.stage_dir("eval") / "heldout_tasks.jsonl"  # the questions the eval stage asked

