@@ -5,6 +5,7 @@ SFT and aligned models; the quantization table; and sample chats with the prompt
 """
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -87,6 +88,16 @@ def sample_chats(model_dir: Path, prompts: list[str]) -> list[tuple[str, str]]:
     return chats
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux says it (`platform.processor()` is often empty), else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
     from tinyllm_hf.pipeline import STAGES, TRAINING_STAGES
 
@@ -95,8 +106,8 @@ def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
     lines = [
         f"# tinyllm run report: {run_dir.name}",
         "",
-        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu_name()} ({platform.machine()}), "
+        f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
         + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU") + ".",
         "",
         "## Stages",

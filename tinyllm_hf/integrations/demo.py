@@ -106,7 +106,9 @@ def build_demo(engine: Engine, title: str = TITLE, default_system: str | None = 
             for trigger in (prompt.submit, send.click)
         ]
         stop.click(None, cancels=runs, queue=False)
-        clear.click(lambda: ([], ""), None, [chatbot, prompt], cancels=runs, queue=False)
+        # Clear goes through the queue after the cancel: its empty chat then reaches the browser on the same event
+        # stream as the cancelled reply's last chunks, after them. Unqueued, it could arrive first and be overwritten.
+        clear.click(None, cancels=runs, queue=False).then(lambda: ([], ""), None, [chatbot, prompt])
     return demo
 
 

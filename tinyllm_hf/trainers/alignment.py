@@ -28,11 +28,12 @@ from tinyllm_hf.trainers.rewards import build_rewards
 
 
 def trl_defaults(output_dir: str, **overrides) -> dict:
-    """Defaults for TRL configs. TRL turns bf16 on by default, which fails on CPUs and pre-Ampere GPUs, and gradient
-    checkpointing, which only slows a small model down; recipes for big models on GPUs switch it back on."""
+    """Defaults for TRL configs. TRL turns bf16 on by default, which fails on CPUs and pre-Ampere GPUs, and activation
+    (gradient) checkpointing, which only slows a small model down; recipes for big models on GPUs switch it back on.
+    The setting goes by transformers' new name: the old one, TRL's default, only warns."""
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return {"output_dir": output_dir, "report_to": ["tensorboard"], "logging_steps": 10, "bf16": bf16,
-            "gradient_checkpointing": False, **overrides}
+            "activation_checkpointing": False, **overrides}
 
 
 def online_defaults(output_dir: str, **overrides) -> dict:
