@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from tinyllm_hf.data.sft import SENTIMENT_LABELS, MalformedRowError  # noqa: E40
 from tinyllm_hf.tokenizer.chat_template import USER_TOKEN  # noqa: E402
 from tinyllm_hf.trainers import dpo, grpo, kto, orpo, reward, rloo  # noqa: E402
 from tinyllm_hf.trainers.common import parse_recipe  # noqa: E402
-from tinyllm_hf.trainers.reward import reward_scores  # noqa: E402
+from tinyllm_hf.trainers.reward import heldout_accuracy, pairwise_wins, reward_scores  # noqa: E402
 from tinyllm_hf.trainers.rewards import (  # noqa: E402
     FormatReward,
     RewardArguments,
@@ -271,6 +272,7 @@ def test_preference_training_raises_the_margin_and_keeps_the_chat_format(stage, 
 def test_reward_model_learns_the_preferences_and_loads_as_remote_code(reward_model_dir):
     accuracy = json.loads((reward_model_dir / "pairwise_accuracy.json").read_text())
     assert accuracy["heldout_pairs"] == 8 and accuracy["pairwise_accuracy"] >= 0.875
+    assert "per_task" not in accuracy  # these pairs name no task
 
     model, tokenizer = load_reward_model(reward_model_dir)
     assert type(model).__name__ == "TinyllmForSequenceClassification"
@@ -294,6 +296,22 @@ def test_reward_model_learns_the_preferences_and_loads_as_remote_code(reward_mod
     module, scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert module.startswith("transformers_modules")
     assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_accuracy_is_reported_per_task(reward_model_dir, pairs_file, tmp_path):
+    model, tokenizer = load_reward_model(reward_model_dir)
+    pairs = load_preference_dataset(str(pairs_file))
+    wins = pairwise_wins(model, tokenizer, pairs)
+    tasks = ["sentiment" if i % 3 else "xiehouyu" for i in range(len(pairs))]
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(max_length=256, should_save=True, output_dir=tmp_path))
+    heldout_accuracy(trainer, tokenizer, pairs.add_column("task", tasks))
+
+    result = json.loads((tmp_path / "pairwise_accuracy.json").read_text())
+    assert result["pairwise_accuracy"] == pytest.approx(sum(wins) / len(wins))
+    for task, entry in result["per_task"].items():
+        task_wins = [w for w, t in zip(wins, tasks) if t == task]
+        assert entry == {"pairs": len(task_wins), "pairwise_accuracy": pytest.approx(sum(task_wins) / len(task_wins))}
+    assert set(result["per_task"]) == {"sentiment", "xiehouyu"}
 
 
 # --------------------------------------------------------------------------------------------------------------------

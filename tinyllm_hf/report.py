@@ -131,8 +131,10 @@ def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
               eval_table(run_dir, [s for s in TRAINING_STAGES if s != "reward"]), ""]
     reward = _read_json(run_dir / "reward" / "pairwise_accuracy.json")
     if reward:
+        per_task = "; ".join(f"{task} {100 * r['pairwise_accuracy']:.1f}% of {r['pairs']}"
+                             for task, r in reward.get("per_task", {}).items())
         lines += [f"Reward model: pairwise accuracy {100 * reward['pairwise_accuracy']:.1f}% on "
-                  f"{reward['heldout_pairs']} held-out preference pairs.", ""]
+                  f"{reward['heldout_pairs']} held-out preference pairs" + (f" ({per_task})." if per_task else "."), ""]
 
     quant = run_dir / "quantize" / "drift.md"
     if quant.exists():

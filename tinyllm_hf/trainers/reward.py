@@ -54,21 +54,30 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size:
     return scores
 
 
-def pairwise_accuracy(model, tokenizer, pairs, max_length: int = 256) -> float:
-    """Share of pairs whose chosen conversation gets a higher reward than the rejected one."""
+def pairwise_wins(model, tokenizer, pairs, max_length: int = 256) -> list[bool]:
+    """For each pair, whether the chosen conversation gets a higher reward than the rejected one."""
     chosen = reward_scores(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], max_length=max_length)
     rejected = reward_scores(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], max_length=max_length)
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+    return [c > r for c, r in zip(chosen, rejected)]
 
 
 def heldout_accuracy(trainer, tokenizer, pairs) -> dict:
-    """The reward model's pairwise accuracy on the held-out pairs, also written to output_dir/pairwise_accuracy.json."""
-    accuracy = pairwise_accuracy(trainer.model, tokenizer, pairs, trainer.args.max_length or 256)
+    """The reward model's pairwise accuracy on the held-out pairs, overall and per task where the pairs name one,
+    also written to output_dir/pairwise_accuracy.json."""
+    wins = pairwise_wins(trainer.model, tokenizer, pairs, trainer.args.max_length or 256)
+    accuracy = sum(wins) / len(wins)
+    result = {"heldout_pairs": len(pairs), "pairwise_accuracy": accuracy}
+    if "task" in pairs.column_names:
+        by_task = {}
+        for task, win in zip(pairs["task"], wins):
+            by_task.setdefault(task, []).append(win)
+        result["per_task"] = {task: {"pairs": len(w), "pairwise_accuracy": sum(w) / len(w)}
+                              for task, w in sorted(by_task.items())}
     if trainer.args.should_save:
-        Path(trainer.args.output_dir, "pairwise_accuracy.json").write_text(
-            json.dumps({"heldout_pairs": len(pairs), "pairwise_accuracy": accuracy}, indent=2) + "\n"
-        )
-    print(f"reward model: pairwise accuracy {accuracy:.3f} on {len(pairs)} held-out pairs")
+        Path(trainer.args.output_dir, "pairwise_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    per_task = result.get("per_task", {})
+    tasks = "".join(f"; {t} {r['pairwise_accuracy']:.3f} (n={r['pairs']})" for t, r in per_task.items())
+    print(f"reward model: pairwise accuracy {accuracy:.3f} on {len(pairs)} held-out pairs{tasks}")
     return {"heldout_pairwise_accuracy": accuracy}
 
 
@@ -76,7 +85,8 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     check_run_args(run_args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args)
-    train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
+    train_dataset, heldout_pairs = preference_datasets(data_args, args.seed, eval_extra_columns=("task",))
+    eval_dataset = heldout_pairs.select_columns(["prompt", "chosen", "rejected"]) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -92,7 +102,7 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
         peft_config=peft_config(model_args),
         callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
     )
-    evaluate = partial(heldout_accuracy, tokenizer=tokenizer, pairs=eval_dataset) if eval_dataset is not None else None
+    evaluate = None if heldout_pairs is None else partial(heldout_accuracy, tokenizer=tokenizer, pairs=heldout_pairs)
     return train_and_save(trainer, run_args, evaluate)
 
 
