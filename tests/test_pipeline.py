@@ -95,3 +95,37 @@ def test_bad_recipes_give_clear_errors(tmp_path, capsys):
 def test_recipe_args_become_flags():
     assert as_flags({"max_steps": 3, "report_to": ["none"], "resume": True}) == [
         "--max_steps", "3", "--report_to", "none", "--resume", "true"]
+
+
+@pytest.mark.slow
+def test_training_stages_run_under_accelerate_launch(tmp_path):
+    recipe = yaml.safe_load(smoke_recipe(tmp_path).read_text("utf-8"))
+    recipe = {"accelerate": {"cpu": True, "num_processes": 1, "num_machines": 1, "mixed_precision": "no",
+                             "dynamo_backend": "no"},
+              "tokenizer": recipe["tokenizer"], "pretrain": recipe["pretrain"]}
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), "utf-8")
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(path), "--output_dir", str(run_dir)]) == 0
+    command = (run_dir / "pretrain" / "stage.log").read_text("utf-8").splitlines()[0]
+    assert command.startswith("$ accelerate launch --cpu ") and " --num_processes 1 " in command
+    assert " -m tinyllm_hf.trainers.pretrain --config " in command
+    assert (run_dir / "tokenizer" / "stage.log").read_text("utf-8").startswith("$ tinyllm tokenizer train")
+    summary = json.loads((run_dir / "pretrain" / "stage.json").read_text())
+    assert summary["steps"] == 3 and summary["dataset"] == "reviews"
+
+
+def test_a_bad_accelerate_entry_is_named(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("pretrain: {recipe: recipes/pretrain/quickstart.yaml, accelerate: deepspeed}\n", "utf-8")
+    assert main(["--config", str(path), "--output_dir", str(tmp_path / "run")]) == 1
+    assert "accelerate: for pretrain must be a mapping" in capsys.readouterr().err
+
+
+def test_gpu_pipeline_recipe_names_existing_stage_recipes_and_launcher():
+    recipe = load_pipeline_recipe(ROOT / "recipes" / "92m.yaml")
+    assert Path(ROOT / recipe["accelerate"]["config_file"]).is_file()
+    for stage in ("pretrain", "sft", "reward", "dpo", "grpo"):
+        assert (ROOT / recipe[stage]["recipe"]).is_file(), stage
+    pretrain = yaml.safe_load((ROOT / recipe["pretrain"]["recipe"]).read_text("utf-8"))
+    assert pretrain["model_preset"] == "92m" and pretrain["dataset_name"] != "default"  # a Hub corpus

@@ -9,6 +9,9 @@ checkpoint). Every stage can be run alone with the command printed in its log.
 
 The recipe names every choice: a top-level `output_dir`, then one mapping per stage, in the order of STAGES. A stage
 missing from the recipe is not run. Training stages take `recipe:` (their own YAML recipe) and `args:` (overrides).
+A top-level `accelerate:` mapping runs the training stages under `accelerate launch` with those flags (for example
+`{config_file: recipes/accelerate/deepspeed_zero2.yaml, num_processes: 8}`); a stage's own `accelerate:` replaces it
+for that stage, and `accelerate: false` runs that stage as a plain process.
 """
 
 import argparse
@@ -41,7 +44,7 @@ def load_pipeline_recipe(path) -> dict:
     recipe = yaml.safe_load(path.read_text("utf-8")) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"pipeline recipe {path} must be a YAML mapping")
-    unknown = sorted(set(recipe) - set(STAGES) - {"output_dir", "description"})
+    unknown = sorted(set(recipe) - set(STAGES) - {"output_dir", "description", "accelerate"})
     if unknown:
         raise ValueError(f"unknown key(s) in {path}: {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     return recipe
@@ -59,6 +62,13 @@ def as_flags(args: dict | None) -> list[str]:
         else:
             flags.append(str(value))
     return flags
+
+
+def launch_flags(flags: dict) -> list[str]:
+    """`accelerate launch` flags: its booleans are switches, so {"cpu": True, "num_processes": 2} -> ["--cpu",
+    "--num_processes", "2"] and a false switch is left out."""
+    switches = [f"--{key}" for key, value in flags.items() if value is True]
+    return switches + as_flags({key: value for key, value in flags.items() if not isinstance(value, bool)})
 
 
 class Pipeline:
@@ -84,12 +94,29 @@ class Pipeline:
                 return self.stage_dir(stage)
         return self.stage_dir("sft") if self.configured("sft") else self.stage_dir("pretrain")
 
-    def run_command(self, stage: str, args: list[str]) -> None:
-        """Run `tinyllm <args>` for a stage, streaming its output to the console and to the stage's log."""
-        command = [sys.executable, "-m", "tinyllm_hf.cli", *args]
+    def launcher(self, stage: str) -> dict | None:
+        """The `accelerate launch` flags for a training stage: its own `accelerate:` entry, else the recipe's."""
+        entry = self.recipe[stage] or {}
+        flags = entry["accelerate"] if "accelerate" in entry else self.recipe.get("accelerate")
+        if flags is None or flags is False:
+            return None
+        if not isinstance(flags, dict):
+            raise ValueError(f"accelerate: for {stage} must be a mapping of `accelerate launch` flags or false, "
+                             f"not {flags!r}")
+        return flags
+
+    def run_command(self, stage: str, args: list[str], accelerate: dict | None = None) -> None:
+        """Run `tinyllm <args>` for a stage, or with `accelerate` flags `accelerate launch <flags> -m
+        tinyllm_hf.trainers.<stage> <args after the stage name>`, streaming its output to the console and the log."""
+        if accelerate is None:
+            command = [sys.executable, "-m", "tinyllm_hf.cli", *args]
+            printable = " ".join(["tinyllm", *args])
+        else:
+            launch = [*launch_flags(accelerate), "-m", f"tinyllm_hf.trainers.{args[0]}", *args[1:]]
+            command = [sys.executable, "-m", "accelerate.commands.launch", *launch]
+            printable = " ".join(["accelerate", "launch", *launch])
         log_path = self.stage_dir(stage) / "stage.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        printable = " ".join(["tinyllm", *args])
         print(f"[{stage}] $ {printable}", flush=True)
         with log_path.open("a", encoding="utf-8") as log:
             log.write(f"$ {printable}\n")
@@ -101,6 +128,9 @@ class Pipeline:
                 log.write(line)
             if process.wait() != 0:
                 raise PipelineError(f"stage {stage} failed (exit {process.returncode}); see {log_path}")
+
+    def run_training(self, stage: str, **paths) -> None:
+        self.run_command(stage, [stage, *self.training_args(stage, **paths)], self.launcher(stage))
 
     def training_args(self, stage: str, **paths) -> list[str]:
         entry = self.recipe[stage]
@@ -117,6 +147,8 @@ class Pipeline:
         entry = self.recipe["tokenizer"]
         output = self.stage_dir("tokenizer") / "tokenizer"
         args = ["tokenizer", "train", "--corpus", str(entry.get("corpus", "default")), "--output", str(output)]
+        if entry.get("corpus_config"):
+            args += ["--corpus-config", str(entry["corpus_config"])]
         if entry.get("vocab_size"):
             args += ["--vocab-size", str(entry["vocab_size"])]
         if output.exists():
@@ -124,23 +156,22 @@ class Pipeline:
         self.run_command("tokenizer", args)
 
     def pretrain(self):
-        self.run_command("pretrain", ["pretrain", *self.training_args(
-            "pretrain", tokenizer_name_or_path=self.stage_dir("tokenizer") / "tokenizer")])
+        self.run_training("pretrain", tokenizer_name_or_path=self.stage_dir("tokenizer") / "tokenizer")
 
     def sft(self):
-        self.run_command("sft", ["sft", *self.training_args("sft", model_name_or_path=self.stage_dir("pretrain"))])
+        self.run_training("sft", model_name_or_path=self.stage_dir("pretrain"))
 
     def reward(self):
-        self.run_command("reward", ["reward", *self.training_args("reward", model_name_or_path=self.stage_dir("sft"))])
+        self.run_training("reward", model_name_or_path=self.stage_dir("sft"))
 
     def dpo(self):
-        self.run_command("dpo", ["dpo", *self.training_args("dpo", model_name_or_path=self.stage_dir("sft"))])
+        self.run_training("dpo", model_name_or_path=self.stage_dir("sft"))
 
     def grpo(self):
         paths = {"model_name_or_path": self.stage_dir("sft")}
         if self.configured("reward"):
             paths["reward_model_path"] = self.stage_dir("reward")
-        self.run_command("grpo", ["grpo", *self.training_args("grpo", **paths)])
+        self.run_training("grpo", **paths)
 
     def eval(self):
         entry = self.recipe["eval"]
@@ -243,7 +274,10 @@ class Pipeline:
             if evals:
                 summary["final_eval_loss"] = evals[-1]
         if stage in TRAINING_STAGES:
-            summary["dataset"] = (entry.get("args") or {}).get("dataset_name", "default (embedded)")
+            # The command line (args:) overrides the stage recipe, as in the stage itself.
+            stage_recipe = yaml.safe_load(Path(entry["recipe"]).read_text("utf-8")) if entry.get("recipe") else None
+            dataset = (entry.get("args") or {}).get("dataset_name") or (stage_recipe or {}).get("dataset_name")
+            summary["dataset"] = "default (embedded)" if dataset in (None, "default") else dataset
         return summary
 
     def write_stage_records(self) -> None:

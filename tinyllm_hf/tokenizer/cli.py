@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a byte-level BPE tokenizer with our special tokens and chat template")
     train.add_argument("--corpus", default="default", help="corpus source (default: the embedded corpus)")
+    train.add_argument("--corpus-config", default=None, help="configuration of a Hub corpus (e.g. 20231101.zh)")
     train.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     train.add_argument("--min-frequency", type=int, default=2)
     train.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH)
@@ -42,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_texts(source: str):
+def _train_texts(source: str, config: str | None = None):
     from tinyllm_hf.data.corpus import iter_texts, load_corpus
 
-    return iter_texts(load_corpus(source, split="train"))
+    return iter_texts(load_corpus(source, split="train", config=config))
 
 
 def run_train(args) -> None:
@@ -53,7 +54,7 @@ def run_train(args) -> None:
 
     start = time.perf_counter()
     tokenizer = train_tokenizer(
-        _train_texts(args.corpus),
+        _train_texts(args.corpus, args.corpus_config),
         vocab_size=args.vocab_size,
         output_dir=args.output,
         min_frequency=args.min_frequency,
@@ -75,7 +76,7 @@ def run_extend(args) -> None:
     base = load_base_tokenizer(args.base)
     extended = extend_tokenizer(
         base,
-        _train_texts(args.corpus),
+        _train_texts(args.corpus, args.corpus_config),
         num_new_tokens=args.num_new_tokens,
         target_vocab_size=args.target_vocab_size,
         output_dir=args.output,
