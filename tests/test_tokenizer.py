@@ -120,6 +120,26 @@ def test_cli_train_from_text_file(tmp_path, capsys):
     assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 400
 
 
+@pytest.mark.parametrize("command", ["train", "extend"])
+def test_cli_hands_the_hub_corpus_config_to_the_loader(command, tmp_path, monkeypatch):
+    import tinyllm_hf.data.corpus as corpus
+
+    if command == "extend":
+        extend_base_english().save_pretrained(tmp_path / "base")
+    command = ["train"] if command == "train" else ["extend", "--base", str(tmp_path / "base"), "--num-new-tokens", "9"]
+    seen = {}
+
+    def load_corpus(source, split=None, config=None):
+        seen.update(source=source, split=split, config=config)
+        raise RuntimeError("no Hub here")
+
+    monkeypatch.setattr(corpus, "load_corpus", load_corpus)
+    with pytest.raises(RuntimeError, match="no Hub here"):
+        cli_main([*command, "--corpus", "wikimedia/wikipedia", "--corpus-config", "20231101.zh",
+                  "--output", str(tmp_path / "tok")])
+    assert seen == {"source": "wikimedia/wikipedia", "split": "train", "config": "20231101.zh"}
+
+
 def test_cli_rejects_non_utf8_file_without_output(tmp_path, capsys):
     corpus = tmp_path / "latin1.txt"
     corpus.write_bytes("café au lait\n".encode("latin-1"))

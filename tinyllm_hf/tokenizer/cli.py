@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     extend = commands.add_parser("extend", help="add vocabulary learned from a corpus to an existing BPE tokenizer")
     extend.add_argument("--base", required=True, help="tokenizer directory or Hugging Face model name")
     extend.add_argument("--corpus", default="default", help="corpus source (default: the embedded corpus)")
+    extend.add_argument("--corpus-config", default=None, help="configuration of a Hub corpus (e.g. 20231101.zh)")
     size = extend.add_mutually_exclusive_group(required=True)
     size.add_argument("--num-new-tokens", type=int)
     size.add_argument("--target-vocab-size", type=int)
