@@ -61,10 +61,12 @@ class PreferenceDataArguments:
     malformed: str = field(default="error", metadata={"help": f"malformed rows: {' or '.join(MALFORMED_POLICIES)}"})
 
 
+PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what the TRL preference trainers take
+
+
 def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extra_columns: tuple[str, ...] = ()):
     """(train, eval or None) with prompt/chosen/rejected columns only, plus those of `eval_extra_columns` that the
     held-out pairs have (the reward stage keeps `task` to report its accuracy per task)."""
-    columns = ["prompt", "chosen", "rejected"]
     if data_args.dataset_name == "default":
         tasks, sizes = comma_list(data_args.tasks) or None, parse_task_sizes(data_args.task_sizes)
         train = build_default_preferences("train", tasks, sizes, seed=seed)
@@ -77,10 +79,10 @@ def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extr
         evaluation = load_preference_dataset(data_args.eval_dataset_name, data_args.malformed)
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    train = train.select_columns(columns)
+    train = train.select_columns(PAIR_COLUMNS)
     if evaluation is not None:
         kept = [c for c in eval_extra_columns if c in evaluation.column_names]
-        evaluation = evaluation.select_columns(columns + kept)
+        evaluation = evaluation.select_columns(PAIR_COLUMNS + kept)
     return train, evaluation
 
 

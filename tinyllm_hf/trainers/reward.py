@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from tinyllm_hf.trainers.alignment import (
+    PAIR_COLUMNS,
     PreferenceDataArguments,
     check_run_args,
     load_tokenizer,
@@ -86,7 +87,7 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args)
     train_dataset, heldout_pairs = preference_datasets(data_args, args.seed, eval_extra_columns=("task",))
-    eval_dataset = heldout_pairs.select_columns(["prompt", "chosen", "rejected"]) if heldout_pairs is not None else None
+    eval_dataset = heldout_pairs.select_columns(PAIR_COLUMNS) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"
     model = AutoModelForSequenceClassification.from_pretrained(
