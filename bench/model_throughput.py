@@ -1,7 +1,8 @@
 """Forward+backward and generation throughput of TinyllmForCausalLM against transformers' LlamaForCausalLM.
 
 Both models have the same config and the same weights (converted with tinyllm_hf.modeling.convert); runs are
-interleaved in one process and the median of several rounds is compared, so machine noise hits both sides alike.
+interleaved in one process; the ratio is the median over rounds of the ratio within each round (with its interquartile
+range), so machine noise and drift hit both sides alike.
 `--clock cpu` divides by the process's CPU time instead of wall time: on a machine shared with other jobs that
 measures the work each model does rather than how much of the CPU it happened to get.
 
@@ -49,21 +50,29 @@ def bench_preset(preset: str, vocab_size: int, batch: int, seq: int, rounds: int
     prompt = torch.randint(1, vocab_size, (1, 16))
     train = {name: [] for name in models}
     gen = {name: [] for name in models}
-    for round_index in range(rounds + 1):  # round 0 warms up both models and is discarded
-        # Alternate which model goes first, so neither always inherits a cache the other warmed (or trashed).
-        order = list(models.items()) if round_index % 2 == 0 else list(models.items())[::-1]
-        for name, model in order:
-            model.train()
-            tps = train_step_tokens_per_s(model, ids, optimizers[name])
-            model.eval()
-            gps = generate_tokens_per_s(model, prompt, new_tokens)
-            if round_index:
-                train[name].append(tps)
-                gen[name].append(gps)
+    # Training rounds first, then generation rounds: a generation timed right after a training step of the same
+    # model inherits that step's freed memory and cold caches, which made the generation ratio swing by +-10%.
+    for phase, samples in (("train", train), ("generate", gen)):
+        for round_index in range(rounds + 1):  # round 0 warms up both models and is discarded
+            # Alternate which model goes first, so neither always inherits a cache the other warmed (or trashed).
+            order = list(models.items()) if round_index % 2 == 0 else list(models.items())[::-1]
+            for name, model in order:
+                if phase == "train":
+                    model.train()
+                    speed = train_step_tokens_per_s(model, ids, optimizers[name])
+                else:
+                    model.eval()
+                    speed = generate_tokens_per_s(model, prompt, new_tokens)
+                if round_index:
+                    samples[name].append(speed)
     result = {"preset": preset, "params": ours.num_parameters()}
     for kind, samples in (("train", train), ("generate", gen)):
-        ours_median, llama_median = statistics.median(samples["tinyllm"]), statistics.median(samples["llama"])
-        result[kind] = (ours_median, llama_median, ours_median / llama_median)
+        # The ratio is taken within each round (the two runs are seconds apart), then the median over rounds: the
+        # machine's speed drifts by more than the difference between the models, and pairing cancels the drift.
+        ratios = [a / b for a, b in zip(samples["tinyllm"], samples["llama"])]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        result[kind] = (statistics.median(samples["tinyllm"]), statistics.median(samples["llama"]),
+                        statistics.median(ratios), low, high)
     return result
 
 
@@ -83,15 +92,14 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"batch {args.batch} x seq {args.seq}, {args.rounds} interleaved rounds, medians, {args.clock} clock")
-    print("| preset | params | train tok/s ours | train tok/s Llama | ratio | generate tok/s ours | "
-          "generate tok/s Llama | ratio |")
+    print("| preset | params | train tok/s ours | train tok/s Llama | ratio (IQR) | generate tok/s ours | "
+          "generate tok/s Llama | ratio (IQR) |")
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         r = bench_preset(preset, args.vocab_size, args.batch, args.seq, args.rounds, args.new_tokens)
-        (t_ours, t_llama, t_ratio), (g_ours, g_llama, g_ratio) = r["train"], r["generate"]
-        print(f"| {preset} | {r['params'] / 1e6:.2f}M | {t_ours:,.0f} | {t_llama:,.0f} | {t_ratio:.3f} | "
-              f"{g_ours:,.0f} | {g_llama:,.0f} | {g_ratio:.3f} |")
-
+        cells = [f"{ours:,.0f} | {llama:,.0f} | {ratio:.3f} ({low:.3f}-{high:.3f})"
+                 for ours, llama, ratio, low, high in (r["train"], r["generate"])]
+        print(f"| {preset} | {r['params'] / 1e6:.2f}M | {cells[0]} | {cells[1]} |")
 
 if __name__ == "__main__":
     main()

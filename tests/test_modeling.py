@@ -247,6 +247,35 @@ def test_loss_honours_num_items_in_batch(model):
     torch.testing.assert_close(summed, mean_loss / 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["mean", "num_items_tensor", "num_items_int", "shift_labels"])
+def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from tinyllm_hf.modeling import modeling_tinyllm
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, VOCAB).to(dtype)
+    labels = torch.randint(0, VOCAB, (3, 40))
+    labels[0, :15] = -100
+    kwargs = {"num_items_tensor": {"num_items_in_batch": torch.tensor(200)}, "num_items_int": {"num_items_in_batch": 77},
+              "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}, "mean": {}}[case]
+    # 1,100 logits per chunk -> 11 rows: the 120 rows cross chunk boundaries and end in a partial chunk.
+    monkeypatch.setattr(modeling_tinyllm, "LOSS_CHUNK_LOGITS", 1100)
+
+    def loss_and_grad(loss_fn):
+        leaf = logits.clone().requires_grad_()
+        loss = loss_fn(leaf)
+        loss.backward()
+        return loss, leaf.grad
+
+    expected = loss_and_grad(lambda x: ForCausalLMLoss(x, labels, vocab_size=VOCAB, **kwargs))
+    chunked = loss_and_grad(lambda x: modeling_tinyllm.causal_lm_loss(x, labels, **kwargs))
+    assert chunked[0].dtype == torch.float32 and chunked[1].dtype == dtype
+    torch.testing.assert_close(chunked[0], expected[0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(chunked[1], expected[1], atol=1e-8 if dtype == torch.float32 else 1e-4, rtol=1e-5)
+
+
 def test_sequence_classification_pools_last_real_token(tmp_path):
     torch.manual_seed(0)
     classifier = TinyllmForSequenceClassification(tiny_config(num_labels=1)).eval()

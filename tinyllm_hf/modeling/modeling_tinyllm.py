@@ -469,6 +469,60 @@ class TinyllmMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     expert_counts: torch.FloatTensor | None = None
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (tokens, vocab) logits against (tokens,) targets (-100 = no loss), `rows` tokens at a time.
+
+    Same value and gradient as `F.cross_entropy(logits.float(), targets, reduction="sum")`, with less memory traffic:
+    each chunk is upcast and (log-)softmaxed while it is in cache, and backward keeps only the logits (the standard
+    path also writes and keeps an fp32 log-softmax of the logits' size) and recomputes the softmax chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        has_loss = targets != -100
+        targets = targets.clamp(min=0)  # ignored positions pick any logit; `has_loss` zeroes their terms
+        target_log_probs = torch.cat(
+            [
+                torch.log_softmax(logits[i : i + rows].float(), dim=-1).gather(-1, targets[i : i + rows, None])
+                for i in range(0, len(logits), rows)
+            ]
+        ).squeeze(-1)  # (tokens,)
+        ctx.save_for_backward(logits, targets, has_loss)
+        ctx.rows = rows
+        return -(target_log_probs * has_loss).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, targets, has_loss = ctx.saved_tensors
+        rows = ctx.rows
+        weight = (grad_loss * has_loss)[:, None]  # (tokens, 1)
+        grad = torch.empty_like(logits)
+        for i in range(0, len(logits), rows):
+            # d(-log_softmax(logits)[target]) / d logits = softmax(logits) - one_hot(target), in fp32 until written.
+            chunk = torch.softmax(logits[i : i + rows].float(), dim=-1)
+            chunk.scatter_add_(-1, targets[i : i + rows, None], -torch.ones_like(weight[i : i + rows]))
+            grad[i : i + rows] = chunk.mul_(weight[i : i + rows])
+        return grad, None, None
+
+
+LOSS_CHUNK_LOGITS = 2**21  # logits per chunk of `ChunkedCrossEntropy`: 8 MB in fp32, small enough to stay in cache
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+    """transformers' `ForCausalLMLoss` (labels shifted inside; mean over labelled tokens, or sum / num_items_in_batch
+    under gradient accumulation) computed with `ChunkedCrossEntropy`."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(logits.device)
+    if ignore_index != -100:
+        targets = targets.masked_fill(targets == ignore_index, -100)
+    logits = logits.reshape(-1, logits.shape[-1])
+    loss = ChunkedCrossEntropy.apply(logits, targets, max(1, LOSS_CHUNK_LOGITS // logits.shape[-1]))
+    if num_items_in_batch is None:
+        return loss / (targets != -100).sum()
+    return loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+
+
 class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -528,7 +582,11 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)  # (batch, kept, vocab)
 
         loss = None
-        if labels is not None:
+        # On a CPU the chunked loss makes a `16m` training step 5-11% faster (docs/benchmarks.md); on accelerators,
+        # where each chunk would be a few kernel launches, transformers' loss.
+        if labels is not None and logits.device.type == "cpu":
+            loss = causal_lm_loss(logits, labels, **kwargs)
+        elif labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if self.config.num_experts:
             return self._moe_output(loss, logits, outputs, attention_mask)
