@@ -10,7 +10,7 @@ when the wall clock shows the wait), tokens/s, and
 MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (matmul weights) + 12 x layers x attention width x
 seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
 
-    python bench/pretrain_throughput.py [--presets tiny 16m] [--variants tinyllm llama bf16 compile foreach hf-loss bf16-hf-loss]
+    python bench/pretrain_throughput.py [--presets tiny 16m] [--variants tinyllm llama bf16 compile foreach]
                                         [--rounds 3] [--steps 6] [--tokens-per-step 4096] [--threads 2]
 
 On a GPU (`--device cuda`) every variant trains in bf16 autocast and the peak is the best bf16 8192^3 matmul, e.g.
@@ -26,18 +26,15 @@ import platform
 import statistics
 import tempfile
 import time
-from unittest import mock
 
 import datasets
 import numpy as np
 import torch
 from transformers import TrainerCallback, TrainingArguments
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import logging as hf_logging
 
 from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
 from tinyllm_hf.data.packing import collate_blocks
-from tinyllm_hf.modeling import modeling_tinyllm
 from tinyllm_hf.modeling.convert import tinyllm_to_llama_model
 from tinyllm_hf.trainers.common import matmul_flops_per_token, measure_matmul_peak
 from tinyllm_hf.trainers.pretrain import PretrainTrainer
@@ -50,14 +47,7 @@ VARIANTS = {
     "bf16": ("tinyllm", {"bf16": True}),  # bf16 autocast, fp32 master weights
     "compile": ("tinyllm", {"torch_compile": True}),
     "foreach": ("tinyllm", {"optim": "adamw_torch"}),  # the multi-tensor AdamW instead of the default fused one
-    # transformers' loss instead of Tinyllm's chunked CPU loss, to measure what the chunking gains
-    "hf-loss": ("tinyllm", {}),
-    "bf16-hf-loss": ("tinyllm", {"bf16": True}),
 }
-
-
-def transformers_loss(logits, labels, **kwargs):
-    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], **kwargs)
 
 
 class StepTimer(TrainerCallback):
@@ -134,10 +124,8 @@ def main():
                 # Rotate the order every round so that no variant always runs first (or right after the peak test).
                 shift = round_index % len(names)
                 for name in names[shift:] + names[:shift]:
-                    loss = transformers_loss if name.endswith("hf-loss") else modeling_tinyllm.causal_lm_loss
-                    with mock.patch.object(modeling_tinyllm, "causal_lm_loss", loss):
-                        times[name] += step_times(copies[name], blocks, batch_size, args.steps, args.warmup,
-                                                  VARIANTS[name][1], tmp, args.device)
+                    times[name] += step_times(copies[name], blocks, batch_size, args.steps, args.warmup,
+                                              VARIANTS[name][1], tmp, args.device)
         peak = max(peaks)
         n_params = sum(p.numel() for p in tinyllm.parameters())
         for name in copies:

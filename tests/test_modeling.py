@@ -50,6 +50,33 @@ def test_sdpa_and_eager_attention_agree(model):
     torch.testing.assert_close(sdpa[1], eager[1], atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_autocast_runs_attention_in_fp32(model):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    seen = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_sdpa", recording_sdpa)
+    AttentionMaskInterface.register("recording_sdpa", sdpa_mask)
+    ids = torch.randint(2, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    fp32_logits = model(ids, attention_mask=mask).logits
+    model.config._attn_implementation = "recording_sdpa"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits = model(ids, attention_mask=mask).logits
+    assert seen == [(torch.float32, torch.float32, torch.float32, False)] * model.config.num_hidden_layers
+    assert bf16_logits.dtype == torch.bfloat16  # the projections around attention still run in bf16
+    real = mask.bool()
+    error = (bf16_logits.float()[real] - fp32_logits[real]).norm() / fp32_logits[real].norm()
+    assert error < 0.02  # bf16 rounding of the projections, not wrong attention (a dropped mask gives ~0.3)
+
+
 def greedy_without_cache(model, ids, steps):
     with torch.no_grad():
         for _ in range(steps):

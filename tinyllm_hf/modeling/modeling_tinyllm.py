@@ -10,6 +10,7 @@ mapping alone and tools that know Llama (vLLM, llama.cpp, optimum) load it uncha
 This file ships as Hub remote code: it imports only torch, transformers and `configuration_tinyllm`.
 """
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -270,6 +271,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
+def attention_in_fp32(query: torch.Tensor) -> bool:
+    """Under CPU autocast, attention runs in fp32 (the projections around it stay in bf16): torch's CPU attention
+    kernels are slower in bf16 than in fp32 at small head sizes, and fp32 is the more exact (docs/benchmarks.md)."""
+    return query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 class TinyllmAttention(nn.Module):
     """Causal self-attention with RoPE and grouped-query heads, dispatched through transformers' attention interface
     (`config._attn_implementation`: "sdpa" by default, "eager", or "flash_attention_2" where installed)."""
@@ -304,16 +311,20 @@ class TinyllmAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        fp32_attention = attention_in_fp32(query)
+        if fp32_attention:
+            query, key, value = query.float(), key.float(), value.float()
+        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+            attn_output, attn_weights = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=self.config.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+                **kwargs,
+            )
         # (batch, seq, heads, head_dim) -> (batch, seq, hidden)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
@@ -582,7 +593,7 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)  # (batch, kept, vocab)
 
         loss = None
-        # On a CPU the chunked loss makes a `16m` training step 5-11% faster (docs/benchmarks.md); on accelerators,
+        # On a CPU the chunked loss makes training steps faster (bench/cpu_training_choices.py); on accelerators,
         # where each chunk would be a few kernel launches, transformers' loss.
         if labels is not None and logits.device.type == "cpu":
             loss = causal_lm_loss(logits, labels, **kwargs)
