@@ -3,11 +3,12 @@ r"""Pretraining throughput: tokens/s and MFU of Tinyllm against a plain `LlamaFo
 For each preset, the Llama twin has the same config and weights (`tinyllm_to_llama_model`). Every variant trains with
 `PretrainTrainer` (the class `tinyllm pretrain` uses) on random packed blocks (speed does not depend on the data) for
 `--steps` optimizer steps per round; rounds are interleaved (tinyllm, llama, tinyllm+bf16, ...) so that a busy machine
-slows all of them alike, and the fp32 matmul peak is measured again before every round (its best value is used).
+slows all of them alike, and the matmul peak of each precision in use (fp32, and bf16 for bf16 variants) is measured
+again before every round (its best value is used).
 The order of the variants rotates every round. Reported: median step time over all rounds (the first `--warmup` steps
 of every round dropped), the median process CPU time per step (all threads; on a busy machine it shows the work done
 when the wall clock shows the wait), tokens/s, and
-MFU = tokens/s x FLOPs/token / peak, with FLOPs/token = 6 x (matmul weights) + 12 x layers x attention width x
+MFU = tokens/s x FLOPs/token / peak of the variant's precision (as the Trainer logs it), with FLOPs/token = 6 x (matmul weights) + 12 x layers x attention width x
 seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
 
     python bench/pretrain_throughput.py [--presets tiny 16m] [--variants tinyllm llama bf16 compile foreach]
@@ -63,6 +64,11 @@ def random_blocks(n_blocks: int, block_size: int, seed: int = 0) -> datasets.Dat
     return datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB_SIZE, (n_blocks, block_size), dtype=np.int32)})
 
 
+def precision(device: str, changes: dict) -> torch.dtype:
+    """The dtype a variant's matmuls run in: bf16 on GPUs and for bf16-autocast variants, else fp32."""
+    return torch.bfloat16 if device == "cuda" or changes.get("bf16") else torch.float32
+
+
 def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes: dict, output_dir: str,
                device: str) -> list[tuple]:
     if device == "cuda":
@@ -116,25 +122,30 @@ def main():
             model.load_state_dict(models[VARIANTS[name][0]].state_dict())
         flops_per_token = matmul_flops_per_token(tinyllm, block_size)
         times = {name: [] for name in copies}
-        peaks = []
+        # precision -> measured peaks; a bf16 variant is measured against the bf16 matmul peak, like the Trainer's MFU
+        precisions = {precision(args.device, VARIANTS[name][1]) for name in copies}
+        peaks = {dtype: [] for dtype in precisions}
         with tempfile.TemporaryDirectory() as tmp:
             names = list(copies)
             for round_index in range(args.rounds):
-                peaks.append(measure_matmul_peak(args.device, torch.bfloat16 if args.device == "cuda" else torch.float32))
+                for dtype in precisions:
+                    peaks[dtype].append(measure_matmul_peak(args.device, dtype))
                 # Rotate the order every round so that no variant always runs first (or right after the peak test).
                 shift = round_index % len(names)
                 for name in names[shift:] + names[:shift]:
                     times[name] += step_times(copies[name], blocks, batch_size, args.steps, args.warmup,
                                               VARIANTS[name][1], tmp, args.device)
-        peak = max(peaks)
         n_params = sum(p.numel() for p in tinyllm.parameters())
         for name in copies:
             step = statistics.median(wall for wall, _ in times[name])
             cpu = statistics.median(cpu for _, cpu in times[name])
             tokens_per_second = tokens_per_step / step
+            peak = max(peaks[precision(args.device, VARIANTS[name][1])])
             rows.append((preset, n_params, name, step, cpu, tokens_per_second, tokens_per_second * flops_per_token / peak))
-        print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, matmul peak {peak / 1e9:.1f} GFLOP/s "
-              f"(best of {len(peaks)}; min {min(peaks) / 1e9:.1f})", flush=True)
+        measured = ", ".join(f"{str(dtype).removeprefix('torch.')} {max(p) / 1e9:.1f} (min {min(p) / 1e9:.1f})"
+                             for dtype, p in peaks.items())
+        print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, matmul peak GFLOP/s, best of {args.rounds}: {measured}",
+              flush=True)
 
     header = "| preset | params | variant | median step (s) | CPU s/step | tokens/s | MFU | vs llama |"
     lines = [header, "|---|---|---|---|---|---|---|---|"]
