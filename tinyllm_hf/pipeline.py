@@ -274,9 +274,11 @@ class Pipeline:
             if evals:
                 summary["final_eval_loss"] = evals[-1]
         if stage in TRAINING_STAGES:
+            from tinyllm_hf.trainers.common import load_recipe  # torch-heavy: only once a stage has run
+
             # The command line (args:) overrides the stage recipe, as in the stage itself.
-            stage_recipe = yaml.safe_load(Path(entry["recipe"]).read_text("utf-8")) if entry.get("recipe") else None
-            dataset = (entry.get("args") or {}).get("dataset_name") or (stage_recipe or {}).get("dataset_name")
+            stage_recipe = load_recipe(entry["recipe"]) if entry.get("recipe") else {}
+            dataset = (entry.get("args") or {}).get("dataset_name") or stage_recipe.get("dataset_name")
             summary["dataset"] = "default (embedded)" if dataset in (None, "default") else dataset
         return summary
 
