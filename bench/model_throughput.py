@@ -51,7 +51,7 @@ def bench_preset(preset: str, vocab_size: int, batch: int, seq: int, rounds: int
     train = {name: [] for name in models}
     gen = {name: [] for name in models}
     # Training rounds first, then generation rounds: a generation timed right after a training step of the same
-    # model inherits that step's freed memory and cold caches, which made the generation ratio swing by +-10%.
+    # model would inherit that step's freed memory and cold caches, so each phase measures only itself.
     for phase, samples in (("train", train), ("generate", gen)):
         for round_index in range(rounds + 1):  # round 0 warms up both models and is discarded
             # Alternate which model goes first, so neither always inherits a cache the other warmed (or trashed).
@@ -100,6 +100,7 @@ def main():
         cells = [f"{ours:,.0f} | {llama:,.0f} | {ratio:.3f} ({low:.3f}-{high:.3f})"
                  for ours, llama, ratio, low, high in (r["train"], r["generate"])]
         print(f"| {preset} | {r['params'] / 1e6:.2f}M | {cells[0]} | {cells[1]} |")
+
 
 if __name__ == "__main__":
     main()

@@ -8,8 +8,8 @@ again before every round (its best value is used).
 The order of the variants rotates every round. Reported: median step time over all rounds (the first `--warmup` steps
 of every round dropped), the median process CPU time per step (all threads; on a busy machine it shows the work done
 when the wall clock shows the wait), tokens/s, and
-MFU = tokens/s x FLOPs/token / peak of the variant's precision (as the Trainer logs it), with FLOPs/token = 6 x (matmul weights) + 12 x layers x attention width x
-seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
+MFU = tokens/s x FLOPs/token / peak of the variant's precision (as the Trainer logs it), with FLOPs/token =
+6 x (matmul weights) + 12 x layers x attention width x seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
 
     python bench/pretrain_throughput.py [--presets tiny 16m] [--variants tinyllm llama bf16 compile foreach]
                                         [--rounds 3] [--steps 6] [--tokens-per-step 4096] [--threads 2]
@@ -64,15 +64,14 @@ def random_blocks(n_blocks: int, block_size: int, seed: int = 0) -> datasets.Dat
     return datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB_SIZE, (n_blocks, block_size), dtype=np.int32)})
 
 
-def precision(device: str, changes: dict) -> torch.dtype:
-    """The dtype a variant's matmuls run in: bf16 on GPUs and for bf16-autocast variants, else fp32."""
-    return torch.bfloat16 if device == "cuda" or changes.get("bf16") else torch.float32
+def training_changes(name: str, device: str) -> dict:
+    """A variant's TrainingArguments changes; on a GPU every variant trains in bf16 autocast."""
+    changes = VARIANTS[name][1]
+    return {"bf16": True, **changes} if device == "cuda" else changes
 
 
 def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes: dict, output_dir: str,
                device: str) -> list[tuple]:
-    if device == "cuda":
-        changes = {"bf16": True, **changes}
     args = TrainingArguments(
         output_dir=output_dir, use_cpu=device == "cpu", per_device_train_batch_size=batch_size, max_steps=steps + warmup,
         learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000,
@@ -122,25 +121,27 @@ def main():
             model.load_state_dict(models[VARIANTS[name][0]].state_dict())
         flops_per_token = matmul_flops_per_token(tinyllm, block_size)
         times = {name: [] for name in copies}
-        # precision -> measured peaks; a bf16 variant is measured against the bf16 matmul peak, like the Trainer's MFU
-        precisions = {precision(args.device, VARIANTS[name][1]) for name in copies}
-        peaks = {dtype: [] for dtype in precisions}
+        # The dtype each variant's matmuls run in, and its measured peaks: a bf16 variant is measured against the bf16
+        # matmul peak, as the Trainer's MFU is.
+        precision = {name: torch.bfloat16 if training_changes(name, args.device).get("bf16") else torch.float32
+                     for name in copies}
+        peaks = {dtype: [] for dtype in set(precision.values())}
         with tempfile.TemporaryDirectory() as tmp:
             names = list(copies)
             for round_index in range(args.rounds):
-                for dtype in precisions:
+                for dtype in peaks:
                     peaks[dtype].append(measure_matmul_peak(args.device, dtype))
                 # Rotate the order every round so that no variant always runs first (or right after the peak test).
                 shift = round_index % len(names)
                 for name in names[shift:] + names[:shift]:
                     times[name] += step_times(copies[name], blocks, batch_size, args.steps, args.warmup,
-                                              VARIANTS[name][1], tmp, args.device)
+                                              training_changes(name, args.device), tmp, args.device)
         n_params = sum(p.numel() for p in tinyllm.parameters())
         for name in copies:
             step = statistics.median(wall for wall, _ in times[name])
             cpu = statistics.median(cpu for _, cpu in times[name])
             tokens_per_second = tokens_per_step / step
-            peak = max(peaks[precision(args.device, VARIANTS[name][1])])
+            peak = max(peaks[precision[name]])
             rows.append((preset, n_params, name, step, cpu, tokens_per_second, tokens_per_second * flops_per_token / peak))
         measured = ", ".join(f"{str(dtype).removeprefix('torch.')} {max(p) / 1e9:.1f} (min {min(p) / 1e9:.1f})"
                              for dtype, p in peaks.items())

@@ -508,11 +508,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         logits, targets, has_loss = ctx.saved_tensors
         rows = ctx.rows
         weight = (grad_loss * has_loss)[:, None]  # (tokens, 1)
+        minus_one = torch.full_like(weight, -1.0)
         grad = torch.empty_like(logits)
         for i in range(0, len(logits), rows):
             # d(-log_softmax(logits)[target]) / d logits = softmax(logits) - one_hot(target), in fp32 until written.
             chunk = torch.softmax(logits[i : i + rows].float(), dim=-1)
-            chunk.scatter_add_(-1, targets[i : i + rows, None], -torch.ones_like(weight[i : i + rows]))
+            chunk.scatter_add_(-1, targets[i : i + rows, None], minus_one[i : i + rows])
             grad[i : i + rows] = chunk.mul_(weight[i : i + rows])
         return grad, None, None
 
