@@ -179,6 +179,32 @@ def test_matches_llama_logits_and_exports(model, tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_rmsnorm_compute_what_llamas_do(dtype):
+    """The decoding-speed rewrites (RoPE as a roll with a sign-folded sin, RMSNorm as one fused op in fp32) keep
+    Llama's numbers: RoPE bitwise in every dtype, RMSNorm to fp32 rounding."""
+    from transformers.models.llama import modeling_llama
+
+    from tinyllm_hf.modeling.modeling_tinyllm import TinyllmRMSNorm, TinyllmRotaryEmbedding, apply_rotary_pos_emb
+
+    config = tiny_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
+    llama_config = tinyllm_config_to_llama(config)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 8, dtype=dtype), torch.randn(2, 2, 7, 8, dtype=dtype)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
+    ours = apply_rotary_pos_emb(q, k, *TinyllmRotaryEmbedding(config)(q, positions))
+    theirs = modeling_llama.apply_rotary_pos_emb(q, k, *modeling_llama.LlamaRotaryEmbedding(llama_config)(q, positions))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+    norm, llama_norm = TinyllmRMSNorm(32, eps=1e-6), modeling_llama.LlamaRMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        llama_norm.weight.copy_(norm.weight)
+    norm, llama_norm = norm.to(dtype), llama_norm.to(dtype)
+    hidden = torch.randn(3, 5, 32, dtype=dtype) * 4
+    torch.testing.assert_close(norm(hidden), llama_norm(hidden), atol=0, rtol=1e-6 if dtype == torch.float32 else 0)
+
+
 def test_llama_export_rejects_what_llama_cannot_express():
     with pytest.raises(ConversionError, match="qkv_bias"):
         tinyllm_config_to_llama(tiny_config(qkv_bias=True))

@@ -45,6 +45,9 @@ class TinyllmRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == self.weight.dtype == torch.float32:
+            # One op instead of seven, bitwise equal to the lines below in fp32: it shortens every decoding step.
+            return nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
         # Normalise in fp32 so bf16/fp16 training keeps a stable variance.
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
@@ -82,21 +85,20 @@ class TinyllmRotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (batch, seq) -> cos, sin: (batch, seq, head_dim)
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        cos = torch.cat((freqs, freqs), dim=-1).cos() * self.attention_scaling
+        # The first half negated: `apply_rotary_pos_emb` rotates by rolling instead of splitting and negating.
+        signed_sin = torch.cat((-freqs, freqs), dim=-1).sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), signed_sin.to(dtype=x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary_pos_emb(q, k, cos, signed_sin):
+    """RoPE in Llama's rotate-half layout: x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) is
+    written as roll(x, half) * signed_sin: four ops per tensor instead of six, bitwise the same result.
 
-
-def apply_rotary_pos_emb(q, k, cos, sin):
-    """q: (batch, heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim), cos/sin: (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    q: (batch, heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim), cos/signed_sin: (batch, seq, head_dim)."""
+    cos, signed_sin = cos.unsqueeze(1), signed_sin.unsqueeze(1)
+    half = q.shape[-1] // 2
+    return q * cos + q.roll(half, dims=-1) * signed_sin, k * cos + k.roll(half, dims=-1) * signed_sin
 
 
 class TinyllmMLP(nn.Module):
