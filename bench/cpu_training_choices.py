@@ -1,6 +1,9 @@
 """What each CPU-specific choice in `modeling_tinyllm.py` gains per training step, measured against switching it off.
 
-- `hf-loss`: transformers' `ForCausalLMLoss` instead of Tinyllm's chunked cross-entropy (`causal_lm_loss`);
+As shipped, the pretraining Trainer calls the model with `skip_logits=True` on a CPU: the loss comes straight from the
+hidden states (`LinearCrossEntropy`). Switched off:
+- `logits`: the vocab projection makes full logits and Tinyllm's chunked cross-entropy reads them (`causal_lm_loss`);
+- `logits + hf-loss`: full logits and transformers' `ForCausalLMLoss`, as Llama trains;
 - `bf16-attention`: under bf16 autocast, attention in bf16 instead of fp32 (`attention_in_fp32` returns False).
 
 Every variant trains its own copy of the same model (same weights, same batch) with fused AdamW, forward+backward+step
@@ -30,22 +33,25 @@ def transformers_loss(logits, labels, **kwargs):
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], **kwargs)
 
 
-# (precision, switched-off choice) -> patch applied while that variant trains; None = Tinyllm as shipped
+SHIPPED = {"skip_logits": True}
+# (precision, switched-off choice) -> (forward keyword arguments, patch applied while that variant trains)
 VARIANTS = {
-    ("fp32", "as shipped"): None,
-    ("fp32", "hf-loss"): ("causal_lm_loss", transformers_loss),
-    ("bf16 autocast", "as shipped"): None,
-    ("bf16 autocast", "hf-loss"): ("causal_lm_loss", transformers_loss),
-    ("bf16 autocast", "bf16-attention"): ("attention_in_fp32", lambda query: False),
+    ("fp32", "as shipped"): (SHIPPED, None),
+    ("fp32", "logits"): ({}, None),
+    ("fp32", "logits + hf-loss"): ({}, ("causal_lm_loss", transformers_loss)),
+    ("bf16 autocast", "as shipped"): (SHIPPED, None),
+    ("bf16 autocast", "logits"): ({}, None),
+    ("bf16 autocast", "logits + hf-loss"): ({}, ("causal_lm_loss", transformers_loss)),
+    ("bf16 autocast", "bf16-attention"): (SHIPPED, ("attention_in_fp32", lambda query: False)),
 }
 
 
-def step_seconds(model, optimizer, ids, precision: str, patch, steps: int) -> float:
+def step_seconds(model, optimizer, ids, precision: str, forward_kwargs: dict, patch, steps: int) -> float:
     with mock.patch.object(modeling_tinyllm, *patch) if patch else contextlib.nullcontext():
         start = time.perf_counter()
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
-                loss = model(ids, labels=ids).loss
+                loss = model(ids, labels=ids, **forward_kwargs).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -68,7 +74,7 @@ def bench_preset(preset: str, vocab_size: int, tokens_per_step: int, rounds: int
     for round_index in range(rounds + 1):  # round 0 warms every variant up and is discarded
         shift = round_index % len(names)
         for variant in names[shift:] + names[:shift]:
-            took = step_seconds(models[variant], optimizers[variant], ids, variant[0], VARIANTS[variant], steps)
+            took = step_seconds(models[variant], optimizers[variant], ids, variant[0], *VARIANTS[variant], steps)
             if round_index:
                 seconds[variant].append(took)
     rows = []

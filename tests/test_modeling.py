@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
@@ -327,6 +328,43 @@ def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
     assert chunked[0].dtype == torch.float32 and chunked[1].dtype == dtype
     torch.testing.assert_close(chunked[0], expected[0], atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(chunked[1], expected[1], atol=1e-8 if dtype == torch.float32 else 1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("case", ["mean", "num_items_tensor", "shift_labels"])
+def test_loss_without_logits_matches_head_then_loss(autocast, case, monkeypatch):
+    """`skip_logits=True` (LinearCrossEntropy) gives the loss and every parameter gradient of the head-then-loss path,
+    returns no logits, and makes no gradients under no_grad."""
+    from tinyllm_hf.modeling import modeling_tinyllm
+
+    torch.manual_seed(0)
+    model = TinyllmForCausalLM(tiny_config(tie_word_embeddings=case != "mean")).train()
+    ids = torch.randint(2, VOCAB, (3, 20))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    kwargs = {"num_items_tensor": {"num_items_in_batch": torch.tensor(50)}, "mean": {},
+              "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}}[case]
+    # 500 logits per chunk -> 5 rows: the 60 rows cross chunk boundaries and end in a partial chunk.
+    monkeypatch.setattr(modeling_tinyllm, "LOSS_CHUNK_LOGITS", 500)
+
+    def loss_and_grads(**skip):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = model(ids, labels=labels, **kwargs, **skip)
+        output.loss.backward()
+        return output, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    (full, expected), (skipped, got) = loss_and_grads(), loss_and_grads(skip_logits=True)
+    assert full.logits is not None and skipped.logits is None
+    torch.testing.assert_close(skipped.loss, full.loss, atol=1e-5, rtol=1e-6)
+    for name in expected:  # bf16: the head's matmuls round in bf16 either way, in a different order
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6 if not autocast else 2e-3,
+                                   rtol=1e-4 if not autocast else 2e-2, msg=name)
+    # exp_ turns log-probabilities into the gradient: not wanted when no gradient will be asked for.
+    with torch.no_grad(), mock.patch.object(torch.Tensor, "exp_", side_effect=AssertionError("gradient work")):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, labels=labels, skip_logits=True, **kwargs).loss
+    torch.testing.assert_close(loss, full.loss.detach(), atol=1e-5, rtol=1e-6)
 
 
 def test_sequence_classification_pools_last_real_token(tmp_path):

@@ -1,6 +1,7 @@
 """Pretraining: packing, recipes, the Trainer run end to end, kill -9 + resume, non-finite loss, 2-process DDP,
 and the shipped accelerate/DeepSpeed configs."""
 
+import functools
 import json
 import math
 import os
@@ -295,6 +296,35 @@ def test_pretrain_end_to_end(corpus_file, tokenizer_dir, tmp_path):
     model = TinyllmForCausalLM.from_pretrained(out)
     assert model.config.hidden_size == 32 and model.config.eos_token_id == 0
     assert PreTrainedTokenizerFast.from_pretrained(out).eos_token == "<|endoftext|>"
+
+
+def test_cpu_training_steps_skip_logits_and_evaluation_keeps_them(tmp_path, monkeypatch):
+    """On a CPU the Trainer's training forwards ask Tinyllm for the loss without logits; evaluation, which returns
+    the outputs, does not; a model whose forward lacks the argument (Llama) is called as before."""
+    from tinyllm_hf.modeling.convert import tinyllm_to_llama_model
+
+    config = TinyllmConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=16)
+    blocks = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 64, (8, 16)).tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, eval_strategy="steps",
+                             eval_steps=2, save_strategy="no", report_to=[], use_cpu=True, prediction_loss_only=False)
+    for model in (TinyllmForCausalLM(config), tinyllm_to_llama_model(TinyllmForCausalLM(config))):
+        calls = []
+        forward = type(model).forward
+
+        @functools.wraps(forward)
+        def recording_forward(self, *inputs, **kwargs):
+            calls.append((self.training, kwargs.get("skip_logits", False)))
+            return forward(self, *inputs, **kwargs)
+
+        monkeypatch.setattr(type(model), "forward", recording_forward)
+        trainer = pretrain.PretrainTrainer(model=model, args=args, train_dataset=blocks, eval_dataset=blocks,
+                                           data_collator=collate_blocks)
+        trainer.train()
+        is_tinyllm = isinstance(model, TinyllmForCausalLM)
+        assert [skip for training, skip in calls if training] == [is_tinyllm] * 2
+        assert [skip for training, skip in calls if not training] == [False]  # one evaluation, one batch of 8
+        assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
 
 
 def test_pretrain_streaming(corpus_file, tokenizer_dir, tmp_path):

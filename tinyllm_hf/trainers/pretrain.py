@@ -7,6 +7,7 @@ The recipe holds the keys of `ModelArguments`, `DataArguments`, `RunArguments` a
 the command line overrides any of them. `--resume` continues from the newest complete checkpoint in `output_dir`.
 """
 
+import inspect
 import json
 import math
 import sys
@@ -70,7 +71,14 @@ class DataArguments:
 
 
 class PretrainTrainer(ReliableTrainerMixin, Trainer):
-    """The HF Trainer with atomic checkpoints and a stop on non-finite loss."""
+    """The HF Trainer with atomic checkpoints and a stop on non-finite loss. On a CPU its training steps ask a
+    Tinyllm model for the loss without full logits (`skip_logits`, faster there: docs/benchmarks.md)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not return_outputs and self.args.device.type == "cpu":
+            if "skip_logits" in inspect.signature(self.accelerator.unwrap_model(model).forward).parameters:
+                inputs = {**inputs, "skip_logits": True}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 def load_tokenizer(path: str | None):
