@@ -28,7 +28,7 @@ OUTTYPES = ("f16", "q8_0", "q4_k_m")
 SUPPORTED_MODEL_TYPES = ("tinyllm", "llama")
 
 
-def _require_gguf():
+def require_gguf():
     try:
         import gguf
     except ImportError:
@@ -101,8 +101,8 @@ def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _write_hparams(writer, config: dict, name: str) -> None:
-    gguf = _require_gguf()
+def write_hparams(writer, config: dict, name: str) -> None:
+    gguf = require_gguf()
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     theta, rope_type, factor = rope_settings(config)
@@ -152,9 +152,9 @@ def template_for_llama_cpp(template: str) -> str:
     return re.sub(r"\{%(-?)\s*(end)?generation\s*(-?)%\}", r"{#\1 \2generation \3#}", template)
 
 
-def _write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
+def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     """Vocabulary, merges, token types, special ids and chat template, as llama.cpp reads a `gpt2` tokenizer."""
-    gguf = _require_gguf()
+    gguf = require_gguf()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -200,7 +200,7 @@ def _write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
 
 
 def _write_tensors(writer, config: dict, tensors: dict[str, np.ndarray], outtype: str) -> None:
-    gguf = _require_gguf()
+    gguf = require_gguf()
     n_layers = config["num_hidden_layers"]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
@@ -227,17 +227,17 @@ def _write_tensors(writer, config: dict, tensors: dict[str, np.ndarray], outtype
             writer.add_tensor(gguf_name, data.astype(np.float16))
 
 
-def _write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
+def write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
     """Write an f16 or q8_0 GGUF of `model_dir` to `path`."""
-    gguf = _require_gguf()
+    gguf = require_gguf()
     config = read_config(model_dir)
     tensors = read_state_dict(model_dir)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    _write_hparams(writer, config, name=Path(model_dir).resolve().name)
+    write_hparams(writer, config, name=Path(model_dir).resolve().name)
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_tokenizer(writer, model_dir, config["vocab_size"])
+    write_tokenizer(writer, model_dir, config["vocab_size"])
     _write_tensors(writer, config, tensors, outtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -263,15 +263,19 @@ def quantize_with_llama_cpp(f16_file: Path, output_file: Path, outtype: str = "q
 
 def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "f16") -> Path:
     """Write `model_dir` (Tinyllm or Llama checkpoint) as a llama.cpp GGUF; nothing is left at `output_file` on error."""
+    read_config(model_dir)  # fail on a wrong directory before any work
+    return write_gguf_atomically(write_gguf, Path(model_dir), Path(output_file), outtype)
+
+
+def write_gguf_atomically(write, model_dir: Path, output_file: Path, outtype: str) -> Path:
+    """`write(model_dir, path, "f16" | "q8_0")` into a temporary file next to `output_file`, quantize it with llama.cpp
+    for q4_k_m, and rename at the end: a failed export leaves no partial file."""
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    model_dir, output_file = Path(model_dir), Path(output_file)
-    read_config(model_dir)  # fail on a wrong directory before any work
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary file next to the output and rename at the end: a failed export leaves no partial file.
     with tempfile.TemporaryDirectory(dir=output_file.parent, prefix=".gguf-export-") as tmp:
         f16_or_q8 = Path(tmp) / ("model-q8_0.gguf" if outtype == "q8_0" else "model-f16.gguf")
-        _write_gguf(model_dir, f16_or_q8, "q8_0" if outtype == "q8_0" else "f16")
+        write(model_dir, f16_or_q8, "q8_0" if outtype == "q8_0" else "f16")
         final = f16_or_q8
         if outtype == "q4_k_m":
             final = Path(tmp) / "model-q4_k_m.gguf"

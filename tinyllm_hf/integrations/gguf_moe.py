@@ -18,18 +18,15 @@ tied head is written out explicitly. Qwen2 models use NEOX-style RoPE, so q/k ne
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tinyllm_hf.integrations.gguf import _require_gguf, _write_hparams, _write_tokenizer, quantize_with_llama_cpp
+from tinyllm_hf.integrations.gguf import OUTTYPES, require_gguf, write_gguf_atomically, write_hparams, write_tokenizer
 from tinyllm_hf.modeling.convert import ConversionError
 
-OUTTYPES = ("f16", "q8_0", "q4_k_m")
 SHARED_GATE_WEIGHT = 2.0**-60
 # Kept in f32 like llama.cpp's own converter does: norms, biases, gates (routing is sensitive to rounding).
 F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
@@ -65,7 +62,7 @@ def check_llama_cpp_can_express(config) -> None:
 
 def gguf_tensors(qwen) -> dict[str, np.ndarray]:
     """Qwen2-MoE weights under llama.cpp's names, as float32 arrays (stacked experts: (experts, out, in))."""
-    gguf = _require_gguf()
+    gguf = require_gguf()
     config = qwen.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2MOE, config.num_hidden_layers)
     state = {k: v.float().numpy() for k, v in qwen.state_dict().items()}
@@ -95,20 +92,20 @@ def gguf_tensors(qwen) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
-    gguf = _require_gguf()
+def write_moe_gguf(model_dir: Path, path: Path, outtype: str) -> None:
+    gguf = require_gguf()
     qwen = load_qwen2_moe(model_dir)
     config = qwen.config
     check_llama_cpp_can_express(config)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2MOE])
-    _write_hparams(writer, config.to_dict(), name=model_dir.resolve().name)
+    write_hparams(writer, config.to_dict(), name=model_dir.resolve().name)
     writer.add_expert_count(config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_tokenizer(writer, model_dir, config.vocab_size)
+    write_tokenizer(writer, model_dir, config.vocab_size)
     for name, data in gguf_tensors(qwen).items():
         if data.ndim == 1 or name.endswith(F32_SUFFIXES):
             writer.add_tensor(name, data.astype(np.float32))
@@ -125,19 +122,7 @@ def _write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
 
 def export_moe_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "f16") -> Path:
     """Write a MoE Tinyllm or Qwen2-MoE checkpoint as a llama.cpp `qwen2moe` GGUF; nothing is left behind on error."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    model_dir, output_file = Path(model_dir), Path(output_file)
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_file.parent, prefix=".gguf-moe-export-") as tmp:
-        first = Path(tmp) / ("model-q8_0.gguf" if outtype == "q8_0" else "model-f16.gguf")
-        _write_gguf(model_dir, first, "q8_0" if outtype == "q8_0" else "f16")
-        final = first
-        if outtype == "q4_k_m":
-            final = Path(tmp) / "model-q4_k_m.gguf"
-            quantize_with_llama_cpp(first, final, outtype)
-        os.replace(final, output_file)
-    return output_file
+    return write_gguf_atomically(write_moe_gguf, Path(model_dir), Path(output_file), outtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,13 +67,13 @@ def run_train(args) -> None:
 
 def run_extend(args) -> None:
     from tinyllm_hf.tokenizer.extend import extend_tokenizer, load_base_tokenizer, resize_model_embeddings
-    from tinyllm_hf.tokenizer.train import _check_output_dir, atomic_output_dir, write_portable_tokenizer_config
+    from tinyllm_hf.tokenizer.train import check_output_dir, atomic_output_dir, write_portable_tokenizer_config
 
     if bool(args.model) != bool(args.model_output):
         raise ValueError("--model and --model-output go together")
     if args.model_output:
         # Checked before the (slow) extension so a bad path fails fast.
-        _check_output_dir(Path(args.model_output), args.overwrite)
+        check_output_dir(Path(args.model_output), args.overwrite)
     base = load_base_tokenizer(args.base)
     extended = extend_tokenizer(
         base,

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tinyllm_hf.tokenizer.train import _text_batches, save_tokenizer
+from tinyllm_hf.tokenizer.train import text_batches, save_tokenizer
 
 # Private-use code points stand for base tokens during training: never produced by normal text processing and
 # never whitespace, so the trainer's WhitespaceSplit keeps each encoded word intact.
@@ -161,7 +161,7 @@ def extend_tokenizer(
             f"nothing to add: base tokenizer has {old_size} tokens, asked for {num_new_tokens!r} new ones"
             + (f" (target_vocab_size {target_vocab_size})" if target_vocab_size is not None else "")
         )
-    corpus = [text for batch in _text_batches(texts, 1000, {"chars": 0}) for text in batch]
+    corpus = [text for batch in text_batches(texts, 1000, {"chars": 0}) for text in batch]
     if not any(corpus):
         raise ValueError("the corpus for tokenizer extension is empty")
 

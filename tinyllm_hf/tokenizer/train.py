@@ -40,7 +40,7 @@ def new_byte_level_bpe() -> Tokenizer:
     return tokenizer
 
 
-def _text_batches(texts: Iterable[str] | Iterable[list[str]], batch_size: int, seen: dict) -> Iterator[list[str]]:
+def text_batches(texts: Iterable[str] | Iterable[list[str]], batch_size: int, seen: dict) -> Iterator[list[str]]:
     """Regroup strings (or lists of strings) into lists for the trainer, checking types and counting characters.
 
     The trainer pre-tokenizes each list in parallel in Rust, so lists beat single strings. Strings with lone
@@ -93,7 +93,7 @@ def train_tokenizer(
             f"got {vocab_size!r}"
         )
     if output_dir is not None:
-        _check_output_dir(Path(output_dir), overwrite)
+        check_output_dir(Path(output_dir), overwrite)
     tokenizer = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -103,7 +103,7 @@ def train_tokenizer(
         show_progress=False,
     )
     seen = {"chars": 0}
-    tokenizer.train_from_iterator(_text_batches(texts, batch_size, seen), trainer=trainer)
+    tokenizer.train_from_iterator(text_batches(texts, batch_size, seen), trainer=trainer)
     if seen["chars"] == 0:
         raise ValueError("the training corpus is empty: no characters to learn a tokenizer from")
     fast = wrap_tokenizer(tokenizer, model_max_length)
@@ -123,7 +123,7 @@ def wrap_tokenizer(tokenizer: Tokenizer, model_max_length: int = DEFAULT_MODEL_M
     )
 
 
-def _check_output_dir(target: Path, overwrite: bool) -> None:
+def check_output_dir(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output path {target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -135,7 +135,7 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
     """Yield a fresh temporary directory beside `output_dir`; on success it replaces `output_dir`, on error it is
     deleted, so a failed run never leaves a partial output behind."""
     target = Path(output_dir)
-    _check_output_dir(target, overwrite)
+    check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
