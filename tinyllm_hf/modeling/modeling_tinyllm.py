@@ -660,12 +660,12 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(hidden_states, labels, lm_head_weight=self.lm_head.weight, **kwargs)
         else:
             logits = self.lm_head(hidden_states)  # (batch, kept, vocab)
-        # On a CPU the chunked loss makes training steps faster (bench/cpu_training_choices.py); on accelerators,
-        # where each chunk would be a few kernel launches, transformers' loss.
-        if logits is not None and labels is not None and logits.device.type == "cpu":
-            loss = causal_lm_loss(logits, labels, **kwargs)
-        elif logits is not None and labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            # On a CPU the chunked loss makes training steps faster (bench/cpu_training_choices.py); on accelerators,
+            # where each chunk would be a few kernel launches, transformers' loss.
+            if labels is not None and logits.device.type == "cpu":
+                loss = causal_lm_loss(logits, labels, **kwargs)
+            elif labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if self.config.num_experts:
             return self._moe_output(loss, logits, outputs, attention_mask)
         return CausalLMOutputWithPast(

@@ -67,7 +67,7 @@ def run_train(args) -> None:
 
 def run_extend(args) -> None:
     from tinyllm_hf.tokenizer.extend import extend_tokenizer, load_base_tokenizer, resize_model_embeddings
-    from tinyllm_hf.tokenizer.train import check_output_dir, atomic_output_dir, write_portable_tokenizer_config
+    from tinyllm_hf.tokenizer.train import atomic_output_dir, check_output_dir, write_portable_tokenizer_config
 
     if bool(args.model) != bool(args.model_output):
         raise ValueError("--model and --model-output go together")

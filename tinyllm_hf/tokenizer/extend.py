@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tinyllm_hf.tokenizer.train import text_batches, save_tokenizer
+from tinyllm_hf.tokenizer.train import save_tokenizer, text_batches
 
 # Private-use code points stand for base tokens during training: never produced by normal text processing and
 # never whitespace, so the trainer's WhitespaceSplit keeps each encoded word intact.
