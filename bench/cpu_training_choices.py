@@ -1,4 +1,5 @@
-"""What each CPU-specific choice in `modeling_tinyllm.py` gains per training step, measured against switching it off.
+"""What each CPU-specific choice of the model (`modeling_tinyllm.py`, `loss_tinyllm.py`) gains per training step,
+measured against switching it off.
 
 As shipped, the pretraining Trainer calls the model with `skip_logits=True` on a CPU: the loss comes straight from the
 hidden states (`LinearCrossEntropy`). Switched off:
@@ -26,7 +27,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
-from tinyllm_hf.modeling import modeling_tinyllm
+from tinyllm_hf.modeling import loss_tinyllm, modeling_tinyllm
 
 
 def transformers_loss(logits, labels, **kwargs):
@@ -34,20 +35,20 @@ def transformers_loss(logits, labels, **kwargs):
 
 
 SHIPPED = {"skip_logits": True}
-# (precision, switched-off choice) -> (forward keyword arguments, patch applied while that variant trains)
+# (precision, switched-off choice) -> (forward keyword arguments, (module, name, stand-in) patched while it trains)
 VARIANTS = {
     ("fp32", "as shipped"): (SHIPPED, None),
     ("fp32", "logits"): ({}, None),
-    ("fp32", "logits + hf-loss"): ({}, ("causal_lm_loss", transformers_loss)),
+    ("fp32", "logits + hf-loss"): ({}, (loss_tinyllm, "causal_lm_loss", transformers_loss)),
     ("bf16 autocast", "as shipped"): (SHIPPED, None),
     ("bf16 autocast", "logits"): ({}, None),
-    ("bf16 autocast", "logits + hf-loss"): ({}, ("causal_lm_loss", transformers_loss)),
-    ("bf16 autocast", "bf16-attention"): (SHIPPED, ("attention_in_fp32", lambda query: False)),
+    ("bf16 autocast", "logits + hf-loss"): ({}, (loss_tinyllm, "causal_lm_loss", transformers_loss)),
+    ("bf16 autocast", "bf16-attention"): (SHIPPED, (modeling_tinyllm, "attention_in_fp32", lambda query: False)),
 }
 
 
 def step_seconds(model, optimizer, ids, precision: str, forward_kwargs: dict, patch, steps: int) -> float:
-    with mock.patch.object(modeling_tinyllm, *patch) if patch else contextlib.nullcontext():
+    with mock.patch.object(*patch) if patch else contextlib.nullcontext():
         start = time.perf_counter()
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):

@@ -4,15 +4,15 @@
 
 Variants are written to --work (reused when present): the `tinyllm quantize` methods and GGUF f16/q8_0/q4_k_m; the
 table goes to WORK/drift.md and WORK/drift.json. Any other option is passed to the measurement,
-tinyllm_hf/integrations/drift.py. A variant whose packages are missing here is listed as skipped with the reason.
+tinyllm_hf/export/drift.py. A variant whose packages are missing here is listed as skipped with the reason.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from tinyllm_hf.integrations import drift, quantize
-from tinyllm_hf.integrations import gguf as gguf_export
+from tinyllm_hf.export import drift, quantize
+from tinyllm_hf.export import gguf as gguf_export
 
 GGUF_TYPES = ["f16", "q8_0", "q4_k_m"]
 

@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tinyllm_hf.integrations.chat import ChatSession, load_chat_model, main, repl  # noqa: E402
+from tinyllm_hf.inference.chat import ChatSession, load_chat_model, main, repl  # noqa: E402
 
 
 @pytest.fixture(scope="module")

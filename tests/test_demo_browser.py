@@ -20,12 +20,12 @@ pytest.importorskip("gradio", reason='the demo needs the serve extra: pip instal
 httpx = pytest.importorskip("httpx")
 
 from serve_fixtures import SlowBackend, build_chat_checkpoint, free_port  # noqa: E402
-from tinyllm_hf.integrations.demo import build_demo, conversation, launch, stream_reply  # noqa: E402
-from tinyllm_hf.integrations.engine import Engine, TransformersBackend  # noqa: E402
+from tinyllm_hf.inference.demo import build_demo, conversation, launch, stream_reply  # noqa: E402
+from tinyllm_hf.inference.engine import Engine, TransformersBackend  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-APP = Path(__file__).resolve().parents[1] / "tinyllm_hf" / "integrations" / "app.py"
+APP = Path(__file__).resolve().parents[1] / "tinyllm_hf" / "inference" / "app.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quant_fixtures import build_tiny_llama  # noqa: E402
-from tinyllm_hf.integrations import drift, quantize  # noqa: E402
+from tinyllm_hf.export import drift, quantize  # noqa: E402
 
 # Sizes that keep one drift run to seconds on the tiny fixture (context 256).
 SMALL = ["--tasks", "4", "--task-tokens", "6", "--eval-chunks", "2", "--chunk-len", "32", "--gen-tokens", "8",

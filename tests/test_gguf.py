@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
-from tinyllm_hf.integrations.gguf import export_gguf, main, template_for_llama_cpp  # noqa: E402
+from tinyllm_hf.export.gguf import export_gguf, main, template_for_llama_cpp  # noqa: E402
 
 N_TOKENS = 16
 

@@ -15,7 +15,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from tinyllm_hf.evaluation.results import make_results, save_results
-from tinyllm_hf.hub_cards import push
+from tinyllm_hf.hub import push
 
 RESULTS_TASKS = {
     "ceval": {"mode": "ppl", "shots": 5, "split": "val", "scored": True, "accuracy": 0.2718, "n": 103, "correct": 28,

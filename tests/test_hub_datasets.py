@@ -13,7 +13,7 @@ from huggingface_hub import DatasetCard  # noqa: E402
 from test_hub import FakeHub, run_push  # noqa: E402
 
 from tinyllm_hf.data.records import split_of  # noqa: E402
-from tinyllm_hf.hub_cards import push  # noqa: E402
+from tinyllm_hf.hub import push  # noqa: E402
 
 TRAIN, TEST = "data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"
 # Tiny builds: rows per task in train and test, and what each split must then hold.

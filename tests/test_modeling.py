@@ -112,7 +112,7 @@ def test_save_and_reload_safetensors_only(model, tmp_path):
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
-    assert {"configuration_tinyllm.py", "modeling_tinyllm.py"} <= files
+    assert {"configuration_tinyllm.py", "loss_tinyllm.py", "modeling_tinyllm.py"} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -306,7 +306,7 @@ def test_loss_honours_num_items_in_batch(model):
 def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from tinyllm_hf.modeling import modeling_tinyllm
+    from tinyllm_hf.modeling import loss_tinyllm
 
     torch.manual_seed(0)
     logits = torch.randn(3, 40, VOCAB).to(dtype)
@@ -315,7 +315,7 @@ def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
     kwargs = {"num_items_tensor": {"num_items_in_batch": torch.tensor(200)}, "num_items_int": {"num_items_in_batch": 77},
               "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}, "mean": {}}[case]
     # 1,100 logits per chunk -> 11 rows: the 120 rows cross chunk boundaries and end in a partial chunk.
-    monkeypatch.setattr(modeling_tinyllm, "LOSS_CHUNK_LOGITS", 1100)
+    monkeypatch.setattr(loss_tinyllm, "LOSS_CHUNK_LOGITS", 1100)
 
     def loss_and_grad(loss_fn):
         leaf = logits.clone().requires_grad_()
@@ -324,7 +324,7 @@ def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
         return loss, leaf.grad
 
     expected = loss_and_grad(lambda x: ForCausalLMLoss(x, labels, vocab_size=VOCAB, **kwargs))
-    chunked = loss_and_grad(lambda x: modeling_tinyllm.causal_lm_loss(x, labels, **kwargs))
+    chunked = loss_and_grad(lambda x: loss_tinyllm.causal_lm_loss(x, labels, **kwargs))
     assert chunked[0].dtype == torch.float32 and chunked[1].dtype == dtype
     torch.testing.assert_close(chunked[0], expected[0], atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(chunked[1], expected[1], atol=1e-8 if dtype == torch.float32 else 1e-4, rtol=1e-5)
@@ -335,7 +335,7 @@ def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
 def test_loss_without_logits_matches_head_then_loss(autocast, case, monkeypatch):
     """`skip_logits=True` (LinearCrossEntropy) gives the loss and every parameter gradient of the head-then-loss path,
     returns no logits, and makes no gradients under no_grad."""
-    from tinyllm_hf.modeling import modeling_tinyllm
+    from tinyllm_hf.modeling import loss_tinyllm
 
     torch.manual_seed(0)
     model = TinyllmForCausalLM(tiny_config(tie_word_embeddings=case != "mean")).train()
@@ -345,7 +345,7 @@ def test_loss_without_logits_matches_head_then_loss(autocast, case, monkeypatch)
     kwargs = {"num_items_tensor": {"num_items_in_batch": torch.tensor(50)}, "mean": {},
               "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}}[case]
     # 500 logits per chunk -> 5 rows: the 60 rows cross chunk boundaries and end in a partial chunk.
-    monkeypatch.setattr(modeling_tinyllm, "LOSS_CHUNK_LOGITS", 500)
+    monkeypatch.setattr(loss_tinyllm, "LOSS_CHUNK_LOGITS", 500)
 
     def loss_and_grads(**skip):
         model.zero_grad()

@@ -302,7 +302,7 @@ def moe_gguf(tmp_path_factory):
     pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
     from quant_fixtures import build_tokenizer
 
-    from tinyllm_hf.integrations.gguf_moe import export_moe_gguf
+    from tinyllm_hf.export.gguf_moe import export_moe_gguf
 
     root = tmp_path_factory.mktemp("gguf-moe")
     tokenizer = build_tokenizer(root / "model")
@@ -332,7 +332,7 @@ def test_moe_gguf_reads_back_in_transformers(moe_gguf):
 
 
 def test_moe_gguf_refuses_what_llama_cpp_cannot_run(moe_gguf, tmp_path):
-    from tinyllm_hf.integrations.gguf_moe import export_moe_gguf
+    from tinyllm_hf.export.gguf_moe import export_moe_gguf
 
     _, model_dir, _ = moe_gguf
     for overrides, message in [(dict(first_k_dense_replace=1), "dense layers"), (dict(norm_topk_prob=True), "norm_topk_prob")]:

@@ -12,15 +12,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
-from tinyllm_hf.integrations import quantize  # noqa: E402
-from tinyllm_hf.integrations.runtimes import sample_next_token  # noqa: E402
+from tinyllm_hf.export import quantize  # noqa: E402
+from tinyllm_hf.inference.runtimes import sample_next_token  # noqa: E402
 
 N_TOKENS = 16
 
 # Runs in a new interpreter: nothing from the quantizing process (patched modules, cached weights) can help it load.
 RELOAD_SCRIPT = """
 import json, sys
-from tinyllm_hf.integrations.quantize import load_quantized
+from tinyllm_hf.export.quantize import load_quantized
 model, tokenizer = load_quantized(sys.argv[1], num_threads=2)
 prompt, reference = json.loads(sys.argv[2])
 print(json.dumps({

@@ -17,8 +17,8 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 httpx = pytest.importorskip("httpx")
 
 from serve_fixtures import SlowBackend, build_chat_checkpoint, free_port, run_uvicorn  # noqa: E402
-from tinyllm_hf.integrations.engine import Engine, TransformersBackend  # noqa: E402
-from tinyllm_hf.integrations.server import build_app, main  # noqa: E402
+from tinyllm_hf.inference.engine import Engine, TransformersBackend  # noqa: E402
+from tinyllm_hf.inference.server import build_app, main  # noqa: E402
 
 MODEL_ID = "tiny-chat"
 HELLO = [{"role": "user", "content": "你好，今天怎么样？"}]
@@ -339,8 +339,8 @@ def test_cli_rejects_a_missing_model(tmp_path, capsys):
 def _llamacpp_backend(checkpoint, tmp_path):
     pytest.importorskip("llama_cpp", reason='the llamacpp backend needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"')
     pytest.importorskip("gguf", reason='GGUF export needs the quant extra: pip install "tinyllm-hf[quant]"')
-    from tinyllm_hf.integrations.engine import LlamaCppBackend
-    from tinyllm_hf.integrations.gguf import export_gguf
+    from tinyllm_hf.inference.engine import LlamaCppBackend
+    from tinyllm_hf.export.gguf import export_gguf
 
     return LlamaCppBackend(export_gguf(checkpoint, tmp_path / "model-f16.gguf", "f16"))
 
@@ -348,8 +348,8 @@ def _llamacpp_backend(checkpoint, tmp_path):
 def _onnx_backend(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime", reason='the onnx backend needs the quant extra: pip install "tinyllm-hf[quant]"')
     pytest.importorskip("onnxscript", reason='the onnx backend needs the quant extra: pip install "tinyllm-hf[quant]"')
-    from tinyllm_hf.integrations.engine import ExportedBackend
-    from tinyllm_hf.integrations.quantize import quantize_checkpoint
+    from tinyllm_hf.inference.engine import ExportedBackend
+    from tinyllm_hf.export.quantize import quantize_checkpoint
 
     return ExportedBackend(quantize_checkpoint(checkpoint, tmp_path / "onnx", "onnx"))
 

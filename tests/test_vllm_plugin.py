@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from tinyllm_hf.integrations import vllm_plugin
+from tinyllm_hf.export import vllm_plugin
 from tinyllm_hf.modeling import TinyllmConfig
 
 
@@ -29,7 +29,7 @@ class FakeRegistry:
 
 def test_entry_point_is_declared():
     names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert names.get("tinyllm") == "tinyllm_hf.integrations.vllm_plugin:register"
+    assert names.get("tinyllm") == "tinyllm_hf.export.vllm_plugin:register"
 
 
 def test_register_is_lazy_and_idempotent(monkeypatch):
@@ -38,8 +38,8 @@ def test_register_is_lazy_and_idempotent(monkeypatch):
     vllm_plugin.register()
     vllm_plugin.register()  # vLLM calls it once per process; a second call must not re-register
     assert registry.calls == 1
-    assert registry.models["TinyllmForCausalLM"] == "tinyllm_hf.integrations.vllm_model:TinyllmForCausalLM"
-    assert "tinyllm_hf.integrations.vllm_model" not in sys.modules  # the model module (imports vLLM) stays unloaded
+    assert registry.models["TinyllmForCausalLM"] == "tinyllm_hf.export.vllm_model:TinyllmForCausalLM"
+    assert "tinyllm_hf.export.vllm_model" not in sys.modules  # the model module (imports vLLM) stays unloaded
     from transformers import AutoConfig
 
     assert AutoConfig.for_model("tinyllm").__class__ is TinyllmConfig

@@ -20,12 +20,12 @@ SUBCOMMANDS = {
     "orpo": ("tinyllm_hf.trainers.orpo", "ORPO preference optimisation (trl.experimental)"),
     "merge": ("tinyllm_hf.trainers.merge", "merge a LoRA adapter into full weights"),
     "eval": ("tinyllm_hf.evaluation.cli", "C-Eval/CMMLU, perplexity and task accuracy"),
-    "export": ("tinyllm_hf.modeling.export_cli", "export to Llama (transformers/vLLM) or GGUF (llama.cpp)"),
-    "quantize": ("tinyllm_hf.integrations.quantize", "quantize with ONNX Runtime, OpenVINO or quanto"),
-    "chat": ("tinyllm_hf.integrations.chat", "chat with a model in the terminal"),
-    "serve": ("tinyllm_hf.integrations.server", "OpenAI-compatible API server"),
-    "demo": ("tinyllm_hf.integrations.demo", "Gradio web chat demo"),
-    "push": ("tinyllm_hf.hub_cards.push", "release a model (or Space) on the Hugging Face Hub"),
+    "export": ("tinyllm_hf.export.cli", "export to Llama (transformers/vLLM) or GGUF (llama.cpp)"),
+    "quantize": ("tinyllm_hf.export.quantize", "quantize with ONNX Runtime, OpenVINO or quanto"),
+    "chat": ("tinyllm_hf.inference.chat", "chat with a model in the terminal"),
+    "serve": ("tinyllm_hf.inference.server", "OpenAI-compatible API server"),
+    "demo": ("tinyllm_hf.inference.demo", "Gradio web chat demo"),
+    "push": ("tinyllm_hf.hub.push", "release a model (or Space) on the Hugging Face Hub"),
 }
 
 

@@ -15,7 +15,7 @@ import queue
 import sys
 from collections.abc import Iterator
 
-from tinyllm_hf.integrations.engine import BACKENDS, Engine, SamplingParams, load_backend
+from tinyllm_hf.inference.engine import BACKENDS, Engine, SamplingParams, load_backend
 
 TITLE = "tinyllm chat"
 

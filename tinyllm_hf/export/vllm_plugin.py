@@ -1,17 +1,17 @@
 """vLLM plugin: `vllm serve DIR` on a Tinyllm checkpoint, without patching vLLM.
 
-pyproject declares the entry point `vllm.general_plugins: tinyllm = "tinyllm_hf.integrations.vllm_plugin:register"`.
+pyproject declares the entry point `vllm.general_plugins: tinyllm = "tinyllm_hf.export.vllm_plugin:register"`.
 vLLM calls `register()` in every process it starts, before loading any model, so it must be cheap and idempotent:
 it registers our config with transformers' AutoConfig (no `--trust-remote-code` needed) and names the model class
 by a lazy "module:Class" string, which vLLM imports only when a checkpoint asks for `TinyllmForCausalLM`.
 
 A dense Tinyllm is a Llama (same parameter names and math), so the model class is vLLM's own Llama implementation
-with the config adjusted for the one flag the two read differently (see `tinyllm_hf.integrations.vllm_model`).
+with the config adjusted for the one flag the two read differently (see `tinyllm_hf.export.vllm_model`).
 Checkpoints exported with `tinyllm export llama` need no plugin at all.
 """
 
 ARCHITECTURE = "TinyllmForCausalLM"
-MODEL_CLASS = "tinyllm_hf.integrations.vllm_model:TinyllmForCausalLM"
+MODEL_CLASS = "tinyllm_hf.export.vllm_model:TinyllmForCausalLM"
 
 
 def check_vllm_compatible(config) -> None:

@@ -5,7 +5,7 @@ Imported by vLLM only (through the lazy registration in `vllm_plugin`), so impor
 
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
-from tinyllm_hf.integrations.vllm_plugin import check_vllm_compatible, vllm_bias_flags
+from tinyllm_hf.export.vllm_plugin import check_vllm_compatible, vllm_bias_flags
 
 
 class TinyllmForCausalLM(LlamaForCausalLM):

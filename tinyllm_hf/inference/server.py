@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tinyllm_hf.integrations.engine import (
+from tinyllm_hf.inference.engine import (
     BACKENDS,
     FINISHED_OK,
     Delta,

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from tinyllm_hf.integrations.demo import build_demo, launch
-from tinyllm_hf.integrations.engine import Engine, TransformersBackend
+from tinyllm_hf.inference.demo import build_demo, launch
+from tinyllm_hf.inference.engine import Engine, TransformersBackend
 
 
 def model_source() -> str:

@@ -412,11 +412,11 @@ class LlamaCppBackend(_SingleSequenceBackend):
 
 
 class ExportedBackend(_SingleSequenceBackend):
-    """ONNX Runtime or OpenVINO prefill + decode graphs written by `tinyllm quantize` (tinyllm_hf.integrations.runtimes)."""
+    """ONNX Runtime or OpenVINO prefill + decode graphs written by `tinyllm quantize` (tinyllm_hf.inference.runtimes)."""
 
     def __init__(self, model_dir: str | Path, num_threads: int | None = None):
-        from tinyllm_hf.integrations.quantize import load_quantized
-        from tinyllm_hf.integrations.runtimes import CachedDecoder
+        from tinyllm_hf.export.quantize import load_quantized
+        from tinyllm_hf.inference.runtimes import CachedDecoder
 
         self.model, self.tokenizer = load_quantized(model_dir, num_threads=num_threads)
         if not isinstance(self.model, CachedDecoder):

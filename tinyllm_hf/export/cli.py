@@ -23,11 +23,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return convert_moe.main(args.rest)
     if args.format == "gguf-moe":
-        from tinyllm_hf.integrations import gguf_moe
+        from tinyllm_hf.export import gguf_moe
 
         return gguf_moe.main(args.rest)
     if args.format == "gguf":
-        from tinyllm_hf.integrations import gguf
+        from tinyllm_hf.export import gguf
 
         return gguf.main(args.rest)
     paths = argparse.ArgumentParser(prog=f"tinyllm export {args.format}")

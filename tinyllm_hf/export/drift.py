@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyllm_hf.integrations import quantize
+from tinyllm_hf.export import quantize
 
 PROMPTS = ["我正在写这本书的心得", "这本书太好了，", "人际关系的交际技巧", "今天天气很好，我们"]
 REFERENCE = "fp32"

@@ -2,7 +2,7 @@
 `qwen2moe` architecture.
 
 The model first goes through the exact Qwen2-MoE mapping of `tinyllm_hf.modeling.convert_moe`; the tokenizer is written
-as in `tinyllm_hf.integrations.gguf` (gpt2 BPE, chat template). llama.cpp's qwen2moe graph is narrower than Qwen2-MoE in
+as in `tinyllm_hf.export.gguf` (gpt2 BPE, chat template). llama.cpp's qwen2moe graph is narrower than Qwen2-MoE in
 transformers, so this export also refuses:
 
 - dense layers (`first_k_dense_replace` / `moe_layer_freq`): llama.cpp builds every qwen2moe layer as MoE;
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinyllm_hf.integrations.gguf import OUTTYPES, require_gguf, write_gguf_atomically, write_hparams, write_tokenizer
+from tinyllm_hf.export.gguf import OUTTYPES, require_gguf, write_gguf_atomically, write_hparams, write_tokenizer
 from tinyllm_hf.modeling.convert import ConversionError
 
 SHARED_GATE_WEIGHT = 2.0**-60

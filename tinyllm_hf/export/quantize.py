@@ -1,7 +1,7 @@
 """`tinyllm quantize`: smaller / faster copies of a Tinyllm or Llama checkpoint for CPU inference.
 
     tinyllm quantize --model out/sft --method onnx-int8 --output out/sft-onnx-int8
-    tinyllm quantize drift --model out/sft --variant out/sft-onnx-int8 --output drift.md   (see integrations/drift.py)
+    tinyllm quantize drift --model out/sft --variant out/sft-onnx-int8 --output drift.md   (see export/drift.py)
 
 Methods (all on the core transformers 5 install plus the `quant` extra, no second transformers):
     onnx           ONNX prefill + decode graphs with explicit KV cache (transformers' own exporter), fp32
@@ -262,11 +262,11 @@ def load_quantized(model_dir: str | Path, num_threads: int | None = None):
     info_path = model_dir / QUANT_FILE
     method = json.loads(info_path.read_text())["method"] if info_path.is_file() else None
     if method in ("onnx", "onnx-int8"):
-        from tinyllm_hf.integrations.runtimes import OnnxCausalLM
+        from tinyllm_hf.inference.runtimes import OnnxCausalLM
 
         model = OnnxCausalLM.from_pretrained(model_dir, num_threads=num_threads)
     elif method in ("openvino-int8", "openvino-int4"):
-        from tinyllm_hf.integrations.runtimes import OpenVINOCausalLM
+        from tinyllm_hf.inference.runtimes import OpenVINOCausalLM
 
         model = OpenVINOCausalLM.from_pretrained(model_dir, num_threads=num_threads)
     elif method in ("quanto-int8", "quanto-int4"):
@@ -286,7 +286,7 @@ def load_quantized(model_dir: str | Path, num_threads: int | None = None):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "drift":  # `tinyllm quantize drift`: measure variants instead of making one
-        from tinyllm_hf.integrations import drift
+        from tinyllm_hf.export import drift
 
         return drift.main(argv[1:])
     parser = argparse.ArgumentParser(

@@ -24,7 +24,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from tinyllm_hf.data import preference, sft
-from tinyllm_hf.hub_cards.card import (
+from tinyllm_hf.hub.card import (
     DATA_DIR,
     STAGES_FILE,
     build_dataset_card,
@@ -34,12 +34,12 @@ from tinyllm_hf.hub_cards.card import (
 )
 
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
-REMOTE_CODE = ("configuration_tinyllm.py", "modeling_tinyllm.py")
+REMOTE_CODE = ("configuration_tinyllm.py", "loss_tinyllm.py", "modeling_tinyllm.py")
 MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "adapter_config.json", STAGES_FILE,
 )
-SPACE_APP = Path(__file__).resolve().parents[1] / "integrations" / "app.py"
+SPACE_APP = Path(__file__).resolve().parents[1] / "inference" / "app.py"
 # The embedded datasets that can be published: name -> {task: (record kind, ...)} of the builder behind it.
 EMBEDDED_DATASETS = {"sft": sft.TASKS, "preferences": preference.TASKS}
 # Our held-out split is published as "test", the split name the Hub's viewer and `load_dataset` users expect.

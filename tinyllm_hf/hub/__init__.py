@@ -1,0 +1,1 @@
+"""Releases: model and dataset cards, push to the Hugging Face Hub."""

@@ -1,1 +1,0 @@
-"""tinyllm_hf.integrations"""
