@@ -115,13 +115,19 @@ def write_legacy_config_fields(directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def _convert_dir(src, dst, load, convert) -> Path:
+def convert_checkpoint(src, dst, source_class, convert) -> Path:
+    """Load the `source_class` checkpoint in `src` (refusing another model type), apply `convert` to the model and
+    write the result, with its tokenizer, to the new or empty directory `dst`."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} is not a model directory (no config.json)")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"output directory {dst} exists and is not empty")
-    converted = convert(load(src))
+    model_type = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type")
+    expected = source_class.config_class.model_type
+    if model_type != expected:
+        raise ConversionError(f"{src} holds a {model_type!r} checkpoint, not a {expected} one")
+    converted = convert(source_class.from_pretrained(src))
     # Build in a sibling temporary folder and rename, so a failed conversion leaves no partial checkpoint behind.
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -137,29 +143,11 @@ def _convert_dir(src, dst, load, convert) -> Path:
     return dst
 
 
-def _load_config_json(src: Path) -> dict:
-    return json.loads((src / "config.json").read_text(encoding="utf-8"))
-
-
 def tinyllm_to_llama(src, dst) -> Path:
     """Write the Tinyllm checkpoint in `src` as a `LlamaForCausalLM` checkpoint (with its tokenizer) in `dst`."""
-
-    def load(path):
-        model_type = _load_config_json(path).get("model_type")
-        if model_type != "tinyllm":
-            raise ConversionError(f"{path} holds a {model_type!r} checkpoint, not a tinyllm one")
-        return TinyllmForCausalLM.from_pretrained(path)
-
-    return _convert_dir(src, dst, load, tinyllm_to_llama_model)
+    return convert_checkpoint(src, dst, TinyllmForCausalLM, tinyllm_to_llama_model)
 
 
 def llama_to_tinyllm(src, dst) -> Path:
     """Write the Llama checkpoint in `src` as a Tinyllm checkpoint (with remote code and tokenizer) in `dst`."""
-
-    def load(path):
-        model_type = _load_config_json(path).get("model_type")
-        if model_type != "llama":
-            raise ConversionError(f"{path} holds a {model_type!r} checkpoint, not a llama one")
-        return LlamaForCausalLM.from_pretrained(path)
-
-    return _convert_dir(src, dst, load, llama_to_tinyllm_model)
+    return convert_checkpoint(src, dst, LlamaForCausalLM, llama_to_tinyllm_model)

@@ -24,7 +24,7 @@ import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from tinyllm_hf.modeling.configuration_tinyllm import TinyllmConfig
-from tinyllm_hf.modeling.convert import ConversionError, _convert_dir, _load_config_json
+from tinyllm_hf.modeling.convert import ConversionError, convert_checkpoint
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmForCausalLM
 
 SHARED_FIELDS = (
@@ -100,14 +100,7 @@ def tinyllm_to_qwen2_moe(src, dst):
 
     transformers 5 saves experts in the original per-expert layout (`mlp.experts.N.gate_proj.weight`), which vLLM,
     llama.cpp's converter and transformers 4.x expect."""
-
-    def load(path):
-        model_type = _load_config_json(path).get("model_type")
-        if model_type != "tinyllm":
-            raise ConversionError(f"{path} holds a {model_type!r} checkpoint, not a tinyllm one")
-        return TinyllmForCausalLM.from_pretrained(path)
-
-    return _convert_dir(src, dst, load, tinyllm_to_qwen2_moe_model)
+    return convert_checkpoint(src, dst, TinyllmForCausalLM, tinyllm_to_qwen2_moe_model)
 
 
 def main(argv: list[str] | None = None) -> int:
