@@ -18,14 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from conftest import review_lines  # noqa: E402
-from tinyllm_hf.data.preference import (  # noqa: E402
-    build_default_preferences,
-    build_prompt_dataset,
-    load_preference_dataset,
-    load_prompt_dataset,
-)
+from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset  # noqa: E402
 from tinyllm_hf.data.records import split_of  # noqa: E402
-from tinyllm_hf.data.sft import SENTIMENT_LABELS, MalformedRowError  # noqa: E402
+from tinyllm_hf.data.sft import MalformedRowError  # noqa: E402
+from tinyllm_hf.tasks import build_default_preferences, build_prompt_dataset, char_f1  # noqa: E402
+from tinyllm_hf.tasks.reviews import SENTIMENT_LABELS  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import USER_TOKEN  # noqa: E402
 from tinyllm_hf.trainers import dpo, grpo, kto, orpo, reward, rloo  # noqa: E402
 from tinyllm_hf.trainers.common import parse_recipe  # noqa: E402
@@ -33,7 +30,6 @@ from tinyllm_hf.trainers.reward import heldout_accuracy, pairwise_wins, reward_s
 from tinyllm_hf.trainers.rewards import (  # noqa: E402
     FormatReward,
     RewardArguments,
-    char_f1,
     correctness_reward,
     load_reward_model,
 )

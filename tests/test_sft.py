@@ -11,15 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tinyllm_hf.data import sft as sft_data  # noqa: E402
-from tinyllm_hf.data.sft import (  # noqa: E402
-    MalformedRowError,
-    build_default_sft,
-    entities_answer,
-    heldout_task_records,
-    load_sft_dataset,
-    parse_task_sizes,
-    to_messages,
-)
+from tinyllm_hf.data.sft import MalformedRowError, load_sft_dataset, to_messages  # noqa: E402
+from tinyllm_hf.tasks import build, build_default_sft, check_exact, heldout_task_records, parse_task_sizes  # noqa: E402
+from tinyllm_hf.tasks.peoples_daily import entities_answer  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 
 USER, ASSISTANT = {"role": "user", "content": "成语「画蛇添足」是什么意思？"}, {"role": "assistant", "content": "比喻多此一举。"}
@@ -136,7 +130,7 @@ def test_default_set_split_is_by_item_and_deterministic():
 
 
 def test_heldout_task_records_plug_into_the_task_evaluator():
-    from tinyllm_hf.evaluation.tasks import check_exact, prepare
+    from tinyllm_hf.evaluation.tasks import prepare
 
     records = heldout_task_records(["sentiment", "idiom_dialogue"], {"sentiment": 5, "idiom_dialogue": 3})
     assert [r["task"] for r in records] == ["sentiment"] * 5 + ["idiom_dialogue"] * 3
@@ -323,6 +317,6 @@ def test_every_sft_recipe_parses(recipe):
 
 def test_task_file_cli_writes_heldout_records(tmp_path):
     path = tmp_path / "tasks.jsonl"
-    assert sft_data.main([str(path), "--as-task-records", "--tasks", "sentiment", "--sizes", "sentiment=3"]) == 0
+    assert build.main([str(path), "--as-task-records", "--tasks", "sentiment", "--sizes", "sentiment=3"]) == 0
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 3 and {r["task"] for r in rows} == {"sentiment"} and all(r["checker"] == "exact" for r in rows)

@@ -1,0 +1,5 @@
+import sys
+
+from tinyllm_hf.tasks.build import main
+
+sys.exit(main())
