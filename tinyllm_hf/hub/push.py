@@ -157,7 +157,7 @@ def stage_dataset(name: str, out_dir, repo_id: str, tasks: list[str] | None = No
            (("tasks", ",".join(tasks) if tasks else None), ("task-sizes", task_sizes), ("heldout-sizes", heldout_sizes))
            if value]
     )
-    task_kinds = {task: kind for task, (kind, *_) in EMBEDDED_DATASETS[name].items()}
+    task_kinds = {task: TASKS[task].kind for task in EMBEDDED_DATASETS[name]}
     facts = gather_dataset_facts(out_dir, name, task_kinds, command)
     build_dataset_card(facts, repo_id, out_dir).save(out_dir / "README.md")
     return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
