@@ -31,7 +31,14 @@ from tinyllm_hf.hub.card import (
     gather_dataset_facts,
     gather_facts,
 )
-from tinyllm_hf.tasks import PREFERENCE_TASKS, TASKS, build_default_preferences, build_default_sft, parse_task_sizes
+from tinyllm_hf.tasks import (
+    HELDOUT_TASKS,
+    PREFERENCE_TASKS,
+    TASKS,
+    build_default_preferences,
+    build_default_sft,
+    parse_task_sizes,
+)
 
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 REMOTE_CODE = ("configuration_tinyllm.py", "loss_tinyllm.py", "modeling_tinyllm.py")
@@ -133,7 +140,7 @@ def build_embedded_dataset(name: str, tasks: list[str] | None = None, task_sizes
     if unknown:
         raise ReleaseError(f"unknown {name} task(s) {', '.join(unknown)}; known: {', '.join(EMBEDDED_DATASETS[name])}")
     sizes = _check_sizes(task_sizes, tasks, "--task-sizes")
-    heldout_tasks = [t for t in tasks if t != "identity"]  # identity questions are train-only
+    heldout_tasks = [t for t in tasks if t in HELDOUT_TASKS]  # identity questions are train-only
     held_sizes = _check_sizes(heldout_sizes, heldout_tasks, "--heldout-sizes")
     build = build_default_sft if name == "sft" else build_default_preferences
     splits = {HUB_SPLITS["train"]: build("train", tasks, sizes)}

@@ -1,3 +1,5 @@
+"""`python -m tinyllm_hf.tasks`: write the embedded SFT set's conversations or held-out task records to JSONL."""
+
 import sys
 
 from tinyllm_hf.tasks.build import main

@@ -107,7 +107,7 @@ def heldout_task_records(tasks: Iterable[str] | None = None, sizes: dict[str, in
     """Held-out conversations as task records for `tinyllm_hf.evaluation.tasks.evaluate_tasks` (and
     `tinyllm eval --tasks tasks --tasks-file`): the final assistant message is the reference answer, judged by the
     task's checker (exact after normalisation, so "正面。" counts as "正面"). Ordered by task, then item id."""
-    tasks = [t for t in (tasks or TASKS) if t in HELDOUT_TASKS or t not in TASKS]  # unknown names fail below
+    tasks = [t for t in (tasks or TASKS) if t in HELDOUT_TASKS or t not in TASKS]  # an unknown name fails in the build
     heldout = build_default_sft("heldout", tasks, sizes)
     order = sorted(range(len(heldout)), key=lambda i: (tasks.index(heldout[i]["task"]), heldout[i]["id"]))
     return [{"id": heldout[i]["id"], "task": heldout[i]["task"], "messages": heldout[i]["messages"],

@@ -65,7 +65,8 @@ def correctness(reply: str, reference: str, partial_credit: bool = True) -> floa
 
 
 def pick(options: tuple[str, ...], item_id: str, salt: str) -> str:
-    """One of `options`, chosen from the item id: the same wording for an item on every run and machine."""
+    """One of `options`, chosen from the item id: the same wording for an item on every run and machine. (The salt's
+    "sft-" predates the registry; changing it would change every built set.)"""
     return options[int(stable_fraction(item_id, f"sft-wording-{salt}:") * len(options))]
 
 
@@ -110,6 +111,10 @@ class Task:
     partial_credit: bool = True
     distractor: Distractor | None = None
 
+    def __post_init__(self):
+        if self.checker not in CHECKERS:
+            raise ValueError(f"task {self.name}: checker must be one of {', '.join(CHECKERS)}, not {self.checker!r}")
+
     def records(self, split: str) -> list[dict]:
         """The task's items in `split` ("train" or "heldout", decided per item by `records.split_of`), in file order."""
         return split_records(self.kind, split)
@@ -120,6 +125,7 @@ class Task:
         return True
 
     def question(self, record: dict) -> str:
+        """The item's wording of the question, filled with its fields."""
         return pick(self.questions, record["id"], self.name).format(**record)
 
     def ask(self, **fields) -> str:
