@@ -20,10 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type)
-from tinyllm_hf.data.preference import TASKS
-from tinyllm_hf.data.sft import heldout_task_records, parse_task_sizes
 from tinyllm_hf.evaluation.engine import left_pad, pad_id
-from tinyllm_hf.evaluation.tasks import evaluate_tasks, normalize
+from tinyllm_hf.evaluation.tasks import evaluate_tasks
+from tinyllm_hf.tasks import PREFERENCE_TASKS, heldout_task_records, normalize, parse_task_sizes
 
 
 @torch.inference_mode()
@@ -55,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     sizes = parse_task_sizes(args.sizes)
-    records = heldout_task_records([t for t in TASKS if t in sizes], sizes)
+    records = heldout_task_records([t for t in PREFERENCE_TASKS if t in sizes], sizes)
     gold = Counter(r["messages"][-1]["content"] for r in records if r["task"] == "sentiment")
     results = {"sizes": sizes, "max_new_tokens": args.max_new_tokens, "sentiment_labels": dict(gold),
                "sentiment_majority_share": max(gold.values()) / sum(gold.values()) if gold else None, "models": {}}

@@ -16,10 +16,10 @@ from collections import Counter
 
 import torch
 
-from tinyllm_hf.data.sft import heldout_task_records
 from tinyllm_hf.evaluation.cli import load_model
 from tinyllm_hf.evaluation.engine import left_pad, loglikelihoods, pad_id
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
+from tinyllm_hf.tasks import heldout_task_records
 
 LABELS = ("正面", "负面")
 

@@ -18,14 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from conftest import review_lines  # noqa: E402
-from tinyllm_hf.data.preference import (  # noqa: E402
-    build_default_preferences,
-    build_prompt_dataset,
-    load_preference_dataset,
-    load_prompt_dataset,
-)
-from tinyllm_hf.data.records import split_of  # noqa: E402
-from tinyllm_hf.data.sft import SENTIMENT_LABELS, MalformedRowError  # noqa: E402
+from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset  # noqa: E402
+from tinyllm_hf.data.sft import MalformedRowError  # noqa: E402
+from tinyllm_hf.tasks import char_f1  # noqa: E402
+from tinyllm_hf.tasks.reviews import SENTIMENT_LABELS  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import USER_TOKEN  # noqa: E402
 from tinyllm_hf.trainers import dpo, grpo, kto, orpo, reward, rloo  # noqa: E402
 from tinyllm_hf.trainers.common import parse_recipe  # noqa: E402
@@ -33,7 +29,6 @@ from tinyllm_hf.trainers.reward import heldout_accuracy, pairwise_wins, reward_s
 from tinyllm_hf.trainers.rewards import (  # noqa: E402
     FormatReward,
     RewardArguments,
-    char_f1,
     correctness_reward,
     load_reward_model,
 )
@@ -169,20 +164,6 @@ def test_prompt_loader_keeps_answer_and_task_and_names_bad_lines(tmp_path):
     write_jsonl(path, [good, good, {"question": "没有 prompt"}])
     with pytest.raises(MalformedRowError, match=r"prompts\.jsonl:3: missing field prompt"):
         load_prompt_dataset(str(path))
-
-
-def test_embedded_preferences_and_prompts_keep_the_sft_item_split():
-    train = build_default_preferences("train", ["sentiment", "xiehouyu"])
-    heldout = build_default_preferences("heldout", ["sentiment", "xiehouyu"])
-    assert {split_of(i) for i in train["id"]} == {"train"}
-    assert {split_of(i) for i in heldout["id"]} == {"heldout"}
-    assert not set(train["id"]) & set(heldout["id"])
-    prompts = build_prompt_dataset("train", ["sentiment", "xiehouyu"], {"sentiment": 50, "xiehouyu": 50})
-    assert len(prompts) == 100 and {split_of(i) for i in prompts["id"]} == {"train"}
-    # A pair's chosen answer is exactly the correct answer, the rejected one something else.
-    row = next(r for r in train if r["task"] == "sentiment")
-    assert row["chosen"][0]["content"] in SENTIMENT_LABELS.values() != row["rejected"][0]["content"]
-    assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

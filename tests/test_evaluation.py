@@ -475,7 +475,7 @@ def test_cli_writes_results(tmp_path, saved_llama, capsys):
 
 
 def test_cli_task_accuracy_defaults_to_embedded_heldout_tasks(saved_llama, tmp_path, monkeypatch):
-    import tinyllm_hf.data.sft as sft
+    import tinyllm_hf.tasks as tasks
     from tinyllm_hf.evaluation.cli import main
 
     calls = []
@@ -484,7 +484,7 @@ def test_cli_task_accuracy_defaults_to_embedded_heldout_tasks(saved_llama, tmp_p
         calls.append(sizes)
         return [{"task": "sentiment", "messages": [{"role": "user", "content": "好评还是差评？"}, {"role": "assistant", "content": "好评"}]}]
 
-    monkeypatch.setattr(sft, "heldout_task_records", fake_records)
+    monkeypatch.setattr(tasks, "heldout_task_records", fake_records)
     out = tmp_path / "r.json"
     argv = ["--model", str(saved_llama), "--tasks", "tasks", "--task-sizes", "sentiment=1", "--max-new-tokens", "4",
             "--output", str(out), "--no-progress"]

@@ -1,4 +1,4 @@
-"""SFT: instruction-data loaders, the embedded default set, assistant-only labels, packing, LoRA and merging."""
+"""SFT: instruction-data loaders, assistant-only labels, packing, LoRA and merging (the default set: test_tasks.py)."""
 
 import json
 import logging
@@ -11,15 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tinyllm_hf.data import sft as sft_data  # noqa: E402
-from tinyllm_hf.data.sft import (  # noqa: E402
-    MalformedRowError,
-    build_default_sft,
-    entities_answer,
-    heldout_task_records,
-    load_sft_dataset,
-    parse_task_sizes,
-    to_messages,
-)
+from tinyllm_hf.data.sft import MalformedRowError, load_sft_dataset, to_messages  # noqa: E402
+from tinyllm_hf.tasks import parse_task_sizes  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 
 USER, ASSISTANT = {"role": "user", "content": "成语「画蛇添足」是什么意思？"}, {"role": "assistant", "content": "比喻多此一举。"}
@@ -111,50 +104,6 @@ def test_missing_file_and_unknown_hub_name_give_clear_errors(tmp_path):
         load_sft_dataset(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="loading it as a Hugging Face dataset failed"):
         load_sft_dataset("no-such-user/no-such-sft-dataset")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The embedded default set
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def test_entities_answer_lists_each_type():
-    found = [{"text": "江泽民", "label": "person"}, {"text": "中共中央", "label": "organization"},
-             {"text": "江泽民", "label": "person"}]
-    assert entities_answer(found) == "人名：江泽民；地名：无；机构名：中共中央"
-
-
-def test_default_set_split_is_by_item_and_deterministic():
-    sizes = {"sentiment": 300, "xiehouyu": 100}
-    train = build_default_sft("train", ["sentiment", "xiehouyu"], sizes)
-    heldout = build_default_sft("heldout", ["sentiment", "xiehouyu"], sizes)
-    assert len(train) == len(heldout) == 400
-    assert not set(train["id"]) & set(heldout["id"])
-    assert build_default_sft("train", ["sentiment", "xiehouyu"], sizes)["messages"] == train["messages"]
-    labels = {m[-1]["content"] for m, task in zip(train["messages"], train["task"]) if task == "sentiment"}
-    assert labels == {"正面", "负面"}
-
-
-def test_heldout_task_records_plug_into_the_task_evaluator():
-    from tinyllm_hf.evaluation.tasks import check_exact, prepare
-
-    records = heldout_task_records(["sentiment", "idiom_dialogue"], {"sentiment": 5, "idiom_dialogue": 3})
-    assert [r["task"] for r in records] == ["sentiment"] * 5 + ["idiom_dialogue"] * 3
-    query, answers, task, checker = prepare(records[0])
-    assert query[-1]["role"] == "user" and answers[0] in ("正面", "负面") and checker == "exact"
-    assert check_exact(answers[0] + "。", answers)
-    query, _, _, _ = prepare(records[-1])  # multi-turn: the earlier answer stays in the history
-    assert [m["role"] for m in query] == ["user", "assistant", "user"]
-
-
-def test_identity_is_train_only_and_repeats_to_its_size():
-    train = build_default_sft("train", ["identity"], {"identity": 30})
-    assert len(train) == 30 and "tinyllm" in train[0]["messages"][-1]["content"] + "".join(
-        m["messages"][-1]["content"] for m in train)
-    with pytest.raises(ValueError, match="no heldout conversations"):
-        build_default_sft("heldout", ["identity"])
-    with pytest.raises(ValueError, match="unknown SFT task"):
-        build_default_sft("train", ["poetry"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -319,10 +268,3 @@ def test_every_sft_recipe_parses(recipe):
                                                   defaults=DEFAULTS)
     assert args.assistant_only_loss and model_args.model_name_or_path and data_args.sources
     parse_task_sizes(data_args.task_sizes), parse_task_sizes(data_args.heldout_eval_sizes)
-
-
-def test_task_file_cli_writes_heldout_records(tmp_path):
-    path = tmp_path / "tasks.jsonl"
-    assert sft_data.main([str(path), "--as-task-records", "--tasks", "sentiment", "--sizes", "sentiment=3"]) == 0
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 3 and {r["task"] for r in rows} == {"sentiment"} and all(r["checker"] == "exact" for r in rows)

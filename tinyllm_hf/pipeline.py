@@ -175,7 +175,7 @@ class Pipeline:
 
     def eval(self):
         entry = self.recipe["eval"]
-        from tinyllm_hf.data.sft import heldout_task_records, parse_task_sizes, write_task_file
+        from tinyllm_hf.tasks import heldout_task_records, parse_task_sizes, write_task_file
 
         tasks_file = self.stage_dir("eval") / "heldout_tasks.jsonl"
         # Only the tasks named in task_sizes: a task left out would otherwise contribute every held-out item.

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_hf.tasks import sample_prompt
+
+# Free text, or a task and the fields of its question (`tinyllm_hf.tasks.sample_prompt`), as recipes write them.
 DEFAULT_PROMPTS = [
     "你好，请介绍一下你自己。",
-    "成语「画蛇添足」是什么意思？",
-    "判断下面这条评论的情感是正面还是负面，只回答“正面”或“负面”。\n评论：房间干净，服务也很热情。",
-    "歇后语「外甥打灯笼——」的下半句是什么？",
-    "请对下面的句子分词，词语之间用空格隔开。\n今天北京的天气很好",
+    {"task": "idiom_meaning", "word": "画蛇添足"},
+    {"task": "sentiment", "text": "房间干净，服务也很热情。"},
+    {"task": "xiehouyu", "riddle": "外甥打灯笼"},
+    {"task": "segmentation", "text": "今天北京的天气很好"},
 ]
 MAX_NEW_TOKENS = 64
 
@@ -140,7 +143,7 @@ def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
     if quant.exists():
         lines += ["## Quantized variants", "", quant.read_text("utf-8"), ""]
 
-    prompts = (recipe.get("report") or {}).get("prompts") or DEFAULT_PROMPTS
+    prompts = [sample_prompt(p) for p in (recipe.get("report") or {}).get("prompts") or DEFAULT_PROMPTS]
     lines += ["## Sample chats", "", f"Greedy replies of `{chat_model.name}` (special tokens shown).", ""]
     for prompt, reply in sample_chats(chat_model, prompts):
         lines += [f"**User:** {prompt}", "", "**Assistant:**", "", "```text", reply, "```", ""]

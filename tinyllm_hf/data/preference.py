@@ -1,36 +1,21 @@
-"""Preference data (prompt, chosen, rejected) for DPO and reward models, and prompts with checkable answers for
-on-policy RL (GRPO, RLOO); always conversational.
+"""Your own preference data (prompt, chosen, rejected) for DPO and reward models, and your own prompts for on-policy RL
+(GRPO, RLOO); always conversational. The embedded default sets are built from the task registry
+(`tinyllm_hf.tasks.build_default_preferences`, `build_prompt_dataset`).
 
-- **Your own data** (`load_preference_dataset`): a local .jsonl/.json file or folder, or a Hugging Face dataset name,
+- **Preference pairs** (`load_preference_dataset`): a local .jsonl/.json file or folder, or a Hugging Face dataset name,
   with `prompt`, `chosen`, `rejected`, each either a string or a list of chat messages (TRL's standard and
   conversational preference formats). Rows are validated; a malformed row is reported with its line number and either
   stops the load (`malformed="error"`) or is skipped and counted (`malformed="skip"`), never dropped silently.
 
-- **The embedded default set** (`build_default_preferences`): for the checkable SFT tasks, the chosen answer is the
-  correct one and the rejected answer a plausible wrong one: the flipped sentiment label, or the explanation,
-  definition or 歇后语 answer of another entry. Prompts are built by the SFT builders themselves, so a preference pair
-  asks exactly what SFT taught and evaluation checks. Items are split by `records.split_of`, as in SFT: an idiom held
-  out of SFT is held out here too.
-
-- **RL prompts** (`build_prompt_dataset`): the same checkable tasks as prompts only, with the reference `answer` and the
-  `task` kept as columns for the reward functions (`tinyllm_hf.trainers.rewards`), split by item in the same way.
+- **RL prompts** (`load_prompt_dataset`): `prompt` (a string or messages ending with the user) and, for the
+  correctness reward (`tinyllm_hf.trainers.rewards`), the reference `answer` and the `task` it is scored as.
 """
-
-import random
-from collections.abc import Iterable, Iterator
 
 import datasets
 
 from tinyllm_hf.data import sft
-from tinyllm_hf.data.corpus import stable_fraction
-from tinyllm_hf.data.records import split_records
 
 FIELDS = ("prompt", "chosen", "rejected")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Your own preference data
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def _as_messages(value, field: str, role_of_last: str) -> list[dict]:
@@ -97,100 +82,3 @@ def load_prompt_dataset(source: str, malformed: str = "error", split: str = "tra
     """RL prompts (`prompt`, optional `answer` and `task`) from a local .jsonl/.json file or folder, or a Hub dataset."""
     rows = sft.read_rows(source, split, config, what="prompt data")
     return datasets.Dataset.from_list(sft.convert_rows(rows, to_prompt, malformed, source, "prompts"))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The embedded default preference set
-# --------------------------------------------------------------------------------------------------------------------
-
-FLIPPED_SENTIMENT = {"pos": "neg", "neg": "pos"}
-
-# task -> (record kind, the record field holding the answer). The wrong answer of a sentiment pair flips the label;
-# for the other tasks it is the same field of another entry, so it reads like a real answer but answers something else.
-TASKS = {
-    "sentiment": ("reviews", "label"),
-    "idiom_meaning": ("idioms", "explanation"),
-    "word_definition": ("words", "definition"),
-    "xiehouyu": ("xiehouyu", "answer"),
-}
-
-
-def _check_split_and_tasks(split: str, tasks: Iterable[str] | None) -> list[str]:
-    if split not in sft.SPLITS:
-        raise ValueError(f"split must be one of {', '.join(sft.SPLITS)}, not {split!r}")
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; the checkable tasks are {', '.join(TASKS)}")
-    return tasks
-
-
-def _pairs(task: str, records: list[dict]) -> Iterator[dict]:
-    kind, field = TASKS[task]
-    build = sft.TASKS[task][1]
-    # A fixed pseudo-random order; each entry's distractor is its successor in that order.
-    ordered = sorted(records, key=lambda r: stable_fraction(r["id"], f"preference-{task}:"))
-    for i, record in enumerate(ordered):
-        if task == "sentiment":
-            wrong_value = FLIPPED_SENTIMENT[record[field]]
-        else:
-            wrong_value = ordered[(i + 1) % len(ordered)][field]
-            if not wrong_value or wrong_value == record[field]:
-                continue
-        chosen, rejected = build(record), build({**record, field: wrong_value})
-        if chosen is None or rejected is None or chosen[-1] == rejected[-1]:
-            continue
-        yield {"id": record["id"], "task": task, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
-
-
-def build_default_preferences(split: str = "train", tasks: Iterable[str] | None = None,
-                              sizes: dict[str, int] | None = None, seed: int = 0) -> datasets.Dataset:
-    """The embedded preference set: columns id, task, prompt, chosen, rejected (conversational), shuffled with `seed`.
-
-    split: "train" or "heldout", decided per item by `records.split_of` exactly as for SFT.
-    sizes: {task: number of pairs}; a task not named keeps all its pairs.
-    """
-    tasks = _check_split_and_tasks(split, tasks)
-    sizes = sizes or {}
-    rows = []
-    for task in tasks:
-        pairs = list(_pairs(task, split_records(TASKS[task][0], split)))
-        rows += pairs[: sizes.get(task, len(pairs))]
-    if not rows:
-        raise ValueError(f"no {split} preference pairs for tasks {', '.join(tasks)}")
-    # Shuffled before building the Dataset: Dataset.shuffle + flatten_indices rewrites nested columns very slowly.
-    random.Random(seed).shuffle(rows)
-    return datasets.Dataset.from_list(rows)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Prompts with checkable answers for on-policy RL
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def build_prompt_dataset(split: str = "train", tasks: Iterable[str] | None = None,
-                         sizes: dict[str, int] | None = None, seed: int = 0) -> datasets.Dataset:
-    """Columns id, task, prompt (messages ending with the user's question) and answer (the reference reply), for the
-    checkable tasks, shuffled with `seed`. The prompts are exactly the SFT questions of the same items.
-
-    split: "train" or "heldout" (`records.split_of`, as for SFT). sizes: {task: number of prompts}; default all.
-    """
-    tasks = _check_split_and_tasks(split, tasks)
-    sizes = sizes or {}
-    rows = []
-    for task in tasks:
-        build = sft.TASKS[task][1]
-        records = sorted(split_records(TASKS[task][0], split), key=lambda r: stable_fraction(r["id"], f"rl-{task}:"))
-        task_rows = []
-        for record in records:
-            conversation = build(record)
-            if conversation is not None:
-                task_rows.append({"id": record["id"], "task": task, "prompt": conversation[:-1],
-                                  "answer": conversation[-1]["content"]})
-            if len(task_rows) == sizes.get(task):
-                break
-        rows += task_rows
-    if not rows:
-        raise ValueError(f"no {split} prompts for tasks {', '.join(tasks)}")
-    random.Random(seed).shuffle(rows)
-    return datasets.Dataset.from_list(rows)

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         examples = load_examples(args.tasks_file)
     elif "tasks" in tasks:
         # The held-out questions of the embedded SFT set: never seen in training, checkable by exact match.
-        from tinyllm_hf.data.sft import heldout_task_records
+        from tinyllm_hf.tasks import heldout_task_records
 
         examples = heldout_task_records(sizes=args.task_sizes)
     model, tokenizer = load_model(args.model, args.revision, args.dtype, args.device)

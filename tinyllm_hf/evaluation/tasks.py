@@ -1,39 +1,22 @@
-"""Accuracy on checkable generation tasks (held-out sentiment, idiom, definition, name questions from the SFT data).
+"""Accuracy on checkable generation tasks (held-out sentiment, idiom, definition, name questions from the task registry,
+`tinyllm_hf.tasks.heldout_task_records`, or records of your own).
 
 A record is a dict:
     task      name to report under, e.g. "sentiment"
     messages  chat messages to continue (a trailing assistant message is the reference answer), or
     prompt    a raw prompt string (for base models)
     answer    the reference, a string or a list of accepted strings (optional when messages end with the assistant)
-    checker   "exact" (the normalised reply equals an answer; default) or "contains" (the reply contains an answer)
+    checker   "exact" (the normalised reply equals an answer; default) or "contains" (the reply contains an answer):
+              `tinyllm_hf.tasks.CHECKERS`, the checks the tasks' answers are judged by
 The model answers each record greedily; results are reported per task and overall.
 """
 
 import json
-import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
 from tinyllm_hf.evaluation.engine import greedy_generate
-
-# Punctuation around a short answer ("积极。", "「画蛇添足」") does not make it wrong.
-_EDGE_PUNCTUATION = " \t\n\r。．.，,！!？?、；;：:\"'“”‘’「」『』《》()（）[]【】"
-
-
-def normalize(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).strip(_EDGE_PUNCTUATION).lower()
-
-
-def check_exact(reply: str, answers: list[str]) -> bool:
-    return normalize(reply) in {normalize(a) for a in answers}
-
-
-def check_contains(reply: str, answers: list[str]) -> bool:
-    reply = normalize(reply)
-    return any(normalize(a) and normalize(a) in reply for a in answers)
-
-
-CHECKERS = {"exact": check_exact, "contains": check_contains}
+from tinyllm_hf.tasks import CHECKERS
 
 
 def prepare(record: dict, index: int = 0) -> tuple[list[dict] | str, list[str], str, str]:

@@ -172,9 +172,9 @@ def load_questions(settings: DriftSettings) -> list[dict]:
         return []
     if settings.tasks_file is not None:
         return pick_questions(load_examples(settings.tasks_file), settings.tasks)
-    from tinyllm_hf.data.sft import TASKS, heldout_task_records
+    from tinyllm_hf.tasks import HELDOUT_TASKS, heldout_task_records
 
-    tasks = [t for t in TASKS if t != "identity"]
+    tasks = list(HELDOUT_TASKS)
     per_task = math.ceil(settings.tasks / len(tasks))  # read only as many per task as can be picked
     return pick_questions(heldout_task_records(tasks, {t: per_task for t in tasks}), settings.tasks)
 
@@ -239,7 +239,7 @@ def measure(name: str, model, tokenizer, inputs: dict, settings: DriftSettings) 
 
 def compare(raw: dict, reference: dict, questions) -> dict:
     """The table's numbers for one model, against the fp32 reference's raw outputs."""
-    from tinyllm_hf.evaluation.tasks import CHECKERS
+    from tinyllm_hf.tasks import CHECKERS
 
     correct = sum(CHECKERS[checker](reply, answers)
                   for reply, (_, answers, _, checker) in zip(raw["replies"], questions))

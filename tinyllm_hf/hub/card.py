@@ -279,7 +279,7 @@ def _source_facts(kinds: list[str]) -> list[SourceFacts]:
     by_package: dict[str, SourceFacts] = {}
     for kind in kinds:
         if kind == IDENTITY_KIND:
-            package, record, shipped = PROJECT_PACKAGE, "questions about the model itself", "tinyllm_hf/data/sft.py"
+            package, record, shipped = PROJECT_PACKAGE, "questions about the model itself", "tinyllm_hf/tasks/identity.py"
         else:
             source = KIND_SOURCE[kind]
             package, record, shipped = SOURCE_FILES[source][0], RECORD_KINDS[kind], EMBEDDED_SOURCES[source]

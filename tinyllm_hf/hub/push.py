@@ -23,7 +23,6 @@ import datasets
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from tinyllm_hf.data import preference, sft
 from tinyllm_hf.hub.card import (
     DATA_DIR,
     STAGES_FILE,
@@ -31,6 +30,14 @@ from tinyllm_hf.hub.card import (
     build_model_card,
     gather_dataset_facts,
     gather_facts,
+)
+from tinyllm_hf.tasks import (
+    HELDOUT_TASKS,
+    PREFERENCE_TASKS,
+    TASKS,
+    build_default_preferences,
+    build_default_sft,
+    parse_task_sizes,
 )
 
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
@@ -40,8 +47,8 @@ MODEL_FILES = (
     "chat_template.jinja", "adapter_config.json", STAGES_FILE,
 )
 SPACE_APP = Path(__file__).resolve().parents[1] / "inference" / "app.py"
-# The embedded datasets that can be published: name -> {task: (record kind, ...)} of the builder behind it.
-EMBEDDED_DATASETS = {"sft": sft.TASKS, "preferences": preference.TASKS}
+# The embedded datasets that can be published: name -> the task names of the builder behind it.
+EMBEDDED_DATASETS = {"sft": TASKS, "preferences": PREFERENCE_TASKS}
 # Our held-out split is published as "test", the split name the Hub's viewer and `load_dataset` users expect.
 HUB_SPLITS = {"train": "train", "heldout": "test"}
 MODEL_ONLY_OPTIONS = ("include_gguf", "results", "run_dir", "base_model", "datasets", "space")
@@ -114,7 +121,7 @@ def stage_space(model_repo_id: str, out_dir, space_repo_id: str) -> list[Path]:
 
 
 def _check_sizes(sizes: str | None, tasks: list[str], option: str) -> dict[str, int]:
-    parsed = sft.parse_task_sizes(sizes)
+    parsed = parse_task_sizes(sizes)
     stray = sorted(set(parsed) - set(tasks))
     if stray:
         raise ReleaseError(f"{option} names task(s) {', '.join(stray)} that this build leaves out; "
@@ -133,9 +140,9 @@ def build_embedded_dataset(name: str, tasks: list[str] | None = None, task_sizes
     if unknown:
         raise ReleaseError(f"unknown {name} task(s) {', '.join(unknown)}; known: {', '.join(EMBEDDED_DATASETS[name])}")
     sizes = _check_sizes(task_sizes, tasks, "--task-sizes")
-    heldout_tasks = [t for t in tasks if t != "identity"]  # identity questions are train-only
+    heldout_tasks = [t for t in tasks if t in HELDOUT_TASKS]  # identity questions are train-only
     held_sizes = _check_sizes(heldout_sizes, heldout_tasks, "--heldout-sizes")
-    build = sft.build_default_sft if name == "sft" else preference.build_default_preferences
+    build = build_default_sft if name == "sft" else build_default_preferences
     splits = {HUB_SPLITS["train"]: build("train", tasks, sizes)}
     if heldout_tasks:
         splits[HUB_SPLITS["heldout"]] = build("heldout", heldout_tasks, held_sizes)
@@ -157,7 +164,7 @@ def stage_dataset(name: str, out_dir, repo_id: str, tasks: list[str] | None = No
            (("tasks", ",".join(tasks) if tasks else None), ("task-sizes", task_sizes), ("heldout-sizes", heldout_sizes))
            if value]
     )
-    task_kinds = {task: kind for task, (kind, *_) in EMBEDDED_DATASETS[name].items()}
+    task_kinds = {task: TASKS[task].kind for task in EMBEDDED_DATASETS[name]}
     facts = gather_dataset_facts(out_dir, name, task_kinds, command)
     build_dataset_card(facts, repo_id, out_dir).save(out_dir / "README.md")
     return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())

@@ -9,13 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
-from tinyllm_hf.data.preference import (
-    build_default_preferences,
-    build_prompt_dataset,
-    load_preference_dataset,
-    load_prompt_dataset,
-)
-from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
+from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset
+from tinyllm_hf.data.sft import MALFORMED_POLICIES
+from tinyllm_hf.tasks import build_default_preferences, build_prompt_dataset, parse_task_sizes
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     RunArguments,

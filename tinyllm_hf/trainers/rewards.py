@@ -3,11 +3,12 @@
 TRL calls each function as `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)` and expects one
 float per completion. Conversational prompts give each completion as `[{"role": "assistant", "content": text}]`.
 
-- `correctness` (rule-based, needs the `task` and `answer` columns of `build_prompt_dataset`): 1.0 when the reply
-  equals the reference after normalisation (`tinyllm_hf.evaluation.tasks.normalize`, as the held-out evaluation
-  checks). Otherwise sentiment scores 0.0 (a label is right or wrong: "正面" and "负面" share a character but not a
-  meaning); the explanation-like tasks (idiom meaning, word definition, 歇后语) score the character-overlap F1 with the
-  reference as partial credit, which gives the policy a gradient before it can produce an exact answer.
+- `correctness` (rule-based, needs the `task` and `answer` columns of `build_prompt_dataset`): each task's own rule
+  (`tinyllm_hf.tasks`: `Task.reward`): 1.0 when the reply equals the reference after normalisation (as the held-out
+  evaluation checks). Otherwise sentiment scores 0.0 (a label is right or wrong: "正面" and "负面" share a character but
+  not a meaning); the explanation-like tasks (idiom meaning, word definition, 歇后语), and tasks of your own prompts,
+  score the character-overlap F1 with the reference as partial credit, which gives the policy a gradient before it can
+  produce an exact answer.
 - `format` (rule-based, needs the token ids): 1.0 for a well-formed reply, else 0.0. Well-formed: some text, ended by
   the end-of-turn token (not cut off at max_completion_length), no role token (`<|user|>` ...) generated and no role
   marker typed out as text, at most `max_completion_chars` characters.
@@ -17,19 +18,16 @@ float per completion. Conversational prompts give each completion as `[{"role": 
 """
 
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tinyllm_hf.evaluation.tasks import normalize
+from tinyllm_hf.tasks import reply_reward
 from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
 from tinyllm_hf.trainers.common import comma_list, logger
 
 REWARDS = ("correctness", "format", "reward_model")
-# A label is exactly right or wrong; every other checkable task earns partial credit for overlapping characters.
-EXACT_ONLY_TASKS = frozenset({"sentiment"})
 ROLE_TOKENS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
 
 
@@ -70,26 +68,10 @@ def completion_text(completion) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def char_f1(prediction: str, reference: str) -> float:
-    """F1 of the characters the normalised prediction and reference share (a bag of characters, as in CMRC's F1)."""
-    prediction, reference = normalize(prediction), normalize(reference)
-    common = sum((Counter(prediction) & Counter(reference)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(prediction), common / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
 def correctness_reward(completions, answer, task, **kwargs) -> list[float]:
-    """1.0 for the reference answer (after normalisation); partial character-F1 credit except for exact-only tasks."""
-    scores = []
-    for completion, reference, name in zip(completions, answer, task, strict=True):
-        reply = completion_text(completion)
-        if normalize(reply) == normalize(reference):
-            scores.append(1.0)
-        else:
-            scores.append(0.0 if name in EXACT_ONLY_TASKS else char_f1(reply, reference))
-    return scores
+    """Each reply scored against its reference by its task's rule (`tinyllm_hf.tasks.reply_reward`)."""
+    return [reply_reward(name, completion_text(completion), reference)
+            for completion, reference, name in zip(completions, answer, task, strict=True)]
 
 
 class FormatReward:

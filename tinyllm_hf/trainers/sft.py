@@ -6,7 +6,7 @@
 The recipe holds the keys of `SFTDataArguments`, TRL's `ModelConfig` (model_name_or_path, dtype, use_peft, lora_*,
 load_in_4bit, ...), TRL's `SFTConfig` and `RunArguments`; the command line overrides any of them.
 
-Data: `dataset_name` is "default" (the embedded set of checkable questions, `tinyllm_hf.data.sft`), a local
+Data: `dataset_name` is "default" (the embedded set of checkable questions, `tinyllm_hf.tasks`), a local
 .jsonl/.json file or folder, or a Hugging Face dataset name; several, comma-separated, are concatenated. Every row
 becomes `messages`, rendered by the tokenizer's chat template, whose `{% generation %}` markers make TRL put the loss on
 the assistant's answers and their closing `<|endoftext|>` only (`assistant_only_loss`, on by default here).
@@ -30,16 +30,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 from trl.trainer.utils import get_quantization_config
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
-from tinyllm_hf.data.sft import (
-    FORMATS,
-    MALFORMED_POLICIES,
-    TASKS,
-    build_default_sft,
-    heldout_task_records,
-    load_sft_dataset,
-    parse_task_sizes,
-    write_task_file,
-)
+from tinyllm_hf.data.sft import FORMATS, MALFORMED_POLICIES, load_sft_dataset
+from tinyllm_hf.tasks import TASKS, build_default_sft, heldout_task_records, parse_task_sizes, write_task_file
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     ReliableTrainerMixin,

@@ -1,0 +1,7 @@
+"""`python -m tinyllm_hf.tasks`: write the embedded SFT set's conversations or held-out task records to JSONL."""
+
+import sys
+
+from tinyllm_hf.tasks.build import main
+
+sys.exit(main())
