@@ -10,9 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.data import sft as sft_data  # noqa: E402
 from tinyllm_hf.data.sft import (  # noqa: E402
-    MalformedRowError,
     build_default_sft,
     entities_answer,
     heldout_task_records,
@@ -20,6 +20,7 @@ from tinyllm_hf.data.sft import (  # noqa: E402
     parse_task_sizes,
     to_messages,
 )
+from tinyllm_hf.errors import MalformedRowError  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 
 USER, ASSISTANT = {"role": "user", "content": "成语「画蛇添足」是什么意思？"}, {"role": "assistant", "content": "比喻多此一举。"}
@@ -292,7 +293,7 @@ def test_lora_sft_saves_a_peft_adapter_that_merges_to_the_same_outputs(tiny_mode
 def test_merge_rejects_a_folder_without_an_adapter(tiny_model_dir, tmp_path, capsys):
     from tinyllm_hf.trainers import merge
 
-    assert merge.main(["--adapter", str(tiny_model_dir), "--output", str(tmp_path / "m")]) == 1
+    assert tinyllm(["merge", "--adapter", str(tiny_model_dir), "--output", str(tmp_path / "m")]) == 1
     assert "not a PEFT adapter folder" in capsys.readouterr().err
 
 
@@ -301,7 +302,7 @@ def test_qlora_without_bitsandbytes_or_cuda_says_so(tiny_model_dir, tmp_path, ca
 
     if torch.cuda.is_available():
         pytest.skip("this machine may run QLoRA")
-    code = sft.main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--use_peft", "true",
+    code = tinyllm(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--use_peft", "true",
                      "--load_in_4bit", "true", "--use_cpu", "true"])
     assert code == 1
     assert "needs bitsandbytes on a CUDA GPU" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import datasets
 from tinyllm_hf.data import sft
 from tinyllm_hf.data.corpus import stable_fraction
 from tinyllm_hf.data.records import split_records
+from tinyllm_hf.errors import UsageError
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -117,11 +118,11 @@ TASKS = {
 
 def _check_split_and_tasks(split: str, tasks: Iterable[str] | None) -> list[str]:
     if split not in sft.SPLITS:
-        raise ValueError(f"split must be one of {', '.join(sft.SPLITS)}, not {split!r}")
+        raise UsageError(f"split must be one of {', '.join(sft.SPLITS)}, not {split!r}")
     tasks = list(TASKS) if tasks is None else list(tasks)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; the checkable tasks are {', '.join(TASKS)}")
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}; the checkable tasks are {', '.join(TASKS)}")
     return tasks
 
 
@@ -157,7 +158,7 @@ def build_default_preferences(split: str = "train", tasks: Iterable[str] | None 
         pairs = list(_pairs(task, split_records(TASKS[task][0], split)))
         rows += pairs[: sizes.get(task, len(pairs))]
     if not rows:
-        raise ValueError(f"no {split} preference pairs for tasks {', '.join(tasks)}")
+        raise UsageError(f"no {split} preference pairs for tasks {', '.join(tasks)}")
     # Shuffled before building the Dataset: Dataset.shuffle + flatten_indices rewrites nested columns very slowly.
     random.Random(seed).shuffle(rows)
     return datasets.Dataset.from_list(rows)
@@ -191,6 +192,6 @@ def build_prompt_dataset(split: str = "train", tasks: Iterable[str] | None = Non
                 break
         rows += task_rows
     if not rows:
-        raise ValueError(f"no {split} prompts for tasks {', '.join(tasks)}")
+        raise UsageError(f"no {split} prompts for tasks {', '.join(tasks)}")
     random.Random(seed).shuffle(rows)
     return datasets.Dataset.from_list(rows)

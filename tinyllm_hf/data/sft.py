@@ -37,6 +37,7 @@ import datasets
 
 from tinyllm_hf.data.corpus import is_local_source, local_files, stable_fraction
 from tinyllm_hf.data.records import record_id, split_records
+from tinyllm_hf.errors import MalformedRowError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ SHAREGPT_ROLES = {
 }
 LOCAL_SUFFIXES = (".jsonl", ".json")
 MAX_REPORTED = 10  # malformed rows listed by line in a skip warning (the count is always complete)
-
-
-class MalformedRowError(ValueError):
-    """A row of an instruction dataset that cannot be turned into a valid conversation."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -165,7 +162,7 @@ def to_messages(row, fmt: str = "auto") -> list[dict]:
     if not isinstance(row, dict):
         raise MalformedRowError(f"expected a JSON object, got {type(row).__name__}")
     if fmt not in FORMATS:
-        raise ValueError(f"unknown instruction format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise UsageError(f"unknown instruction format {fmt!r}; choose from {', '.join(FORMATS)}")
     fmt = detect_format(row) if fmt == "auto" else fmt
     try:
         messages = CONVERTERS[fmt](row)
@@ -194,9 +191,9 @@ def read_local_rows(path: Path) -> Iterator[tuple[str, object]]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise UsageError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: a .json data file must hold a list of rows")
+        raise UsageError(f"{path}: a .json data file must hold a list of rows")
     for index, row in enumerate(rows):
         yield f"{path}[{index}]", row
 
@@ -206,7 +203,7 @@ def read_hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[s
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, gated repository...: say what the argument could have meant
-        raise ValueError(
+        raise UsageError(
             f"{name!r} is not 'default' nor an existing local path, and loading it as a Hugging Face dataset failed: "
             f"{type(err).__name__}: {err}"
         ) from err
@@ -229,7 +226,7 @@ def convert_rows(rows: Iterable[tuple[str, object]], convert: Callable[[object],
     """`convert(row)` for every row; a row that is not valid (an exception in `rows`, or `convert` raising
     MalformedRowError) raises naming where it is (`malformed="error"`) or is counted and logged (`"skip"`)."""
     if malformed not in MALFORMED_POLICIES:
-        raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {malformed!r}")
+        raise UsageError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {malformed!r}")
     kept, bad = [], []
     for where, row in rows:
         try:
@@ -244,7 +241,7 @@ def convert_rows(rows: Iterable[tuple[str, object]], convert: Callable[[object],
         shown = "\n  ".join(bad[:MAX_REPORTED]) + ("\n  ..." if len(bad) > MAX_REPORTED else "")
         logger.warning(f"{source}: skipped {len(bad)} malformed of {len(bad) + len(kept)} rows:\n  {shown}")
     if not kept:
-        raise ValueError(f"{source}: no valid {what} ({len(bad)} malformed rows)")
+        raise UsageError(f"{source}: no valid {what} ({len(bad)} malformed rows)")
     return kept
 
 
@@ -420,11 +417,11 @@ def parse_task_sizes(text: str | dict | None) -> dict[str, int]:
         for item in filter(None, (part.strip() for part in text.split(","))):
             name, sep, value = item.partition("=")
             if not sep or not value.strip().isdigit():
-                raise ValueError(f"task sizes: expected task=count, got {item!r}")
+                raise UsageError(f"task sizes: expected task=count, got {item!r}")
             sizes[name.strip()] = int(value)
     unknown = sorted(set(sizes) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown SFT task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        raise UsageError(f"unknown SFT task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     return sizes
 
 
@@ -462,12 +459,12 @@ def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, 
     its conversations. In the train split, identity (and any task) is repeated to reach a size larger than it is.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     tasks = list(TASKS) if tasks is None else list(tasks)
     sizes = parse_task_sizes(sizes)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown SFT task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        raise UsageError(f"unknown SFT task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     records: dict[str, list[dict]] = {}  # kind -> this split's records, read once for all tasks of the kind
     rows = []
     for task in tasks:
@@ -480,7 +477,7 @@ def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, 
             task_rows = _task_rows(task, records[kind])
         rows += _take(task_rows, sizes.get(task), task, repeat=split == "train")
     if not rows:
-        raise ValueError(f"no {split} conversations for tasks {', '.join(tasks)}")
+        raise UsageError(f"no {split} conversations for tasks {', '.join(tasks)}")
     # Shuffled here, before Arrow: a shuffled Dataset would need a slow flatten_indices to stay contiguous.
     random.Random(seed).shuffle(rows)
     return datasets.Dataset.from_list(rows)
@@ -516,18 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--as-task-records", action="store_true", help="held-out split in the task-evaluation format")
     args = p.parse_args(argv)
     tasks = args.tasks.split(",") if args.tasks else None
-    try:
-        if args.as_task_records:
-            rows = heldout_task_records(tasks, args.sizes)
-        else:
-            rows = build_default_sft(args.split, tasks, args.sizes).to_list()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.as_task_records:
+        rows = heldout_task_records(tasks, args.sizes)
+    else:
+        rows = build_default_sft(args.split, tasks, args.sizes).to_list()
     path = write_task_file(rows, args.output)
     print(f"{len(rows)} conversations written to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("python -m tinyllm_hf.data.sft", main))
