@@ -193,5 +193,5 @@ def test_upload_makes_one_commit_with_the_staged_files(tiny_model_dir, tmp_path)
 def test_upload_without_a_token_says_how_to_log_in(tiny_model_dir, tmp_path):
     result = run_push(["--model", str(tiny_model_dir), "--repo-id", "alice/m"], {"HF_ENDPOINT": "http://127.0.0.1:9"},
                       tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "no Hugging Face token" in result.stderr and "HF_TOKEN" in result.stderr

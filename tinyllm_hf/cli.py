@@ -81,7 +81,8 @@ def tokenizer_parser() -> argparse.ArgumentParser:
                                      epilog=TOKENIZER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a byte-level BPE tokenizer with our special tokens and chat template")
+    train = commands.add_parser("train",
+                                help="train a byte-level BPE tokenizer with our special tokens and chat template")
     train.add_argument("--corpus", default="default", help="corpus source (default: the embedded corpus)")
     train.add_argument("--corpus-config", default=None, help="configuration of a Hub corpus (e.g. 20231101.zh)")
     train.add_argument("--vocab-size", type=int, default=8192)
@@ -106,11 +107,11 @@ def tokenizer_parser() -> argparse.ArgumentParser:
 
 
 def tokenizer_command(argv: list[str]) -> int:
-    from tinyllm_hf.data.corpus import iter_texts, load_corpus
-
     args = tokenizer_parser().parse_args(argv)
     if args.command == "extend" and bool(args.model) != bool(args.model_output):
         raise UsageError("--model and --model-output go together: pass both to resize a model, or neither")
+    from tinyllm_hf.data.corpus import iter_texts, load_corpus
+
     texts = iter_texts(load_corpus(args.corpus, split="train", config=args.corpus_config))
     start = time.perf_counter()
     if args.command == "train":
@@ -147,7 +148,8 @@ EXPORT_FORMATS = {
 
 
 def export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinyllm export", description="write a checkpoint in a format other tools load")
+    parser = argparse.ArgumentParser(prog="tinyllm export",
+                                     description="write a checkpoint in a format other tools load")
     formats = parser.add_subparsers(dest="format", required=True, metavar="{llama,tinyllm,qwen2-moe,gguf}")
     for name, help_text in EXPORT_FORMATS.items():
         paths = formats.add_parser(name, help=help_text, description=help_text)

@@ -27,7 +27,8 @@ class UsageError(TinyllmError, ValueError):
 class ConfigError(UsageError):
     """The model configuration a recipe asks for is invalid.
 
-    >>> raise ConfigError("model: hidden_size (100) must be divisible by num_attention_heads (3)")
+    >>> raise ConfigError("model_preset 'tiny' / config_overrides: TinyllmConfig.hidden_size must be a positive "
+    ...                   "integer, got 0")
     """
 
 
@@ -45,7 +46,7 @@ class OutputExistsError(TinyllmError, FileExistsError):
 class MissingDependencyError(TinyllmError, ImportError):
     """An optional package a command needs is not installed; the message names the `pip install` to run.
 
-    >>> raise MissingDependencyError("GGUF export needs the gguf package: pip install 'tinyllm-hf[gguf]'")
+    >>> raise MissingDependencyError('GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
     """
 
 
@@ -60,14 +61,14 @@ class DatasetUnavailableError(TinyllmError, RuntimeError):
 class MalformedRowError(UsageError):
     """A row of an instruction dataset cannot be turned into a valid conversation.
 
-    >>> raise MalformedRowError("row 3: a conversation must end with an assistant turn")
+    >>> raise MalformedRowError("prompts.jsonl:3: missing field prompt")
     """
 
 
 class ConversionError(UsageError):
     """The checkpoint uses something the target architecture cannot express.
 
-    >>> raise ConversionError("a Mixture-of-Experts Tinyllm has no Llama equivalent; export it with `tinyllm export qwen2-moe`")
+    >>> raise ConversionError("Llama mlp_bias=True; Tinyllm's MLP has no biases")
     """
 
 

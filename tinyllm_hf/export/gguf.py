@@ -65,7 +65,8 @@ def read_config(model_dir: Path) -> dict:
     config = json.loads(path.read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(f"{path}: model_type {model_type!r} is not a Tinyllm or Llama checkpoint (nor a Qwen2-MoE one)")
+        raise UsageError(f"{path}: model_type {model_type!r} is not a Tinyllm or Llama checkpoint "
+                         "(nor a Qwen2-MoE one)")
     if config.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (llama.cpp uses silu)")
     return config
@@ -131,8 +132,8 @@ def load_qwen2_moe(model_dir: Path, model_type: str):
 def check_llama_cpp_can_express(qwen_config) -> None:
     if qwen_config.mlp_only_layers or qwen_config.decoder_sparse_step != 1:
         raise ConversionError(
-            f"dense layers {qwen_config.mlp_only_layers or 'from decoder_sparse_step'}: llama.cpp's qwen2moe makes every "
-            "layer MoE; train with first_k_dense_replace=0 and moe_layer_freq=1 for a GGUF"
+            f"dense layers {qwen_config.mlp_only_layers or 'from decoder_sparse_step'}: llama.cpp's qwen2moe makes "
+            "every layer MoE; train with first_k_dense_replace=0 and moe_layer_freq=1 for a GGUF"
         )
     if qwen_config.norm_topk_prob:
         raise ConversionError("norm_topk_prob=True: llama.cpp's qwen2moe never renormalises the top-k routing weights")
