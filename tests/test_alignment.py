@@ -18,8 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from conftest import review_lines  # noqa: E402
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset  # noqa: E402
-from tinyllm_hf.data.sft import MalformedRowError  # noqa: E402
+from tinyllm_hf.errors import MalformedRowError  # noqa: E402
 from tinyllm_hf.tasks import char_f1  # noqa: E402
 from tinyllm_hf.tasks.reviews import SENTIMENT_LABELS  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import USER_TOKEN  # noqa: E402
@@ -334,7 +335,7 @@ def test_rloo_runs_with_the_reward_model_and_saves_a_model(chat_model_dir, rewar
 
 
 def test_rl_cli_reports_a_missing_reward_model(chat_model_dir, tmp_path, capsys):
-    code = grpo.main(["--model_name_or_path", str(chat_model_dir), "--output_dir", str(tmp_path / "x"),
+    code = tinyllm(["grpo", "--model_name_or_path", str(chat_model_dir), "--output_dir", str(tmp_path / "x"),
                       "--tasks", "sentiment", "--task_sizes", "sentiment=8", "--rewards", "reward_model",
                       "--reward_model_path", str(tmp_path / "missing"), *RL_FLAGS])
     assert code == 1
@@ -360,7 +361,7 @@ def test_every_stage_has_a_quickstart_recipe():
 
 @pytest.mark.parametrize("stage", ["dpo", "reward", "grpo"])
 def test_data_order_log_is_refused_not_ignored(stage, tmp_path, capsys):
-    code = STAGES[stage].main(["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+    code = tinyllm([stage, "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"),
                                "--data_order_log", "true", "--use_cpu", "true", "--report_to", "none"])
     assert code == 1
     assert "data_order_log is supported by pretrain and sft only" in capsys.readouterr().err

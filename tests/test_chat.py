@@ -7,7 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tinyllm_hf.inference.chat import ChatSession, load_chat_model, main, repl  # noqa: E402
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
+from tinyllm_hf.inference.chat import ChatSession, load_chat_model, repl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,5 +77,5 @@ def test_lora_adapter_folder_loads_on_its_base(tiny_model_dir, tmp_path):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "nope")]) == 1
+    assert tinyllm(["chat", "--model", str(tmp_path / "nope")]) == 1
     assert "model folder not found" in capsys.readouterr().err

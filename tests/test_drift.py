@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quant_fixtures import build_tiny_llama  # noqa: E402
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export import drift, quantize  # noqa: E402
 
 # Sizes that keep one drift run to seconds on the tiny fixture (context 256).
@@ -49,7 +50,7 @@ def run(tmp_path_factory):
     for variant in variants:
         argv += ["--variant", str(variant)]
     try:
-        assert quantize.main(argv) == 0
+        assert tinyllm(["quantize", *argv]) == 0
     finally:
         patch.undo()
     result = json.loads((root / "drift.json").read_text("utf-8"))
@@ -110,7 +111,7 @@ def test_bad_variants_fail_with_one_line(tmp_path, capsys):
     model = build_tiny_llama(tmp_path / "model")
     missing = tmp_path / "onnx-int8"
     argv = ["drift", "--model", str(model), "--variant", str(missing), "--output", str(tmp_path / "d.md")]
-    assert quantize.main(argv) == 1
+    assert tinyllm(["quantize", *argv]) == 1
     assert f"variant not found: {missing}" in capsys.readouterr().err
     assert not (tmp_path / "d.md").exists()
     (tmp_path / "notes.txt").write_text("x")

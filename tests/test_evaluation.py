@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tinyllm_hf.cli import main as tinyllm
+from tinyllm_hf.errors import DatasetUnavailableError
 from tinyllm_hf.evaluation import benchmarks, harness, mc
 from tinyllm_hf.evaluation.benchmarks import Benchmark, Question, format_question, load_local, load_mapping
 from tinyllm_hf.evaluation.engine import encode_pair, greedy_generate, loglikelihoods
@@ -209,7 +211,7 @@ def test_loader_errors_name_the_problem(tmp_path):
         load_local("ceval", tmp_path, "val")
     with pytest.raises(FileNotFoundError, match="subject\\(s\\) physics"):
         load_local("ceval", tmp_path, "val", subjects=["physics"])
-    with pytest.raises(benchmarks.DatasetUnavailableError, match="--cmmlu-dir"):
+    with pytest.raises(DatasetUnavailableError, match="--cmmlu-dir"):
         benchmarks.load_hub("cmmlu", subjects=["agronomy"])  # HF_HUB_OFFLINE=1: nothing can be downloaded
 
 
@@ -470,7 +472,7 @@ def test_cli_writes_results(tmp_path, saved_llama, capsys):
     assert 0.0 <= ceval["accuracy"] <= 1.0 and set(ceval["per_category"]) <= {"STEM", "Social Science", "Humanities", "Other"}
     assert results["tasks"]["cmmlu"]["n"] == 3 and results["tasks"]["ppl"]["n_texts"] == 2
     assert "| ceval | ppl | 1 |" in capsys.readouterr().out
-    assert main(["--model", str(saved_llama), "--tasks", "ceval", "--ceval-dir", str(tmp_path / "nope")]) == 1
+    assert tinyllm(["eval", "--model", str(saved_llama), "--tasks", "ceval", "--ceval-dir", str(tmp_path / "nope")]) == 1
     assert "no val/ folder" in capsys.readouterr().err
 
 

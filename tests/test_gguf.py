@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
-from tinyllm_hf.export.gguf import export_gguf, main, template_for_llama_cpp  # noqa: E402
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
+from tinyllm_hf.export.gguf import export_gguf, template_for_llama_cpp  # noqa: E402
 
 N_TOKENS = 16
 
@@ -183,7 +184,7 @@ def test_bad_inputs_fail_cleanly_without_output(tmp_path, exported, capsys):
         export_gguf(tmp_path / "missing", out)
     with pytest.raises(ValueError, match="unknown --outtype"):
         export_gguf(model_dir, out, "q3")
-    assert main(["--model", str(not_llama), "--output", str(out)]) == 1
+    assert tinyllm(["export", "gguf", "--model", str(not_llama), "--output", str(out)]) == 1
     assert "not a Tinyllm or Llama checkpoint" in capsys.readouterr().err
     assert not out.exists() and not any(p.name.startswith(".gguf-export-") for p in out.parent.glob("*"))
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from tinyllm_hf.cli import main as tinyllm
 from tinyllm_hf.evaluation.results import make_results, save_results
 from tinyllm_hf.hub import push
 
@@ -99,11 +100,11 @@ def test_card_leaves_out_absent_results(tiny_model_dir, tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, tiny_model_dir):
-    assert push.main(["--model", str(tmp_path / "nope"), "--repo-id", "a/b", "--dry-run", str(tmp_path / "o")]) == 2
+    assert tinyllm(["push", "--model", str(tmp_path / "nope"), "--repo-id", "a/b", "--dry-run", str(tmp_path / "o")]) == 1
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert push.main(["--model", str(tiny_model_dir), "--repo-id", "a/b", "--include-gguf", str(tmp_path / "m.gguf"),
-                      "--dry-run", str(tmp_path / "o2")]) == 2
+    assert tinyllm(["push", "--model", str(tiny_model_dir), "--repo-id", "a/b", "--include-gguf", str(tmp_path / "m.gguf"),
+                      "--dry-run", str(tmp_path / "o2")]) == 1
     assert "m.gguf" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         push.main(["--model", str(tiny_model_dir), "--repo-id", "no-owner"])
@@ -192,5 +193,5 @@ def test_upload_makes_one_commit_with_the_staged_files(tiny_model_dir, tmp_path)
 def test_upload_without_a_token_says_how_to_log_in(tiny_model_dir, tmp_path):
     result = run_push(["--model", str(tiny_model_dir), "--repo-id", "alice/m"], {"HF_ENDPOINT": "http://127.0.0.1:9"},
                       tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "no Hugging Face token" in result.stderr and "HF_TOKEN" in result.stderr

@@ -12,6 +12,7 @@ from datasets import load_dataset  # noqa: E402
 from huggingface_hub import DatasetCard  # noqa: E402
 from test_hub import FakeHub, run_push  # noqa: E402
 
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.data.records import split_of  # noqa: E402
 from tinyllm_hf.hub import push  # noqa: E402
 
@@ -143,14 +144,14 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, monkeypatch):
         push.main(["--dataset", "sft", "--repo-id", "alice/x", "--include-gguf", "m.gguf"])
     assert "--include-gguf does not apply to a dataset release" in capsys.readouterr().err
 
-    assert push.main(["--dataset", "preferences", "--repo-id", "alice/x", "--tasks", "sentiment,entities",
-                      "--dry-run", str(tmp_path / "c")]) == 2
+    assert tinyllm(["push", "--dataset", "preferences", "--repo-id", "alice/x", "--tasks", "sentiment,entities",
+                      "--dry-run", str(tmp_path / "c")]) == 1
     assert "unknown preferences task(s) entities" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
-    assert push.main(["--dataset", "sft", "--repo-id", "alice/x", "--tasks", "sentiment", "--task-sizes", "xiehouyu=3",
-                      "--dry-run", str(tmp_path / "d")]) == 2
+    assert tinyllm(["push", "--dataset", "sft", "--repo-id", "alice/x", "--tasks", "sentiment", "--task-sizes", "xiehouyu=3",
+                      "--dry-run", str(tmp_path / "d")]) == 1
     assert "--task-sizes names task(s) xiehouyu" in capsys.readouterr().err
 
     monkeypatch.setattr(push, "get_token", lambda: None)
-    assert push.main(push_args("preferences", "alice/x")) == 2
+    assert tinyllm(["push", *push_args("preferences", "alice/x")]) == 1
     assert "no Hugging Face token" in capsys.readouterr().err

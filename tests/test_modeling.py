@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 
 from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM, TinyllmForSequenceClassification, TinyllmModel
-from tinyllm_hf.modeling.convert import ConversionError, tinyllm_config_to_llama, tinyllm_to_llama, tinyllm_to_llama_model
+from tinyllm_hf.errors import ConversionError
+from tinyllm_hf.modeling.convert import tinyllm_config_to_llama, tinyllm_to_llama, tinyllm_to_llama_model
 
 VOCAB = 97
 

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
 from tinyllm_hf.modeling.configuration_tinyllm import PRESETS
-from tinyllm_hf.modeling.convert import ConversionError
+from tinyllm_hf.errors import ConversionError
 from tinyllm_hf.modeling.convert_moe import tinyllm_config_to_qwen2_moe, tinyllm_to_qwen2_moe, tinyllm_to_qwen2_moe_model
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmSparseMoeBlock
 
@@ -302,7 +302,7 @@ def moe_gguf(tmp_path_factory):
     pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
     from quant_fixtures import build_tokenizer
 
-    from tinyllm_hf.export.gguf_moe import export_moe_gguf
+    from tinyllm_hf.export.gguf import export_gguf
 
     root = tmp_path_factory.mktemp("gguf-moe")
     tokenizer = build_tokenizer(root / "model")
@@ -311,7 +311,7 @@ def moe_gguf(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyllmForCausalLM(config).eval()
     model.save_pretrained(root / "model")
-    return model, root / "model", export_moe_gguf(root / "model", root / "model-f16.gguf")
+    return model, root / "model", export_gguf(root / "model", root / "model-f16.gguf")
 
 
 def test_moe_gguf_reads_back_in_transformers(moe_gguf):
@@ -332,7 +332,7 @@ def test_moe_gguf_reads_back_in_transformers(moe_gguf):
 
 
 def test_moe_gguf_refuses_what_llama_cpp_cannot_run(moe_gguf, tmp_path):
-    from tinyllm_hf.export.gguf_moe import export_moe_gguf
+    from tinyllm_hf.export.gguf import export_gguf
 
     _, model_dir, _ = moe_gguf
     for overrides, message in [(dict(first_k_dense_replace=1), "dense layers"), (dict(norm_topk_prob=True), "norm_topk_prob")]:
@@ -340,7 +340,7 @@ def test_moe_gguf_refuses_what_llama_cpp_cannot_run(moe_gguf, tmp_path):
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (tmp_path / message / name).write_bytes((model_dir / name).read_bytes())
         with pytest.raises(ConversionError, match=message):
-            export_moe_gguf(tmp_path / message, tmp_path / "out.gguf")
+            export_gguf(tmp_path / message, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
 
 

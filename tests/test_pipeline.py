@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tinyllm_hf.cli import main as tinyllm
 from tinyllm_hf.pipeline import STAGES, as_flags, load_pipeline_recipe, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +85,11 @@ def test_an_unfinished_stage_runs_again(tmp_path, monkeypatch):
 
 
 def test_bad_recipes_give_clear_errors(tmp_path, capsys):
-    assert main(["--config", str(tmp_path / "missing.yaml")]) == 1
+    assert tinyllm(["run", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "not found" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrian: {}\n", "utf-8")
-    assert main(["--config", str(bad)]) == 1
+    assert tinyllm(["run", "--config", str(bad)]) == 1
     assert "pretrian" in capsys.readouterr().err
 
 
@@ -118,7 +119,7 @@ def test_training_stages_run_under_accelerate_launch(tmp_path):
 def test_a_bad_accelerate_entry_is_named(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("pretrain: {recipe: recipes/pretrain/quickstart.yaml, accelerate: deepspeed}\n", "utf-8")
-    assert main(["--config", str(path), "--output_dir", str(tmp_path / "run")]) == 1
+    assert tinyllm(["run", "--config", str(path), "--output_dir", str(tmp_path / "run")]) == 1
     assert "accelerate: for pretrain must be a mapping" in capsys.readouterr().err
 
 

@@ -21,12 +21,13 @@ import yaml
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
+from tinyllm_hf.cli import main as tinyllm
 from tinyllm_hf.data import packing
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, packing_stats, unigram_entropy
+from tinyllm_hf.errors import NonFiniteLossError
 from tinyllm_hf.tokenizer.train import train_tokenizer
 from tinyllm_hf.trainers import common, pretrain
 from tinyllm_hf.trainers.common import (
-    NonFiniteLossError,
     checkpoint_step,
     latest_checkpoint,
     matmul_flops_per_token,
@@ -368,15 +369,15 @@ def test_non_finite_loss_stops_with_a_clear_message(corpus_file, tokenizer_dir, 
         trainer.train()
     assert not list((tmp_path / "nan").glob("checkpoint-*"))
     # Through main: one line on stderr and exit code 1 (here: a learning rate that blows up).
-    code = pretrain.main(recipe_args(corpus_file, tokenizer_dir, tmp_path / "lr", report_to="none",
-                                     learning_rate=1e38, warmup_steps=0, max_grad_norm=0, max_steps=20))
+    code = tinyllm(["pretrain", *recipe_args(corpus_file, tokenizer_dir, tmp_path / "lr", report_to="none",
+                                     learning_rate=1e38, warmup_steps=0, max_grad_norm=0, max_steps=20)])
     assert code == 1 and "non-finite training loss" in capsys.readouterr().err
 
 
 def test_bad_recipe_input_gives_one_line_errors(corpus_file, tokenizer_dir, tmp_path, capsys):
-    assert pretrain.main(recipe_args(corpus_file, tmp_path / "nope", tmp_path / "o")) == 1
+    assert tinyllm(["pretrain", *recipe_args(corpus_file, tmp_path / "nope", tmp_path / "o")]) == 1
     assert "tokenizer folder not found" in capsys.readouterr().err
-    assert pretrain.main(recipe_args(corpus_file, tokenizer_dir, tmp_path / "o", block_size=64)) == 1
+    assert tinyllm(["pretrain", *recipe_args(corpus_file, tokenizer_dir, tmp_path / "o", block_size=64)]) == 1
     assert "block_size 64 exceeds the model's max_position_embeddings 32" in capsys.readouterr().err
 
 

@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export import quantize  # noqa: E402
 from tinyllm_hf.inference.runtimes import sample_next_token  # noqa: E402
 
@@ -87,7 +88,7 @@ def test_cli_rejects_bad_input_without_leaving_output(source, tmp_path, capsys, 
     out = tmp_path / "out"
 
     def fails(method, message):
-        assert quantize.main(["--model", str(source), "--method", method, "--output", str(out)]) == 1
+        assert tinyllm(["quantize", "--model", str(source), "--method", method, "--output", str(out)]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not out.exists()
@@ -102,9 +103,9 @@ def test_cli_rejects_bad_input_without_leaving_output(source, tmp_path, capsys, 
     not_llama = tmp_path / "bert"
     not_llama.mkdir()
     (not_llama / "config.json").write_text('{"model_type": "bert"}')
-    assert quantize.main(["--model", str(not_llama), "--method", "quanto-int8", "--output", str(out)]) == 1
+    assert tinyllm(["quantize", "--model", str(not_llama), "--method", "quanto-int8", "--output", str(out)]) == 1
     assert "not a Tinyllm or Llama checkpoint" in capsys.readouterr().err
-    assert quantize.main(["--model", str(tmp_path / "nothing"), "--method", "quanto-int8", "--output", str(out)]) == 1
+    assert tinyllm(["quantize", "--model", str(tmp_path / "nothing"), "--method", "quanto-int8", "--output", str(out)]) == 1
     assert "config.json not found" in capsys.readouterr().err
     assert not out.exists()
 

@@ -17,8 +17,9 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 httpx = pytest.importorskip("httpx")
 
 from serve_fixtures import SlowBackend, build_chat_checkpoint, free_port, run_uvicorn  # noqa: E402
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.inference.engine import Engine, TransformersBackend  # noqa: E402
-from tinyllm_hf.inference.server import build_app, main  # noqa: E402
+from tinyllm_hf.inference.server import build_app  # noqa: E402
 
 MODEL_ID = "tiny-chat"
 HELLO = [{"role": "user", "content": "你好，今天怎么样？"}]
@@ -327,7 +328,7 @@ def test_cli_serves_on_loopback_by_default(checkpoint):
 
 
 def test_cli_rejects_a_missing_model(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "nothing")]) == 2
+    assert tinyllm(["serve", "--model", str(tmp_path / "nothing")]) == 1
     assert "config.json not found" in capsys.readouterr().err
 
 

@@ -10,8 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.data import sft as sft_data  # noqa: E402
-from tinyllm_hf.data.sft import MalformedRowError, load_sft_dataset, to_messages  # noqa: E402
+from tinyllm_hf.data.sft import load_sft_dataset, to_messages  # noqa: E402
+from tinyllm_hf.errors import MalformedRowError  # noqa: E402
 from tinyllm_hf.tasks import parse_task_sizes  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 
@@ -239,18 +241,14 @@ def test_lora_sft_saves_a_peft_adapter_that_merges_to_the_same_outputs(tiny_mode
 
 
 def test_merge_rejects_a_folder_without_an_adapter(tiny_model_dir, tmp_path, capsys):
-    from tinyllm_hf.trainers import merge
-
-    assert merge.main(["--adapter", str(tiny_model_dir), "--output", str(tmp_path / "m")]) == 1
+    assert tinyllm(["merge", "--adapter", str(tiny_model_dir), "--output", str(tmp_path / "m")]) == 1
     assert "not a PEFT adapter folder" in capsys.readouterr().err
 
 
 def test_qlora_without_bitsandbytes_or_cuda_says_so(tiny_model_dir, tmp_path, capsys):
-    from tinyllm_hf.trainers import sft
-
     if torch.cuda.is_available():
         pytest.skip("this machine may run QLoRA")
-    code = sft.main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--use_peft", "true",
+    code = tinyllm(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--use_peft", "true",
                      "--load_in_4bit", "true", "--use_cpu", "true"])
     assert code == 1
     assert "needs bitsandbytes on a CUDA GPU" in capsys.readouterr().err

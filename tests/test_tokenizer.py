@@ -19,7 +19,7 @@ from tinyllm_hf.tokenizer import (
     resize_model_embeddings,
     train_tokenizer,
 )
-from tinyllm_hf.tokenizer.cli import main as cli_main
+from tinyllm_hf.cli import main as tinyllm
 
 ENGLISH = [
     "the quick brown fox jumps over the lazy dog",
@@ -116,7 +116,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_cli_train_from_text_file(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(review_lines(200)), encoding="utf-8")
-    assert cli_main(["train", "--corpus", str(corpus), "--vocab-size", "400", "--output", str(tmp_path / "tok")]) == 0
+    assert tinyllm(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "400", "--output", str(tmp_path / "tok")]) == 0
     assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 400
 
 
@@ -135,7 +135,7 @@ def test_cli_hands_the_hub_corpus_config_to_the_loader(command, tmp_path, monkey
 
     monkeypatch.setattr(corpus, "load_corpus", load_corpus)
     with pytest.raises(RuntimeError, match="no Hub here"):
-        cli_main([*command, "--corpus", "wikimedia/wikipedia", "--corpus-config", "20231101.zh",
+        tinyllm(["tokenizer", *command, "--corpus", "wikimedia/wikipedia", "--corpus-config", "20231101.zh",
                   "--output", str(tmp_path / "tok")])
     assert seen == {"source": "wikimedia/wikipedia", "split": "train", "config": "20231101.zh"}
 
@@ -143,7 +143,7 @@ def test_cli_hands_the_hub_corpus_config_to_the_loader(command, tmp_path, monkey
 def test_cli_rejects_non_utf8_file_without_output(tmp_path, capsys):
     corpus = tmp_path / "latin1.txt"
     corpus.write_bytes("café au lait\n".encode("latin-1"))
-    assert cli_main(["train", "--corpus", str(corpus), "--vocab-size", "300", "--output", str(tmp_path / "tok")]) == 2
+    assert tinyllm(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--output", str(tmp_path / "tok")]) == 1
     assert "latin1.txt" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
 
@@ -341,7 +341,7 @@ def test_cli_extend_with_model(tmp_path, capsys):
                                  num_attention_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "model")
     corpus = tmp_path / "zh.txt"
     corpus.write_text("\n".join(review_lines(300)), encoding="utf-8")
-    rc = cli_main(["extend", "--base", str(tmp_path / "base"), "--corpus", str(corpus), "--num-new-tokens", "100",
+    rc = tinyllm(["tokenizer", "extend", "--base", str(tmp_path / "base"), "--corpus", str(corpus), "--num-new-tokens", "100",
                    "--output", str(tmp_path / "ext"), "--model", str(tmp_path / "model"),
                    "--model-output", str(tmp_path / "model-ext")])
     assert rc == 0, capsys.readouterr().err

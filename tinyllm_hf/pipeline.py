@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from tinyllm_hf.errors import MissingFileError, PipelineError, UsageError
+
 # gguf runs before quantize: the quantize stage ends by measuring every variant, GGUF files included, against fp32.
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "gguf", "quantize", "release", "report")
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
@@ -33,20 +35,16 @@ SUMMARY = "stage.json"
 STAGES_FILE = "tinyllm_stages.json"
 
 
-class PipelineError(RuntimeError):
-    """A stage failed or the recipe cannot run."""
-
-
 def load_pipeline_recipe(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pipeline recipe not found: {path}")
+        raise MissingFileError(f"pipeline recipe not found: {path}")
     recipe = yaml.safe_load(path.read_text("utf-8")) or {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"pipeline recipe {path} must be a YAML mapping")
+        raise UsageError(f"pipeline recipe {path} must be a YAML mapping")
     unknown = sorted(set(recipe) - set(STAGES) - {"output_dir", "description", "accelerate"})
     if unknown:
-        raise ValueError(f"unknown key(s) in {path}: {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        raise UsageError(f"unknown key(s) in {path}: {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     return recipe
 
 
@@ -101,7 +99,7 @@ class Pipeline:
         if flags is None or flags is False:
             return None
         if not isinstance(flags, dict):
-            raise ValueError(f"accelerate: for {stage} must be a mapping of `accelerate launch` flags or false, "
+            raise UsageError(f"accelerate: for {stage} must be a mapping of `accelerate launch` flags or false, "
                              f"not {flags!r}")
         return flags
 
@@ -224,7 +222,7 @@ class Pipeline:
         if settings is True or settings is None:
             settings = {}
         if not isinstance(settings, dict):
-            raise ValueError(f"quantize.drift must be a mapping of options or false, not {settings!r}")
+            raise UsageError(f"quantize.drift must be a mapping of options or false, not {settings!r}")
         args = ["quantize", "drift", "--model", str(self.chat_model()), "--output", str(markdown),
                 "--json", str(result)]
         for variant in variants:
@@ -321,15 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run just these stages (again, if done)")
     parser.add_argument("--from-stage", choices=STAGES, help="start at this stage")
     args = parser.parse_args(argv)
-    try:
-        recipe = load_pipeline_recipe(args.config)
-        output_dir = Path(args.output_dir or recipe.get("output_dir") or "runs/" + Path(args.config).stem)
-        Pipeline(recipe, output_dir, Path(args.config)).run(args.only, args.from_stage)
-    except (PipelineError, ValueError, FileNotFoundError) as error:
-        print(f"tinyllm run: error: {error}", file=sys.stderr)
-        return 1
+    recipe = load_pipeline_recipe(args.config)
+    output_dir = Path(args.output_dir or recipe.get("output_dir") or "runs/" + Path(args.config).stem)
+    Pipeline(recipe, output_dir, Path(args.config)).run(args.only, args.from_stage)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm run", main))

@@ -21,6 +21,8 @@ from pathlib import Path
 import datasets
 from datasets.exceptions import DatasetGenerationError
 
+from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
+
 VALIDATION_FRACTION = 0.02
 SPLITS = ("train", "validation")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -132,7 +134,7 @@ def package_file(distribution: str, relative: str) -> Path:
     try:
         path = Path(importlib.metadata.distribution(distribution).locate_file(relative))
     except importlib.metadata.PackageNotFoundError:
-        raise ImportError(f"the package {distribution!r} is not installed: {_install_hint(distribution)}") from None
+        raise MissingDependencyError(f"the package {distribution!r} is not installed: {_install_hint(distribution)}") from None
     if path.is_file():
         return path
     top, _, rest = relative.partition("/")
@@ -140,13 +142,13 @@ def package_file(distribution: str, relative: str) -> Path:
     for location in (spec.submodule_search_locations or []) if spec else []:
         if (Path(location) / rest).is_file():
             return Path(location) / rest
-    raise FileNotFoundError(f"{distribution} is installed but has no data file {relative} (expected at {path})")
+    raise MissingFileError(f"{distribution} is installed but has no data file {relative} (expected at {path})")
 
 
 def source_files(name: str) -> list[Path]:
     """The data files of an embedded source (ImportError naming the install command when its package is absent)."""
     if name not in SOURCE_FILES:
-        raise ValueError(f"unknown embedded source {name!r}; known: {', '.join(EMBEDDED_SOURCES)}")
+        raise UsageError(f"unknown embedded source {name!r}; known: {', '.join(EMBEDDED_SOURCES)}")
     distribution, relatives = SOURCE_FILES[name]
     return [package_file(distribution, relative) for relative in relatives]
 
@@ -205,7 +207,7 @@ def parse_tagged_line(line: str) -> list[tuple[str, str]]:
     tokens = _TAGGED_TOKEN.findall(line)
     if len(tokens) != len(line.split()):
         bad = next(token for token in line.split() if not _TAGGED_TOKEN.fullmatch(token))
-        raise ValueError(f"not a word/TAG token: {bad!r}")
+        raise UsageError(f"not a word/TAG token: {bad!r}")
     if tokens and tokens[0][1] == "m" and _ARTICLE_ID.fullmatch(tokens[0][0]):
         del tokens[0]
     return tokens
@@ -235,7 +237,7 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 yield lineno, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+                raise UsageError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
 
 
 def read_zipped_lines(path: Path) -> Iterator[str]:
@@ -315,7 +317,7 @@ def read_sanguo(path: Path) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         chapters = json.load(f)
     if not isinstance(chapters, list) or not all(isinstance(c, str) for c in chapters):
-        raise ValueError(f"{path}: expected a JSON list of chapter strings")
+        raise UsageError(f"{path}: expected a JSON list of chapter strings")
     yield from chapters
 
 
@@ -329,7 +331,7 @@ def _peoples_daily_docs(path: Path) -> Iterator[str]:
         try:
             yield join_words(word for word, _ in parse_tagged_line(line))[0]
         except ValueError as err:
-            raise ValueError(f"{path}:{lineno}: {err}") from None
+            raise UsageError(f"{path}:{lineno}: {err}") from None
 
 
 def _review_docs(pos_path: Path, neg_path: Path) -> Iterator[str]:
@@ -375,14 +377,14 @@ def local_files(path: Path, suffixes: tuple[str, ...] = LOCAL_SUFFIXES, what: st
     (recursively, sorted). The corpus and the SFT/preference loaders all walk folders with it; `what` names the data
     in errors."""
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
         if not files:
-            raise ValueError(f"{path}: no {'/'.join(suffixes)} files in this directory")
+            raise UsageError(f"{path}: no {'/'.join(suffixes)} files in this directory")
         return files
     if path.suffix not in suffixes:
-        raise ValueError(f"{path}: unsupported {what} file type {path.suffix!r}; use one of {', '.join(suffixes)}")
+        raise UsageError(f"{path}: unsupported {what} file type {path.suffix!r}; use one of {', '.join(suffixes)}")
     return [path]
 
 
@@ -410,9 +412,9 @@ def _jsonl_text(line: str, text_field: str, where: str) -> str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
     if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-        raise ValueError(f"{where}: expected a JSON object with a string field {text_field!r}")
+        raise UsageError(f"{where}: expected a JSON object with a string field {text_field!r}")
     return row[text_field]
 
 
@@ -423,9 +425,9 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
     try:
         parquet = pq.ParquetFile(path)
     except pyarrow.ArrowException as err:
-        raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+        raise UsageError(f"{path}: not a readable parquet file ({err})") from None
     if text_field not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+        raise UsageError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     for batch in parquet.iter_batches(columns=[text_field]):
         yield from (text for text in batch.column(0).to_pylist() if text is not None)
 
@@ -436,7 +438,7 @@ def _hub_texts(name: str, config: str | None, text_field: str) -> Iterator[str]:
     # a dataset updated on the Hub is read again once datasets' cache is cleared.
     for row in datasets.load_dataset(name, config, split="train", streaming=True):
         if text_field not in row:
-            raise ValueError(f"Hugging Face dataset {name!r} has no field {text_field!r} (fields: {', '.join(row)})")
+            raise UsageError(f"Hugging Face dataset {name!r} has no field {text_field!r} (fields: {', '.join(row)})")
         yield row[text_field]
 
 
@@ -506,7 +508,7 @@ def _is_split(splits: list[str], split: str) -> list[bool]:
 def _build(spec: dict, fingerprint: str, streaming: bool):
     # Reading up to the first document is cheap and turns an empty corpus into a clear error in both modes.
     if next(_generate_documents(**spec, split=None), None) is None:
-        raise ValueError(f"{spec['target']}: the corpus has no non-empty documents")
+        raise UsageError(f"{spec['target']}: the corpus has no non-empty documents")
     if not streaming:
         return _prepare(spec, fingerprint)
     return datasets.IterableDatasetDict(
@@ -538,7 +540,7 @@ def _hub(name: str, config: str | None, text_field: str, streaming: bool):
     except ValueError:
         raise
     except Exception as err:  # offline, unknown name, gated repository...: say what the argument could have meant
-        raise ValueError(
+        raise UsageError(
             f"{name!r} is not an embedded source ({', '.join(EMBEDDED_SOURCES)}), nor an existing local path, and "
             f"loading it as a Hugging Face dataset failed: {type(err).__name__}: {err}"
         ) from err
@@ -549,7 +551,7 @@ def _resolve_sources(source: str | list[str]) -> list[str] | None:
     if isinstance(source, (list, tuple)):
         unknown = [name for name in source if name not in EMBEDDED_SOURCES]
         if unknown or not source:
-            raise ValueError(f"unknown embedded sources {unknown}; known: {', '.join(EMBEDDED_SOURCES)}")
+            raise UsageError(f"unknown embedded sources {unknown}; known: {', '.join(EMBEDDED_SOURCES)}")
         return list(source)
     if source == "default":
         return [name for name in EMBEDDED_SOURCES if name not in OPTIONAL_SOURCES or is_installed(name)]
@@ -577,7 +579,7 @@ def load_corpus(
     `document_split`. `streaming=True` returns `IterableDataset`s (for corpora too large to prepare on disk).
     """
     if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be None, 'train' or 'validation', not {split!r}")
+        raise UsageError(f"split must be None, 'train' or 'validation', not {split!r}")
     names = _resolve_sources(source)
     if names is not None:
         corpus = _embedded(names)
@@ -594,9 +596,9 @@ def iter_texts(dataset_or_iterable, batch_size: int = 1000) -> Iterator[list[str
     """Batches (lists) of document texts from a Dataset, IterableDataset, or any iterable of strings or {'text': ...}
     rows; what `tokenizers`' `train_from_iterator` expects."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, not {batch_size}")
+        raise UsageError(f"batch_size must be positive, not {batch_size}")
     if isinstance(dataset_or_iterable, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        raise ValueError("iter_texts needs one split (e.g. corpus['train']), not a DatasetDict")
+        raise UsageError("iter_texts needs one split (e.g. corpus['train']), not a DatasetDict")
     if isinstance(dataset_or_iterable, datasets.Dataset):
         for batch in dataset_or_iterable.select_columns(["text"]).iter(batch_size=batch_size):
             yield batch["text"]

@@ -19,6 +19,8 @@ import datasets
 import numpy as np
 import torch
 
+from tinyllm_hf.errors import UsageError
+
 PACK_BATCH_DOCS = 2000  # documents packed together; bigger batches drop a smaller share of tail tokens
 MIN_DOCS_PER_PROCESS = 2 * PACK_BATCH_DOCS  # below this, starting worker processes costs more than it saves
 
@@ -32,7 +34,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise UsageError(
             "the tokenizer has no EOS token; pretraining appends it to every document as the separator "
             "(tinyllm tokenizers use <|endoftext|>)"
         )
@@ -69,11 +71,11 @@ def pack_dataset(
     Iterable: tokenized lazily and shuffled in a buffer of `shuffle_buffer_size` blocks with `seed`.
     """
     if block_size < 2:
-        raise ValueError(f"block_size must be at least 2, got {block_size}")
+        raise UsageError(f"block_size must be at least 2, got {block_size}")
     _eos_id(tokenizer)
     columns = dataset.column_names
     if columns is not None and text_field not in columns:
-        raise ValueError(f"the dataset has no column {text_field!r} (columns: {', '.join(columns)})")
+        raise UsageError(f"the dataset has no column {text_field!r} (columns: {', '.join(columns)})")
     kwargs = dict(
         batched=True,
         batch_size=PACK_BATCH_DOCS,
@@ -118,7 +120,7 @@ def unigram_entropy(dataset: datasets.Dataset, vocab_size: int) -> float:
     context. A language model's validation loss must go clearly below it to have learnt anything beyond frequencies."""
     counts = token_counts(dataset, vocab_size)
     if counts.sum() == 0:
-        raise ValueError("the dataset has no tokens")
+        raise UsageError("the dataset has no tokens")
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 

@@ -29,6 +29,8 @@ from .corpus import (
     stable_fraction,
 )
 
+from tinyllm_hf.errors import UsageError
+
 HELDOUT_FRACTION = 0.1
 
 RECORD_KINDS = {
@@ -120,7 +122,7 @@ def _ner_sentences(path) -> Iterator[tuple[str, dict]]:
         try:
             tokens = parse_tagged_line(line)
         except ValueError as err:
-            raise ValueError(f"{path}:{lineno}: {err}") from None
+            raise UsageError(f"{path}:{lineno}: {err}") from None
         for sentence in split_sentences(tokens):
             record = ner_record(sentence)
             if record["text"]:
@@ -200,7 +202,7 @@ def _features(kind: str) -> datasets.Features:
 def load_records(kind: str) -> datasets.Dataset:
     """Structured records of one kind (see RECORD_KINDS) as a Dataset with a stable `id` column."""
     if kind not in RECORD_KINDS:
-        raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(RECORD_KINDS)}")
+        raise UsageError(f"unknown record kind {kind!r}; known: {', '.join(RECORD_KINDS)}")
     fingerprint = cache_fingerprint(f"records|{kind}", source_signature(KIND_SOURCE[kind]))
     return generate_dataset(_generate_records, _features(kind), {"kind": kind}, fingerprint)
 

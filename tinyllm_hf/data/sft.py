@@ -23,6 +23,7 @@ from pathlib import Path
 import datasets
 
 from tinyllm_hf.data.corpus import is_local_source, local_files
+from tinyllm_hf.errors import MalformedRowError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ SHAREGPT_ROLES = {
 }
 LOCAL_SUFFIXES = (".jsonl", ".json")
 MAX_REPORTED = 10  # malformed rows listed by line in a skip warning (the count is always complete)
-
-
-class MalformedRowError(ValueError):
-    """A row of an instruction dataset that cannot be turned into a valid conversation."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -151,7 +148,7 @@ def to_messages(row, fmt: str = "auto") -> list[dict]:
     if not isinstance(row, dict):
         raise MalformedRowError(f"expected a JSON object, got {type(row).__name__}")
     if fmt not in FORMATS:
-        raise ValueError(f"unknown instruction format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise UsageError(f"unknown instruction format {fmt!r}; choose from {', '.join(FORMATS)}")
     fmt = detect_format(row) if fmt == "auto" else fmt
     try:
         messages = CONVERTERS[fmt](row)
@@ -180,9 +177,9 @@ def read_local_rows(path: Path) -> Iterator[tuple[str, object]]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise UsageError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: a .json data file must hold a list of rows")
+        raise UsageError(f"{path}: a .json data file must hold a list of rows")
     for index, row in enumerate(rows):
         yield f"{path}[{index}]", row
 
@@ -192,7 +189,7 @@ def read_hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[s
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, gated repository...: say what the argument could have meant
-        raise ValueError(
+        raise UsageError(
             f"{name!r} is not 'default' nor an existing local path, and loading it as a Hugging Face dataset failed: "
             f"{type(err).__name__}: {err}"
         ) from err
@@ -215,7 +212,7 @@ def convert_rows(rows: Iterable[tuple[str, object]], convert: Callable[[object],
     """`convert(row)` for every row; a row that is not valid (an exception in `rows`, or `convert` raising
     MalformedRowError) raises naming where it is (`malformed="error"`) or is counted and logged (`"skip"`)."""
     if malformed not in MALFORMED_POLICIES:
-        raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {malformed!r}")
+        raise UsageError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {malformed!r}")
     kept, bad = [], []
     for where, row in rows:
         try:
@@ -230,7 +227,7 @@ def convert_rows(rows: Iterable[tuple[str, object]], convert: Callable[[object],
         shown = "\n  ".join(bad[:MAX_REPORTED]) + ("\n  ..." if len(bad) > MAX_REPORTED else "")
         logger.warning(f"{source}: skipped {len(bad)} malformed of {len(bad) + len(kept)} rows:\n  {shown}")
     if not kept:
-        raise ValueError(f"{source}: no valid {what} ({len(bad)} malformed rows)")
+        raise UsageError(f"{source}: no valid {what} ({len(bad)} malformed rows)")
     return kept
 
 

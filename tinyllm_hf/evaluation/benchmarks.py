@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from tinyllm_hf.errors import DatasetUnavailableError, MissingFileError, UsageError
+
 LETTERS = ("A", "B", "C", "D")
 BENCHMARKS = ("ceval", "cmmlu")
 HUB_NAMES = {"ceval": "ceval/ceval-exam", "cmmlu": "haonan-li/cmmlu"}
@@ -31,10 +33,6 @@ ANSWER_PROMPT = "答案："
 EXEMPLAR_SEPARATOR = "\n\n"
 # The continuation scored in ppl mode is " A" etc.: lm-eval's default target delimiter is a space.
 TARGET_DELIMITER = " "
-
-
-class DatasetUnavailableError(RuntimeError):
-    """A benchmark could not be fetched from the Hub (offline, or the dataset cannot be read)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def load_mapping(path: str | Path | None = None, benchmark: str = "ceval") -> di
     else:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"subject mapping not found: {path}")
+            raise MissingFileError(f"subject mapping not found: {path}")
         text, source = path.read_text("utf-8"), str(path)
     mapping = {}
     for subject, entry in json.loads(text).items():
@@ -87,7 +85,7 @@ def load_mapping(path: str | Path | None = None, benchmark: str = "ceval") -> di
             cats = entry.get("categories") or [entry["category"]]
             mapping[subject] = (entry["name"], list(cats))
         else:
-            raise ValueError(f"{source}: subject {subject!r} must be [English, 中文, Category] or have name and category")
+            raise UsageError(f"{source}: subject {subject!r} must be [English, 中文, Category] or have name and category")
     return mapping
 
 
@@ -99,14 +97,14 @@ def _read_csv(path: Path, benchmark: str, subject: str) -> list[Question]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     if rows and not {question_col, *LETTERS} <= rows[0].keys():
-        raise ValueError(f"{path}: expected columns {question_col},A,B,C,D[,{answer_col}], got {list(rows[0])}")
+        raise UsageError(f"{path}: expected columns {question_col},A,B,C,D[,{answer_col}], got {list(rows[0])}")
     questions = []
     for i, row in enumerate(rows):
         # CMMLU's id is the unnamed first column; C-Eval's is `id`.
         qid = row.get("id") or row.get("") or str(i)
         answer = (row.get(answer_col) or "").strip().upper() or None
         if answer is not None and answer not in LETTERS:
-            raise ValueError(f"{path}: row {i} has answer {answer!r}, expected one of A, B, C, D")
+            raise UsageError(f"{path}: row {i} has answer {answer!r}, expected one of A, B, C, D")
         options = tuple(str(row[letter]) for letter in LETTERS)
         questions.append(Question(subject, str(qid), str(row[question_col]), options, answer))
     return questions
@@ -115,11 +113,11 @@ def _read_csv(path: Path, benchmark: str, subject: str) -> list[Question]:
 def _subject_files(root: Path, benchmark: str, split: str) -> dict[str, Path]:
     folder = root / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"{benchmark}: no {split}/ folder in {root}")
+        raise MissingFileError(f"{benchmark}: no {split}/ folder in {root}")
     suffix = f"_{split}.csv" if benchmark == "ceval" else ".csv"
     files = {p.name[: -len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}"))}
     if not files:
-        raise FileNotFoundError(f"{benchmark}: no *{suffix} files in {folder}")
+        raise MissingFileError(f"{benchmark}: no *{suffix} files in {folder}")
     return files
 
 
@@ -132,13 +130,13 @@ def load_local(
 ) -> Benchmark:
     """Read a benchmark in its official layout. Subjects default to every file present in the split's folder."""
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+        raise UsageError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     root, split = Path(root), split or DEFAULT_SPLIT[benchmark]
     files = _subject_files(root, benchmark, split)
     if subjects:
         missing = sorted(set(subjects) - set(files))
         if missing:
-            raise FileNotFoundError(f"{benchmark}: no {split} file for subject(s) {', '.join(missing)} in {root / split}")
+            raise MissingFileError(f"{benchmark}: no {split} file for subject(s) {', '.join(missing)} in {root / split}")
         files = {s: files[s] for s in subjects}
     dev_files = _subject_files(root, benchmark, "dev") if (root / "dev").is_dir() else {}
     mapping = load_mapping(mapping_path, benchmark)

@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, DatasetUnavailableError, load_benchmark
+from tinyllm_hf.errors import UsageError
+from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, load_benchmark
 from tinyllm_hf.evaluation.mc import MODES, evaluate_multiple_choice
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     # Data first: a missing folder or file fails before the model is loaded.
     benchmarks = {
         name: load_benchmark(
@@ -117,11 +118,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = run(args)
-    except (ValueError, FileNotFoundError, DatasetUnavailableError) as err:
-        print(f"tinyllm eval: error: {err}", file=sys.stderr)
-        return 1
+    results = run(args)
     default = Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else Path("eval_results.json")
     path = save_results(results, args.output or default)
     print(results_table(results))
@@ -130,4 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm eval", main))

@@ -9,6 +9,8 @@ import inspect
 import torch
 from tqdm.auto import tqdm
 
+from tinyllm_hf.errors import UsageError
+
 # Used when neither the model config nor the tokenizer states a context length.
 FALLBACK_CONTEXT = 2048
 
@@ -100,7 +102,7 @@ def loglikelihoods(
     for context, continuation in requests:
         context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
         if not continuation_ids:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens after context ending {context[-20:]!r}")
+            raise UsageError(f"continuation {continuation!r} encodes to no tokens after context ending {context[-20:]!r}")
         # The last continuation token is predicted, never fed in.
         model_input = tuple((context_ids + continuation_ids)[:-1][-max_length:])
         row_index.append(rows.setdefault(model_input, len(rows)))
@@ -139,7 +141,7 @@ def greedy_generate(
     """Greedy completions (special tokens dropped) of raw prompt strings, batched with left padding."""
     max_length = max_length or context_length(model, tokenizer)
     if max_new_tokens >= max_length:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({max_length})")
+        raise UsageError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({max_length})")
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     encoded = [encode(tokenizer, p)[-(max_length - max_new_tokens) :] for p in prompts]

@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+from tinyllm_hf.errors import UsageError
 from tinyllm_hf.evaluation.benchmarks import (
     LETTERS,
     TARGET_DELIMITER,
@@ -144,11 +145,11 @@ def evaluate_multiple_choice(
     """Evaluate every subject of `bench` (the first `limit` questions of each, if given); returns the task's result
     entry (see `summarize`)."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if shots < 0:
-        raise ValueError(f"shots must be >= 0, not {shots}")
+        raise UsageError(f"shots must be >= 0, not {shots}")
     if mode == "gen" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("gen mode needs a tokenizer with a chat template; use --mode ppl for a base model")
+        raise UsageError("gen mode needs a tokenizer with a chat template; use --mode ppl for a base model")
     questions = [q for qs in bench.questions.values() for q in qs[:limit]]
     max_length = context_length(model, tokenizer)
     if mode == "ppl":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.evaluation.engine import context_length, last_logprobs, pad_id
 
 
@@ -30,19 +31,19 @@ def load_texts(source: str | Path | list[str] | None = None) -> list[str]:
         return list(load_corpus("default", split="validation")["text"])
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
+        raise MissingFileError(f"text file not found: {path}")
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(path.read_text("utf-8").splitlines(), 1):
             if line.strip():
                 record = json.loads(line)
                 if "text" not in record:
-                    raise ValueError(f"{path}:{n}: a JSON line without a 'text' field")
+                    raise UsageError(f"{path}:{n}: a JSON line without a 'text' field")
                 texts.append(record["text"])
         return texts
     if path.suffix == ".txt":
         return [line for line in path.read_text("utf-8").splitlines() if line.strip()]
-    raise ValueError(f"{path}: expected a .txt (one document per line) or .jsonl (field 'text') file")
+    raise UsageError(f"{path}: expected a .txt (one document per line) or .jsonl (field 'text') file")
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -50,7 +51,7 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
     them are scored. Token 0 (the BOS/EOS prefix) is context only; every later token is scored exactly once."""
     # A window must overlap the scored part by a token at least: its first token has no prediction of its own.
     if not 0 < stride < max_length:
-        raise ValueError(f"stride must be in 1..{max_length - 1} (below max_length), not {stride}")
+        raise UsageError(f"stride must be in 1..{max_length - 1} (below max_length), not {stride}")
     spans, begin, scored_from = [], 0, 1
     while True:
         end = min(begin + max_length, n_tokens)
@@ -72,7 +73,7 @@ def perplexity(
     """Summed negative log-likelihood of `texts` as perplexity per token, bits per character and bits per byte."""
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
-        raise ValueError("perplexity needs a tokenizer with a BOS or EOS token to start each text")
+        raise UsageError("perplexity needs a tokenizer with a BOS or EOS token to start each text")
     max_length = max_length or context_length(model, tokenizer)
     stride = stride or max(1, max_length // 2)
     pieces = []  # (token ids the model reads, how many trailing tokens are scored)
@@ -85,7 +86,7 @@ def perplexity(
         n_bytes += len(text.encode("utf-8"))
         pieces += [(ids[b:e], k) for b, e, k in windows(len(ids), max_length, stride)]
     if not pieces:
-        raise ValueError("no text to score (all texts empty)")
+        raise UsageError("no text to score (all texts empty)")
     order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0]))
     nll, n_tokens, pad = 0.0, 0, pad_id(tokenizer)
     for start in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress, leave=False):

@@ -24,6 +24,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from tinyllm_hf.errors import MissingFileError, UsageError
+
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "revision", "date", "tasks")
 
@@ -73,13 +75,13 @@ def save_results(results: dict, path: str | Path) -> Path:
 def load_results(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
+        raise MissingFileError(f"results file not found: {path}")
     results = json.loads(path.read_text("utf-8"))
     missing = [k for k in REQUIRED_KEYS if k not in results]
     if missing:
-        raise ValueError(f"{path}: not an evaluation results file (missing {', '.join(missing)})")
+        raise UsageError(f"{path}: not an evaluation results file (missing {', '.join(missing)})")
     if results["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: results format_version {results['format_version']}, this code reads {FORMAT_VERSION}")
+        raise UsageError(f"{path}: results format_version {results['format_version']}, this code reads {FORMAT_VERSION}")
     return results
 
 

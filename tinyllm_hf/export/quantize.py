@@ -16,16 +16,16 @@ Every output directory holds the tokenizer, the model config and `tinyllm_quant.
 any of them as an object with `generate(ids, ...)` (new token ids) and `__call__(ids)` (logits), for eval/chat/serve.
 """
 
-import argparse
 import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from tinyllm_hf.errors import MissingDependencyError, MissingFileError, OutputExistsError, QuantizeError
 
 QUANT_FILE = "tinyllm_quant.json"
 EXPORT_PROMPT = "你好，请介绍一下你自己。"  # sample input the ONNX/OpenVINO exporters trace generation with
@@ -47,10 +47,6 @@ GPU_ONLY = {
 }
 
 
-class QuantizeError(ValueError):
-    """Input `tinyllm quantize` cannot work with; the message says what to change."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Checks before any work
 # ---------------------------------------------------------------------------------------------------------------------
@@ -67,7 +63,7 @@ def check_method(method: str) -> None:
     modules, extra = METHODS[method]
     missing = [m for m in modules if not _importable(m)]
     if missing:
-        raise ImportError(f"--method {method} needs {', '.join(missing)}: pip install \"tinyllm-hf[{extra}]\"")
+        raise MissingDependencyError(f"--method {method} needs {', '.join(missing)}: pip install \"tinyllm-hf[{extra}]\"")
 
 
 def _importable(module: str) -> bool:
@@ -81,7 +77,7 @@ def check_checkpoint(model_dir: Path) -> dict:
     """The config of a Tinyllm or Llama checkpoint directory; anything else is refused with the reason."""
     path = model_dir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --model must be a Tinyllm or Llama checkpoint directory")
+        raise MissingFileError(f"{path} not found: --model must be a Tinyllm or Llama checkpoint directory")
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("model_type") not in ("tinyllm", "llama"):
         raise QuantizeError(f"{path}: model_type {config.get('model_type')!r} is not a Tinyllm or Llama checkpoint")
@@ -177,7 +173,7 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, method: s
     check_method(method)
     check_checkpoint(model_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} exists and is not empty: choose a new --output directory")
+        raise OutputExistsError(f"{output_dir} exists and is not empty: choose a new --output directory")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the destination and rename when complete, so a failure never leaves a half-written model.
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-tmp-"))
@@ -276,35 +272,3 @@ def load_quantized(model_dir: str | Path, num_threads: int | None = None):
     else:
         raise QuantizeError(f"{info_path}: unknown method {method!r}")
     return model, AutoTokenizer.from_pretrained(model_dir)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "drift":  # `tinyllm quantize drift`: measure variants instead of making one
-        from tinyllm_hf.export import drift
-
-        return drift.main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="tinyllm quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="Tinyllm or Llama checkpoint directory")
-    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
-    parser.add_argument("--output", required=True, help="new output directory")
-    args = parser.parse_args(argv)
-    try:
-        out = quantize_checkpoint(args.model, args.output, args.method)
-    except (QuantizeError, FileNotFoundError, FileExistsError, ImportError) as err:
-        print(f"tinyllm quantize: error: {err}", file=sys.stderr)
-        return 1
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"wrote {args.method} model to {out} ({size / 2**20:.1f} MiB)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,6 +25,7 @@ from tinyllm_hf.data.corpus import SOURCE_FILES
 from tinyllm_hf.data.corpus import EMBEDDED_SOURCES
 from tinyllm_hf.data.records import KIND_SOURCE
 from tinyllm_hf.data.records import RECORD_KINDS
+from tinyllm_hf.errors import MissingFileError
 from tinyllm_hf.evaluation.results import load_results, results_table
 
 TEMPLATE = Path(__file__).with_name("model_card.md.jinja")
@@ -72,7 +73,7 @@ def count_parameters(model_dir: Path) -> tuple[int, int]:
     total, embedding = 0, 0
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no .safetensors weights to release")
+        raise MissingFileError(f"{model_dir}: no .safetensors weights to release")
     for path in files:
         with safe_open(path, "pt") as f:
             for name in f.keys():
@@ -113,13 +114,13 @@ def gather_facts(model_dir, results_file=None, run_dir=None, gguf_files=()) -> R
         adapter = json.loads(adapter_path.read_text("utf-8"))
         base = Path(adapter.get("base_model_name_or_path") or "")
         if not (base / "config.json").exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{model_dir} is a LoRA adapter whose base model {base} is not a local folder; "
                 "merge it first (`tinyllm merge`) or release it from the machine that has the base model"
             )
         config_path = base / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json)")
+        raise MissingFileError(f"{model_dir} is not a model folder (no config.json)")
     config = json.loads(config_path.read_text("utf-8"))
     total, embedding = count_parameters(model_dir if adapter is None else config_path.parent)
     vocab_size, specials, chat_example = _tokenizer_facts(model_dir)
@@ -318,7 +319,7 @@ def gather_dataset_facts(staged_dir, name: str, task_kinds: dict[str, str], comm
     root = Path(staged_dir)
     files = sorted((root / DATA_DIR).glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{root / DATA_DIR}: no parquet files to describe")
+        raise MissingFileError(f"{root / DATA_DIR}: no parquet files to describe")
     by_split: dict[str, list[Path]] = {}
     for path in files:
         by_split.setdefault(path.name.split("-", 1)[0], []).append(path)

@@ -15,7 +15,6 @@ splits as parquet files (data/train-*.parquet, data/test-*.parquet) and a datase
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import datasets
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from tinyllm_hf.errors import MissingFileError, ReleaseError, TinyllmError
 from tinyllm_hf.hub.card import (
     DATA_DIR,
     STAGES_FILE,
@@ -55,10 +55,6 @@ MODEL_ONLY_OPTIONS = ("include_gguf", "results", "run_dir", "base_model", "datas
 DATASET_ONLY_OPTIONS = ("tasks", "task_sizes", "heldout_sizes")
 
 
-class ReleaseError(ValueError):
-    """The folder cannot be released as asked."""
-
-
 def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None, run_dir=None, base_model=None,
                 datasets=None) -> list[Path]:
     """Write the release of `model_dir` into `out_dir` and return the staged files (relative paths)."""
@@ -69,7 +65,7 @@ def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None,
         raise ReleaseError(f"{model_dir} holds a {model_type!r} model; `tinyllm push` releases tinyllm or llama models")
     for gguf in facts.gguf_files:
         if not gguf.is_file():
-            raise FileNotFoundError(f"GGUF file to include not found: {gguf}")
+            raise MissingFileError(f"GGUF file to include not found: {gguf}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     for name in MODEL_FILES:
@@ -246,12 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                       commit_message=args.message)
         print(f"uploaded {len(files)} files: {info.pr_url or info.commit_url}")
         return 0
-    # ReleaseError and a builder's bad task are ValueErrors; ImportError names a missing source package.
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        if args.dry_run:
+    except TinyllmError:
+        if args.dry_run:  # a half-staged release is no use
             shutil.rmtree(staging, ignore_errors=True)
-        print(f"tinyllm push: error: {error}", file=sys.stderr)
-        return 2
+        raise
     finally:
         if not args.dry_run:
             shutil.rmtree(staging, ignore_errors=True)

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.trainers.merge import ADAPTER_CONFIG, adapter_base
 
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /help, /exit"
@@ -26,7 +27,7 @@ HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, ne
 def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"):
     """(model, tokenizer) from a model folder, a LoRA adapter folder (applied to its base) or a Hub id."""
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model folder not found: {path}")
+        raise MissingFileError(f"model folder not found: {path}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(path) / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
@@ -37,7 +38,7 @@ def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer in {path} has no chat template: chat needs a model trained with `tinyllm sft`")
+        raise UsageError(f"the tokenizer in {path} has no chat template: chat needs a model trained with `tinyllm sft`")
     return model.to(device).eval(), tokenizer
 
 
@@ -53,7 +54,7 @@ class ChatSession:
         self.history: list[dict] = []
         self.context = getattr(model.config, "max_position_embeddings", None) or 2048
         if max_new_tokens >= self.context:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({self.context})")
+            raise UsageError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({self.context})")
 
     def reset(self, system_prompt: str | None = None) -> None:
         self.history = []
@@ -75,7 +76,7 @@ class ChatSession:
                 self.history = history[:-1]
                 return ids
             if len(history) == 1:
-                raise ValueError(f"the message is too long: {ids.shape[1]} tokens with the system prompt, and the "
+                raise UsageError(f"the message is too long: {ids.shape[1]} tokens with the system prompt, and the "
                                  f"model's context is {self.context} (of which {self.max_new_tokens} for the reply)")
             history = history[2:]  # the oldest user message and its answer
 
@@ -155,16 +156,14 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-        model, tokenizer = load_chat_model(args.model, args.device, args.dtype)
-        session = ChatSession(model, tokenizer, args.system, args.max_new_tokens, **generation_kwargs(args))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"tinyllm chat: error: {err}", file=sys.stderr)
-        return 1
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_chat_model(args.model, args.device, args.dtype)
+    session = ChatSession(model, tokenizer, args.system, args.max_new_tokens, **generation_kwargs(args))
     return repl(session)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm chat", main))

@@ -137,11 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"tinyllm demo: {exc}", file=sys.stderr)
-        return 2
+    backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     engine = Engine(backend, max_batch_size=args.max_batch_size)
     try:
         launch(build_demo(engine, title=args.title), args.host, args.port)
@@ -151,4 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm demo", main))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_hf.errors import EngineOverloaded, MissingDependencyError, MissingFileError, UsageError
+
 FINISHED_OK = ("stop", "length")  # finish reasons of a normal end; "cancelled", "timeout" and "error" are aborts
 
 
@@ -50,10 +52,6 @@ class Delta:
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
     completion_tokens: int = 0
     error: str | None = None
-
-
-class EngineOverloaded(RuntimeError):
-    """The request queue is full; retry later."""
 
 
 class Sequence:
@@ -124,7 +122,7 @@ class Engine:
 
     def __init__(self, backend, max_batch_size: int = 8, max_queue: int = 64, request_timeout: float = 120.0):
         if max_batch_size < 1 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be at least 1")
+            raise UsageError("max_batch_size and max_queue must be at least 1")
         self.backend = backend
         self.max_batch_size = min(max_batch_size, backend.max_batch_size)
         self.request_timeout = request_timeout
@@ -140,9 +138,9 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Delta], None]) -> Sequence:
         """Queue a sequence; `sink` gets its deltas from the engine thread. Raises EngineOverloaded when full."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty: it needs at least one token")
+            raise UsageError("the prompt is empty: it needs at least one token")
         if len(prompt_ids) + params.max_tokens > self.backend.context_length:
-            raise ValueError(
+            raise UsageError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                 f"of {self.backend.context_length} tokens"
             )
@@ -270,7 +268,7 @@ class TransformersBackend:
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
+            raise MissingFileError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         config = self.model.config
@@ -363,7 +361,7 @@ class _SingleSequenceBackend:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         if not self.chat_template:
-            raise ValueError("this model has no chat template: use /v1/completions with a plain prompt")
+            raise UsageError("this model has no chat template: use /v1/completions with a plain prompt")
         rendered, _ = render_jinja_template([messages], chat_template=self.chat_template, add_generation_prompt=True)
         return rendered[0]
 
@@ -375,10 +373,10 @@ class LlamaCppBackend(_SingleSequenceBackend):
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise ImportError('the llamacpp backend needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"') from None
+            raise MissingDependencyError('the llamacpp backend needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"') from None
         gguf_file = Path(gguf_file)
         if not gguf_file.is_file() or gguf_file.suffix != ".gguf":
-            raise FileNotFoundError(f"{gguf_file} is not a .gguf file: --backend llamacpp needs --model FILE.gguf")
+            raise MissingFileError(f"{gguf_file} is not a .gguf file: --backend llamacpp needs --model FILE.gguf")
         self.llm = Llama(model_path=str(gguf_file), n_ctx=0, n_threads=n_threads, n_threads_batch=n_threads,
                          logits_all=False, verbose=False)
         self.context_length = self.llm.n_ctx()
@@ -420,7 +418,7 @@ class ExportedBackend(_SingleSequenceBackend):
 
         self.model, self.tokenizer = load_quantized(model_dir, num_threads=num_threads)
         if not isinstance(self.model, CachedDecoder):
-            raise ValueError(f"{model_dir} is not an ONNX or OpenVINO export from `tinyllm quantize`")
+            raise UsageError(f"{model_dir} is not an ONNX or OpenVINO export from `tinyllm quantize`")
         config = self.model.config
         self.context_length = config["max_position_embeddings"]
         eos = config.get("eos_token_id", self.tokenizer.eos_token_id)
@@ -463,4 +461,4 @@ def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: 
         return LlamaCppBackend(model, n_threads=threads)
     if name == "onnx":
         return ExportedBackend(model, num_threads=threads)
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllm_hf.errors import MissingFileError, UsageError
+
 MANIFEST = "export.json"  # written by transformers' ExportedModel.save_pretrained
 
 
@@ -49,10 +51,10 @@ def read_manifest(model_dir: Path) -> dict[str, str]:
     """{component: file} of a prefill + decode export."""
     path = model_dir / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not an export written by `tinyllm quantize`")
+        raise MissingFileError(f"{path} not found: not an export written by `tinyllm quantize`")
     components = json.loads(path.read_text(encoding="utf-8"))["components"]
     if set(components) != {"prefill", "decode"}:
-        raise ValueError(f"{path}: expected prefill and decode graphs, found {sorted(components)}")
+        raise UsageError(f"{path}: expected prefill and decode graphs, found {sorted(components)}")
     return {name: entry["file"] for name, entry in components.items()}
 
 
@@ -100,7 +102,7 @@ class CachedDecoder:
     ) -> Iterator[int]:
         """Yield new token ids one at a time (stops after an EOS token, which is yielded, or `max_new_tokens`)."""
         if not input_ids:
-            raise ValueError("input_ids is empty: the prompt needs at least one token")
+            raise UsageError("input_ids is empty: the prompt needs at least one token")
         if eos_token_id is None:
             eos_token_id = self.config.get("eos_token_id")
         stop = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}

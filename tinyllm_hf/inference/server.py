@@ -23,12 +23,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tinyllm_hf.errors import APIError, EngineOverloaded
 from tinyllm_hf.inference.engine import (
     BACKENDS,
     FINISHED_OK,
     Delta,
     Engine,
-    EngineOverloaded,
     SamplingParams,
     load_backend,
 )
@@ -41,15 +41,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def _param_path(loc: tuple) -> str:
@@ -479,11 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
 
-    try:
-        backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"tinyllm serve: {exc}", file=sys.stderr)
-        return 2
+    backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     engine = Engine(backend, args.max_batch_size, args.max_queue, args.request_timeout)
@@ -498,4 +485,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm serve", main))

@@ -1,4 +1,5 @@
-"""Tinyllm model classes and their registration with transformers' Auto classes."""
+"""Tinyllm model classes and their registration with transformers' Auto classes, done when this package is imported
+(`import tinyllm_hf` arranges that for when transformers' Auto classes load)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -28,6 +29,9 @@ def register_auto_classes() -> None:
     for auto_class, model_class in AUTO_CLASSES:
         auto_class.register(TinyllmConfig, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
+
+
+register_auto_classes()
 
 
 __all__ = [

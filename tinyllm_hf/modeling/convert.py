@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tinyllm_hf.errors import ConversionError, MissingFileError, OutputExistsError
 from tinyllm_hf.modeling.configuration_tinyllm import TinyllmConfig
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmForCausalLM
 
@@ -29,10 +30,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
 )
-
-
-class ConversionError(ValueError):
-    """The checkpoint uses something the target architecture cannot express."""
 
 
 def tinyllm_config_to_llama(config: TinyllmConfig) -> LlamaConfig:
@@ -120,9 +117,9 @@ def convert_checkpoint(src, dst, source_class, convert) -> Path:
     write the result, with its tokenizer, to the new or empty directory `dst`."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").exists():
-        raise FileNotFoundError(f"{src} is not a model directory (no config.json)")
+        raise MissingFileError(f"{src} is not a model directory (no config.json)")
     if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"output directory {dst} exists and is not empty")
+        raise OutputExistsError(f"output directory {dst} exists and is not empty")
     model_type = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type")
     expected = source_class.config_class.model_type
     if model_type != expected:

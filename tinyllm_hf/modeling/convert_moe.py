@@ -18,13 +18,12 @@ derives it).
     tinyllm export qwen2-moe SRC DST
 """
 
-import argparse
-
 import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from tinyllm_hf.errors import ConversionError
 from tinyllm_hf.modeling.configuration_tinyllm import TinyllmConfig
-from tinyllm_hf.modeling.convert import ConversionError, convert_checkpoint
+from tinyllm_hf.modeling.convert import convert_checkpoint
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmForCausalLM
 
 SHARED_FIELDS = (
@@ -101,16 +100,3 @@ def tinyllm_to_qwen2_moe(src, dst):
     transformers 5 saves experts in the original per-expert layout (`mlp.experts.N.gate_proj.weight`), which vLLM,
     llama.cpp's converter and transformers 4.x expect."""
     return convert_checkpoint(src, dst, TinyllmForCausalLM, tinyllm_to_qwen2_moe_model)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinyllm export qwen2-moe", description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="Mixture-of-Experts Tinyllm model directory")
-    parser.add_argument("dst", help="new, empty output directory")
-    args = parser.parse_args(argv)
-    try:
-        out = tinyllm_to_qwen2_moe(args.src, args.dst)
-    except (ConversionError, FileNotFoundError, FileExistsError) as error:
-        parser.exit(2, f"tinyllm export qwen2-moe: error: {error}\n")
-    print(f"wrote qwen2-moe checkpoint to {out}")
-    return 0

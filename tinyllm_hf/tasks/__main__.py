@@ -2,6 +2,7 @@
 
 import sys
 
+from tinyllm_hf.cli import run_command
 from tinyllm_hf.tasks.build import main
 
-sys.exit(main())
+sys.exit(run_command("python -m tinyllm_hf.tasks", main))

@@ -9,13 +9,13 @@ identical on every run.
 import argparse
 import json
 import random
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
 
 from tinyllm_hf.data.corpus import stable_fraction
+from tinyllm_hf.errors import UsageError
 from tinyllm_hf.tasks.common import SPLITS, Task
 from tinyllm_hf.tasks.registry import HELDOUT_TASKS, PREFERENCE_TASKS, RL_TASKS, TASKS, check_tasks
 
@@ -31,7 +31,7 @@ def parse_task_sizes(text: str | dict | None) -> dict[str, int]:
         for item in filter(None, (part.strip() for part in text.split(","))):
             name, sep, value = item.partition("=")
             if not sep or not value.strip().isdigit():
-                raise ValueError(f"task sizes: expected task=count, got {item!r}")
+                raise UsageError(f"task sizes: expected task=count, got {item!r}")
             sizes[name.strip()] = int(value)
     check_tasks(sizes, tuple(TASKS), "SFT")
     return sizes
@@ -39,7 +39,7 @@ def parse_task_sizes(text: str | dict | None) -> dict[str, int]:
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
 
 
 def records_by_kind(tasks: Iterable[str], split: str) -> dict[str, list[dict]]:
@@ -99,7 +99,7 @@ def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, 
         task_rows = conversation_rows(TASKS[name], records[TASKS[name].kind])
         rows += take(task_rows, sizes.get(name), name, repeat=split == "train")
     if not rows:
-        raise ValueError(f"no {split} conversations for tasks {', '.join(tasks)}")
+        raise UsageError(f"no {split} conversations for tasks {', '.join(tasks)}")
     return shuffled_dataset(rows, seed)
 
 
@@ -160,7 +160,7 @@ def build_default_preferences(split: str = "train", tasks: Iterable[str] | None 
         pairs = list(preference_pairs(TASKS[name], TASKS[name].records(split)))
         rows += pairs[: sizes.get(name, len(pairs))]
     if not rows:
-        raise ValueError(f"no {split} preference pairs for tasks {', '.join(tasks)}")
+        raise UsageError(f"no {split} preference pairs for tasks {', '.join(tasks)}")
     return shuffled_dataset(rows, seed)
 
 
@@ -195,7 +195,7 @@ def build_prompt_dataset(split: str = "train", tasks: Iterable[str] | None = Non
                 break
         rows += task_rows
     if not rows:
-        raise ValueError(f"no {split} prompts for tasks {', '.join(tasks)}")
+        raise UsageError(f"no {split} prompts for tasks {', '.join(tasks)}")
     return shuffled_dataset(rows, seed)
 
 
@@ -214,14 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--as-task-records", action="store_true", help="held-out split in the task-evaluation format")
     args = p.parse_args(argv)
     tasks = args.tasks.split(",") if args.tasks else None
-    try:
-        if args.as_task_records:
-            rows = heldout_task_records(tasks, args.sizes)
-        else:
-            rows = build_default_sft(args.split, tasks, args.sizes).to_list()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.as_task_records:
+        rows = heldout_task_records(tasks, args.sizes)
+    else:
+        rows = build_default_sft(args.split, tasks, args.sizes).to_list()
     path = write_task_file(rows, args.output)
     print(f"{len(rows)} conversations written to {path}")
     return 0

@@ -1,5 +1,6 @@
 """Every task, by name, in the order the default sets list them (the order is part of a set's build: keep it)."""
 
+from tinyllm_hf.errors import UsageError
 from tinyllm_hf.tasks.common import Task, correctness
 from tinyllm_hf.tasks.dictionary import CHAR_DEFINITION, WORD_DEFINITION, XIEHOUYU
 from tinyllm_hf.tasks.identity import IDENTITY
@@ -21,7 +22,7 @@ RL_TASKS = PREFERENCE_TASKS
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -30,7 +31,7 @@ def check_tasks(tasks, allowed: tuple[str, ...], what: str) -> list[str]:
     tasks = list(allowed) if tasks is None else list(tasks)
     unknown = sorted(set(tasks) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown {what} task(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
+        raise UsageError(f"unknown {what} task(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
     return tasks
 
 
@@ -47,6 +48,6 @@ def sample_prompt(entry: str | dict) -> str:
     if isinstance(entry, str):
         return entry
     if not isinstance(entry, dict) or "task" not in entry:
-        raise ValueError(f"a prompt is a string or a mapping with 'task' and the question's fields, not {entry!r}")
+        raise UsageError(f"a prompt is a string or a mapping with 'task' and the question's fields, not {entry!r}")
     fields = {key: value for key, value in entry.items() if key != "task"}
     return get_task(entry["task"]).ask(**fields)

@@ -15,6 +15,8 @@ The answer and its `<|endoftext|>` sit inside `{% generation %}`: `return_assist
 
 import json
 
+from tinyllm_hf.errors import UsageError
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SYSTEM_TOKEN = "<|system|>"
@@ -80,7 +82,7 @@ def apply_chat_template_to_tokenizer(tokenizer):
     vocab = tokenizer.get_vocab()
     missing = [token for token in SPECIAL_TOKENS if token not in vocab]
     if missing:
-        raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with tinyllm_hf.tokenizer.train_tokenizer")
+        raise UsageError(f"tokenizer lacks the special tokens {missing}; train it with tinyllm_hf.tokenizer.train_tokenizer")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.eos_token = EOS_TOKEN
     tokenizer.pad_token = PAD_TOKEN

@@ -25,11 +25,19 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tinyllm_hf.tokenizer.train import save_tokenizer, text_batches
+from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.tokenizer.train import (
+    atomic_output_dir,
+    check_output_dir,
+    save_tokenizer,
+    text_batches,
+    write_portable_tokenizer_config,
+)
 
 # Private-use code points stand for base tokens during training: never produced by normal text processing and
 # never whitespace, so the trainer's WhitespaceSplit keeps each encoded word intact.
@@ -43,14 +51,17 @@ def _private_char(index: int) -> str:
         if index < len(block):
             return chr(block[index])
         index -= len(block)
-    raise ValueError(f"corpus uses more than {_PRIVATE_USE_SIZE} distinct base tokens; pass a smaller sample")
+    raise UsageError(f"corpus uses more than {_PRIVATE_USE_SIZE} distinct base tokens; pass a smaller sample")
 
 
 def load_base_tokenizer(base: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a local directory, a Hub name, or an already loaded tokenizer."""
-    tokenizer = base if isinstance(base, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(str(base))
+    try:
+        tokenizer = base if isinstance(base, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(str(base))
+    except OSError as err:  # transformers' "not a local folder and not a valid model identifier ..."
+        raise MissingFileError(f"cannot load the base tokenizer {str(base)!r}: {err}") from err
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"base tokenizer {base!r} is not a fast (tokenizers-backed) tokenizer; convert it first")
+        raise UsageError(f"base tokenizer {base!r} is not a fast (tokenizers-backed) tokenizer; convert it first")
     return tokenizer
 
 
@@ -63,12 +74,12 @@ def _is_byte_level(tokenizer_json: dict) -> bool:
 def _check_extensible(tokenizer_json: dict, name: str) -> None:
     model = tokenizer_json["model"]
     if model["type"] != "BPE":
-        raise ValueError(
+        raise UsageError(
             f"cannot extend {name}: its model is {model['type']}, only BPE tokenizers can be extended with ids and "
             "segmentations kept stable (see tinyllm_hf/tokenizer/extend.py)"
         )
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise ValueError(f"cannot extend {name}: BPE with subword prefixes/suffixes is not supported")
+        raise UsageError(f"cannot extend {name}: BPE with subword prefixes/suffixes is not supported")
 
 
 def _missing_characters(texts: list[str], vocab: dict, min_frequency: int, limit: int) -> list[str]:
@@ -153,17 +164,17 @@ def extend_tokenizer(
     tokenizer = load_base_tokenizer(base)
     old_size = len(tokenizer)
     if (num_new_tokens is None) == (target_vocab_size is None):
-        raise ValueError("give exactly one of num_new_tokens and target_vocab_size")
+        raise UsageError("give exactly one of num_new_tokens and target_vocab_size")
     if num_new_tokens is None:
         num_new_tokens = target_vocab_size - old_size
     if not isinstance(num_new_tokens, int) or num_new_tokens <= 0:
-        raise ValueError(
+        raise UsageError(
             f"nothing to add: base tokenizer has {old_size} tokens, asked for {num_new_tokens!r} new ones"
             + (f" (target_vocab_size {target_vocab_size})" if target_vocab_size is not None else "")
         )
     corpus = [text for batch in text_batches(texts, 1000, {"chars": 0}) for text in batch]
     if not any(corpus):
-        raise ValueError("the corpus for tokenizer extension is empty")
+        raise UsageError("the corpus for tokenizer extension is empty")
 
     tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
     _check_extensible(tokenizer_json, str(getattr(tokenizer, "name_or_path", base)))
@@ -212,6 +223,40 @@ def extend_tokenizer(
     return extended
 
 
+def extend_tokenizer_and_model(
+    base: str,
+    texts: Iterable[str],
+    *,
+    output_dir: str | os.PathLike,
+    model: str | None = None,
+    model_output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    **extend_kwargs,
+):
+    """`tinyllm tokenizer extend`: extend `base` into `output_dir` and, given `model`, resize that model's embeddings to
+    the new tokenizer and save both to `model_output`. Returns (base tokenizer, extended tokenizer, resized model or
+    None); `extend_kwargs` go to `extend_tokenizer`."""
+    if model_output is not None:
+        # Checked before the (slow) extension so a bad path fails fast.
+        check_output_dir(Path(model_output), overwrite)
+    base_tokenizer = load_base_tokenizer(base)
+    extended = extend_tokenizer(base_tokenizer, texts, output_dir=output_dir, overwrite=overwrite, **extend_kwargs)
+    if model is None:
+        return base_tokenizer, extended, None
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model)
+    except OSError as err:
+        raise MissingFileError(f"cannot load the model {model!r} to resize: {err}") from err
+    resized = resize_model_embeddings(loaded, base_tokenizer, extended)
+    with atomic_output_dir(model_output, overwrite) as staging:
+        resized.save_pretrained(staging)
+        extended.save_pretrained(staging)
+        write_portable_tokenizer_config(staging)
+    return base_tokenizer, extended, resized
+
+
 def new_token_pieces(old_tokenizer: PreTrainedTokenizerFast, new_tokenizer: PreTrainedTokenizerFast) -> dict[int, list[int]]:
     """For each id the new tokenizer adds, the old ids it replaces: the old model's segmentation of the token string
     (byte-fallback bytes for a newly added character)."""
@@ -236,7 +281,7 @@ def resize_model_embeddings(model, old_tokenizer, new_tokenizer):
     new_tokenizer = load_base_tokenizer(new_tokenizer)
     old_rows = model.get_input_embeddings().weight.shape[0]
     if old_rows < len(old_tokenizer):
-        raise ValueError(f"model has {old_rows} embedding rows but the old tokenizer has {len(old_tokenizer)} tokens")
+        raise UsageError(f"model has {old_rows} embedding rows but the old tokenizer has {len(old_tokenizer)} tokens")
     pieces = new_token_pieces(old_tokenizer, new_tokenizer)
     model.resize_token_embeddings(max(old_rows, len(new_tokenizer)), mean_resizing=False)
     matrices = [model.get_input_embeddings().weight]

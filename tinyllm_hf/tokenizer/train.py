@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tinyllm_hf.errors import OutputExistsError, UsageError
 from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 # Chosen by measurement on the default corpus (docs/tokenizer.md, `bench/tokenizer.py sweep`): 4096 needs 11.5% more
@@ -51,12 +52,12 @@ def text_batches(texts: Iterable[str] | Iterable[list[str]], batch_size: int, se
     for index, item in enumerate(texts):
         for text in item if isinstance(item, (list, tuple)) else [item]:
             if not isinstance(text, str):
-                raise ValueError(f"tokenizer training texts must be str, got {type(text).__name__} at item {index}")
+                raise UsageError(f"tokenizer training texts must be str, got {type(text).__name__} at item {index}")
             if not text.isascii():
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError as err:
-                    raise ValueError(f"text at item {index} is not valid UTF-8 ({err.reason} at character {err.start})")
+                    raise UsageError(f"text at item {index} is not valid UTF-8 ({err.reason} at character {err.start})")
             seen["chars"] += len(text)
             batch.append(text)
             if len(batch) >= batch_size:
@@ -88,7 +89,7 @@ def train_tokenizer(
         overwrite: replace an existing non-empty `output_dir`.
     """
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise UsageError(
             f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens), "
             f"got {vocab_size!r}"
         )
@@ -105,7 +106,7 @@ def train_tokenizer(
     seen = {"chars": 0}
     tokenizer.train_from_iterator(text_batches(texts, batch_size, seen), trainer=trainer)
     if seen["chars"] == 0:
-        raise ValueError("the training corpus is empty: no characters to learn a tokenizer from")
+        raise UsageError("the training corpus is empty: no characters to learn a tokenizer from")
     fast = wrap_tokenizer(tokenizer, model_max_length)
     if output_dir is not None:
         save_tokenizer(fast, output_dir, overwrite=overwrite)
@@ -125,9 +126,9 @@ def wrap_tokenizer(tokenizer: Tokenizer, model_max_length: int = DEFAULT_MODEL_M
 
 def check_output_dir(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"output path {target} exists and is not a directory")
+        raise OutputExistsError(f"output path {target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {target} is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"output directory {target} is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto
 from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset
 from tinyllm_hf.data.sft import MALFORMED_POLICIES
 from tinyllm_hf.tasks import build_default_preferences, build_prompt_dataset, parse_task_sizes
+from tinyllm_hf.errors import UsageError
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     RunArguments,
@@ -108,10 +109,10 @@ def prompt_dataset(data_args: PromptDataArguments, seed: int):
 
 def load_tokenizer(model_args: ModelConfig):
     if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is not set: point it at an SFT checkpoint (recipe key or --model_name_or_path)")
+        raise UsageError("model_name_or_path is not set: point it at an SFT checkpoint (recipe key or --model_name_or_path)")
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     if tokenizer.pad_token is None:
-        raise ValueError(f"the tokenizer in {model_args.model_name_or_path} has no pad token; TRL trainers need one")
+        raise UsageError(f"the tokenizer in {model_args.model_name_or_path} has no pad token; TRL trainers need one")
     return tokenizer
 
 
@@ -130,7 +131,7 @@ def check_run_args(run_args) -> None:
     # The data-order log hashes `input_ids`, which preference and RL batches do not have (they carry prompt/chosen/
     # completion ids): refuse it rather than ignore it.
     if run_args.data_order_log:
-        raise ValueError("data_order_log is supported by pretrain and sft only, not by the alignment stages")
+        raise UsageError("data_order_log is supported by pretrain and sft only, not by the alignment stages")
 
 
 def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args: ModelConfig, args,
@@ -165,7 +166,7 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
     reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer)
     train_dataset = prompt_dataset(data_args, args.seed)
     if "correctness" in reward_args.names and not any(train_dataset["answer"]):
-        raise ValueError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
+        raise UsageError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
     trainer = trainer_class(
         model=load_policy(model_args, tokenizer),
         reward_funcs=reward_funcs,

@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, get_peft_config
 
+from tinyllm_hf.errors import MissingFileError, NonFiniteLossError, TinyllmError, UsageError
 from tinyllm_hf.modeling import LORA_TARGET_MODULES
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
 from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
@@ -74,13 +75,13 @@ def load_recipe(path: str | os.PathLike) -> dict:
     """A recipe file as a dict (FileNotFoundError / ValueError naming the file when it is missing or not a mapping)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe file not found: {path}")
+        raise MissingFileError(f"recipe file not found: {path}")
     with path.open(encoding="utf-8") as f:
         recipe = yaml.safe_load(f)
     if recipe is None:
         return {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path} must be a YAML mapping of argument names to values")
+        raise UsageError(f"recipe {path} must be a YAML mapping of argument names to values")
     return recipe
 
 
@@ -104,19 +105,24 @@ def parse_recipe(dataclass_types, argv: list[str] | None = None, defaults: dict 
     unknown = sorted(set(values) - known)
     if unknown:
         where = f"recipe {config}" if config else "defaults"
-        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)} (see --help for the accepted keys)")
+        raise UsageError(f"unknown key(s) in {where}: {', '.join(unknown)} (see --help for the accepted keys)")
     for action in parser._actions:
         if action.dest in values:
             action.default = values[action.dest]
             action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except TinyllmError:  # our own argument classes' checks already say what to do
+        raise
+    except ValueError as err:  # transformers' and TRL's config checks (__post_init__) reject a combination of values
+        raise UsageError(f"{err} (check the recipe and flags)") from err
 
 
 def _config_path(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--config":
             if i + 1 >= len(argv):
-                raise ValueError("--config needs a recipe path")
+                raise UsageError("--config needs a recipe path")
             return argv[i + 1]
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
@@ -203,10 +209,6 @@ def publish_checkpoint(staged: Path, final: Path) -> None:
         shutil.rmtree(trash)
     os.replace(staged, final)
     _fsync_dir(final.parent)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 class ReliableTrainerMixin:
@@ -478,13 +480,10 @@ class LossCurveCallback(TrainerCallback):
 
 
 def run_stage(prog: str, dataclass_types, defaults: dict, train: Callable, argv: list[str] | None = None) -> int:
-    """The `main` of every training stage: parse the recipe into `dataclass_types` (see `parse_recipe`), call `train`
-    with the instances in that order, and turn a bad input or a diverged run into one `prog: error: ...` line."""
-    try:
-        train(*parse_recipe(dataclass_types, argv, defaults=defaults, prog=prog))
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
+    """The `main` of every training stage: parse the recipe into `dataclass_types` (see `parse_recipe`) and call
+    `train` with the instances in that order. A bad input or a diverged run raises a `TinyllmError`, which
+    `tinyllm_hf.cli.run_command` prints as one line."""
+    train(*parse_recipe(dataclass_types, argv, defaults=defaults, prog=prog))
     return 0
 
 

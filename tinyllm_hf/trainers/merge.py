@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.tokenizer.train import atomic_output_dir, write_portable_tokenizer_config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,10 +26,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 def adapter_base(adapter_dir: Path) -> str:
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
+        raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
     base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{config_path} does not name its base model: pass --base")
+        raise UsageError(f"{config_path} does not name its base model: pass --base")
     return base
 
 
@@ -42,9 +43,9 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     adapter_dir = Path(adapter_dir)
     base = base or adapter_base(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
+        raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
     if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
-        raise FileNotFoundError(f"base model folder not found: {base}")
+        raise MissingFileError(f"base model folder not found: {base}")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
@@ -64,14 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to merge and save in")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
-    try:
-        path = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"tinyllm merge: error: {err}", file=sys.stderr)
-        return 1
+    path = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.overwrite)
     print(f"merged model written to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm merge", main))

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entropy
+from tinyllm_hf.errors import ConfigError, MissingFileError, UsageError
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
@@ -83,12 +84,12 @@ class PretrainTrainer(ReliableTrainerMixin, Trainer):
 
 def load_tokenizer(path: str | None):
     if not path:
-        raise ValueError(
+        raise UsageError(
             "tokenizer_name_or_path is not set: train one with `tinyllm tokenizer` and pass its folder "
             "(recipe key tokenizer_name_or_path or --tokenizer_name_or_path)"
         )
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"tokenizer folder not found: {path}")
+        raise MissingFileError(f"tokenizer folder not found: {path}")
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -98,7 +99,7 @@ def parse_overrides(text: str | None) -> dict:
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"config_overrides: expected key=value, got {item!r}")
+            raise UsageError(f"config_overrides: expected key=value, got {item!r}")
         try:
             overrides[key.strip()] = json.loads(value.strip())
         except json.JSONDecodeError:  # YAML reads True/False/yes and bare words; "1e-5" is only a float in JSON
@@ -112,18 +113,22 @@ def build_model(model_args: ModelArguments, tokenizer):
             model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
         )
         if model_args.config_overrides:
-            raise ValueError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
+            raise UsageError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
         if len(tokenizer) > model.config.vocab_size:  # e.g. a tokenizer extended with new tokens
             logger.warning(f"resizing embeddings from {model.config.vocab_size} to {len(tokenizer)} tokens")
             model.resize_token_embeddings(len(tokenizer))
         return model
-    config = TinyllmConfig.from_preset(
-        model_args.model_preset,
-        **parse_overrides(model_args.config_overrides),
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    overrides = parse_overrides(model_args.config_overrides)
+    try:  # the config validates itself with plain ValueErrors (it ships as remote code, free of our errors module)
+        config = TinyllmConfig.from_preset(
+            model_args.model_preset,
+            **overrides,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    except ValueError as err:
+        raise ConfigError(f"model_preset {model_args.model_preset!r} / config_overrides: {err}") from err
     # from_config (not the constructor) so DeepSpeed ZeRO-3 can partition the weights while they are created.
     return AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
 
@@ -143,7 +148,7 @@ def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: i
         # A random subset: the corpus is ordered by source, so the first blocks would be from a few sources only.
         validation = validation.shuffle(seed=seed).select(range(data_args.max_eval_samples))
     if len(validation) == 0:
-        raise ValueError(f"the validation split of {data_args.dataset_name!r} holds less than one block of {block_size} tokens")
+        raise UsageError(f"the validation split of {data_args.dataset_name!r} holds less than one block of {block_size} tokens")
     return train, validation
 
 
@@ -153,7 +158,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     model = build_model(model_args, tokenizer)
     block_size = data_args.block_size or model.config.max_position_embeddings
     if block_size > model.config.max_position_embeddings:
-        raise ValueError(
+        raise UsageError(
             f"block_size {block_size} exceeds the model's max_position_embeddings {model.config.max_position_embeddings}"
         )
     with args.main_process_first(desc="tokenizing and packing"):
@@ -198,4 +203,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm pretrain", main))

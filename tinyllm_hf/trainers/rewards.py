@@ -23,6 +23,7 @@ from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.tasks import reply_reward
 from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
 from tinyllm_hf.trainers.common import comma_list, logger
@@ -52,12 +53,12 @@ class RewardArguments:
     def __post_init__(self):
         unknown = sorted(set(self.names) - set(REWARDS))
         if unknown or not self.names:
-            raise ValueError(f"rewards: unknown or empty {', '.join(unknown) or repr(self.rewards)}; "
+            raise UsageError(f"rewards: unknown or empty {', '.join(unknown) or repr(self.rewards)}; "
                              f"choose from {', '.join(REWARDS)}")
         if len(set(self.names)) != len(self.names):
-            raise ValueError(f"rewards: {self.rewards!r} names a reward twice")
+            raise UsageError(f"rewards: {self.rewards!r} names a reward twice")
         if "reward_model" in self.names and not self.reward_model_path:
-            raise ValueError("the reward_model reward needs reward_model_path (a folder written by `tinyllm reward`)")
+            raise UsageError("the reward_model reward needs reward_model_path (a folder written by `tinyllm reward`)")
         if self.reward_model_path and "reward_model" not in self.names:
             # `tinyllm run` passes its reward stage's output to every GRPO recipe; a recipe may still leave it out.
             logger.warning(f"reward_model_path {self.reward_model_path} is not used: rewards are {self.rewards}")
@@ -103,13 +104,13 @@ def load_reward_model(path: str | os.PathLike):
     """(model, tokenizer) of a `tinyllm reward` output folder, checked: one scalar output, a chat template, a pad token."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"reward model not found: {path} has no config.json (train one with `tinyllm reward`)")
+        raise MissingFileError(f"reward model not found: {path} has no config.json (train one with `tinyllm reward`)")
     model = AutoModelForSequenceClassification.from_pretrained(path)
     if model.config.num_labels != 1:
-        raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has {model.config.num_labels}")
+        raise UsageError(f"{path}: a reward model has one output (num_labels=1), this one has {model.config.num_labels}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template or tokenizer.pad_token is None:
-        raise ValueError(f"{path}: the reward model's tokenizer needs a chat template and a pad token")
+        raise UsageError(f"{path}: the reward model's tokenizer needs a chat template and a pad token")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 

@@ -32,6 +32,7 @@ from trl.trainer.utils import get_quantization_config
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.sft import FORMATS, MALFORMED_POLICIES, load_sft_dataset
 from tinyllm_hf.tasks import TASKS, build_default_sft, heldout_task_records, parse_task_sizes, write_task_file
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     ReliableTrainerMixin,
@@ -101,11 +102,11 @@ class SFTDataArguments:
 
     def __post_init__(self):
         if self.dataset_format not in FORMATS:
-            raise ValueError(f"dataset_format must be one of {', '.join(FORMATS)}, not {self.dataset_format!r}")
+            raise UsageError(f"dataset_format must be one of {', '.join(FORMATS)}, not {self.dataset_format!r}")
         if self.malformed not in MALFORMED_POLICIES:
-            raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {self.malformed!r}")
+            raise UsageError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {self.malformed!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}")
+            raise UsageError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}")
 
     @property
     def sources(self) -> list[str]:
@@ -133,7 +134,7 @@ def check_quantization_support() -> None:
     if not torch.cuda.is_available():
         problems.append("no CUDA GPU is visible")
     if problems:
-        raise ValueError(
+        raise UsageError(
             "load_in_4bit/load_in_8bit (QLoRA) needs bitsandbytes on a CUDA GPU, but " + " and ".join(problems)
             + ". Train a LoRA adapter on the unquantized model instead (use_peft: true without load_in_4bit)."
         )
@@ -143,20 +144,20 @@ def load_tokenizer(data_args: SFTDataArguments, model_args: ModelConfig):
     path = data_args.tokenizer_name_or_path or model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer in {path} has no chat template; give a tinyllm tokenizer (tokenizer_name_or_path)")
+        raise UsageError(f"the tokenizer in {path} has no chat template; give a tinyllm tokenizer (tokenizer_name_or_path)")
     return tokenizer
 
 
 def load_model(model_args: ModelConfig, tokenizer):
     if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
+        raise UsageError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
     path = Path(model_args.model_name_or_path).expanduser()
     if model_args.model_name_or_path.startswith((".", "/", "~")) and not path.exists():
-        raise FileNotFoundError(f"model folder not found: {path}")
+        raise MissingFileError(f"model folder not found: {path}")
     quantization_config = None
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if not model_args.use_peft:
-            raise ValueError("a quantized (load_in_4bit/8bit) base model cannot be trained itself: set use_peft: true")
+            raise UsageError("a quantized (load_in_4bit/8bit) base model cannot be trained itself: set use_peft: true")
         check_quantization_support()
         quantization_config = get_quantization_config(model_args)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -170,7 +171,7 @@ def load_model(model_args: ModelConfig, tokenizer):
         device_map={"": torch.cuda.current_device()} if quantization_config is not None else None,
     )
     if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: use the tokenizer "
             "the model was pretrained with"
         )
@@ -188,7 +189,7 @@ def load_model(model_args: ModelConfig, tokenizer):
 def build_datasets(data_args: SFTDataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """(train, validation) conversations (`messages` only) from every source in `dataset_name`."""
     if not data_args.sources:
-        raise ValueError("dataset_name is empty")
+        raise UsageError("dataset_name is empty")
     train_parts, eval_parts = [], []
     for source in data_args.sources:
         if source == "default":
@@ -237,7 +238,7 @@ def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: 
             taken[record["task"]] += 1
             chosen.append(record)
     if not chosen:
-        raise ValueError(f"heldout_eval_sizes names no task of this run ({', '.join(data_args.tasks or TASKS)})")
+        raise UsageError(f"heldout_eval_sizes names no task of this run ({', '.join(data_args.tasks or TASKS)})")
     model.eval()
     results = evaluate_tasks(model, tokenizer, chosen, max_new_tokens=64, progress=False)
     path = Path(output_dir) / HELDOUT_RESULTS_FILE
@@ -263,7 +264,7 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
     with args.main_process_first(desc="building the SFT data"):
         train_dataset, eval_dataset = build_datasets(data_args, args.data_seed or args.seed)
     if eval_dataset is None and args.eval_strategy != "no":
-        raise ValueError("eval_strategy is set but there is no validation data (max_eval_samples 0, or eval_fraction 0 "
+        raise UsageError("eval_strategy is set but there is no validation data (max_eval_samples 0, or eval_fraction 0 "
                          "with your own data)")
     logger.warning(f"SFT data: {len(train_dataset)} training and {len(eval_dataset or [])} validation conversations")
 
@@ -300,4 +301,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tinyllm_hf.cli import run_command
+
+    sys.exit(run_command("tinyllm sft", main))
