@@ -24,6 +24,7 @@ from tinyllm_hf.data.preference import TASKS
 from tinyllm_hf.data.sft import heldout_task_records, parse_task_sizes
 from tinyllm_hf.evaluation.engine import left_pad, pad_id
 from tinyllm_hf.evaluation.tasks import evaluate_tasks, normalize
+from tinyllm_hf.options import parse_key_values
 
 
 @torch.inference_mode()
@@ -59,8 +60,10 @@ def main() -> None:
     gold = Counter(r["messages"][-1]["content"] for r in records if r["task"] == "sentiment")
     results = {"sizes": sizes, "max_new_tokens": args.max_new_tokens, "sentiment_labels": dict(gold),
                "sentiment_majority_share": max(gold.values()) / sum(gold.values()) if gold else None, "models": {}}
+    models = {}
     for spec in args.model:
-        name, _, path = spec.partition("=")
+        models.update(parse_key_values(spec, "--model", "name=path"))
+    for name, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         start = time.perf_counter()

@@ -37,6 +37,7 @@ import datasets
 
 from tinyllm_hf.data.corpus import is_local_source, local_files, stable_fraction
 from tinyllm_hf.data.records import record_id, split_records
+from tinyllm_hf.options import count, parse_key_values
 
 logger = logging.getLogger(__name__)
 
@@ -416,12 +417,7 @@ def parse_task_sizes(text: str | dict | None) -> dict[str, int]:
     if isinstance(text, dict):
         sizes = dict(text)
     else:
-        sizes = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            name, sep, value = item.partition("=")
-            if not sep or not value.strip().isdigit():
-                raise ValueError(f"task sizes: expected task=count, got {item!r}")
-            sizes[name.strip()] = int(value)
+        sizes = parse_key_values(text, "task sizes", "task=count", count)
     unknown = sorted(set(sizes) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown SFT task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")

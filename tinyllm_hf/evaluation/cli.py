@@ -11,6 +11,7 @@ from pathlib import Path
 from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, DatasetUnavailableError, load_benchmark
 from tinyllm_hf.evaluation.mc import MODES, evaluate_multiple_choice
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
+from tinyllm_hf.options import comma_list
 
 TASKS = (*BENCHMARKS, "ppl", "tasks")
 
@@ -59,12 +60,8 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
     return model.to(device).eval(), tokenizer
 
 
-def _subjects(text: str | None) -> list[str] | None:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
 def run(args: argparse.Namespace) -> dict:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = comma_list(args.tasks)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -74,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
             name,
             getattr(args, f"{name}_dir"),
             getattr(args, f"{name}_split"),
-            _subjects(getattr(args, f"{name}_subjects")),
+            comma_list(getattr(args, f"{name}_subjects")) or None,
             args.ceval_mapping if name == "ceval" else None,
         )
         for name in BENCHMARKS

@@ -19,10 +19,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from tinyllm_hf.runs import atomic_output
 
 OUTTYPES = ("f16", "q8_0", "q4_k_m")
 SUPPORTED_MODEL_TYPES = ("tinyllm", "llama")
@@ -272,15 +273,13 @@ def write_gguf_atomically(write, model_dir: Path, output_file: Path, outtype: st
     for q4_k_m, and rename at the end: a failed export leaves no partial file."""
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_file.parent, prefix=".gguf-export-") as tmp:
-        f16_or_q8 = Path(tmp) / ("model-q8_0.gguf" if outtype == "q8_0" else "model-f16.gguf")
-        write(model_dir, f16_or_q8, "q8_0" if outtype == "q8_0" else "f16")
-        final = f16_or_q8
+    with atomic_output(output_file) as staged:
         if outtype == "q4_k_m":
-            final = Path(tmp) / "model-q4_k_m.gguf"
-            quantize_with_llama_cpp(f16_or_q8, final, outtype)
-        os.replace(final, output_file)
+            f16 = staged.with_name(staged.name + ".f16")  # in atomic_output's scratch folder, deleted with it
+            write(model_dir, f16, "f16")
+            quantize_with_llama_cpp(f16, staged, outtype)
+        else:
+            write(model_dir, staged, outtype)
     return output_file
 
 

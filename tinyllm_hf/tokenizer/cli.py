@@ -67,7 +67,8 @@ def run_train(args) -> None:
 
 def run_extend(args) -> None:
     from tinyllm_hf.tokenizer.extend import extend_tokenizer, load_base_tokenizer, resize_model_embeddings
-    from tinyllm_hf.tokenizer.train import atomic_output_dir, check_output_dir, write_portable_tokenizer_config
+    from tinyllm_hf.runs import atomic_output
+    from tinyllm_hf.tokenizer.train import check_output_dir, write_portable_tokenizer_config
 
     if bool(args.model) != bool(args.model_output):
         raise ValueError("--model and --model-output go together")
@@ -90,7 +91,7 @@ def run_extend(args) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(args.model)
         resize_model_embeddings(model, base, extended)
-        with atomic_output_dir(args.model_output, args.overwrite) as staging:
+        with atomic_output(args.model_output) as staging:  # its folder was checked above
             model.save_pretrained(staging)
             extended.save_pretrained(staging)
             write_portable_tokenizer_config(staging)

@@ -16,10 +16,10 @@ from tinyllm_hf.data.preference import (
     load_prompt_dataset,
 )
 from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
+from tinyllm_hf.options import comma_list
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     RunArguments,
-    comma_list,
     final_eval_metrics,
     peft_config,
     train_and_save,

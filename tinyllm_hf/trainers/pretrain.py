@@ -22,6 +22,7 @@ import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto
 from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entropy
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
+from tinyllm_hf.options import parse_key_values
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     ReliableTrainerMixin,
@@ -94,16 +95,14 @@ def load_tokenizer(path: str | None):
 
 def parse_overrides(text: str | None) -> dict:
     """'a=1,b=1e-5,c=true,d=x' -> {'a': 1, 'b': 1e-05, 'c': True, 'd': 'x'}: JSON values, else YAML, else strings."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"config_overrides: expected key=value, got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value.strip())
-        except json.JSONDecodeError:  # YAML reads True/False/yes and bare words; "1e-5" is only a float in JSON
-            overrides[key.strip()] = yaml.safe_load(value.strip())
-    return overrides
+    return parse_key_values(text, "config_overrides", convert=config_value)
+
+
+def config_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # YAML reads True/False/yes and bare words; "1e-5" is only a float in JSON
+        return yaml.safe_load(text)
 
 
 def build_model(model_args: ModelArguments, tokenizer):

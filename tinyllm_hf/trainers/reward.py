@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
+from tinyllm_hf.runs import PAIRWISE_ACCURACY_FILE
 from tinyllm_hf.trainers.alignment import (
     PAIR_COLUMNS,
     PreferenceDataArguments,
@@ -75,7 +76,7 @@ def heldout_accuracy(trainer, tokenizer, pairs) -> dict:
         result["per_task"] = {task: {"pairs": len(w), "pairwise_accuracy": sum(w) / len(w)}
                               for task, w in sorted(by_task.items())}
     if trainer.args.should_save:
-        Path(trainer.args.output_dir, "pairwise_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(trainer.args.output_dir, PAIRWISE_ACCURACY_FILE).write_text(json.dumps(result, indent=2) + "\n")
     per_task = result.get("per_task", {})
     tasks = "".join(f"; {t} {r['pairwise_accuracy']:.3f} (n={r['pairs']})" for t, r in per_task.items())
     print(f"reward model: pairwise accuracy {accuracy:.3f} on {len(pairs)} held-out pairs{tasks}")

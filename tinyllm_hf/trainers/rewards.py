@@ -25,7 +25,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tinyllm_hf.evaluation.tasks import normalize
 from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
-from tinyllm_hf.trainers.common import comma_list, logger
+from tinyllm_hf.options import comma_list
+from tinyllm_hf.trainers.common import logger
 
 REWARDS = ("correctness", "format", "reward_model")
 # A label is exactly right or wrong; every other checkable task earns partial credit for overlapping characters.

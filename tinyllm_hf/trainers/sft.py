@@ -40,13 +40,14 @@ from tinyllm_hf.data.sft import (
     parse_task_sizes,
     write_task_file,
 )
+from tinyllm_hf.options import comma_list
+from tinyllm_hf.runs import HELDOUT_RESULTS_FILE, HELDOUT_TASKS_FILE
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     ReliableTrainerMixin,
     RunArguments,
     ThroughputCallback,
     add_callback_first,
-    comma_list,
     final_eval_metrics,
     logger,
     matmul_flops_per_token,
@@ -55,9 +56,6 @@ from tinyllm_hf.trainers.common import (
     run_stage,
     train_and_save,
 )
-
-HELDOUT_TASKS_FILE = "heldout_tasks.jsonl"
-HELDOUT_RESULTS_FILE = "heldout_results.json"
 
 # Defaults that differ from SFTConfig's own; recipes and the command line override them. SFTConfig turns on bf16 and
 # gradient checkpointing by default: both only slow a small model down on a CPU, so recipes for GPUs switch them on.
