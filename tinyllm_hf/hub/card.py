@@ -26,6 +26,7 @@ from tinyllm_hf.data.corpus import EMBEDDED_SOURCES
 from tinyllm_hf.data.records import KIND_SOURCE
 from tinyllm_hf.data.records import RECORD_KINDS
 from tinyllm_hf.evaluation.results import load_results, results_table
+from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, RELEASE_RESULTS_FILE, STAGE_RECORDS_FILE, RunLayout
 
 TEMPLATE = Path(__file__).with_name("model_card.md.jinja")
@@ -87,9 +88,7 @@ def count_parameters(model_dir: Path) -> tuple[int, int]:
 
 
 def _tokenizer_facts(model_dir: Path) -> tuple[int, list[str], str]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = get_tokenizer(str(model_dir))
     specials = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
     example = [
         {"role": "user", "content": "你好"},

@@ -5,7 +5,7 @@ sampled completions scored by reward functions). Each stage's module keeps only 
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import ModelConfig
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
@@ -16,11 +16,13 @@ from tinyllm_hf.data.preference import (
     load_prompt_dataset,
 )
 from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
+from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     RunArguments,
     final_eval_metrics,
+    load_policy,
     peft_config,
     train_and_save,
 )
@@ -113,21 +115,7 @@ def prompt_dataset(data_args: PromptDataArguments, seed: int):
 def load_tokenizer(model_args: ModelConfig):
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is not set: point it at an SFT checkpoint (recipe key or --model_name_or_path)")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    if tokenizer.pad_token is None:
-        raise ValueError(f"the tokenizer in {model_args.model_name_or_path} has no pad token; TRL trainers need one")
-    return tokenizer
-
-
-def load_policy(model_args: ModelConfig, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, attn_implementation=model_args.attn_implementation or "sdpa",
-        dtype=model_args.dtype or "float32",
-    )
-    # Generation (RL rollouts, and the saved model's default) must stop at the end-of-turn token answers end with.
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return get_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision, needs_pad_token=True)
 
 
 def check_run_args(run_args) -> None:

@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, get_peft_config
 
+from tinyllm_hf.model_utils import get_model
 from tinyllm_hf.modeling import LORA_TARGET_MODULES
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
 from tinyllm_hf.runs import LOSS_CURVE_FILE, TRAINER_STATE_FILE, publish
@@ -461,6 +462,14 @@ def peft_config(model_args: ModelConfig):
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = list(LORA_TARGET_MODULES)
     return get_peft_config(model_args)
+
+
+def load_policy(model_args: ModelConfig, tokenizer, **from_pretrained_kwargs):
+    """The causal LM a fine-tuning stage trains, as TRL's `ModelConfig` describes it (path, revision, dtype,
+    attention), generating up to the chat tokenizer's end-of-turn token."""
+    return get_model(model_args.model_name_or_path, chat_tokenizer=tokenizer, revision=model_args.model_revision,
+                     dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+                     **from_pretrained_kwargs)
 
 
 def final_eval_metrics(trainer) -> dict:

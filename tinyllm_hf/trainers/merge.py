@@ -12,10 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.model_utils import check_local_path, get_model, get_tokenizer
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, atomic_output
 from tinyllm_hf.tokenizer.train import check_output_dir, write_portable_tokenizer_config
 
@@ -43,12 +40,11 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     base = base or adapter_base(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG_FILE}")
-    if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
-        raise FileNotFoundError(f"base model folder not found: {base}")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    check_local_path(base, "base model")
+    model = get_model(base, dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = get_tokenizer(str(tokenizer_source))
     check_output_dir(Path(output_dir), overwrite)
     with atomic_output(output_dir) as staging:
         merged.save_pretrained(staging)

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
+from tinyllm_hf.model_utils import get_model
 from tinyllm_hf.runs import PAIRWISE_ACCURACY_FILE
 from tinyllm_hf.trainers.alignment import (
     PAIR_COLUMNS,
@@ -91,10 +92,8 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     eval_dataset = heldout_pairs.select_columns(PAIR_COLUMNS) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=model_args.attn_implementation or "sdpa",
-    )
+    model = get_model(model_args.model_name_or_path, auto_class=AutoModelForSequenceClassification, num_labels=1,
+                      pad_token_id=tokenizer.pad_token_id, attn_implementation=model_args.attn_implementation or "sdpa")
     trainer = TinyllmRewardTrainer(
         model=model,
         args=args,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer
 from trl.trainer.utils import get_quantization_config
 
@@ -40,6 +40,7 @@ from tinyllm_hf.data.sft import (
     parse_task_sizes,
     write_task_file,
 )
+from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.runs import HELDOUT_RESULTS_FILE, HELDOUT_TASKS_FILE
 from tinyllm_hf.trainers.common import (
@@ -49,6 +50,7 @@ from tinyllm_hf.trainers.common import (
     ThroughputCallback,
     add_callback_first,
     final_eval_metrics,
+    load_policy,
     logger,
     matmul_flops_per_token,
     peak_dtype,
@@ -147,31 +149,20 @@ def check_quantization_support() -> None:
 
 def load_tokenizer(data_args: SFTDataArguments, model_args: ModelConfig):
     path = data_args.tokenizer_name_or_path or model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer in {path} has no chat template; give a tinyllm tokenizer (tokenizer_name_or_path)")
-    return tokenizer
+    return get_tokenizer(path, revision=model_args.model_revision, needs_chat_template=True)
 
 
 def load_model(model_args: ModelConfig, tokenizer):
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
-    path = Path(model_args.model_name_or_path).expanduser()
-    if model_args.model_name_or_path.startswith((".", "/", "~")) and not path.exists():
-        raise FileNotFoundError(f"model folder not found: {path}")
     quantization_config = None
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if not model_args.use_peft:
             raise ValueError("a quantized (load_in_4bit/8bit) base model cannot be trained itself: set use_peft: true")
         check_quantization_support()
         quantization_config = get_quantization_config(model_args)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        dtype=dtype,
-        attn_implementation=model_args.attn_implementation,
-        quantization_config=quantization_config,
+    model = load_policy(
+        model_args, tokenizer, quantization_config=quantization_config,
         # bitsandbytes layers must be placed on the GPU while loading, one full copy per process.
         device_map={"": torch.cuda.current_device()} if quantization_config is not None else None,
     )
@@ -180,9 +171,6 @@ def load_model(model_args: ModelConfig, tokenizer):
             f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: use the tokenizer "
             "the model was pretrained with"
         )
-    # Chat generation must stop at the end-of-turn token the answers are trained to end with.
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
