@@ -19,11 +19,10 @@ from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
 from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.trainers.common import (
-    LossCurveCallback,
     RunArguments,
+    build_trainer,
     final_eval_metrics,
     load_policy,
-    peft_config,
     train_and_save,
 )
 from tinyllm_hf.trainers.rewards import build_rewards
@@ -135,15 +134,8 @@ def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args:
     train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
     if eval_dataset is None:
         args.eval_strategy = "no"
-    trainer = trainer_class(
-        model=load_policy(model_args, tokenizer),
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer), args, tokenizer, model_args, run_args,
+                            train_dataset=train_dataset, eval_dataset=eval_dataset)
     return train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
 
 
@@ -158,14 +150,7 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
     train_dataset = prompt_dataset(data_args, args.seed)
     if "correctness" in reward_args.names and not any(train_dataset["answer"]):
         raise ValueError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
-    trainer = trainer_class(
-        model=load_policy(model_args, tokenizer),
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        reward_processing_classes=reward_tokenizers,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer), args, tokenizer, model_args, run_args,
+                            reward_funcs=reward_funcs, train_dataset=train_dataset,
+                            reward_processing_classes=reward_tokenizers)
     return train_and_save(trainer, run_args)

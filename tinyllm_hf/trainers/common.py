@@ -472,6 +472,14 @@ def load_policy(model_args: ModelConfig, tokenizer, **from_pretrained_kwargs):
                      **from_pretrained_kwargs)
 
 
+def build_trainer(trainer_class, model, args, tokenizer, model_args: ModelConfig, run_args: RunArguments, **datasets):
+    """`trainer_class` (a TRL trainer with `ReliableTrainerMixin`) as every fine-tuning stage builds it: the tokenizer
+    as processing class, LoRA when `model_args` asks for it, the loss-curve callback unless `loss_curve` is off;
+    `datasets` are the trainer's data arguments (train_dataset, eval_dataset, reward_funcs, ...)."""
+    return trainer_class(model=model, args=args, processing_class=tokenizer, peft_config=peft_config(model_args),
+                         callbacks=[LossCurveCallback()] if run_args.loss_curve else None, **datasets)
+
+
 def final_eval_metrics(trainer) -> dict:
     """Validation metrics of the trained model: those the evaluation schedule logged at the last step if it did (no
     second pass over the same data), else a fresh `trainer.evaluate()`."""

@@ -27,10 +27,9 @@ from tinyllm_hf.trainers.alignment import (
     trl_defaults,
 )
 from tinyllm_hf.trainers.common import (
-    LossCurveCallback,
     ReliableTrainerMixin,
     RunArguments,
-    peft_config,
+    build_trainer,
     run_stage,
     train_and_save,
 )
@@ -94,15 +93,8 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
         args.eval_strategy = "no"
     model = get_model(model_args.model_name_or_path, auto_class=AutoModelForSequenceClassification, num_labels=1,
                       pad_token_id=tokenizer.pad_token_id, attn_implementation=model_args.attn_implementation or "sdpa")
-    trainer = TinyllmRewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    trainer = build_trainer(TinyllmRewardTrainer, model, args, tokenizer, model_args, run_args,
+                            train_dataset=train_dataset, eval_dataset=eval_dataset)
     evaluate = None if heldout_pairs is None else partial(heldout_accuracy, tokenizer=tokenizer, pairs=heldout_pairs)
     return train_and_save(trainer, run_args, evaluate)
 

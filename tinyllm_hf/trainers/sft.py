@@ -44,17 +44,16 @@ from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.runs import HELDOUT_RESULTS_FILE, HELDOUT_TASKS_FILE
 from tinyllm_hf.trainers.common import (
-    LossCurveCallback,
     ReliableTrainerMixin,
     RunArguments,
     ThroughputCallback,
     add_callback_first,
+    build_trainer,
     final_eval_metrics,
     load_policy,
     logger,
     matmul_flops_per_token,
     peak_dtype,
-    peft_config,
     run_stage,
     train_and_save,
 )
@@ -261,15 +260,8 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
                          "with your own data)")
     logger.warning(f"SFT data: {len(train_dataset)} training and {len(eval_dataset or [])} validation conversations")
 
-    trainer = TinyllmSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    trainer = build_trainer(TinyllmSFTTrainer, model, args, tokenizer, model_args, run_args,
+                            train_dataset=train_dataset, eval_dataset=eval_dataset)
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     add_callback_first(
         trainer, ThroughputCallback(matmul_flops_per_token(base, args.max_length), None, run_args.peak_flops, peak_dtype(args))
