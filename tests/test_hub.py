@@ -110,7 +110,8 @@ def test_a_run_stage_folder_finds_its_eval_results(tiny_model_dir, tmp_path):
     staged = tmp_path / "staged"
     assert push.main(["--model", str(run / "sft"), "--run-dir", str(run), "--repo-id", "alice/x",
                       "--dry-run", str(staged)]) == 0
-    metrics = {(r.dataset_name, r.metric_type): r.metric_value for r in ModelCard.load(staged / "README.md").data.eval_results}
+    card = ModelCard.load(staged / "README.md")
+    metrics = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert metrics[("tinyllm embedded validation text", "perplexity")] == pytest.approx(164.02)
     assert json.loads((staged / "results.json").read_text())["tasks"]["ceval"]["accuracy"] == 0.2718
 

@@ -231,8 +231,9 @@ class Pipeline:
         staged = self.layout.staged_release
         shutil.rmtree(staged, ignore_errors=True)
         self.write_stage_records()
+        # push finds the chat model's results in the run (eval/<stage>.json) itself.
         args = ["push", "--model", str(self.chat_model()), "--repo-id", entry.get("repo_id", "your-name/tinyllm-zh"),
-                "--run-dir", str(self.layout.root), "--dry-run", str(staged)]  # push finds the run's eval results itself
+                "--run-dir", str(self.layout.root), "--dry-run", str(staged)]
         ggufs = sorted(self.layout.stage_dir("gguf").glob("*.gguf"))
         if ggufs:
             args += ["--include-gguf", *map(str, ggufs)]
@@ -273,7 +274,8 @@ class Pipeline:
 
     def write_stage_records(self) -> None:
         """tinyllm_stages.json in the run folder: the training stages for the model card, in order."""
-        records = [json.loads(self.layout.summary(s).read_text("utf-8")) for s in TRAINING_STAGES if self.layout.done(s)]
+        records = [json.loads(self.layout.summary(s).read_text("utf-8"))
+                   for s in TRAINING_STAGES if self.layout.done(s)]
         write_json(self.layout.stage_records, records)
 
     def run(self, only: list[str] | None = None, from_stage: str | None = None) -> None:

@@ -79,7 +79,8 @@ def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None,
         source = model_dir / plot if (model_dir / plot).exists() else Path(run_dir) / plot
         shutil.copy2(source, out_dir / plot)
     if facts.results:
-        (out_dir / RELEASE_RESULTS_FILE).write_text(json.dumps(facts.results, ensure_ascii=False, indent=2) + "\n", "utf-8")
+        results = json.dumps(facts.results, ensure_ascii=False, indent=2) + "\n"
+        (out_dir / RELEASE_RESULTS_FILE).write_text(results, "utf-8")
     for gguf in facts.gguf_files:
         shutil.copy2(gguf, out_dir / gguf.name)
     card = build_model_card(facts, repo_id, base_model=base_model, datasets=datasets)

@@ -15,10 +15,11 @@ from tinyllm_hf.data.preference import (
     load_preference_dataset,
     load_prompt_dataset,
 )
-from tinyllm_hf.data.sft import MALFORMED_POLICIES, parse_task_sizes
+from tinyllm_hf.data.sft import parse_task_sizes
 from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.trainers.common import (
+    DatasetArguments,
     RunArguments,
     build_trainer,
     final_eval_metrics,
@@ -46,20 +47,17 @@ def online_defaults(output_dir: str, **overrides) -> dict:
 
 
 @dataclass
-class PreferenceDataArguments:
+class PreferenceDataArguments(DatasetArguments):
     dataset_name: str = field(
         default="default",
         metadata={"help": "'default' (the embedded preference set), a local .jsonl/.json file or folder, or a Hub dataset"},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "held-out pairs for evaluation (default set: its held-out split)"}
     )
     tasks: str | None = field(default=None, metadata={"help": "embedded tasks, comma-separated (default: all)"})
     task_sizes: str | None = field(default=None, metadata={"help": "pairs per embedded task, e.g. 'sentiment=2000'"})
     max_eval_samples: int | None = field(default=256, metadata={"help": "cap on held-out pairs evaluated"})
-    malformed: str = field(default="error", metadata={"help": f"malformed rows: {' or '.join(MALFORMED_POLICIES)}"})
 
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what the TRL preference trainers take
@@ -88,17 +86,14 @@ def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extr
 
 
 @dataclass
-class PromptDataArguments:
+class PromptDataArguments(DatasetArguments):
     dataset_name: str = field(
         default="default",
         metadata={"help": "'default' (the embedded checkable questions), or a local .jsonl/.json file or folder or a Hub "
                           "dataset with prompt (string or messages) and, for the correctness reward, answer and task"},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     tasks: str | None = field(default=None, metadata={"help": "embedded tasks, comma-separated (default: all checkable)"})
     task_sizes: str | None = field(default=None, metadata={"help": "prompts per embedded task, e.g. 'sentiment=500'"})
-    malformed: str = field(default="error", metadata={"help": f"malformed rows: {' or '.join(MALFORMED_POLICIES)}"})
 
 
 def prompt_dataset(data_args: PromptDataArguments, seed: int):

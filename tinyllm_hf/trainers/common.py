@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, get_peft_config
 
+from tinyllm_hf.data.sft import MALFORMED_POLICIES
 from tinyllm_hf.model_utils import get_model
 from tinyllm_hf.modeling import LORA_TARGET_MODULES
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
@@ -64,6 +65,27 @@ class RunArguments:
         default=False,
         metadata={"help": "append every micro-batch's step, rank and token hash to output_dir/data_order/rank<N>.jsonl"},
     )
+
+
+@dataclass
+class DatasetArguments:
+    """Where a fine-tuning stage's rows come from. Each stage's data arguments extend it and redefine `dataset_name` to
+    say what its embedded "default" set is (a redefined field keeps its place: first)."""
+
+    dataset_name: str = field(
+        default="default",
+        metadata={"help": "'default' (the embedded set), a local .jsonl/.json file or folder, or a Hub dataset"},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    malformed: str = field(
+        default="error",
+        metadata={"help": "a malformed row stops the run ('error') or is skipped, counted and reported ('skip')"},
+    )
+
+    def __post_init__(self):
+        if self.malformed not in MALFORMED_POLICIES:
+            raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {self.malformed!r}")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:

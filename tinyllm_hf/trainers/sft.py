@@ -32,7 +32,6 @@ from trl.trainer.utils import get_quantization_config
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.sft import (
     FORMATS,
-    MALFORMED_POLICIES,
     TASKS,
     build_default_sft,
     heldout_task_records,
@@ -44,6 +43,7 @@ from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.runs import HELDOUT_RESULTS_FILE, HELDOUT_TASKS_FILE
 from tinyllm_hf.trainers.common import (
+    DatasetArguments,
     ReliableTrainerMixin,
     RunArguments,
     ThroughputCallback,
@@ -72,19 +72,13 @@ DEFAULTS = {
 
 
 @dataclass
-class SFTDataArguments:
+class SFTDataArguments(DatasetArguments):
     dataset_name: str = field(
         default="default",
         metadata={"help": "'default' (embedded checkable questions), a local .jsonl/.json file or folder, or a Hugging "
                           "Face dataset name; several comma-separated are concatenated"},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     dataset_format: str = field(default="auto", metadata={"help": f"row format: {', '.join(FORMATS)}"})
-    malformed: str = field(
-        default="error",
-        metadata={"help": "a malformed row stops the run ('error') or is skipped, counted and reported ('skip')"},
-    )
     sft_tasks: str | None = field(
         default=None, metadata={"help": f"tasks of the default set, comma-separated (default: all of {', '.join(TASKS)})"}
     )
@@ -107,10 +101,9 @@ class SFTDataArguments:
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: the model's folder"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dataset_format not in FORMATS:
             raise ValueError(f"dataset_format must be one of {', '.join(FORMATS)}, not {self.dataset_format!r}")
-        if self.malformed not in MALFORMED_POLICIES:
-            raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {self.malformed!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}")
 
