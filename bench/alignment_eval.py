@@ -23,6 +23,7 @@ import tinyllm_hf  # noqa: F401  (registers the tinyllm model type)
 from tinyllm_hf.evaluation.engine import left_pad, pad_id
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
 from tinyllm_hf.tasks import PREFERENCE_TASKS, heldout_task_records, normalize, parse_task_sizes
+from tinyllm_hf.options import parse_key_values
 
 
 @torch.inference_mode()
@@ -58,8 +59,10 @@ def main() -> None:
     gold = Counter(r["messages"][-1]["content"] for r in records if r["task"] == "sentiment")
     results = {"sizes": sizes, "max_new_tokens": args.max_new_tokens, "sentiment_labels": dict(gold),
                "sentiment_majority_share": max(gold.values()) / sum(gold.values()) if gold else None, "models": {}}
+    models = {}
     for spec in args.model:
-        name, _, path = spec.partition("=")
+        models.update(parse_key_values(spec, "--model", "name=path"))
+    for name, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         start = time.perf_counter()

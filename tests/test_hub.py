@@ -99,6 +99,24 @@ def test_card_leaves_out_absent_results(tiny_model_dir, tmp_path):
     assert not (staged / "results.json").exists()
 
 
+def test_a_run_stage_folder_finds_its_eval_results(tiny_model_dir, tmp_path):
+    # `tinyllm push --model RUN/sft --run-dir RUN`: the card reports RUN/eval/sft.json, not another stage's results.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "sft")
+    save_results(make_results(str(run / "sft"), None, RESULTS_TASKS), run / "eval" / "sft.json")
+    save_results(make_results(str(run / "dpo"), None, {"ppl": {**RESULTS_TASKS["ppl"], "perplexity": 999.0}}),
+                 run / "eval" / "dpo.json")
+    staged = tmp_path / "staged"
+    assert push.main(["--model", str(run / "sft"), "--run-dir", str(run), "--repo-id", "alice/x",
+                      "--dry-run", str(staged)]) == 0
+    card = ModelCard.load(staged / "README.md")
+    metrics = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert metrics[("tinyllm embedded validation text", "perplexity")] == pytest.approx(164.02)
+    assert json.loads((staged / "results.json").read_text())["tasks"]["ceval"]["accuracy"] == 0.2718
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, tiny_model_dir):
     assert tinyllm(["push", "--model", str(tmp_path / "nope"), "--repo-id", "a/b", "--dry-run", str(tmp_path / "o")]) == 1
     assert "no config.json" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from tinyllm_hf.cli import main as tinyllm
-from tinyllm_hf.pipeline import STAGES, as_flags, load_pipeline_recipe, main
+from tinyllm_hf.pipeline import as_flags, load_pipeline_recipe, main
+from tinyllm_hf.runs import STAGES, RunLayout, atomic_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +131,30 @@ def test_gpu_pipeline_recipe_names_existing_stage_recipes_and_launcher():
         assert (ROOT / recipe[stage]["recipe"]).is_file(), stage
     pretrain = yaml.safe_load((ROOT / recipe["pretrain"]["recipe"]).read_text("utf-8"))
     assert pretrain["model_preset"] == "92m" and pretrain["dataset_name"] != "default"  # a Hub corpus
+
+
+def test_atomic_output_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as staged:
+            staged.mkdir()
+            (staged / "new.txt").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "old.txt").exists()  # no scratch left
+    with atomic_output(target) as staged:
+        staged.mkdir()
+        (staged / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with atomic_output(tmp_path / "stage.json") as staged:  # a file works the same way
+        staged.write_text("{}")
+    assert (tmp_path / "stage.json").read_text() == "{}"
+
+
+def test_run_layout_knows_which_stage_a_model_folder_is(tmp_path):
+    run = RunLayout(tmp_path / "run")
+    assert run.stage_of(tmp_path / "run" / "sft") == "sft"
+    assert run.eval_results(run.stage_of(tmp_path / "run" / "sft")) == tmp_path / "run" / "eval" / "sft.json"
+    assert run.stage_of(tmp_path / "elsewhere" / "sft") is None
+    assert run.stage_of(tmp_path / "run" / "checkpoint-3") is None

@@ -26,13 +26,7 @@ from pathlib import Path
 import yaml
 
 from tinyllm_hf.errors import MissingFileError, PipelineError, UsageError
-
-# gguf runs before quantize: the quantize stage ends by measuring every variant, GGUF files included, against fp32.
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "gguf", "quantize", "release", "report")
-TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
-ALIGNED_STAGES = ("grpo", "dpo")  # the chat model released is the last of these that ran, else the SFT model
-SUMMARY = "stage.json"
-STAGES_FILE = "tinyllm_stages.json"
+from tinyllm_hf.runs import ALIGNED_STAGES, STAGES, TRAINER_STATE_FILE, TRAINING_STAGES, RunLayout, write_json
 
 
 def load_pipeline_recipe(path) -> dict:
@@ -72,16 +66,10 @@ def launch_flags(flags: dict) -> list[str]:
 class Pipeline:
     def __init__(self, recipe: dict, output_dir: Path, recipe_path: Path):
         self.recipe = recipe
-        self.out = output_dir
+        self.layout = RunLayout(output_dir)
         self.recipe_path = recipe_path
 
     # ---------------------------------------------------------------- helpers
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.out / stage
-
-    def done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / SUMMARY).exists()
 
     def configured(self, stage: str) -> bool:
         return stage in self.recipe and self.recipe[stage] is not None
@@ -89,8 +77,8 @@ class Pipeline:
     def chat_model(self) -> Path:
         for stage in ALIGNED_STAGES:
             if self.configured(stage):
-                return self.stage_dir(stage)
-        return self.stage_dir("sft") if self.configured("sft") else self.stage_dir("pretrain")
+                return self.layout.stage_dir(stage)
+        return self.layout.stage_dir("sft") if self.configured("sft") else self.layout.stage_dir("pretrain")
 
     def launcher(self, stage: str) -> dict | None:
         """The `accelerate launch` flags for a training stage: its own `accelerate:` entry, else the recipe's."""
@@ -113,7 +101,7 @@ class Pipeline:
             launch = [*launch_flags(accelerate), "-m", f"tinyllm_hf.trainers.{args[0]}", *args[1:]]
             command = [sys.executable, "-m", "accelerate.commands.launch", *launch]
             printable = " ".join(["accelerate", "launch", *launch])
-        log_path = self.stage_dir(stage) / "stage.log"
+        log_path = self.layout.log(stage)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{stage}] $ {printable}", flush=True)
         with log_path.open("a", encoding="utf-8") as log:
@@ -135,7 +123,7 @@ class Pipeline:
         args = []
         if entry.get("recipe"):
             args += ["--config", str(entry["recipe"])]
-        args += as_flags({**paths, "output_dir": self.stage_dir(stage), "resume": True,
+        args += as_flags({**paths, "output_dir": self.layout.stage_dir(stage), "resume": True,
                           "include_num_input_tokens_seen": True, **(entry.get("args") or {})})
         return args
 
@@ -143,7 +131,7 @@ class Pipeline:
 
     def tokenizer(self):
         entry = self.recipe["tokenizer"]
-        output = self.stage_dir("tokenizer") / "tokenizer"
+        output = self.layout.tokenizer
         args = ["tokenizer", "train", "--corpus", str(entry.get("corpus", "default")), "--output", str(output)]
         if entry.get("corpus_config"):
             args += ["--corpus-config", str(entry["corpus_config"])]
@@ -154,28 +142,28 @@ class Pipeline:
         self.run_command("tokenizer", args)
 
     def pretrain(self):
-        self.run_training("pretrain", tokenizer_name_or_path=self.stage_dir("tokenizer") / "tokenizer")
+        self.run_training("pretrain", tokenizer_name_or_path=self.layout.tokenizer)
 
     def sft(self):
-        self.run_training("sft", model_name_or_path=self.stage_dir("pretrain"))
+        self.run_training("sft", model_name_or_path=self.layout.stage_dir("pretrain"))
 
     def reward(self):
-        self.run_training("reward", model_name_or_path=self.stage_dir("sft"))
+        self.run_training("reward", model_name_or_path=self.layout.stage_dir("sft"))
 
     def dpo(self):
-        self.run_training("dpo", model_name_or_path=self.stage_dir("sft"))
+        self.run_training("dpo", model_name_or_path=self.layout.stage_dir("sft"))
 
     def grpo(self):
-        paths = {"model_name_or_path": self.stage_dir("sft")}
+        paths = {"model_name_or_path": self.layout.stage_dir("sft")}
         if self.configured("reward"):
-            paths["reward_model_path"] = self.stage_dir("reward")
+            paths["reward_model_path"] = self.layout.stage_dir("reward")
         self.run_training("grpo", **paths)
 
     def eval(self):
         entry = self.recipe["eval"]
         from tinyllm_hf.tasks import heldout_task_records, parse_task_sizes, write_task_file
 
-        tasks_file = self.stage_dir("eval") / "heldout_tasks.jsonl"
+        tasks_file = self.layout.eval_tasks
         # Only the tasks named in task_sizes: a task left out would otherwise contribute every held-out item.
         sizes = parse_task_sizes(entry.get("task_sizes"))
         write_task_file(heldout_task_records(tasks=list(sizes) or None, sizes=sizes), tasks_file)
@@ -184,19 +172,22 @@ class Pipeline:
             # Base models are scored by option likelihood, chat models by their generated answers.
             mode = "ppl" if model_stage == "pretrain" else entry.get("chat_mode", "gen")
             tasks = entry.get("base_tasks", "ppl") if model_stage == "pretrain" else entry.get("tasks", "ppl,tasks")
-            args = ["eval", "--model", str(self.stage_dir(model_stage)), "--tasks", tasks, "--mode", mode,
-                    "--tasks-file", str(tasks_file), "--output", str(self.stage_dir("eval") / f"{model_stage}.json")]
+            args = ["eval", "--model", str(self.layout.stage_dir(model_stage)), "--tasks", tasks, "--mode", mode,
+                    "--tasks-file", str(tasks_file), "--output", str(self.layout.eval_results(model_stage))]
             args += as_flags(entry.get("args"))
             self.run_command("eval", args)
 
     def gguf_files(self) -> list[Path]:
         if not self.configured("gguf"):
             return []
-        return [self.stage_dir("gguf") / f"model-{t}.gguf" for t in self.recipe["gguf"].get("outtypes", ["f16"])]
+        return [self.layout.gguf_file(t) for t in self.gguf_outtypes()]
+
+    def gguf_outtypes(self) -> list[str]:
+        return self.recipe["gguf"].get("outtypes", ["f16"])
 
     def gguf(self):
-        for path in self.gguf_files():
-            outtype = path.stem.removeprefix("model-")
+        for outtype in self.gguf_outtypes():
+            path = self.layout.gguf_file(outtype)
             self.run_command("gguf", ["export", "gguf", "--model", str(self.chat_model()), "--outtype", outtype,
                                       "--output", str(path)])
 
@@ -204,7 +195,7 @@ class Pipeline:
         entry = self.recipe["quantize"]
         variants = []
         for method in entry.get("methods", []):
-            target = self.stage_dir("quantize") / method
+            target = self.layout.stage_dir("quantize") / method
             shutil.rmtree(target, ignore_errors=True)
             self.run_command("quantize", ["quantize", "--model", str(self.chat_model()), "--method", method,
                                           "--output", str(target)])
@@ -214,7 +205,7 @@ class Pipeline:
     def write_drift_table(self, settings, variants: list[Path]) -> None:
         """quantize/drift.md + drift.json: every variant against the chat model in fp32 (`drift: false` turns it off,
         a mapping sets `tinyllm quantize drift` options, e.g. `{tasks: 60, eval_chunks: 16}`)."""
-        markdown, result = self.stage_dir("quantize") / "drift.md", self.stage_dir("quantize") / "drift.json"
+        markdown, result = self.layout.drift_table, self.layout.drift_json
         for path in (markdown, result):
             path.unlink(missing_ok=True)  # never leave the report a table of older variants
         if settings is False or not variants:
@@ -227,22 +218,20 @@ class Pipeline:
                 "--json", str(result)]
         for variant in variants:
             args += ["--variant", str(variant)]
-        tasks_file = self.stage_dir("eval") / "heldout_tasks.jsonl"  # the questions the eval stage asked
+        tasks_file = self.layout.eval_tasks  # the questions the eval stage asked
         if tasks_file.exists() and "tasks_file" not in settings:
             args += ["--tasks-file", str(tasks_file)]
         self.run_command("quantize", args + as_flags(settings))
 
     def release(self):
         entry = self.recipe["release"]
-        staged = self.stage_dir("release") / "staged"
+        staged = self.layout.staged_release
         shutil.rmtree(staged, ignore_errors=True)
         self.write_stage_records()
+        # push finds the chat model's results in the run (eval/<stage>.json) itself.
         args = ["push", "--model", str(self.chat_model()), "--repo-id", entry.get("repo_id", "your-name/tinyllm-zh"),
-                "--run-dir", str(self.out), "--dry-run", str(staged)]
-        final_results = self.stage_dir("eval") / f"{self.chat_model().name}.json"
-        if final_results.exists():
-            args += ["--results", str(final_results)]
-        ggufs = sorted(self.stage_dir("gguf").glob("*.gguf"))
+                "--run-dir", str(self.layout.root), "--dry-run", str(staged)]
+        ggufs = sorted(self.layout.stage_dir("gguf").glob("*.gguf"))
         if ggufs:
             args += ["--include-gguf", *map(str, ggufs)]
         self.run_command("release", args)
@@ -250,7 +239,7 @@ class Pipeline:
     def report(self):
         from tinyllm_hf.report import write_report
 
-        write_report(self.out, self.recipe, self.chat_model())
+        write_report(self.layout, self.recipe, self.chat_model())
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -261,7 +250,7 @@ class Pipeline:
         entry = self.recipe.get(stage) or {}
         if entry.get("recipe"):
             summary["recipe"] = str(entry["recipe"])
-        state_path = self.stage_dir(stage) / "trainer_state.json"
+        state_path = self.layout.stage_dir(stage) / TRAINER_STATE_FILE
         if state_path.exists():
             state = json.loads(state_path.read_text("utf-8"))
             summary["steps"] = state.get("global_step")
@@ -282,32 +271,29 @@ class Pipeline:
 
     def write_stage_records(self) -> None:
         """tinyllm_stages.json in the run folder: the training stages for the model card, in order."""
-        records = [json.loads((self.stage_dir(s) / SUMMARY).read_text("utf-8"))
-                   for s in TRAINING_STAGES if self.done(s)]
-        (self.out / STAGES_FILE).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        records = [json.loads(self.layout.summary(s).read_text("utf-8"))
+                   for s in TRAINING_STAGES if self.layout.done(s)]
+        write_json(self.layout.stage_records, records)
 
     def run(self, only: list[str] | None = None, from_stage: str | None = None) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
         stages = [s for s in STAGES if self.configured(s)]
         if from_stage:
             stages = stages[stages.index(from_stage):]
         if only:
             stages = [s for s in stages if s in only]
         for stage in stages:
-            if self.done(stage) and not only:
-                print(f"[{stage}] done already ({self.stage_dir(stage) / SUMMARY}), skipped", flush=True)
+            if self.layout.done(stage) and not only:
+                print(f"[{stage}] done already ({self.layout.summary(stage)}), skipped", flush=True)
                 continue
-            if only and self.done(stage):
-                (self.stage_dir(stage) / SUMMARY).unlink()
+            if only and self.layout.done(stage):
+                self.layout.summary(stage).unlink()
             print(f"[{stage}] starting", flush=True)
             start = time.perf_counter()
             getattr(self, stage)()
             summary = self.summarize(stage, time.perf_counter() - start)
             # Written last and atomically: a stage without stage.json did not finish and runs again next time.
-            tmp = self.stage_dir(stage) / (SUMMARY + ".tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", "utf-8")
-            tmp.replace(self.stage_dir(stage) / SUMMARY)
+            write_json(self.layout.summary(stage), summary)
             print(f"[{stage}] finished in {summary['wall_time_s']:.0f} s", flush=True)
 
 

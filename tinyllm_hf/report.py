@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_hf.runs import STAGES, TRAINING_STAGES, RunLayout
 from tinyllm_hf.tasks import sample_prompt
 
 # Free text, or a task and the fields of its question (`tinyllm_hf.tasks.sample_prompt`), as recipes write them.
@@ -34,10 +35,10 @@ def _fmt(value, pattern="{:,.0f}"):
     return "–" if value is None else pattern.format(value)
 
 
-def stage_table(run_dir: Path, stages) -> str:
+def stage_table(run: RunLayout, stages) -> str:
     rows = ["| stage | wall time | steps | tokens | final train loss | final eval loss |", "|---|---|---|---|---|---|"]
     for stage in stages:
-        summary = _read_json(run_dir / stage / "stage.json")
+        summary = _read_json(run.summary(stage))
         if summary is None:
             continue
         rows.append(
@@ -48,9 +49,9 @@ def stage_table(run_dir: Path, stages) -> str:
     return "\n".join(rows)
 
 
-def eval_table(run_dir: Path, model_stages) -> str:
+def eval_table(run: RunLayout, model_stages) -> str:
     """One row per evaluated model: perplexity, held-out task accuracy (overall and per task), C-Eval, CMMLU."""
-    results = {s: _read_json(run_dir / "eval" / f"{s}.json") for s in model_stages}
+    results = {s: _read_json(run.eval_results(s)) for s in model_stages}
     results = {s: r for s, r in results.items() if r}
     if not results:
         return "_No evaluation results._"
@@ -101,13 +102,11 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
-    from tinyllm_hf.pipeline import STAGES, TRAINING_STAGES
-
-    report_dir = run_dir / "report"
+def write_report(run: RunLayout, recipe: dict, chat_model: Path) -> Path:
+    report_dir = run.report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"# tinyllm run report: {run_dir.name}",
+        f"# tinyllm run report: {run.root.name}",
         "",
         f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu_name()} ({platform.machine()}), "
         f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
@@ -115,14 +114,14 @@ def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
         "",
         "## Stages",
         "",
-        stage_table(run_dir, [s for s in STAGES if s != "report"]),
+        stage_table(run, [s for s in STAGES if s != "report"]),
     ]
-    total = sum((_read_json(run_dir / s / "stage.json") or {}).get("wall_time_s", 0) for s in STAGES)
+    total = sum((_read_json(run.summary(s)) or {}).get("wall_time_s", 0) for s in STAGES)
     lines += ["", f"Total wall time of the finished stages: {total / 60:.1f} min.", ""]
 
     curves = []
     for stage in TRAINING_STAGES:
-        source = run_dir / stage / "loss_curve.png"
+        source = run.loss_curve(stage)
         if source.exists():
             shutil.copy2(source, report_dir / f"{stage}_loss.png")
             curves.append(f"![{stage} loss]({stage}_loss.png)")
@@ -131,15 +130,15 @@ def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
 
     lines += ["## Evaluation", "", "Base model scored by likelihood (ppl mode), chat models by their generated answers "
               "on the held-out items of the embedded tasks (none of them seen in training).", "",
-              eval_table(run_dir, [s for s in TRAINING_STAGES if s != "reward"]), ""]
-    reward = _read_json(run_dir / "reward" / "pairwise_accuracy.json")
+              eval_table(run, [s for s in TRAINING_STAGES if s != "reward"]), ""]
+    reward = _read_json(run.reward_accuracy)
     if reward:
         per_task = "; ".join(f"{task} {100 * r['pairwise_accuracy']:.1f}% of {r['pairs']}"
                              for task, r in reward.get("per_task", {}).items())
         lines += [f"Reward model: pairwise accuracy {100 * reward['pairwise_accuracy']:.1f}% on "
                   f"{reward['heldout_pairs']} held-out preference pairs" + (f" ({per_task})." if per_task else "."), ""]
 
-    quant = run_dir / "quantize" / "drift.md"
+    quant = run.drift_table
     if quant.exists():
         lines += ["## Quantized variants", "", quant.read_text("utf-8"), ""]
 
@@ -148,11 +147,11 @@ def write_report(run_dir: Path, recipe: dict, chat_model: Path) -> Path:
     for prompt, reply in sample_chats(chat_model, prompts):
         lines += [f"**User:** {prompt}", "", "**Assistant:**", "", "```text", reply, "```", ""]
 
-    release = run_dir / "release" / "staged"
+    release = run.staged_release
     if release.exists():
         lines += ["## Release", "", f"Staged for the Hub in `{release}`: "
                   + ", ".join(sorted(p.name for p in release.iterdir())) + ".", ""]
-    path = report_dir / "report.md"
+    path = run.report
     path.write_text("\n".join(lines), "utf-8")
     print(f"report written to {path}")
     return path

@@ -12,6 +12,8 @@ from tinyllm_hf.errors import UsageError
 from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, load_benchmark
 from tinyllm_hf.evaluation.mc import MODES, evaluate_multiple_choice
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
+from tinyllm_hf.model_utils import get_model, get_tokenizer
+from tinyllm_hf.options import comma_list
 
 TASKS = (*BENCHMARKS, "ppl", "tasks")
 
@@ -47,25 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None):
     """Model and tokenizer for any causal LM; Tinyllm checkpoints resolve through the Auto classes."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import tinyllm_hf  # noqa: F401  (registers Tinyllm with the Auto classes)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         # bf16 halves memory and time on GPUs; CPU matmuls are fastest (and exact) in fp32.
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=getattr(torch, dtype), trust_remote_code=True)
+    tokenizer = get_tokenizer(name, revision=revision, trust_remote_code=True)
+    model = get_model(name, revision=revision, dtype=dtype, trust_remote_code=True)
     return model.to(device).eval(), tokenizer
 
 
-def _subjects(text: str | None) -> list[str] | None:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
 def run(args: argparse.Namespace) -> dict:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = comma_list(args.tasks)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -75,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
             name,
             getattr(args, f"{name}_dir"),
             getattr(args, f"{name}_split"),
-            _subjects(getattr(args, f"{name}_subjects")),
+            comma_list(getattr(args, f"{name}_subjects")) or None,
             args.ceval_mapping if name == "ceval" else None,
         )
         for name in BENCHMARKS

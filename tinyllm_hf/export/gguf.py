@@ -30,12 +30,12 @@ tied head is written out explicitly. Qwen2 models use NEOX-style RoPE, so q/k ne
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tinyllm_hf.errors import ConversionError, ExternalToolError, MissingDependencyError, MissingFileError, UsageError
+from tinyllm_hf.runs import atomic_output
 
 OUTTYPES = ("f16", "q8_0", "q4_k_m")
 SUPPORTED_MODEL_TYPES = ("tinyllm", "llama", "qwen2_moe")
@@ -366,13 +366,11 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "
     read_config(model_dir)  # fail on a wrong directory before any work
     if outtype not in OUTTYPES:
         raise UsageError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_file.parent, prefix=".gguf-export-") as tmp:
-        f16_or_q8 = Path(tmp) / ("model-q8_0.gguf" if outtype == "q8_0" else "model-f16.gguf")
-        write_gguf(model_dir, f16_or_q8, "q8_0" if outtype == "q8_0" else "f16")
-        final = f16_or_q8
+    with atomic_output(output_file) as staged:
         if outtype == "q4_k_m":
-            final = Path(tmp) / "model-q4_k_m.gguf"
-            quantize_with_llama_cpp(f16_or_q8, final, outtype)
-        os.replace(final, output_file)
+            f16 = staged.with_name(staged.name + ".f16")  # in atomic_output's scratch folder, deleted with it
+            write_gguf(model_dir, f16, "f16")
+            quantize_with_llama_cpp(f16, staged, outtype)
+        else:
+            write_gguf(model_dir, staged, outtype)
     return output_file

@@ -18,14 +18,12 @@ any of them as an object with `generate(ids, ...)` (new token ids) and `__call__
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, OutputExistsError, QuantizeError
+from tinyllm_hf.runs import atomic_output
 
 QUANT_FILE = "tinyllm_quant.json"
 EXPORT_PROMPT = "你好，请介绍一下你自己。"  # sample input the ONNX/OpenVINO exporters trace generation with
@@ -174,17 +172,10 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, method: s
     check_checkpoint(model_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise OutputExistsError(f"{output_dir} exists and is not empty: choose a new --output directory")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the destination and rename when complete, so a failure never leaves a half-written model.
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
-    try:
-        run_method(method, model_dir, tmp)
-        if output_dir.exists():
-            output_dir.rmdir()  # empty, checked above
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_output(output_dir) as staged:
+        staged.mkdir()
+        run_method(method, model_dir, staged)
     return output_dir
 
 

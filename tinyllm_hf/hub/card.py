@@ -27,6 +27,8 @@ from tinyllm_hf.data.records import KIND_SOURCE
 from tinyllm_hf.data.records import RECORD_KINDS
 from tinyllm_hf.errors import MissingFileError
 from tinyllm_hf.evaluation.results import load_results, results_table
+from tinyllm_hf.model_utils import get_tokenizer
+from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, RELEASE_RESULTS_FILE, STAGE_RECORDS_FILE, RunLayout
 
 TEMPLATE = Path(__file__).with_name("model_card.md.jinja")
 DATASET_TEMPLATE = Path(__file__).with_name("dataset_card.md.jinja")
@@ -38,7 +40,6 @@ HUB_LICENCES = {
     "mit": "mit", "mit license": "mit",
     "apache-2.0": "apache-2.0", "apache license 2.0": "apache-2.0", "apache software license": "apache-2.0",
 }
-STAGES_FILE = "tinyllm_stages.json"
 LICENSE = "apache-2.0"
 
 # How each results task appears in model-index: dataset id on the Hub, display name, metric.
@@ -88,9 +89,7 @@ def count_parameters(model_dir: Path) -> tuple[int, int]:
 
 
 def _tokenizer_facts(model_dir: Path) -> tuple[int, list[str], str]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = get_tokenizer(str(model_dir))
     specials = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
     example = [
         {"role": "user", "content": "你好"},
@@ -105,10 +104,22 @@ def _human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def results_candidates(model_dir: Path, run_dir=None) -> list[Path]:
+    """Where a model's evaluation results may be, in order: beside the model (a release), then, when the model is a
+    stage folder of the run `run_dir`, that run's `eval/<stage>.json`."""
+    candidates = [model_dir / RELEASE_RESULTS_FILE]
+    if run_dir:
+        run = RunLayout(run_dir)
+        stage = run.stage_of(model_dir)
+        if stage is not None:
+            candidates.append(run.eval_results(stage))
+    return candidates
+
+
 def gather_facts(model_dir, results_file=None, run_dir=None, gguf_files=()) -> ReleaseFacts:
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
-    adapter_path = model_dir / "adapter_config.json"
+    adapter_path = model_dir / ADAPTER_CONFIG_FILE
     adapter = None
     if adapter_path.exists():
         adapter = json.loads(adapter_path.read_text("utf-8"))
@@ -126,17 +137,14 @@ def gather_facts(model_dir, results_file=None, run_dir=None, gguf_files=()) -> R
     vocab_size, specials, chat_example = _tokenizer_facts(model_dir)
 
     results = None
-    candidates = [Path(results_file)] if results_file else [model_dir / "results.json"]
-    if run_dir:
-        candidates.append(Path(run_dir) / "eval" / "results.json")
-    for path in candidates:
+    for path in [Path(results_file)] if results_file else results_candidates(model_dir, run_dir):
         if path.exists():
             results, results_file = load_results(path), str(path.name)
             break
     stages, plots = [], []
     for folder in [model_dir] + ([Path(run_dir)] if run_dir else []):
-        if (folder / STAGES_FILE).exists() and not stages:
-            stages = json.loads((folder / STAGES_FILE).read_text("utf-8"))
+        if (folder / STAGE_RECORDS_FILE).exists() and not stages:
+            stages = json.loads((folder / STAGE_RECORDS_FILE).read_text("utf-8"))
         plots += sorted(p.name for p in folder.glob("*.png") if p.name not in plots)
     return ReleaseFacts(
         model_dir=model_dir, config=config, parameters=total, embedding_parameters=embedding,

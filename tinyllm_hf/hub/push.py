@@ -25,12 +25,13 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tinyllm_hf.errors import MissingFileError, ReleaseError, TinyllmError
 from tinyllm_hf.hub.card import (
     DATA_DIR,
-    STAGES_FILE,
     build_dataset_card,
     build_model_card,
     gather_dataset_facts,
     gather_facts,
 )
+from tinyllm_hf.options import comma_list
+from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, RELEASE_RESULTS_FILE, STAGE_RECORDS_FILE
 from tinyllm_hf.tasks import (
     HELDOUT_TASKS,
     PREFERENCE_TASKS,
@@ -44,7 +45,7 @@ MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 REMOTE_CODE = ("configuration_tinyllm.py", "loss_tinyllm.py", "modeling_tinyllm.py")
 MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "adapter_config.json", STAGES_FILE,
+    "chat_template.jinja", ADAPTER_CONFIG_FILE, STAGE_RECORDS_FILE,
 )
 SPACE_APP = Path(__file__).resolve().parents[1] / "inference" / "app.py"
 # The embedded datasets that can be published: name -> the task names of the builder behind it.
@@ -81,7 +82,8 @@ def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None,
         source = model_dir / plot if (model_dir / plot).exists() else Path(run_dir) / plot
         shutil.copy2(source, out_dir / plot)
     if facts.results:
-        (out_dir / "results.json").write_text(json.dumps(facts.results, ensure_ascii=False, indent=2) + "\n", "utf-8")
+        results = json.dumps(facts.results, ensure_ascii=False, indent=2) + "\n"
+        (out_dir / RELEASE_RESULTS_FILE).write_text(results, "utf-8")
     for gguf in facts.gguf_files:
         shutil.copy2(gguf, out_dir / gguf.name)
     card = build_model_card(facts, repo_id, base_model=base_model, datasets=datasets)
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", help="branch to commit to (default: main)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     parser.add_argument("--include-gguf", nargs="*", default=[], metavar="FILE", help="GGUF files to release too")
-    parser.add_argument("--results", help="evaluation results JSON (default: MODEL/results.json or RUN_DIR/eval)")
+    parser.add_argument("--results", help="evaluation results JSON (default: MODEL/results.json, else "
+                        "RUN_DIR/eval/STAGE.json when MODEL is the run's folder RUN_DIR/STAGE)")
     parser.add_argument("--run-dir", help="the `tinyllm run` output folder, for stage summaries and plots")
     parser.add_argument("--base-model", help="base model repo id for a fine-tune's card metadata")
     parser.add_argument("--datasets", nargs="*", help="dataset repo ids for the card metadata")
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     staging = Path(args.dry_run) if args.dry_run else Path(tempfile.mkdtemp(prefix="tinyllm-push-"))
     try:
         if args.dataset:
-            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+            tasks = comma_list(args.tasks) or None
             files = stage_dataset(args.dataset, staging, args.repo_id, tasks, args.task_sizes, args.heldout_sizes)
         elif args.space:
             files = stage_space(args.model, staging, args.repo_id)

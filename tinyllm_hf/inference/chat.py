@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.errors import MissingFileError, UsageError
-from tinyllm_hf.trainers.merge import ADAPTER_CONFIG, adapter_base
+from tinyllm_hf.runs import ADAPTER_CONFIG_FILE
+from tinyllm_hf.trainers.merge import adapter_base
 
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /help, /exit"
 
@@ -29,7 +30,7 @@ def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise MissingFileError(f"model folder not found: {path}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if (Path(path) / ADAPTER_CONFIG).is_file():
+    if (Path(path) / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(adapter_base(Path(path)), dtype=getattr(torch, dtype))

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tinyllm_hf.errors import ConversionError, MissingFileError, OutputExistsError
 from tinyllm_hf.modeling.configuration_tinyllm import TinyllmConfig
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmForCausalLM
+from tinyllm_hf.runs import atomic_output
 
 # Fields with the same name and meaning in both configs.
 SHARED_FIELDS = (
@@ -125,18 +126,11 @@ def convert_checkpoint(src, dst, source_class, convert) -> Path:
     if model_type != expected:
         raise ConversionError(f"{src} holds a {model_type!r} checkpoint, not a {expected} one")
     converted = convert(source_class.from_pretrained(src))
-    # Build in a sibling temporary folder and rename, so a failed conversion leaves no partial checkpoint behind.
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        converted.save_pretrained(tmp)
-        write_legacy_config_fields(tmp)
-        copy_tokenizer_files(src, tmp)
-        if dst.exists():
-            dst.rmdir()
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Build beside the destination and rename, so a failed conversion leaves no partial checkpoint behind.
+    with atomic_output(dst) as staged:
+        converted.save_pretrained(staged)
+        write_legacy_config_fields(staged)
+        copy_tokenizer_files(src, staged)
     return dst
 
 

@@ -8,11 +8,8 @@ pay off (docs/tokenizer.md, `bench/tokenizer.py pretokenizers`). There is no nor
 decode(encode(x)) differ from x.
 """
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tinyllm_hf.errors import OutputExistsError, UsageError
+from tinyllm_hf.runs import atomic_output
 from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 # Chosen by measurement on the default corpus (docs/tokenizer.md, `bench/tokenizer.py sweep`): 4096 needs 11.5% more
@@ -131,32 +129,10 @@ def check_output_dir(target: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"output directory {target} is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `output_dir`; on success it replaces `output_dir`, on error it is
-    deleted, so a failed run never leaves a partial output behind."""
-    target = Path(output_dir)
-    check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        # Move the old directory aside first so the target name is never missing a complete tokenizer for long.
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(retired / target.name)
-        staging.rename(target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(target)
-
-
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """`save_pretrained` into `output_dir` atomically, with a tokenizer_config.json that transformers 4.x also loads."""
-    with atomic_output_dir(output_dir, overwrite) as staging:
+    check_output_dir(Path(output_dir), overwrite)
+    with atomic_output(output_dir) as staging:
         tokenizer.save_pretrained(staging)
         write_portable_tokenizer_config(staging)
     return Path(output_dir)

@@ -5,20 +5,21 @@ sampled completions scored by reward functions). Each stage's module keeps only 
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import ModelConfig
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset
-from tinyllm_hf.data.sft import MALFORMED_POLICIES
-from tinyllm_hf.tasks import build_default_preferences, build_prompt_dataset, parse_task_sizes
 from tinyllm_hf.errors import UsageError
+from tinyllm_hf.model_utils import get_tokenizer
+from tinyllm_hf.options import comma_list
+from tinyllm_hf.tasks import build_default_preferences, build_prompt_dataset, parse_task_sizes
 from tinyllm_hf.trainers.common import (
-    LossCurveCallback,
+    DatasetArguments,
     RunArguments,
-    comma_list,
+    build_trainer,
     final_eval_metrics,
-    peft_config,
+    load_policy,
     train_and_save,
 )
 from tinyllm_hf.trainers.rewards import build_rewards
@@ -42,20 +43,17 @@ def online_defaults(output_dir: str, **overrides) -> dict:
 
 
 @dataclass
-class PreferenceDataArguments:
+class PreferenceDataArguments(DatasetArguments):
     dataset_name: str = field(
         default="default",
         metadata={"help": "'default' (the embedded preference set), a local .jsonl/.json file or folder, or a Hub dataset"},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "held-out pairs for evaluation (default set: its held-out split)"}
     )
     tasks: str | None = field(default=None, metadata={"help": "embedded tasks, comma-separated (default: all)"})
     task_sizes: str | None = field(default=None, metadata={"help": "pairs per embedded task, e.g. 'sentiment=2000'"})
     max_eval_samples: int | None = field(default=256, metadata={"help": "cap on held-out pairs evaluated"})
-    malformed: str = field(default="error", metadata={"help": f"malformed rows: {' or '.join(MALFORMED_POLICIES)}"})
 
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what the TRL preference trainers take
@@ -84,17 +82,14 @@ def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extr
 
 
 @dataclass
-class PromptDataArguments:
+class PromptDataArguments(DatasetArguments):
     dataset_name: str = field(
         default="default",
         metadata={"help": "'default' (the embedded checkable questions), or a local .jsonl/.json file or folder or a Hub "
                           "dataset with prompt (string or messages) and, for the correctness reward, answer and task"},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     tasks: str | None = field(default=None, metadata={"help": "embedded tasks, comma-separated (default: all checkable)"})
     task_sizes: str | None = field(default=None, metadata={"help": "prompts per embedded task, e.g. 'sentiment=500'"})
-    malformed: str = field(default="error", metadata={"help": f"malformed rows: {' or '.join(MALFORMED_POLICIES)}"})
 
 
 def prompt_dataset(data_args: PromptDataArguments, seed: int):
@@ -110,21 +105,7 @@ def prompt_dataset(data_args: PromptDataArguments, seed: int):
 def load_tokenizer(model_args: ModelConfig):
     if not model_args.model_name_or_path:
         raise UsageError("model_name_or_path is not set: point it at an SFT checkpoint (recipe key or --model_name_or_path)")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    if tokenizer.pad_token is None:
-        raise UsageError(f"the tokenizer in {model_args.model_name_or_path} has no pad token; TRL trainers need one")
-    return tokenizer
-
-
-def load_policy(model_args: ModelConfig, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, attn_implementation=model_args.attn_implementation or "sdpa",
-        dtype=model_args.dtype or "float32",
-    )
-    # Generation (RL rollouts, and the saved model's default) must stop at the end-of-turn token answers end with.
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return get_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision, needs_pad_token=True)
 
 
 def check_run_args(run_args) -> None:
@@ -144,15 +125,8 @@ def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args:
     train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
     if eval_dataset is None:
         args.eval_strategy = "no"
-    trainer = trainer_class(
-        model=load_policy(model_args, tokenizer),
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer), args, tokenizer, model_args, run_args,
+                            train_dataset=train_dataset, eval_dataset=eval_dataset)
     return train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
 
 
@@ -167,14 +141,7 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
     train_dataset = prompt_dataset(data_args, args.seed)
     if "correctness" in reward_args.names and not any(train_dataset["answer"]):
         raise UsageError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
-    trainer = trainer_class(
-        model=load_policy(model_args, tokenizer),
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        reward_processing_classes=reward_tokenizers,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer), args, tokenizer, model_args, run_args,
+                            reward_funcs=reward_funcs, train_dataset=train_dataset,
+                            reward_processing_classes=reward_tokenizers)
     return train_and_save(trainer, run_args)

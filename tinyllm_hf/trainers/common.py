@@ -30,15 +30,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, get_peft_config
 
+from tinyllm_hf.data.sft import MALFORMED_POLICIES
 from tinyllm_hf.errors import MissingFileError, NonFiniteLossError, TinyllmError, UsageError
+from tinyllm_hf.model_utils import get_model
 from tinyllm_hf.modeling import LORA_TARGET_MODULES
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
+from tinyllm_hf.runs import LOSS_CURVE_FILE, TRAINER_STATE_FILE, publish
 from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
 
 logger = logging.get_logger("tinyllm_hf")
 
 STAGING_PREFIX = "tmp-"  # checkpoints are written under tmp-checkpoint-N/ and renamed when complete
-TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -66,9 +68,25 @@ class RunArguments:
     )
 
 
-def comma_list(text: str | None) -> list[str]:
-    """A comma-separated recipe value ("a, b,c") as its non-empty, stripped items (["a", "b", "c"]); None -> []."""
-    return [item.strip() for item in (text or "").split(",") if item.strip()]
+@dataclass
+class DatasetArguments:
+    """Where a fine-tuning stage's rows come from. Each stage's data arguments extend it and redefine `dataset_name` to
+    say what its embedded "default" set is (a redefined field keeps its place: first)."""
+
+    dataset_name: str = field(
+        default="default",
+        metadata={"help": "'default' (the embedded set), a local .jsonl/.json file or folder, or a Hub dataset"},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    malformed: str = field(
+        default="error",
+        metadata={"help": "a malformed row stops the run ('error') or is skipped, counted and reported ('skip')"},
+    )
+
+    def __post_init__(self):
+        if self.malformed not in MALFORMED_POLICIES:
+            raise UsageError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {self.malformed!r}")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -143,7 +161,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A checkpoint directory with its trainer state and model weights (the state is written last by the Trainer)."""
     path = Path(path)
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
-    return checkpoint_step(path) is not None and (path / TRAINER_STATE_NAME).is_file() and has_weights
+    return checkpoint_step(path) is not None and (path / TRAINER_STATE_FILE).is_file() and has_weights
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -183,32 +201,6 @@ def remove_staging_dirs(output_dir: str | os.PathLike) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_tree(root: Path) -> None:
-    # Renaming is atomic, but without fsync a power loss could still leave the renamed files empty.
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_checkpoint(staged: Path, final: Path) -> None:
-    """Move a fully written checkpoint into place with one atomic rename."""
-    _fsync_tree(staged)
-    if final.exists():  # the same step saved again (a rerun into the same output_dir): replace it
-        trash = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
-        os.replace(final, trash)
-        shutil.rmtree(trash)
-    os.replace(staged, final)
-    _fsync_dir(final.parent)
 
 
 class ReliableTrainerMixin:
@@ -239,7 +231,7 @@ class ReliableTrainerMixin:
         self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards)
         if self.args.should_save:
             self._point_best_checkpoint_to(run_dir, staging / name)
-            publish_checkpoint(staging / name, run_dir / name)
+            publish(staging / name, run_dir / name)
             shutil.rmtree(staging, ignore_errors=True)
             # Rotation ran inside the staging folder (a no-op there); apply it to the real checkpoints.
             rotate_checkpoints(
@@ -257,7 +249,7 @@ class ReliableTrainerMixin:
         best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
         if best_step == self.state.global_step or best.is_dir():
             self.state.best_model_checkpoint = str(best)
-            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+            self.state.save_to_json(str(staged / TRAINER_STATE_FILE))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.data_order_log:
@@ -464,7 +456,7 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, reference:
 class LossCurveCallback(TrainerCallback):
     """Writes `output_dir/loss_curve.png` when training ends (the whole history, including before a resume)."""
 
-    def __init__(self, reference: dict[str, float] | None = None, filename: str = "loss_curve.png"):
+    def __init__(self, reference: dict[str, float] | None = None, filename: str = LOSS_CURVE_FILE):
         self.reference = reference
         self.filename = filename
 
@@ -493,6 +485,22 @@ def peft_config(model_args: ModelConfig):
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = list(LORA_TARGET_MODULES)
     return get_peft_config(model_args)
+
+
+def load_policy(model_args: ModelConfig, tokenizer, **from_pretrained_kwargs):
+    """The causal LM a fine-tuning stage trains, as TRL's `ModelConfig` describes it (path, revision, dtype,
+    attention), generating up to the chat tokenizer's end-of-turn token."""
+    return get_model(model_args.model_name_or_path, chat_tokenizer=tokenizer, revision=model_args.model_revision,
+                     dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+                     **from_pretrained_kwargs)
+
+
+def build_trainer(trainer_class, model, args, tokenizer, model_args: ModelConfig, run_args: RunArguments, **datasets):
+    """`trainer_class` (a TRL trainer with `ReliableTrainerMixin`) as every fine-tuning stage builds it: the tokenizer
+    as processing class, LoRA when `model_args` asks for it, the loss-curve callback unless `loss_curve` is off;
+    `datasets` are the trainer's data arguments (train_dataset, eval_dataset, reward_funcs, ...)."""
+    return trainer_class(model=model, args=args, processing_class=tokenizer, peft_config=peft_config(model_args),
+                         callbacks=[LossCurveCallback()] if run_args.loss_curve else None, **datasets)
 
 
 def final_eval_metrics(trainer) -> dict:

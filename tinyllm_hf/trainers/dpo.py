@@ -9,6 +9,7 @@ the policy with its adapter disabled), and its log-probabilities are computed on
 """
 
 import sys
+from functools import partial
 
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
@@ -24,8 +25,7 @@ class TinyllmDPOTrainer(ReliableTrainerMixin, DPOTrainer):
     """TRL's DPOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
-def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: DPOConfig, run_args: RunArguments) -> dict:
-    return train_offline(TinyllmDPOTrainer, data_args, model_args, args, run_args)
+train = partial(train_offline, TinyllmDPOTrainer)  # called with the ARGUMENTS instances, in order
 
 
 def main(argv: list[str] | None = None) -> int:

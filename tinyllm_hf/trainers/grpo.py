@@ -11,6 +11,7 @@ The recipe holds the keys of `PromptDataArguments` (the prompts: the embedded ch
 """
 
 import sys
+from functools import partial
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
@@ -27,9 +28,7 @@ class TinyllmGRPOTrainer(ReliableTrainerMixin, GRPOTrainer):
     """TRL's GRPOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
-def train(data_args: PromptDataArguments, reward_args: RewardArguments, model_args: ModelConfig, args: GRPOConfig,
-          run_args: RunArguments) -> dict:
-    return train_online(TinyllmGRPOTrainer, data_args, reward_args, model_args, args, run_args)
+train = partial(train_online, TinyllmGRPOTrainer)  # called with the ARGUMENTS instances, in order
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ desirable_weight, undesirable_weight, ...). The reference model is a frozen copy
 """
 
 import sys
+from functools import partial
 
 from trl import KTOConfig, KTOTrainer, ModelConfig
 
@@ -24,8 +25,7 @@ class TinyllmKTOTrainer(ReliableTrainerMixin, KTOTrainer):
     """TRL's KTOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
-def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: KTOConfig, run_args: RunArguments) -> dict:
-    return train_offline(TinyllmKTOTrainer, data_args, model_args, args, run_args)
+train = partial(train_offline, TinyllmKTOTrainer)  # called with the ARGUMENTS instances, in order
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,21 +12,18 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tinyllm_hf.model_utils import check_local_path, get_model, get_tokenizer
+from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, atomic_output
+from tinyllm_hf.tokenizer.train import check_output_dir, write_portable_tokenizer_config
 
-import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.errors import MissingFileError, UsageError
-from tinyllm_hf.tokenizer.train import atomic_output_dir, write_portable_tokenizer_config
-
-ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def adapter_base(adapter_dir: Path) -> str:
-    config_path = adapter_dir / ADAPTER_CONFIG
+    config_path = adapter_dir / ADAPTER_CONFIG_FILE
     if not config_path.is_file():
-        raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
+        raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG_FILE}")
     base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{config_path} does not name its base model: pass --base")
@@ -42,15 +39,15 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
 
     adapter_dir = Path(adapter_dir)
     base = base or adapter_base(adapter_dir)
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG}")
-    if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
-        raise MissingFileError(f"base model folder not found: {base}")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
+        raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG_FILE}")
+    check_local_path(base, "base model")
+    model = get_model(base, dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    with atomic_output_dir(output_dir, overwrite) as staging:
+    tokenizer = get_tokenizer(str(tokenizer_source))
+    check_output_dir(Path(output_dir), overwrite)
+    with atomic_output(output_dir) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_portable_tokenizer_config(staging)

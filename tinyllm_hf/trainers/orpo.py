@@ -9,6 +9,7 @@ ORPO under `trl.experimental`: its API may change between TRL releases.
 """
 
 import sys
+from functools import partial
 
 from trl import ModelConfig
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -25,9 +26,7 @@ class TinyllmORPOTrainer(ReliableTrainerMixin, ORPOTrainer):
     """TRL's ORPOTrainer with atomic checkpoints and a stop on non-finite loss."""
 
 
-def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: ORPOConfig,
-          run_args: RunArguments) -> dict:
-    return train_offline(TinyllmORPOTrainer, data_args, model_args, args, run_args)
+train = partial(train_offline, TinyllmORPOTrainer)  # called with the ARGUMENTS instances, in order
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,17 +12,18 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import datasets
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entropy
-from tinyllm_hf.errors import ConfigError, MissingFileError, UsageError
+from tinyllm_hf.errors import ConfigError, UsageError
+from tinyllm_hf.model_utils import get_model, get_tokenizer
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
+from tinyllm_hf.options import parse_key_values
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
     ReliableTrainerMixin,
@@ -88,30 +89,24 @@ def load_tokenizer(path: str | None):
             "tokenizer_name_or_path is not set: train one with `tinyllm tokenizer` and pass its folder "
             "(recipe key tokenizer_name_or_path or --tokenizer_name_or_path)"
         )
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise MissingFileError(f"tokenizer folder not found: {path}")
-    return AutoTokenizer.from_pretrained(path)
+    return get_tokenizer(path)
 
 
 def parse_overrides(text: str | None) -> dict:
     """'a=1,b=1e-5,c=true,d=x' -> {'a': 1, 'b': 1e-05, 'c': True, 'd': 'x'}: JSON values, else YAML, else strings."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"config_overrides: expected key=value, got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value.strip())
-        except json.JSONDecodeError:  # YAML reads True/False/yes and bare words; "1e-5" is only a float in JSON
-            overrides[key.strip()] = yaml.safe_load(value.strip())
-    return overrides
+    return parse_key_values(text, "config_overrides", convert=config_value)
+
+
+def config_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # YAML reads True/False/yes and bare words; "1e-5" is only a float in JSON
+        return yaml.safe_load(text)
 
 
 def build_model(model_args: ModelArguments, tokenizer):
     if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
-        )
+        model = get_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation)
         if model_args.config_overrides:
             raise UsageError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
         if len(tokenizer) > model.config.vocab_size:  # e.g. a tokenizer extended with new tokens

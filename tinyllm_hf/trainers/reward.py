@@ -16,6 +16,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
+from tinyllm_hf.model_utils import get_model
+from tinyllm_hf.runs import PAIRWISE_ACCURACY_FILE
 from tinyllm_hf.trainers.alignment import (
     PAIR_COLUMNS,
     PreferenceDataArguments,
@@ -25,10 +27,9 @@ from tinyllm_hf.trainers.alignment import (
     trl_defaults,
 )
 from tinyllm_hf.trainers.common import (
-    LossCurveCallback,
     ReliableTrainerMixin,
     RunArguments,
-    peft_config,
+    build_trainer,
     run_stage,
     train_and_save,
 )
@@ -75,7 +76,7 @@ def heldout_accuracy(trainer, tokenizer, pairs) -> dict:
         result["per_task"] = {task: {"pairs": len(w), "pairwise_accuracy": sum(w) / len(w)}
                               for task, w in sorted(by_task.items())}
     if trainer.args.should_save:
-        Path(trainer.args.output_dir, "pairwise_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(trainer.args.output_dir, PAIRWISE_ACCURACY_FILE).write_text(json.dumps(result, indent=2) + "\n")
     per_task = result.get("per_task", {})
     tasks = "".join(f"; {t} {r['pairwise_accuracy']:.3f} (n={r['pairs']})" for t, r in per_task.items())
     print(f"reward model: pairwise accuracy {accuracy:.3f} on {len(pairs)} held-out pairs{tasks}")
@@ -90,19 +91,10 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     eval_dataset = heldout_pairs.select_columns(PAIR_COLUMNS) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=model_args.attn_implementation or "sdpa",
-    )
-    trainer = TinyllmRewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    model = get_model(model_args.model_name_or_path, auto_class=AutoModelForSequenceClassification, num_labels=1,
+                      pad_token_id=tokenizer.pad_token_id, attn_implementation=model_args.attn_implementation or "sdpa")
+    trainer = build_trainer(TinyllmRewardTrainer, model, args, tokenizer, model_args, run_args,
+                            train_dataset=train_dataset, eval_dataset=eval_dataset)
     evaluate = None if heldout_pairs is None else partial(heldout_accuracy, tokenizer=tokenizer, pairs=heldout_pairs)
     return train_and_save(trainer, run_args, evaluate)
 

@@ -26,7 +26,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.tasks import reply_reward
 from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
-from tinyllm_hf.trainers.common import comma_list, logger
+from tinyllm_hf.options import comma_list
+from tinyllm_hf.trainers.common import logger
 
 REWARDS = ("correctness", "format", "reward_model")
 ROLE_TOKENS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)

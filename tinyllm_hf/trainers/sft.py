@@ -25,32 +25,32 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer
 from trl.trainer.utils import get_quantization_config
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
-from tinyllm_hf.data.sft import FORMATS, MALFORMED_POLICIES, load_sft_dataset
+from tinyllm_hf.data.sft import FORMATS, load_sft_dataset
+from tinyllm_hf.errors import UsageError
+from tinyllm_hf.model_utils import get_tokenizer
+from tinyllm_hf.options import comma_list
+from tinyllm_hf.runs import HELDOUT_RESULTS_FILE, HELDOUT_TASKS_FILE
 from tinyllm_hf.tasks import TASKS, build_default_sft, heldout_task_records, parse_task_sizes, write_task_file
-from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.trainers.common import (
-    LossCurveCallback,
+    DatasetArguments,
     ReliableTrainerMixin,
     RunArguments,
     ThroughputCallback,
     add_callback_first,
-    comma_list,
+    build_trainer,
     final_eval_metrics,
+    load_policy,
     logger,
     matmul_flops_per_token,
     peak_dtype,
-    peft_config,
     run_stage,
     train_and_save,
 )
-
-HELDOUT_TASKS_FILE = "heldout_tasks.jsonl"
-HELDOUT_RESULTS_FILE = "heldout_results.json"
 
 # Defaults that differ from SFTConfig's own; recipes and the command line override them. SFTConfig turns on bf16 and
 # gradient checkpointing by default: both only slow a small model down on a CPU, so recipes for GPUs switch them on.
@@ -66,19 +66,13 @@ DEFAULTS = {
 
 
 @dataclass
-class SFTDataArguments:
+class SFTDataArguments(DatasetArguments):
     dataset_name: str = field(
         default="default",
         metadata={"help": "'default' (embedded checkable questions), a local .jsonl/.json file or folder, or a Hugging "
                           "Face dataset name; several comma-separated are concatenated"},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     dataset_format: str = field(default="auto", metadata={"help": f"row format: {', '.join(FORMATS)}"})
-    malformed: str = field(
-        default="error",
-        metadata={"help": "a malformed row stops the run ('error') or is skipped, counted and reported ('skip')"},
-    )
     sft_tasks: str | None = field(
         default=None, metadata={"help": f"tasks of the default set, comma-separated (default: all of {', '.join(TASKS)})"}
     )
@@ -101,10 +95,9 @@ class SFTDataArguments:
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: the model's folder"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dataset_format not in FORMATS:
             raise UsageError(f"dataset_format must be one of {', '.join(FORMATS)}, not {self.dataset_format!r}")
-        if self.malformed not in MALFORMED_POLICIES:
-            raise UsageError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, not {self.malformed!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UsageError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}")
 
@@ -142,31 +135,20 @@ def check_quantization_support() -> None:
 
 def load_tokenizer(data_args: SFTDataArguments, model_args: ModelConfig):
     path = data_args.tokenizer_name_or_path or model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    if not tokenizer.chat_template:
-        raise UsageError(f"the tokenizer in {path} has no chat template; give a tinyllm tokenizer (tokenizer_name_or_path)")
-    return tokenizer
+    return get_tokenizer(path, revision=model_args.model_revision, needs_chat_template=True)
 
 
 def load_model(model_args: ModelConfig, tokenizer):
     if not model_args.model_name_or_path:
         raise UsageError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
-    path = Path(model_args.model_name_or_path).expanduser()
-    if model_args.model_name_or_path.startswith((".", "/", "~")) and not path.exists():
-        raise MissingFileError(f"model folder not found: {path}")
     quantization_config = None
     if model_args.load_in_4bit or model_args.load_in_8bit:
         if not model_args.use_peft:
             raise UsageError("a quantized (load_in_4bit/8bit) base model cannot be trained itself: set use_peft: true")
         check_quantization_support()
         quantization_config = get_quantization_config(model_args)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        dtype=dtype,
-        attn_implementation=model_args.attn_implementation,
-        quantization_config=quantization_config,
+    model = load_policy(
+        model_args, tokenizer, quantization_config=quantization_config,
         # bitsandbytes layers must be placed on the GPU while loading, one full copy per process.
         device_map={"": torch.cuda.current_device()} if quantization_config is not None else None,
     )
@@ -175,9 +157,6 @@ def load_model(model_args: ModelConfig, tokenizer):
             f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: use the tokenizer "
             "the model was pretrained with"
         )
-    # Chat generation must stop at the end-of-turn token the answers are trained to end with.
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
@@ -268,15 +247,8 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
                          "with your own data)")
     logger.warning(f"SFT data: {len(train_dataset)} training and {len(eval_dataset or [])} validation conversations")
 
-    trainer = TinyllmSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(model_args),
-        callbacks=[LossCurveCallback()] if run_args.loss_curve else None,
-    )
+    trainer = build_trainer(TinyllmSFTTrainer, model, args, tokenizer, model_args, run_args,
+                            train_dataset=train_dataset, eval_dataset=eval_dataset)
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     add_callback_first(
         trainer, ThroughputCallback(matmul_flops_per_token(base, args.max_length), None, run_args.peak_flops, peak_dtype(args))

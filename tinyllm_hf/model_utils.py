@@ -1,0 +1,54 @@
+"""The one tokenizer loader and the one model loader of the training, evaluation and release stages.
+
+`get_tokenizer` checks what the stage needs of the tokenizer (a chat template to train on conversations, a pad token
+for TRL's batches); `get_model` loads any Auto class (a causal LM by default), and given the chat tokenizer makes
+generation stop at the end-of-turn token the answers are trained to end with. Both say plainly when a local folder is
+missing. torch and transformers are imported when a loader runs, so importing this module (e.g. for `tinyllm eval
+--help`) stays light; nothing here needs TRL.
+"""
+
+from pathlib import Path
+
+from tinyllm_hf.errors import MissingFileError, UsageError
+
+
+def check_local_path(name_or_path: str, what: str = "model") -> None:
+    """A path-like name (./x, /x, ~/x) that does not exist is a MissingFileError naming it; Hub ids pass."""
+    if str(name_or_path).startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+        raise MissingFileError(f"{what} folder not found: {name_or_path}")
+
+
+def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                  needs_chat_template: bool = False, needs_pad_token: bool = False):
+    from transformers import AutoTokenizer
+
+    check_local_path(name_or_path, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if needs_chat_template and not tokenizer.chat_template:
+        raise UsageError(f"the tokenizer in {name_or_path} has no chat template; give a tinyllm tokenizer "
+                         "(tokenizer_name_or_path)")
+    if needs_pad_token and tokenizer.pad_token is None:
+        raise UsageError(f"the tokenizer in {name_or_path} has no pad token; TRL trainers need one")
+    return tokenizer
+
+
+def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=None, **from_pretrained_kwargs):
+    """`auto_class.from_pretrained` (default AutoModelForCausalLM) with the Tinyllm classes registered.
+
+    dtype: a torch dtype, its name ("float32", "bfloat16", ...), "auto", or None for transformers' default. With
+    `chat_tokenizer`, generation (RL rollouts, evaluation, the saved model's default) stops at its end-of-turn token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+
+    check_local_path(name_or_path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **from_pretrained_kwargs)
+    if chat_tokenizer is not None:
+        model.generation_config.eos_token_id = chat_tokenizer.eos_token_id
+        model.generation_config.pad_token_id = chat_tokenizer.pad_token_id
+    return model
