@@ -31,8 +31,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.runs import atomic_output
 from tinyllm_hf.tokenizer.train import (
-    atomic_output_dir,
     check_output_dir,
     save_tokenizer,
     text_batches,
@@ -250,7 +250,7 @@ def extend_tokenizer_and_model(
     except OSError as err:
         raise MissingFileError(f"cannot load the model {model!r} to resize: {err}") from err
     resized = resize_model_embeddings(loaded, base_tokenizer, extended)
-    with atomic_output_dir(model_output, overwrite) as staging:
+    with atomic_output(model_output) as staging:  # its folder was checked before the extension
         resized.save_pretrained(staging)
         extended.save_pretrained(staging)
         write_portable_tokenizer_config(staging)
