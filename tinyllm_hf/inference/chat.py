@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tinyllm_hf.inference.engine import held_back
 from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, stream
+from tinyllm_hf.inference.text_stream import TextStream
 from tinyllm_hf.trainers.merge import ADAPTER_CONFIG, adapter_base
 
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /help, /exit"
@@ -91,21 +91,20 @@ class ChatSession:
         prompt = self.prompt_ids(user_text)
         budget = self.max_new_tokens or self.context - len(prompt)
         params = SamplingParams(**{**vars(self.sampling), "max_tokens": budget})
+        pieces: list[str] = []
+        text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
         new: list[int] = []
-        sent = ""
         for token in stream(self.runtime, prompt, params):
             if token in self.runtime.eos_token_ids:
                 break
             new.append(token)
-            text = self.runtime.decode_text(new)
-            ready = text[: len(text) - held_back(text, ())]  # an incomplete UTF-8 character waits for the next token
-            if len(ready) > len(sent):
-                yield ready[len(sent):]
-                sent = ready
-        reply = self.runtime.decode_text(new)
-        if len(reply) > len(sent):
-            yield reply[len(sent):]
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+            text.on_token(new)
+            text.on_progress(new)
+            yield from filter(None, pieces)
+            pieces.clear()
+        text.on_finish(new, "stop", None)
+        yield from filter(None, pieces)
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text.text}]
 
 
 def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], object] = None) -> int:

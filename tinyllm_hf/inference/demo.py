@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from tinyllm_hf.inference.engine import Engine
 from tinyllm_hf.inference.runtime import BACKENDS, SamplingParams, load_backend
+from tinyllm_hf.inference.text_stream import TextStream
 
 TITLE = "tinyllm chat"
 
@@ -50,7 +51,7 @@ def stream_reply(engine: Engine, messages: list[dict], temperature: float, top_p
         return
     deltas: queue.Queue = queue.Queue()
     params = SamplingParams(max_tokens=min(int(max_tokens), budget), temperature=temperature, top_p=top_p)
-    sequence = engine.submit(prompt, params, deltas.put)
+    sequence = engine.submit(prompt, params, TextStream(runtime.decode_text, params.stop, deltas.put))
     reply = ""
     try:
         while True:

@@ -1,29 +1,28 @@
 """The generation engine behind `tinyllm serve` and `tinyllm demo`: a request queue and a batching decode loop.
 
-One background thread owns the model. Callers `submit` a prompt (token ids) with sampling settings and a `sink` that
-receives `Delta`s (new text, then a finish reason) from the engine thread. Each loop iteration the thread
+One background thread owns the model. Callers `submit` a prompt (token ids) with sampling settings and a listener
+that hears of each new token and of the finish reason from the engine thread. The engine knows token ids only:
+detokenising, stop strings and text deltas are `text_stream.TextStream`, the listener every front end uses. Each loop
+iteration the thread
 
 1. admits waiting sequences while the batch has room: their prompts are prefilled as a left-padded batch and merged
    into the running batch's KV cache (continuous batching: nobody waits for the longest sequence of a batch to end);
 2. samples one token per row with that row's own temperature / top_p / seed (one `torch.Generator` per sequence, so a
    seeded request gives the same tokens whatever else shares its batch);
-3. streams each row's new text, ends rows that hit EOS, a stop string, their token budget, their deadline, or were
-   cancelled (client gone), and drops those rows from the cache;
+3. tells each row's listener of its token, ends rows that hit EOS, a stop (their listener says so: a stop string),
+   their token budget, their deadline, or were cancelled (client gone), and drops those rows from the cache;
 4. runs one decode step for the remaining rows.
 
 The queue is bounded: `submit` raises `EngineOverloaded` when it is full, so a server answers 503 instead of hanging.
 
-The model is any runtime of `runtime.py` (its prefill / decode / select / merge on token ids, its tokenizer for the
-text of the deltas); runtimes that decode one sequence at a time (llama.cpp, exported graphs) make the engine queue
+The model is any runtime of `runtime.py` (its prefill / decode / select / merge on token ids); runtimes that decode one sequence at a time (llama.cpp, exported graphs) make the engine queue
 instead of batch.
 """
 
 import collections
-import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -32,30 +31,19 @@ from tinyllm_hf.inference.runtime import SamplingParams, sample_token
 FINISHED_OK = ("stop", "length")  # finish reasons of a normal end; "cancelled", "timeout" and "error" are aborts
 
 
-@dataclasses.dataclass
-class Delta:
-    """What a sink receives: new text of one sequence, and on its last delta the finish reason."""
-
-    text: str
-    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
-    completion_tokens: int = 0
-    error: str | None = None
-
-
 class EngineOverloaded(RuntimeError):
     """The request queue is full; retry later."""
 
 
 class Sequence:
-    """One sequence being generated: its prompt, sampling state and how much of its text was already sent."""
+    """One sequence being generated: its prompt, sampling state, tokens so far and who listens to them."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Delta], None], deadline: float):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, listener, deadline: float):
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.sink = sink
+        self.listener = listener  # on_token / on_progress / on_finish, e.g. a text_stream.TextStream
         self.deadline = deadline
         self.generated: list[int] = []
-        self.sent_chars = 0
         self.finish_reason: str | None = None
         self.cancelled = threading.Event()
         self.generator = params.generator()
@@ -64,27 +52,17 @@ class Sequence:
         """Ask the engine to stop this sequence at its next step (safe from any thread)."""
         self.cancelled.set()
 
-    def emit(self, delta: Delta) -> None:
+    def notify(self, event: str, *args) -> bool:
+        """Call the listener's `event` method; its answer (False if it broke)."""
         try:
-            self.sink(delta)
+            return bool(getattr(self.listener, event)(self.generated, *args))
         except Exception:  # a broken listener (e.g. its event loop closed) stops this sequence, not the engine
             self.cancel()
+            return False
 
-    def finish(self, reason: str, text: str = "", error: str | None = None) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
         self.finish_reason = reason
-        self.emit(Delta(text, reason, len(self.generated), error))
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters of `text` must wait: an incomplete UTF-8 character (decoded as U+FFFD) or the
-    beginning of a stop string, which must never be streamed before we know whether it completes."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    return hold
+        self.notify("on_finish", reason, error)
 
 
 def sample_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
@@ -112,8 +90,10 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Delta], None]) -> Sequence:
-        """Queue a sequence; `sink` gets its deltas from the engine thread. Raises EngineOverloaded when full."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, listener) -> Sequence:
+        """Queue a sequence; `listener` hears of its tokens from the engine thread (`on_token(generated) -> stop?`,
+        `on_progress(generated)`, `on_finish(generated, reason, error)`; `text_stream.TextStream` turns them into
+        text). Raises EngineOverloaded when full."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: it needs at least one token")
         if len(prompt_ids) + params.max_tokens > self.runtime.context_length:
@@ -121,7 +101,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                 f"of {self.runtime.context_length} tokens"
             )
-        seq = Sequence(prompt_ids, params, sink, time.monotonic() + self.request_timeout)
+        seq = Sequence(prompt_ids, params, listener, time.monotonic() + self.request_timeout)
         try:
             self.waiting.put_nowait(seq)
         except queue.Full:
@@ -143,14 +123,14 @@ class Engine:
                     state, logits = self._step(state, logits)
             except Exception as exc:  # a runtime failure ends the affected requests, never the engine
                 for seq in self.running:
-                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                    self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
                 self.running, state, logits = [], None, None
         for seq in self.running:
             self._finish(seq, "cancelled")
 
-    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.finished[reason] += 1
-        seq.finish(reason, text, error)
+        seq.finish(reason, error)
 
     def _admit(self, state, logits):
         """Prefill waiting sequences into the batch while it has room (blocks briefly when idle)."""
@@ -187,7 +167,7 @@ class Engine:
         return state, self.runtime.decode([tokens[i] for i in keep], state)
 
     def _advance(self, seq: Sequence, token: int) -> bool:
-        """Append `token` to `seq` and stream its new text; False once the sequence has finished."""
+        """Append `token` to `seq` and tell its listener; False once the sequence has finished."""
         if seq.cancelled.is_set():
             self._finish(seq, "cancelled")
             return False
@@ -195,23 +175,14 @@ class Engine:
             self._finish(seq, "timeout", error=f"generation exceeded the request timeout of {self.request_timeout:g}s")
             return False
         if token in self.runtime.eos_token_ids:
-            self._finish(seq, "stop", self._unsent(seq, self.runtime.decode_text(seq.generated)))
+            self._finish(seq, "stop")
             return False
         seq.generated.append(token)
-        text = self.runtime.decode_text(seq.generated)
-        stop_at = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=-1)
-        if stop_at >= 0:
-            self._finish(seq, "stop", self._unsent(seq, text[:stop_at]))
+        if seq.notify("on_token"):  # the layer above saw a stop (e.g. a stop string in the text)
+            self._finish(seq, "stop")
             return False
         if len(seq.generated) >= seq.params.max_tokens:
-            self._finish(seq, "length", self._unsent(seq, text))
+            self._finish(seq, "length")
             return False
-        ready = len(text) - held_back(text, seq.params.stop)
-        if ready > seq.sent_chars:
-            seq.emit(Delta(text[seq.sent_chars:ready], None, len(seq.generated)))
-            seq.sent_chars = ready
+        seq.notify("on_progress")
         return True
-
-    @staticmethod
-    def _unsent(seq: Sequence, text: str) -> str:
-        return text[seq.sent_chars:]

@@ -24,8 +24,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tinyllm_hf.inference.engine import FINISHED_OK, Delta, Engine, EngineOverloaded
+from tinyllm_hf.inference.engine import FINISHED_OK, Engine, EngineOverloaded
 from tinyllm_hf.inference.runtime import BACKENDS, SamplingParams, load_backend
+from tinyllm_hf.inference.text_stream import Delta, TextStream
 
 MAX_N = 8  # choices per request: each one is a sequence in the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -198,7 +199,8 @@ class Service:
         sequences = []
         try:
             for index, (prompt, params) in enumerate(jobs):
-                sequences.append(self.engine.submit(prompt, params, lambda delta, i=index: on_delta(i, delta)))
+                stream = TextStream(self.runtime.decode_text, params.stop, lambda delta, i=index: on_delta(i, delta))
+                sequences.append(self.engine.submit(prompt, params, stream))
         except EngineOverloaded as exc:
             for seq in sequences:
                 seq.cancel()
