@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type)
 from tinyllm_hf.data.preference import TASKS
 from tinyllm_hf.data.sft import heldout_task_records, parse_task_sizes
-from tinyllm_hf.evaluation.engine import left_pad, pad_id
+from tinyllm_hf.evaluation.engine import pad_id
+from tinyllm_hf.inference.runtime import left_pad
 from tinyllm_hf.evaluation.tasks import evaluate_tasks, normalize
 
 

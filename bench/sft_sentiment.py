@@ -18,7 +18,8 @@ import torch
 
 from tinyllm_hf.data.sft import heldout_task_records
 from tinyllm_hf.evaluation.cli import load_model
-from tinyllm_hf.evaluation.engine import left_pad, loglikelihoods, pad_id
+from tinyllm_hf.evaluation.engine import loglikelihoods, pad_id
+from tinyllm_hf.inference.runtime import left_pad
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
 
 LABELS = ("正面", "负面")

@@ -113,6 +113,18 @@ def generate(runtime, prompt_ids: list[int], params: SamplingParams, eos_token_i
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids for left-padded rows (positions start at 0 on each first token)."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, mask, positions
+
+
 @dataclasses.dataclass
 class _Batch:
     """KV cache plus a (batch, kv_len) attention mask; rows are left-padded, `positions` is each row's next position."""
@@ -191,13 +203,7 @@ class TransformersRuntime:
     def prefill(self, prompts: list[list[int]]) -> tuple[_Batch, torch.Tensor]:
         from transformers import DynamicCache
 
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, position_ids = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1
