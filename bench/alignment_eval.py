@@ -20,10 +20,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type)
-from tinyllm_hf.evaluation.engine import left_pad, pad_id
+from tinyllm_hf.evaluation.engine import pad_id
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
-from tinyllm_hf.tasks import PREFERENCE_TASKS, heldout_task_records, normalize, parse_task_sizes
+from tinyllm_hf.inference.runtime import left_pad
 from tinyllm_hf.options import parse_key_values
+from tinyllm_hf.tasks import PREFERENCE_TASKS, heldout_task_records, normalize, parse_task_sizes
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tinyllm_hf.export import drift, quantize
 from tinyllm_hf.export import gguf as gguf_export
+from tinyllm_hf.inference.model_files import missing_runtime
 
 GGUF_TYPES = ["f16", "q8_0", "q4_k_m"]
 
@@ -30,6 +31,17 @@ def build(model_dir: Path, work: Path, name: str) -> Path:
     return out
 
 
+def missing_packages(name: str) -> str | None:
+    """Why the variant `name` cannot be built and run here (a package is missing), or None."""
+    if name.startswith("gguf-"):
+        return missing_runtime("gguf")
+    try:
+        quantize.check_method(name)  # building needs more than running (the exporters)
+    except ImportError as err:
+        return str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="Tinyllm or Llama checkpoint")
@@ -38,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args, drift_args = parser.parse_known_args(argv)
     built, unavailable = [], {}
     for name in args.variants.split(","):
-        reason = drift.missing_runtime("gguf" if name.startswith("gguf-") else name)
+        reason = missing_packages(name)
         if reason:
             unavailable[name] = reason
         else:

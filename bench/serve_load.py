@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from serve_fixtures import run_uvicorn
 
-        from tinyllm_hf.inference.engine import Engine, load_backend
+        from tinyllm_hf.inference.engine import Engine
+        from tinyllm_hf.inference.runtime import load_backend
         from tinyllm_hf.inference.server import build_app
 
         backend = load_backend(args.backend, args.model, threads=args.threads)

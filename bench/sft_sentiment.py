@@ -17,7 +17,8 @@ from collections import Counter
 import torch
 
 from tinyllm_hf.evaluation.cli import load_model
-from tinyllm_hf.evaluation.engine import left_pad, loglikelihoods, pad_id
+from tinyllm_hf.evaluation.engine import loglikelihoods, pad_id
+from tinyllm_hf.inference.runtime import left_pad
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
 from tinyllm_hf.tasks import heldout_task_records
 

@@ -51,21 +51,21 @@ def build_chat_checkpoint(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-class SlowBackend:
-    """The real backend with a pause in every decode step and no EOS, so a request is reliably still running (for
+class SlowRuntime:
+    """The real runtime with a pause in every decode step and no EOS, so a request is reliably still running (for
     `max_tokens` steps) when the test acts."""
 
     eos_token_ids = frozenset()
 
-    def __init__(self, backend, delay: float = 0.05):
-        self._backend, self._delay = backend, delay
+    def __init__(self, runtime, delay: float = 0.05):
+        self._runtime, self._delay = runtime, delay
 
     def __getattr__(self, name):
-        return getattr(self._backend, name)
+        return getattr(self._runtime, name)
 
     def decode(self, tokens, state):
         time.sleep(self._delay)
-        return self._backend.decode(tokens, state)
+        return self._runtime.decode(tokens, state)
 
 
 def free_port() -> int:

@@ -19,9 +19,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio", reason='the demo needs the serve extra: pip install "tinyllm-hf[serve]"')
 httpx = pytest.importorskip("httpx")
 
-from serve_fixtures import SlowBackend, build_chat_checkpoint, free_port  # noqa: E402
+from serve_fixtures import SlowRuntime, build_chat_checkpoint, free_port  # noqa: E402
 from tinyllm_hf.inference.demo import build_demo, conversation, launch, stream_reply  # noqa: E402
-from tinyllm_hf.inference.engine import Engine, TransformersBackend  # noqa: E402
+from tinyllm_hf.inference.engine import Engine  # noqa: E402
+from tinyllm_hf.inference.runtime import TransformersRuntime  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -44,7 +45,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(checkpoint):
-    return TransformersBackend(checkpoint)
+    return TransformersRuntime.from_pretrained(checkpoint)
 
 
 class RecordingEngine(Engine):
@@ -121,7 +122,7 @@ def test_chat_in_headless_chromium(backend):
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     ARTIFACTS.mkdir(exist_ok=True)
     # A short pause per token keeps each reply streaming long enough to watch it grow and to press Stop mid-way.
-    engine = RecordingEngine(SlowBackend(backend, delay=0.02))
+    engine = RecordingEngine(SlowRuntime(backend, delay=0.02))
     demo = build_demo(engine)
     _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     bot = "#chatbot [data-testid='bot']"

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from quant_fixtures import build_tiny_llama  # noqa: E402
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export import drift, quantize  # noqa: E402
+from tinyllm_hf.inference import model_files  # noqa: E402
 
 # Sizes that keep one drift run to seconds on the tiny fixture (context 256).
 SMALL = ["--tasks", "4", "--task-tokens", "6", "--eval-chunks", "2", "--chunk-len", "32", "--gen-tokens", "8",
@@ -35,7 +36,7 @@ def run(tmp_path_factory):
     model = build_tiny_llama(root / "model")
     copy = shutil.copytree(model, root / "fp32-copy")
     variants = [copy]
-    if quantize._importable("optimum.quanto"):
+    if model_files.importable("optimum.quanto"):
         variants.append(quantize.quantize_checkpoint(model, root / "quanto-int8", "quanto-int8"))
     gguf = root / "model-f16.gguf"
     gguf.write_bytes(b"GGUF")  # never opened: its runtime is reported missing below
@@ -43,9 +44,9 @@ def run(tmp_path_factory):
     tasks_file = root / "tasks.jsonl"
     tasks_file.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in QUESTIONS), "utf-8")
 
-    real = quantize._importable
+    real = model_files.importable
     patch = pytest.MonkeyPatch()
-    patch.setattr(quantize, "_importable", lambda module: module != "llama_cpp" and real(module))
+    patch.setattr(model_files, "importable", lambda module: module != "llama_cpp" and real(module))
     argv = ["drift", "--model", str(model), "--output", str(root / "drift.md"), "--tasks-file", str(tasks_file), *SMALL]
     for variant in variants:
         argv += ["--variant", str(variant)]

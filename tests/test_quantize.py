@@ -8,25 +8,28 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export import quantize  # noqa: E402
-from tinyllm_hf.inference.runtimes import sample_next_token  # noqa: E402
+from tinyllm_hf.inference.runtime import SamplingParams, load_runtime, sample_token  # noqa: E402
 
 N_TOKENS = 16
 
 # Runs in a new interpreter: nothing from the quantizing process (patched modules, cached weights) can help it load.
 RELOAD_SCRIPT = """
 import json, sys
-from tinyllm_hf.export.quantize import load_quantized
-model, tokenizer = load_quantized(sys.argv[1], num_threads=2)
+from transformers import AutoTokenizer
+from tinyllm_hf.inference.runtime import SamplingParams, generate, load_runtime
+runtime = load_runtime(sys.argv[1], threads=2)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 prompt, reference = json.loads(sys.argv[2])
 print(json.dumps({
-    "generated": model.generate(prompt, max_new_tokens=len(reference), eos_token_id=[]),
-    "logits": model(prompt + reference).tolist(),
+    "generated": generate(runtime, prompt, SamplingParams(len(reference), temperature=0.0), eos_token_ids=()),
+    "logits": runtime.logits(prompt + reference).tolist(),
     "prompt_ids": tokenizer(tokenizer.decode(prompt)).input_ids,
 }))
 """
@@ -44,8 +47,7 @@ def source(tmp_path_factory):
 
 
 def _reference_logits(model_dir, ids):
-    model, _ = quantize.load_quantized(model_dir)
-    return model(ids)
+    return load_runtime(model_dir).logits(ids).numpy()
 
 
 @pytest.mark.parametrize(
@@ -96,7 +98,7 @@ def test_cli_rejects_bad_input_without_leaving_output(source, tmp_path, capsys, 
     fails("int3", "unknown --method 'int3'")
     fails("gptq", "needs a CUDA GPU")
     fails("bnb-int4", "BitsAndBytesConfig(load_in_4bit=True)")
-    monkeypatch.setattr(quantize, "_importable", lambda module: module != "optimum.quanto")
+    monkeypatch.setattr(quantize, "importable", lambda module: module != "optimum.quanto")
     fails("quanto-int8", 'needs optimum.quanto: pip install "tinyllm-hf[quant]"')
     monkeypatch.undo()
 
@@ -133,11 +135,15 @@ def test_existing_output_is_not_overwritten(source, tmp_path):
 
 
 def test_sampling_filters():
-    rng = np.random.default_rng(0)
-    logits = np.array([0.0, 3.0, 1.0, 2.9])
-    assert sample_next_token(logits, rng, do_sample=False, temperature=1.0, top_k=0, top_p=1.0) == 1
-    assert {sample_next_token(logits, rng, True, 1.0, top_k=1, top_p=1.0) for _ in range(20)} == {1}
-    assert {sample_next_token(logits, rng, True, 1.0, top_k=0, top_p=0.01) for _ in range(20)} == {1}
-    assert {sample_next_token(logits, rng, True, 1.0, top_k=2, top_p=1.0) for _ in range(200)} == {1, 3}
-    draws = [sample_next_token(logits, np.random.default_rng(7), True, 0.8, 0, 0.9) for _ in range(3)]
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    rng = SamplingParams(1, seed=0).generator()
+
+    def draw(generator=rng, **params):
+        return sample_token(logits, SamplingParams(1, **params), generator)
+
+    assert draw(temperature=0.0) == 1
+    assert {draw(temperature=1.0, top_k=1) for _ in range(20)} == {1}
+    assert {draw(temperature=1.0, top_p=0.01) for _ in range(20)} == {1}
+    assert {draw(temperature=1.0, top_k=2) for _ in range(200)} == {1, 3}
+    draws = [draw(SamplingParams(1, seed=7).generator(), temperature=0.8, top_p=0.9) for _ in range(3)]
     assert len(set(draws)) == 1  # same seed, same draw

@@ -16,9 +16,10 @@ pytest.importorskip("fastapi", reason='the server needs the serve extra: pip ins
 openai = pytest.importorskip("openai", reason="the API tests use the official openai client: pip install openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_fixtures import SlowBackend, build_chat_checkpoint, free_port, run_uvicorn  # noqa: E402
+from serve_fixtures import SlowRuntime, build_chat_checkpoint, free_port, run_uvicorn  # noqa: E402
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
-from tinyllm_hf.inference.engine import Engine, TransformersBackend  # noqa: E402
+from tinyllm_hf.inference.engine import Engine  # noqa: E402
+from tinyllm_hf.inference.runtime import TransformersRuntime  # noqa: E402
 from tinyllm_hf.inference.server import build_app  # noqa: E402
 
 MODEL_ID = "tiny-chat"
@@ -32,7 +33,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(checkpoint):
-    return TransformersBackend(checkpoint)
+    return TransformersRuntime.from_pretrained(checkpoint)
 
 
 @contextlib.contextmanager
@@ -249,7 +250,7 @@ def test_api_key_is_required_when_set(backend):
 
 
 def test_full_queue_answers_503_not_a_hang(backend):
-    with serving(SlowBackend(backend), max_batch_size=1, max_queue=1) as (url, engine):
+    with serving(SlowRuntime(backend), max_batch_size=1, max_queue=1) as (url, engine):
         body = {"messages": HELLO, "max_tokens": 100, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as running:
             lines = running.iter_lines()  # keep the iterator: dropping it closes the connection
@@ -267,14 +268,14 @@ def test_full_queue_answers_503_not_a_hang(backend):
 
 
 def test_long_request_of_a_connected_client_completes(backend):
-    with serving(SlowBackend(backend)) as (url, engine):
+    with serving(SlowRuntime(backend)) as (url, engine):
         response = post(url + "/v1/chat/completions", {"messages": HELLO, "max_tokens": 30})
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 30
         assert engine.finished == {"length": 1}
 
 
 def test_client_disconnect_cancels_generation(backend):
-    with serving(SlowBackend(backend), max_batch_size=4) as (url, engine):
+    with serving(SlowRuntime(backend), max_batch_size=4) as (url, engine):
         body = {"messages": HELLO, "max_tokens": 200, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
@@ -291,7 +292,7 @@ def test_client_disconnect_cancels_generation(backend):
 
 
 def test_request_timeout_gives_504_and_stream_error(backend):
-    with serving(SlowBackend(backend), request_timeout=0.5) as (url, engine):
+    with serving(SlowRuntime(backend), request_timeout=0.5) as (url, engine):
         body = {"messages": HELLO, "max_tokens": 200}
         assert_openai_error(post(url + "/v1/chat/completions", body), 504, "timeout")
         raw = post(url + "/v1/chat/completions", {**body, "stream": True})
@@ -340,19 +341,19 @@ def test_cli_rejects_a_missing_model(tmp_path, capsys):
 def _llamacpp_backend(checkpoint, tmp_path):
     pytest.importorskip("llama_cpp", reason='the llamacpp backend needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"')
     pytest.importorskip("gguf", reason='GGUF export needs the quant extra: pip install "tinyllm-hf[quant]"')
-    from tinyllm_hf.inference.engine import LlamaCppBackend
+    from tinyllm_hf.inference.runtime import LlamaCppRuntime
     from tinyllm_hf.export.gguf import export_gguf
 
-    return LlamaCppBackend(export_gguf(checkpoint, tmp_path / "model-f16.gguf", "f16"))
+    return LlamaCppRuntime(export_gguf(checkpoint, tmp_path / "model-f16.gguf", "f16"))
 
 
 def _onnx_backend(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime", reason='the onnx backend needs the quant extra: pip install "tinyllm-hf[quant]"')
     pytest.importorskip("onnxscript", reason='the onnx backend needs the quant extra: pip install "tinyllm-hf[quant]"')
-    from tinyllm_hf.inference.engine import ExportedBackend
+    from tinyllm_hf.inference.runtime import ExportedRuntime
     from tinyllm_hf.export.quantize import quantize_checkpoint
 
-    return ExportedBackend(quantize_checkpoint(checkpoint, tmp_path / "onnx", "onnx"))
+    return ExportedRuntime(quantize_checkpoint(checkpoint, tmp_path / "onnx", "onnx"))
 
 
 @pytest.mark.parametrize("make_backend", [_llamacpp_backend, _onnx_backend], ids=["llamacpp", "onnx"])

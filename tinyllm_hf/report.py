@@ -74,20 +74,16 @@ def eval_table(run: RunLayout, model_stages) -> str:
     return "\n".join(rows)
 
 
-@torch.no_grad()
 def sample_chats(model_dir: Path, prompts: list[str]) -> list[tuple[str, str]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(prompt, greedy reply with its special tokens) for each prompt, as a one-turn chat."""
+    from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, generate
 
-    import tinyllm_hf  # noqa: F401
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    runtime = TransformersRuntime.from_pretrained(model_dir)
+    greedy = SamplingParams(MAX_NEW_TOKENS, temperature=0.0)
     chats = []
     for prompt in prompts:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+        prompt_ids = runtime.encode(runtime.render_chat([{"role": "user", "content": prompt}]))
+        reply = runtime.tokenizer.decode(generate(runtime, prompt_ids, greedy), skip_special_tokens=False)
         chats.append((prompt, reply))
     return chats
 

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tinyllm_hf.errors import UsageError
+from tinyllm_hf.inference.runtime import left_pad
 
 # Used when neither the model config nor the tokenizer states a context length.
 FALLBACK_CONTEXT = 2048
@@ -51,18 +52,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         return context_ids, whole[len(context_ids) :]
     # A merge across the boundary ("春天" + "来了" -> one token): score the continuation's own tokens instead.
     return context_ids, tokenizer(continuation, add_special_tokens=False).input_ids
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position_ids for left-padded rows (positions start at 0 on each first token)."""
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, mask, positions
 
 
 def _accepts(model, name: str) -> bool:

@@ -61,6 +61,24 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
         scored_from, begin = end, begin + stride
 
 
+def score_windows(logprobs, pieces: list[tuple[list[int], int]], batch_size: int = 4, progress: bool = False):
+    """(summed negative log-likelihood, tokens scored) of `pieces`: (token ids the model reads, how many of their
+    trailing tokens are scored). `logprobs(rows, keep)` gives log-probabilities (batch, keep, vocab) at the last
+    `keep` positions of each row (e.g. `engine.last_logprobs`, or a runtime's `logits`)."""
+    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0]))
+    nll, n_tokens = 0.0, 0
+    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = [pieces[i] for i in order[start : start + batch_size]]
+        keep = max(k for _, k in batch) + 1
+        logprobs_batch = logprobs([row for row, _ in batch], keep)
+        for j, (row, k) in enumerate(batch):
+            # Positions keep-k-1 .. keep-2 (of the kept tail) predict the row's last k tokens.
+            predicted = logprobs_batch[j, keep - k - 1 : keep - 1]
+            nll -= predicted[torch.arange(k), torch.tensor(row[-k:], device=predicted.device)].sum().item()
+            n_tokens += k
+    return nll, n_tokens
+
+
 def perplexity(
     model,
     tokenizer,
@@ -87,17 +105,8 @@ def perplexity(
         pieces += [(ids[b:e], k) for b, e, k in windows(len(ids), max_length, stride)]
     if not pieces:
         raise UsageError("no text to score (all texts empty)")
-    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0]))
-    nll, n_tokens, pad = 0.0, 0, pad_id(tokenizer)
-    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = [pieces[i] for i in order[start : start + batch_size]]
-        keep = max(k for _, k in batch) + 1
-        logprobs = last_logprobs(model, [row for row, _ in batch], pad, keep)
-        for j, (row, k) in enumerate(batch):
-            # Positions keep-k-1 .. keep-2 (of the kept tail) predict the row's last k tokens.
-            predicted = logprobs[j, keep - k - 1 : keep - 1]
-            nll -= predicted[torch.arange(k), torch.tensor(row[-k:], device=predicted.device)].sum().item()
-            n_tokens += k
+    pad = pad_id(tokenizer)
+    nll, n_tokens = score_windows(lambda rows, keep: last_logprobs(model, rows, pad, keep), pieces, batch_size, progress)
     return {
         "n_texts": len(texts),
         "n_tokens": n_tokens,

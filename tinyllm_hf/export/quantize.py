@@ -12,20 +12,17 @@ Methods (all on the core transformers 5 install plus the `quant` extra, no secon
     openvino-int4  OpenVINO IR with NNCF int4 weight compression
 GPTQ, AWQ and bitsandbytes need a CUDA GPU: use them through transformers' quantization configs on a GPU machine.
 
-Every output directory holds the tokenizer, the model config and `tinyllm_quant.json`; `load_quantized(dir)` reloads
-any of them as an object with `generate(ids, ...)` (new token ids) and `__call__(ids)` (logits), for eval/chat/serve.
+Every output directory holds the tokenizer, the model config and `tinyllm_quant.json`;
+`tinyllm_hf.inference.runtime.load_runtime(dir)` runs any of them (and chat, serve and the drift table use it).
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
-
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, OutputExistsError, QuantizeError
+from tinyllm_hf.inference.model_files import QUANT_FILE, importable
 from tinyllm_hf.runs import atomic_output
 
-QUANT_FILE = "tinyllm_quant.json"
 EXPORT_PROMPT = "你好，请介绍一下你自己。"  # sample input the ONNX/OpenVINO exporters trace generation with
 
 # method -> (modules it needs, the pip extra that provides them)
@@ -59,16 +56,9 @@ def check_method(method: str) -> None:
     if method not in METHODS:
         raise QuantizeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     modules, extra = METHODS[method]
-    missing = [m for m in modules if not _importable(m)]
+    missing = [m for m in modules if not importable(m)]
     if missing:
         raise MissingDependencyError(f"--method {method} needs {', '.join(missing)}: pip install \"tinyllm-hf[{extra}]\"")
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # parent package (e.g. `optimum`) missing
-        return False
 
 
 def check_checkpoint(model_dir: Path) -> dict:
@@ -177,89 +167,3 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, method: s
         staged.mkdir()
         run_method(method, model_dir, staged)
     return output_dir
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading a variant back, with one interface for every method
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class TorchCausalLM:
-    """A transformers model behind the same `generate(ids)` / `__call__(ids)` interface as `OnnxCausalLM`."""
-
-    def __init__(self, model):
-        self.model = model.eval()
-        self.config = model.config.to_dict()
-
-    def __call__(self, input_ids: list[int]) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return self.model(torch.tensor([list(input_ids)])).logits[0].float().numpy()
-
-    def generate(
-        self,
-        input_ids: list[int],
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        seed: int | None = None,
-    ) -> list[int]:
-        import torch
-
-        if seed is not None:
-            torch.manual_seed(seed)
-        ids = torch.tensor([list(input_ids)])
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
-        eos = self.model.config.eos_token_id if eos_token_id is None else eos_token_id
-        with torch.no_grad():
-            out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                eos_token_id=eos, pad_token_id=self.model.config.pad_token_id or 0, **sampling,
-            )
-        return out[0, ids.shape[1]:].tolist()
-
-
-def load_quanto(model_dir: Path):
-    import torch
-    from optimum.quanto import requantize
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import tinyllm_hf  # noqa: F401  (registers model_type "tinyllm")
-
-    config = AutoConfig.from_pretrained(model_dir)
-    # Built on CPU (not meta) so non-persistent buffers such as RoPE's inv_freq are real; the weights are replaced.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    qmap = json.loads((model_dir / "quantization_map.json").read_text())
-    requantize(model, load_file(model_dir / "model.safetensors"), qmap, device=torch.device("cpu"))
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # requantize re-creates parameters, untying them
-    return TorchCausalLM(model)
-
-
-def load_quantized(model_dir: str | Path, num_threads: int | None = None):
-    """(model, tokenizer) for a directory written by `tinyllm quantize` (or a plain checkpoint, as fp32)."""
-    from transformers import AutoTokenizer
-
-    model_dir = Path(model_dir)
-    info_path = model_dir / QUANT_FILE
-    method = json.loads(info_path.read_text())["method"] if info_path.is_file() else None
-    if method in ("onnx", "onnx-int8"):
-        from tinyllm_hf.inference.runtimes import OnnxCausalLM
-
-        model = OnnxCausalLM.from_pretrained(model_dir, num_threads=num_threads)
-    elif method in ("openvino-int8", "openvino-int4"):
-        from tinyllm_hf.inference.runtimes import OpenVINOCausalLM
-
-        model = OpenVINOCausalLM.from_pretrained(model_dir, num_threads=num_threads)
-    elif method in ("quanto-int8", "quanto-int4"):
-        model = load_quanto(model_dir)
-    elif method is None:
-        model = TorchCausalLM(load_source(model_dir)[0])
-    else:
-        raise QuantizeError(f"{info_path}: unknown method {method!r}")
-    return model, AutoTokenizer.from_pretrained(model_dir)

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from tinyllm_hf.inference.demo import build_demo, launch
-from tinyllm_hf.inference.engine import Engine, TransformersBackend
+from tinyllm_hf.inference.engine import Engine
+from tinyllm_hf.inference.runtime import TransformersRuntime
 
 
 def model_source() -> str:
@@ -35,7 +36,7 @@ def model_dir(source: str) -> Path:
 
 def main() -> int:
     source = model_source()
-    engine = Engine(TransformersBackend(model_dir(source)))
+    engine = Engine(TransformersRuntime.from_pretrained(model_dir(source)))
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     launch(build_demo(engine, title=f"tinyllm chat: {source}"), host, port)

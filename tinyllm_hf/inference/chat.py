@@ -12,21 +12,24 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from threading import Thread
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, stream
+from tinyllm_hf.inference.text_stream import TextStream
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE
 from tinyllm_hf.trainers.merge import adapter_base
 
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /help, /exit"
 
 
-def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) from a model folder, a LoRA adapter folder (applied to its base) or a Hub id."""
+def load_chat_model(path: str, device: str | None = None, dtype: str = "float32") -> TransformersRuntime:
+    """The runtime of a model folder, a LoRA adapter folder (applied to its base) or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise MissingFileError(f"model folder not found: {path}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,22 +43,26 @@ def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         raise UsageError(f"the tokenizer in {path} has no chat template: chat needs a model trained with `tinyllm sft`")
-    return model.to(device).eval(), tokenizer
+    return TransformersRuntime(model.to(device), tokenizer)
 
 
 class ChatSession:
-    """A conversation with a model: the history, the system prompt and how replies are sampled."""
+    """A conversation with a model: the history, the system prompt and how replies are sampled.
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None, max_new_tokens: int = 256,
-                 **generation_kwargs):
-        self.model, self.tokenizer = model, tokenizer
+    `max_new_tokens=None` lets each reply use the rest of the context after its prompt; a number is a fixed budget
+    (the prompt's oldest turns are then dropped to leave room for it)."""
+
+    def __init__(self, runtime, system_prompt: str | None = None, max_new_tokens: int | None = None,
+                 sampling: SamplingParams | None = None):
+        self.runtime = runtime
         self.system_prompt = system_prompt  # None: the chat template's default system prompt
         self.max_new_tokens = max_new_tokens
-        self.generation_kwargs = generation_kwargs
+        self.sampling = sampling or SamplingParams(max_tokens=1, temperature=0.0)  # max_tokens is set per reply
         self.history: list[dict] = []
-        self.context = getattr(model.config, "max_position_embeddings", None) or 2048
-        if max_new_tokens >= self.context:
-            raise UsageError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({self.context})")
+        self.context = runtime.context_length
+        if max_new_tokens is not None and max_new_tokens >= self.context:
+            raise UsageError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({self.context}); "
+                             f"leave it out to use the rest of the context after the prompt")
 
     def reset(self, system_prompt: str | None = None) -> None:
         self.history = []
@@ -66,36 +73,40 @@ class ChatSession:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + history
 
-    def prompt_ids(self, user_text: str) -> torch.Tensor:
+    def prompt_ids(self, user_text: str) -> list[int]:
         """Token ids of the whole conversation plus `user_text`, ending with the assistant's header; the oldest
-        exchanges are dropped until the prompt leaves room for `max_new_tokens` in the context."""
+        exchanges are dropped until the prompt leaves room for the reply in the context."""
         history = [*self.history, {"role": "user", "content": user_text}]
+        room = self.max_new_tokens or 1
         while True:
-            ids = self.tokenizer.apply_chat_template(self.messages(history), add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)["input_ids"]
-            if ids.shape[1] + self.max_new_tokens <= self.context:
+            ids = self.runtime.encode(self.runtime.render_chat(self.messages(history)))
+            if len(ids) + room <= self.context:
                 self.history = history[:-1]
                 return ids
             if len(history) == 1:
-                raise UsageError(f"the message is too long: {ids.shape[1]} tokens with the system prompt, and the "
-                                 f"model's context is {self.context} (of which {self.max_new_tokens} for the reply)")
+                raise UsageError(f"the message is too long: {len(ids)} tokens with the system prompt, and the "
+                                 f"model's context is {self.context} (of which {room} for the reply)")
             history = history[2:]  # the oldest user message and its answer
 
     def stream(self, user_text: str) -> Iterator[str]:
         """Yield the reply to `user_text` in pieces as it is generated; the finished reply joins the history."""
-        input_ids = self.prompt_ids(user_text).to(self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                      max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                      pad_token_id=self.tokenizer.pad_token_id, **self.generation_kwargs)
-        thread = Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
-        thread.start()
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            yield piece
-        thread.join()
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(pieces)}]
+        prompt = self.prompt_ids(user_text)
+        budget = self.max_new_tokens or self.context - len(prompt)
+        params = SamplingParams(**{**vars(self.sampling), "max_tokens": budget})
+        pieces: list[str] = []
+        text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
+        new: list[int] = []
+        for token in stream(self.runtime, prompt, params):
+            if token in self.runtime.eos_token_ids:
+                break
+            new.append(token)
+            text.on_token(new)
+            text.on_progress(new)
+            yield from filter(None, pieces)
+            pieces.clear()
+        text.on_finish(new, "stop", None)
+        yield from filter(None, pieces)
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text.text}]
 
 
 def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], object] = None) -> int:
@@ -136,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinyllm chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder (or LoRA adapter folder, or Hub id)")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="reply length limit (default: the rest of the model's context after the prompt)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=50)
@@ -148,19 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The reply sampling the flags ask for (its max_tokens is set per reply, from the context left)."""
     if args.greedy:
-        return {"do_sample": False, "repetition_penalty": args.repetition_penalty}
-    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-            "repetition_penalty": args.repetition_penalty}
+        return SamplingParams(1, temperature=0.0, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return SamplingParams(1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model, tokenizer = load_chat_model(args.model, args.device, args.dtype)
-    session = ChatSession(model, tokenizer, args.system, args.max_new_tokens, **generation_kwargs(args))
+    runtime = load_chat_model(args.model, args.device, args.dtype)
+    session = ChatSession(runtime, args.system, args.max_new_tokens, sampling_params(args))
     return repl(session)
 
 

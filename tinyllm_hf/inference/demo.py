@@ -15,7 +15,9 @@ import queue
 import sys
 from collections.abc import Iterator
 
-from tinyllm_hf.inference.engine import BACKENDS, Engine, SamplingParams, load_backend
+from tinyllm_hf.inference.engine import Engine
+from tinyllm_hf.inference.runtime import BACKENDS, SamplingParams, load_backend
+from tinyllm_hf.inference.text_stream import TextStream
 
 TITLE = "tinyllm chat"
 
@@ -41,15 +43,15 @@ def conversation(system: str, history: list[dict], user: str) -> list[dict]:
 
 def stream_reply(engine: Engine, messages: list[dict], temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
     """The reply so far, growing token by token. Closing the generator (Stop, a closed tab) cancels the sequence."""
-    backend = engine.backend
-    prompt = backend.encode(backend.render_chat(messages))
-    budget = backend.context_length - len(prompt)
+    runtime = engine.runtime
+    prompt = runtime.encode(runtime.render_chat(messages))
+    budget = runtime.context_length - len(prompt)
     if budget <= 0:
-        yield f"[The conversation is longer than the model's context of {backend.context_length} tokens: press Clear.]"
+        yield f"[The conversation is longer than the model's context of {runtime.context_length} tokens: press Clear.]"
         return
     deltas: queue.Queue = queue.Queue()
     params = SamplingParams(max_tokens=min(int(max_tokens), budget), temperature=temperature, top_p=top_p)
-    sequence = engine.submit(prompt, params, deltas.put)
+    sequence = engine.submit(prompt, params, TextStream(runtime.decode_text, params.stop, deltas.put))
     reply = ""
     try:
         while True:
@@ -96,7 +98,7 @@ def build_demo(engine: Engine, title: str = TITLE, default_system: str | None = 
             system = gr.Textbox(default_system, label="System prompt", elem_id="system", lines=2)
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top_p")
-            max_tokens = gr.Slider(1, engine.backend.context_length, value=min(256, engine.backend.context_length),
+            max_tokens = gr.Slider(1, engine.runtime.context_length, value=min(256, engine.runtime.context_length),
                                    step=1, label="max new tokens")
 
         settings = [system, temperature, top_p, max_tokens]
@@ -137,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
-    engine = Engine(backend, max_batch_size=args.max_batch_size)
+    runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
+    engine = Engine(runtime, max_batch_size=args.max_batch_size)
     try:
         launch(build_demo(engine, title=args.title), args.host, args.port)
     finally:

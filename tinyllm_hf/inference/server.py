@@ -12,6 +12,7 @@ docs/serving.md.
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -24,14 +25,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyllm_hf.errors import APIError, EngineOverloaded
-from tinyllm_hf.inference.engine import (
-    BACKENDS,
-    FINISHED_OK,
-    Delta,
-    Engine,
-    SamplingParams,
-    load_backend,
-)
+from tinyllm_hf.inference.engine import FINISHED_OK, Engine
+from tinyllm_hf.inference.runtime import BACKENDS, SamplingParams, load_backend
+from tinyllm_hf.inference.text_stream import Delta, TextStream
 
 MAX_N = 8  # choices per request: each one is a sequence in the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -147,7 +143,7 @@ class CompletionRequest(_Common):
 class Service:
     def __init__(self, engine: Engine, model_id: str):
         self.engine = engine
-        self.backend = engine.backend
+        self.runtime = engine.runtime
         self.model_id = model_id
         self.created = int(time.time())
 
@@ -166,14 +162,14 @@ class Service:
                 raise APIError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content", code="invalid_value")
             messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
         try:
-            prompt = self.backend.render_chat(messages)
+            prompt = self.runtime.render_chat(messages)
         except Exception as exc:  # the template's own raise_exception (e.g. a system message in the middle)
             raise APIError(400, f"messages do not fit the chat template: {exc}", param="messages") from None
-        return self.backend.encode(prompt)
+        return self.runtime.encode(prompt)
 
     def sampling(self, request: _Common, prompt_len: int, default_max: int | None) -> SamplingParams:
         """Sampling settings for one prompt, checking it and the requested tokens fit the context."""
-        context = self.backend.context_length
+        context = self.runtime.context_length
         if prompt_len >= context:
             raise APIError(
                 400, f"This model's maximum context length is {context} tokens, but the prompt has {prompt_len} tokens",
@@ -188,14 +184,15 @@ class Service:
                 param="max_tokens", code="context_length_exceeded",
             )
         max_tokens = requested or min(default_max or context, context - prompt_len)
-        return SamplingParams(max_tokens, request.temperature, request.top_p, request.stop_strings(), request.seed)
+        return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(), seed=request.seed)
 
     def submit_all(self, jobs: list[tuple[list[int], SamplingParams]], on_delta) -> list:
         """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503."""
         sequences = []
         try:
             for index, (prompt, params) in enumerate(jobs):
-                sequences.append(self.engine.submit(prompt, params, lambda delta, i=index: on_delta(i, delta)))
+                stream = TextStream(self.runtime.decode_text, params.stop, lambda delta, i=index: on_delta(i, delta))
+                sequences.append(self.engine.submit(prompt, params, stream))
         except EngineOverloaded as exc:
             for seq in sequences:
                 seq.cancel()
@@ -400,7 +397,7 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None):
         if not texts or any(not text for text in texts):
             raise APIError(400, "'prompt' must be a non-empty string or list of non-empty strings", param="prompt",
                            code="invalid_value")
-        prompts = [service.backend.encode(text) for text in texts]
+        prompts = [service.runtime.encode(text) for text in texts]
         jobs = []
         for prompt in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
             params = service.sampling(body, len(prompt), default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
@@ -439,7 +436,7 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None):
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    return SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop, seed)
+    return dataclasses.replace(params, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -470,10 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
 
-    backend = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
+    runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    engine = Engine(backend, args.max_batch_size, args.max_queue, args.request_timeout)
+    engine = Engine(runtime, args.max_batch_size, args.max_queue, args.request_timeout)
     model_id = args.served_model_name or Path(args.model).name
     app = build_app(engine, model_id, args.api_key)
     print(f"tinyllm serve: {model_id} ({args.backend}) at http://{args.host}:{args.port}/v1", file=sys.stderr)

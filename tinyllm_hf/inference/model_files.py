@@ -1,0 +1,71 @@
+"""What a model path holds and what running it needs: a checkpoint directory, a `tinyllm quantize` output (named by
+its `tinyllm_quant.json`) or a GGUF file. Light on purpose (no torch), so commands can check their input first.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from tinyllm_hf.errors import MissingFileError, UsageError
+
+
+QUANT_FILE = "tinyllm_quant.json"  # written by `tinyllm quantize` into every variant: {"method": ..., "source": ...}
+# What running each kind of model needs (a `tinyllm quantize` method, "gguf", "checkpoint"), and the pip extra.
+RUNTIME_MODULES = {
+    "checkpoint": ((), None),
+    "gguf": (("llama_cpp",), "llamacpp"),
+    "onnx": (("onnxruntime",), "quant"),
+    "onnx-int8": (("onnxruntime",), "quant"),
+    "quanto-int8": (("optimum.quanto",), "quant"),
+    "quanto-int4": (("optimum.quanto",), "quant"),
+    "openvino-int8": (("openvino",), "quant"),
+    "openvino-int4": (("openvino",), "quant"),
+}
+PIP_NAMES = {"llama_cpp": "llama-cpp-python", "optimum.quanto": "optimum-quanto"}  # where they differ from the module
+
+
+def importable(module: str) -> bool:
+    """Whether `module` (dotted names allowed) can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # parent package (e.g. `optimum`) missing
+        return False
+
+
+def quantize_method(model_dir: Path) -> str | None:
+    """The `tinyllm quantize` method that wrote `model_dir`, or None for a plain checkpoint."""
+    info = model_dir / QUANT_FILE
+    if not info.is_file():
+        return None
+    method = json.loads(info.read_text("utf-8")).get("method")
+    if method not in RUNTIME_MODULES or method == "checkpoint":
+        raise UsageError(f"{info}: unknown method {method!r}")
+    return method
+
+
+def model_kind(path: str | Path, role: str = "model") -> str:
+    """"gguf", a `tinyllm quantize` method, or "checkpoint" (a plain transformers directory). `role` names the path in
+    error messages (e.g. "variant")."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{role} not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"{path}: a {role} file must be a .gguf file")
+        return "gguf"
+    method = quantize_method(path)
+    if method is not None:
+        return method
+    if (path / "config.json").is_file():
+        return "checkpoint"
+    raise UsageError(f"{path}: not a `tinyllm quantize` output, a .gguf file or a checkpoint directory")
+
+
+def missing_runtime(kind: str) -> str | None:
+    """Why a model of this kind cannot run here (a package is missing), or None."""
+    modules, extra = RUNTIME_MODULES[kind]
+    missing = [m for m in modules if not importable(m)]
+    if not missing:
+        return None
+    packages = ", ".join(PIP_NAMES.get(m, m) for m in missing)
+    return f"running a {kind} model needs {packages}: pip install \"tinyllm-hf[{extra}]\""

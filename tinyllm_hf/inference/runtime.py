@@ -1,0 +1,404 @@
+"""Running a model: one interface over every runtime a tinyllm model can be in, and one sampler.
+
+A runtime works on token ids. Each one has
+
+    context_length, eos_token_ids, max_batch_size
+    encode(text) -> ids, decode_text(ids) -> text, render_chat(messages) -> prompt text   (its own tokenizer)
+    prefill(prompts) -> (state, logits)      logits (batch, vocab): the next token of each prompt
+    decode(tokens, state) -> logits          one new token per row of the batch
+    select(state, rows) -> state, merge(a, b) -> state     (batched runtimes only: max_batch_size > 1)
+    logits(ids) -> (len, vocab) float tensor of every position, e.g. for perplexity
+
+Runtimes: `TransformersRuntime` (any checkpoint `AutoModelForCausalLM` loads, a quanto variant, or a model object
+already in memory; batched), `LlamaCppRuntime` (a GGUF file through llama-cpp-python) and `ExportedRuntime` (the ONNX
+Runtime / OpenVINO prefill + decode graphs `tinyllm quantize` writes, see `exported_graphs.py`); the last two decode one
+sequence at a time. `load_runtime(path)` picks the right one from what the path holds.
+
+`sample_tokens` is the one sampler (temperature / top_k / top_p / repetition penalty, one seeded `torch.Generator` per
+sequence); `generate` is the plain loop over one prompt (prefill, then sample and decode until EOS or the budget) for
+callers that need no batching or streaming. The batching, streaming engine of `tinyllm serve` is `engine.py`.
+"""
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
+from tinyllm_hf.inference.model_files import importable, model_kind, quantize_method
+
+BACKENDS = ("transformers", "llamacpp", "onnx")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How one sequence picks its tokens. temperature 0 means greedy; `seed=None` draws a fresh random seed.
+    `stop` strings are checked on the text by the layer above the token ids (see `engine.py`)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    repetition_penalty: float = 1.0  # transformers' rule: logits of tokens already in the sequence shrink
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def generator(self) -> torch.Generator:
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()  # non-deterministic, and leaves torch's global generator alone
+        else:
+            generator.manual_seed(self.seed)
+        return generator
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                 seen: list[int] | None = None) -> int:
+    """One token from the (vocab,) `logits` of one sequence; `seen` are its tokens so far (for the repetition penalty)."""
+    logits = logits.float().cpu()  # where the (CPU) generator draws
+    if params.repetition_penalty != 1.0 and seen:
+        index = torch.tensor(sorted(set(seen)))
+        score = logits[index]
+        logits = logits.scatter(0, index, torch.where(score < 0, score * params.repetition_penalty,
+                                                      score / params.repetition_penalty))
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(params.top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stream(runtime, prompt_ids: list[int], params: SamplingParams, eos_token_ids=None) -> Iterator[int]:
+    """Yield the new token ids of one prompt as they are sampled; an EOS token that ends it is yielded too (as
+    transformers' `generate` returns it). `eos_token_ids`: the tokens that end the sequence (default: the runtime's;
+    `()` runs the whole budget)."""
+    if not prompt_ids:
+        raise UsageError("the prompt is empty: it needs at least one token")
+    if len(prompt_ids) + params.max_tokens > runtime.context_length:
+        raise UsageError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                         f"context of {runtime.context_length} tokens")
+    eos = runtime.eos_token_ids if eos_token_ids is None else set(eos_token_ids)
+    generator = params.generator()
+    state, logits = runtime.prefill([list(prompt_ids)])
+    seen = list(prompt_ids)
+    while True:
+        token = sample_token(logits[0], params, generator, seen)
+        seen.append(token)
+        yield token
+        if token in eos or len(seen) - len(prompt_ids) >= params.max_tokens:
+            return
+        logits = runtime.decode([token], state)
+
+
+def generate(runtime, prompt_ids: list[int], params: SamplingParams, eos_token_ids=None) -> list[int]:
+    """All new token ids of one prompt (see `stream`)."""
+    return list(stream(runtime, prompt_ids, params, eos_token_ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runtimes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids for left-padded rows (positions start at 0 on each first token)."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, mask, positions
+
+
+@dataclasses.dataclass
+class _Batch:
+    """KV cache plus a (batch, kv_len) attention mask; rows are left-padded, `positions` is each row's next position."""
+
+    cache: object
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+
+def eos_ids(*candidates) -> set[int]:
+    """The EOS token ids of the first candidate that names any (an int or a list of them)."""
+    eos = next((c for c in candidates if c), None)
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+class TransformersRuntime:
+    """A transformers causal LM (Tinyllm, a merged LoRA, its Llama export, a quanto variant), batched."""
+
+    max_batch_size = 64
+
+    def __init__(self, model, tokenizer):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        self.context_length = config.max_position_embeddings
+        self.eos_token_ids = eos_ids(model.generation_config.eos_token_id, config.eos_token_id, tokenizer.eos_token_id)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.chat_template = tokenizer.chat_template
+        self.device = model.device
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import tinyllm_hf  # noqa: F401  (registers Tinyllm with the Auto classes)
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise MissingFileError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        return cls(model if device is None else model.to(device), AutoTokenizer.from_pretrained(model_dir))
+
+    @classmethod
+    def from_quanto(cls, model_dir: str | Path):
+        """A `tinyllm quantize --method quanto-*` directory: quanto's safetensors + quantization map."""
+        from optimum.quanto import requantize
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        import tinyllm_hf  # noqa: F401  (registers model_type "tinyllm")
+
+        model_dir = Path(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        # Built on CPU (not meta) so non-persistent buffers such as RoPE's inv_freq are real; the weights are replaced.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        qmap = json.loads((model_dir / "quantization_map.json").read_text())
+        requantize(model, load_file(model_dir / "model.safetensors"), qmap, device=torch.device("cpu"))
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # requantize re-creates parameters, untying them
+        return cls(model, AutoTokenizer.from_pretrained(model_dir))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()  # not inference_mode: quanto's weights cannot run under it
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([list(ids)], device=self.device)).logits[0].float().cpu()
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> tuple[_Batch, torch.Tensor]:
+        from transformers import DynamicCache
+
+        ids, mask, position_ids = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        return _Batch(out.cache, mask, mask.sum(-1)), out.logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, tokens: list[int], batch: _Batch) -> torch.Tensor:
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(tokens), 1))], dim=1)
+        out = self.model(
+            input_ids=torch.tensor(tokens, device=self.device)[:, None],
+            attention_mask=batch.mask,
+            position_ids=batch.positions[:, None],
+            cache=batch.cache,
+            use_cache=True,
+        )
+        batch.positions = batch.positions + 1
+        return out.logits[:, -1]
+
+    def select(self, batch: _Batch, rows: list[int]) -> _Batch:
+        """Keep `rows`, then drop the left columns that are now padding in every remaining row."""
+        index = torch.tensor(rows, device=self.device)
+        mask = batch.mask[index]
+        trim = int((mask.sum(0) == 0).long().cumprod(0).sum())
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[index, :, trim:]
+            layer.values = layer.values[index, :, trim:]
+        return _Batch(batch.cache, mask[:, trim:], batch.positions[index])
+
+    def merge(self, a: _Batch, b: _Batch) -> _Batch:
+        """One batch of the rows of `a` then `b`, the shorter one left-padded (zeros in the cache, 0 in the mask)."""
+        width = max(a.mask.shape[1], b.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for layer_a, layer_b in zip(a.cache.layers, b.cache.layers):
+            layer_a.keys = torch.cat([pad(layer_a.keys, 2), pad(layer_b.keys, 2)])
+            layer_a.values = torch.cat([pad(layer_a.values, 2), pad(layer_b.values, 2)])
+        mask = torch.cat([pad(a.mask, 1), pad(b.mask, 1)])
+        return _Batch(a.cache, mask, torch.cat([a.positions, b.positions]))
+
+
+class _SingleSequenceRuntime:
+    """Shared parts of the runtimes that decode one sequence at a time (the engine queues instead of batching)."""
+
+    max_batch_size = 1
+
+    def select(self, state, rows):
+        raise AssertionError("a single-sequence batch never drops rows while others continue")
+
+    def merge(self, a, b):
+        raise AssertionError("a single-sequence runtime never merges batches")
+
+    def render_chat(self, messages: list[dict]) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if not self.chat_template:
+            raise UsageError("this model has no chat template: use /v1/completions with a plain prompt")
+        rendered, _ = render_jinja_template([messages], chat_template=self.chat_template, add_generation_prompt=True)
+        return rendered[0]
+
+
+class LlamaCppRuntime(_SingleSequenceRuntime):
+    """A GGUF file (e.g. from `tinyllm export gguf`) through llama-cpp-python; tokenizer and chat template from the file.
+
+    `n_ctx=0` takes the context the file states; `all_logits=True` keeps the logits of every position (needed by
+    `logits(ids)`, e.g. for perplexity; it costs memory, so serving leaves it off)."""
+
+    def __init__(self, gguf_file: str | Path, n_threads: int | None = None, n_ctx: int = 0, all_logits: bool = False):
+        if not importable("llama_cpp"):
+            raise MissingDependencyError('running a GGUF file needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"')
+        from llama_cpp import Llama
+
+        gguf_file = Path(gguf_file)
+        if not gguf_file.is_file() or gguf_file.suffix != ".gguf":
+            raise MissingFileError(f"{gguf_file} is not a .gguf file: --backend llamacpp needs --model FILE.gguf")
+        batch = {"n_batch": n_ctx} if all_logits and n_ctx else {}  # one pass over a whole perplexity window
+        self.llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                         logits_all=all_logits, verbose=False, **batch)
+        self.context_length = self.llm.n_ctx()
+        self.eos_token_ids = {self.llm.token_eos()}
+        self.chat_template = self.llm.metadata.get("tokenizer.chat_template")
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return torch.from_numpy(self.llm.scores[: len(ids)].copy()).float()
+
+    def _last_logits(self) -> torch.Tensor:
+        # Llama.scores stays empty unless logits_all=True (which keeps logits for every position); the last
+        # position's logits are all we need, read straight from the context.
+        import llama_cpp
+        import numpy as np
+
+        pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy())[None]
+
+    def prefill(self, prompts):
+        (prompt,) = prompts
+        self.llm.reset()
+        self.llm.eval(prompt)
+        return None, self._last_logits()
+
+    def decode(self, tokens, state):
+        self.llm.eval(tokens)
+        return self._last_logits()
+
+
+class ExportedRuntime(_SingleSequenceRuntime):
+    """ONNX Runtime or OpenVINO prefill + decode graphs written by `tinyllm quantize` (graph runners in `exported_graphs.py`)."""
+
+    def __init__(self, model_dir: str | Path, num_threads: int | None = None):
+        from transformers import AutoTokenizer
+
+        from tinyllm_hf.inference.exported_graphs import OnnxGraphs, OpenVINOGraphs
+
+        model_dir = Path(model_dir)
+        method = quantize_method(model_dir)
+        if method not in ("onnx", "onnx-int8", "openvino-int8", "openvino-int4"):
+            raise UsageError(f"{model_dir} is not an ONNX or OpenVINO export from `tinyllm quantize`")
+        graphs = OnnxGraphs if method.startswith("onnx") else OpenVINOGraphs
+        self.graphs = graphs(model_dir, num_threads=num_threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = self.graphs.config
+        self.context_length = config["max_position_embeddings"]
+        self.eos_token_ids = eos_ids(config.get("eos_token_id"), self.tokenizer.eos_token_id)
+        self.chat_template = self.tokenizer.chat_template
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        return torch.from_numpy(self.graphs.step("prefill", list(ids), 0, None)[0].copy()).float()
+
+    def prefill(self, prompts):
+        (prompt,) = prompts
+        logits, cache = self.graphs.step("prefill", prompt, 0, None)
+        return [cache, len(prompt)], torch.from_numpy(logits[-1:].copy())
+
+    def decode(self, tokens, state):
+        cache, position = state
+        logits, state[0] = self.graphs.step("decode", tokens, position, cache)
+        state[1] = position + 1
+        return torch.from_numpy(logits[-1:].copy())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_runtime(path: str | Path, threads: int | None = None, dtype: str = "float32", n_ctx: int = 0,
+                 all_logits: bool = False):
+    """The runtime for `path`, whatever it holds: a checkpoint, a `tinyllm quantize` output or a .gguf file.
+    `n_ctx` and `all_logits` apply to GGUF files (see `LlamaCppRuntime`)."""
+    kind = model_kind(path)
+    if kind == "gguf":
+        return LlamaCppRuntime(path, n_threads=threads, n_ctx=n_ctx, all_logits=all_logits)
+    if kind == "checkpoint":
+        return TransformersRuntime.from_pretrained(path, dtype=dtype)
+    if kind.startswith("quanto"):
+        return TransformersRuntime.from_quanto(path)
+    return ExportedRuntime(path, num_threads=threads)
+
+
+def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: int | None = None):
+    """The runtime `name` (`tinyllm serve --backend`) for `model`: a checkpoint directory, a .gguf file, or a `tinyllm
+    quantize` output.
+
+    `threads` sets the CPU threads of one decode step (None: the runtime's default). A small model gains nothing from
+    more than one at batch sizes this small, and on an oversubscribed machine each multi-threaded op can wait ~20 ms
+    for a descheduled thread (docs/serving.md), so `--threads 1` is the safe choice for small models on shared CPUs.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if name == "transformers":
+        return TransformersRuntime.from_pretrained(model, dtype=dtype)
+    if name == "llamacpp":
+        return LlamaCppRuntime(model, n_threads=threads)
+    if name == "onnx":
+        return ExportedRuntime(model, num_threads=threads)
+    raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
