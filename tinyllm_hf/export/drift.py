@@ -31,12 +31,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tinyllm_hf.errors import MissingFileError, UsageError
-from tinyllm_hf.evaluation.perplexity import score_windows
 from tinyllm_hf.inference.model_files import missing_runtime, model_kind
-from tinyllm_hf.inference.runtime import SamplingParams, generate, load_runtime
+
+# torch and the runtime are imported where they are used, so `tinyllm quantize drift --help` stays light.
 
 PROMPTS = ["我正在写这本书的心得", "这本书太好了，", "人际关系的交际技巧", "今天天气很好，我们"]
 REFERENCE = "fp32"
@@ -72,6 +71,8 @@ def size_mib(path: Path) -> float:
 
 def load_variant(path: Path, n_ctx: int, threads: int):
     """The runtime of one variant; a GGUF file keeps every position's logits (for perplexity) over `n_ctx` tokens."""
+    from tinyllm_hf.inference.runtime import load_runtime
+
     return load_runtime(path, threads=threads, n_ctx=n_ctx, all_logits=True)
 
 
@@ -145,6 +146,10 @@ def question_prompts(tokenizer, records: list[dict], max_prompt_len: int) -> lis
 
 def chunk_perplexity(runtime, chunks: list[list[int]]) -> float:
     """Perplexity of every token of each chunk after its first (`evaluation.perplexity`'s scoring, one chunk a pass)."""
+    import torch
+
+    from tinyllm_hf.evaluation.perplexity import score_windows
+
     def logprobs(rows, keep):
         (row,) = rows
         # float64, as the table prints perplexity to 3 decimals: float32 sums move its last digit
@@ -155,6 +160,8 @@ def chunk_perplexity(runtime, chunks: list[list[int]]) -> float:
 
 
 def greedy(runtime, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=None) -> list[int]:
+    from tinyllm_hf.inference.runtime import SamplingParams, generate
+
     return generate(runtime, prompt_ids, SamplingParams(max_new_tokens, temperature=0.0), eos_token_ids)
 
 
@@ -218,12 +225,13 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
                   unavailable: dict[str, str] | None = None) -> dict:
     """Every variant measured against `model_dir` in fp32: a JSON-ready dict with one row per variant.
     `unavailable`: {name: reason} of variants that could not even be built here, listed as skipped."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     settings = settings or DriftSettings()
     model_dir, paths = Path(model_dir), [Path(v) for v in variants]
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
+        raise MissingFileError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
     names = variant_names(paths)
     kinds = [model_kind(p, "variant") for p in paths]  # every path checked before the minutes of measuring start
     if settings.eval_text is None:
@@ -349,9 +357,3 @@ def main(argv: list[str] | None = None, unavailable: dict[str, str] | None = Non
     print(to_markdown(result))
     print(f"wrote {output} and {json_path}")
     return 0
-
-
-if __name__ == "__main__":
-    from tinyllm_hf.cli import run_command
-
-    sys.exit(run_command("tinyllm quantize drift", main))

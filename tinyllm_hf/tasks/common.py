@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tinyllm_hf.data.corpus import stable_fraction
 from tinyllm_hf.data.records import record_id, split_records
+from tinyllm_hf.errors import UsageError
 
 SPLITS = ("train", "heldout")
 
@@ -133,7 +134,7 @@ class Task:
         try:
             return self.questions[0].format(**fields)
         except KeyError as err:
-            raise ValueError(f"task {self.name}'s question needs the field {err.args[0]!r} "
+            raise UsageError(f"task {self.name}'s question needs the field {err.args[0]!r} "
                              f"(wording: {self.questions[0]!r})") from None
 
     def conversation(self, record: dict) -> list[dict] | None:

@@ -424,13 +424,29 @@ def add_callback_first(trainer, callback: TrainerCallback) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, reference: dict[str, float] | None = None) -> Path:
-    """Training and evaluation loss against step as a PNG; `reference` draws labelled horizontal lines."""
+def headless_pyplot():
+    """matplotlib's pyplot on the Agg backend: training machines have no display."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on training machines
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG at `path` (folders made as needed) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    headless_pyplot().close(fig)
+    return path
+
+
+def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, reference: dict[str, float] | None = None) -> Path:
+    """Training and evaluation loss against step as a PNG; `reference` draws labelled horizontal lines."""
+    plt = headless_pyplot()
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -445,12 +461,7 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, reference:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 class LossCurveCallback(TrainerCallback):

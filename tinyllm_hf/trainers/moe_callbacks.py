@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tinyllm_hf.trainers.common import logger
+from tinyllm_hf.trainers.common import headless_pyplot, logger, save_figure
 
 
 def max_over_mean(counts: list[list[float]]) -> float:
@@ -28,11 +28,9 @@ def max_over_mean(counts: list[list[float]]) -> float:
 
 def plot_expert_load(history: list[dict], path: str | os.PathLike) -> Path:
     """Two panels: max/mean load per logging step, and a heat map of each expert's token share per MoE layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = headless_pyplot()
 
     totals = np.sum([entry["expert_counts"] for entry in history], axis=0)  # (moe_layers, experts)
     shares = totals / totals.sum(axis=1, keepdims=True)
@@ -47,12 +45,7 @@ def plot_expert_load(history: list[dict], path: str | os.PathLike) -> Path:
     heat.set_ylabel("MoE layer")
     heat.set_title(f"token share over the run (uniform = {1 / shares.shape[1]:.3f})", fontsize=9)
     fig.colorbar(image, ax=heat)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 class MoeLoadCallback(TrainerCallback):
