@@ -24,14 +24,13 @@ from tinyllm_hf.errors import (
 REPO = Path(__file__).resolve().parents[1]
 
 # Commands whose --help still imports torch, and why. The training stages build their help from TRL's and
-# transformers' config dataclasses, whose modules import torch; the others import it at the top of their module.
+# transformers' config dataclasses, whose modules import torch (transformers.training_args does whenever torch is
+# installed); eval's parser module imports the scoring code at its top.
 HELP_IMPORTS_TORCH = {
     "pretrain": "TrainingArguments (transformers.training_args imports torch)",
     "sft": "trl.SFTConfig", "dpo": "trl.DPOConfig", "reward": "trl.RewardConfig", "grpo": "trl.GRPOConfig",
     "rloo": "trl.RLOOConfig", "kto": "trl.KTOConfig", "orpo": "trl.experimental ORPOConfig",
-    "merge": "trainers/merge.py imports torch", "eval": "evaluation/__init__ -> mc -> engine imports torch",
-    "chat": "inference/chat.py imports torch", "serve": "inference/engine.py imports torch",
-    "demo": "inference/engine.py imports torch", "push": "hub/push.py imports torch",
+    "eval": "evaluation/cli.py -> mc.py -> evaluation/engine.py imports torch",
 }
 HELP_ARGV = [[]] + [[name] for name in cli.COMMANDS] + [
     ["tokenizer", "train"], ["tokenizer", "extend"], ["export", "llama"], ["export", "qwen2-moe"], ["export", "gguf"],

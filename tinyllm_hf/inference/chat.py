@@ -12,23 +12,28 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tinyllm_hf.errors import MissingFileError, UsageError
-from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, stream
 from tinyllm_hf.inference.text_stream import TextStream
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE
 from tinyllm_hf.trainers.merge import adapter_base
 
+# inference.runtime imports torch: it is imported in the functions that run the model, so that `tinyllm chat --help`
+# answers without loading torch.
+if TYPE_CHECKING:
+    from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime
+
 HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /help, /exit"
 
 
-def load_chat_model(path: str, device: str | None = None, dtype: str = "float32") -> TransformersRuntime:
+def load_chat_model(path: str, device: str | None = None, dtype: str = "float32") -> "TransformersRuntime":
     """The runtime of a model folder, a LoRA adapter folder (applied to its base) or a Hub id."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+    from tinyllm_hf.inference.runtime import TransformersRuntime
 
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise MissingFileError(f"model folder not found: {path}")
@@ -53,7 +58,9 @@ class ChatSession:
     (the prompt's oldest turns are then dropped to leave room for it)."""
 
     def __init__(self, runtime, system_prompt: str | None = None, max_new_tokens: int | None = None,
-                 sampling: SamplingParams | None = None):
+                 sampling: "SamplingParams | None" = None):
+        from tinyllm_hf.inference.runtime import SamplingParams
+
         self.runtime = runtime
         self.system_prompt = system_prompt  # None: the chat template's default system prompt
         self.max_new_tokens = max_new_tokens
@@ -90,6 +97,8 @@ class ChatSession:
 
     def stream(self, user_text: str) -> Iterator[str]:
         """Yield the reply to `user_text` in pieces as it is generated; the finished reply joins the history."""
+        from tinyllm_hf.inference.runtime import SamplingParams, stream
+
         prompt = self.prompt_ids(user_text)
         budget = self.max_new_tokens or self.context - len(prompt)
         params = SamplingParams(**{**vars(self.sampling), "max_tokens": budget})
@@ -160,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
+def sampling_params(args: argparse.Namespace) -> "SamplingParams":
     """The reply sampling the flags ask for (its max_tokens is set per reply, from the context left)."""
+    from tinyllm_hf.inference.runtime import SamplingParams
+
     if args.greedy:
         return SamplingParams(1, temperature=0.0, repetition_penalty=args.repetition_penalty, seed=args.seed)
     return SamplingParams(1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

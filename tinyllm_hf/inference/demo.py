@@ -14,10 +14,15 @@ import os
 import queue
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from tinyllm_hf.inference.engine import Engine
-from tinyllm_hf.inference.runtime import BACKENDS, SamplingParams, load_backend
+from tinyllm_hf.inference.model_files import BACKENDS
 from tinyllm_hf.inference.text_stream import TextStream
+
+# engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm demo
+# --help` answers without loading torch.
+if TYPE_CHECKING:
+    from tinyllm_hf.inference.engine import Engine
 
 TITLE = "tinyllm chat"
 
@@ -41,8 +46,10 @@ def conversation(system: str, history: list[dict], user: str) -> list[dict]:
     return messages + [{"role": "user", "content": user}]
 
 
-def stream_reply(engine: Engine, messages: list[dict], temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
+def stream_reply(engine: "Engine", messages: list[dict], temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
     """The reply so far, growing token by token. Closing the generator (Stop, a closed tab) cancels the sequence."""
+    from tinyllm_hf.inference.runtime import SamplingParams
+
     runtime = engine.runtime
     prompt = runtime.encode(runtime.render_chat(messages))
     budget = runtime.context_length - len(prompt)
@@ -68,7 +75,7 @@ def stream_reply(engine: Engine, messages: list[dict], temperature: float, top_p
         sequence.cancel()
 
 
-def build_demo(engine: Engine, title: str = TITLE, default_system: str | None = None):
+def build_demo(engine: "Engine", title: str = TITLE, default_system: str | None = None):
     import gradio as gr
 
     if default_system is None:
@@ -138,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tinyllm_hf.inference.engine import Engine
+    from tinyllm_hf.inference.runtime import load_backend
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     engine = Engine(runtime, max_batch_size=args.max_batch_size)

@@ -22,6 +22,9 @@ RUNTIME_MODULES = {
     "openvino-int4": (("openvino",), "quant"),
 }
 PIP_NAMES = {"llama_cpp": "llama-cpp-python", "optimum.quanto": "optimum-quanto"}  # where they differ from the module
+# The runtimes `--backend` of `tinyllm serve` and `tinyllm demo` names (runtime.load_backend); here, not in runtime.py,
+# so their parsers (and `--help`) need no torch.
+BACKENDS = ("transformers", "llamacpp", "onnx")
 
 
 def importable(module: str) -> bool:

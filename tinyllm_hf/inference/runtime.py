@@ -27,9 +27,7 @@ from pathlib import Path
 import torch
 
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
-from tinyllm_hf.inference.model_files import importable, model_kind, quantize_method
-
-BACKENDS = ("transformers", "llamacpp", "onnx")
+from tinyllm_hf.inference.model_files import BACKENDS, importable, model_kind, quantize_method
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -20,14 +20,19 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyllm_hf.errors import APIError, EngineOverloaded
-from tinyllm_hf.inference.engine import FINISHED_OK, Engine
-from tinyllm_hf.inference.runtime import BACKENDS, SamplingParams, load_backend
+from tinyllm_hf.inference.model_files import BACKENDS
 from tinyllm_hf.inference.text_stream import Delta, TextStream
+
+# engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm serve
+# --help` answers without loading torch.
+if TYPE_CHECKING:
+    from tinyllm_hf.inference.engine import Engine
+    from tinyllm_hf.inference.runtime import SamplingParams
 
 MAX_N = 8  # choices per request: each one is a sequence in the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -141,7 +146,7 @@ class CompletionRequest(_Common):
 
 
 class Service:
-    def __init__(self, engine: Engine, model_id: str):
+    def __init__(self, engine: "Engine", model_id: str):
         self.engine = engine
         self.runtime = engine.runtime
         self.model_id = model_id
@@ -167,8 +172,10 @@ class Service:
             raise APIError(400, f"messages do not fit the chat template: {exc}", param="messages") from None
         return self.runtime.encode(prompt)
 
-    def sampling(self, request: _Common, prompt_len: int, default_max: int | None) -> SamplingParams:
+    def sampling(self, request: _Common, prompt_len: int, default_max: int | None) -> "SamplingParams":
         """Sampling settings for one prompt, checking it and the requested tokens fit the context."""
+        from tinyllm_hf.inference.runtime import SamplingParams
+
         context = self.runtime.context_length
         if prompt_len >= context:
             raise APIError(
@@ -186,7 +193,7 @@ class Service:
         max_tokens = requested or min(default_max or context, context - prompt_len)
         return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(), seed=request.seed)
 
-    def submit_all(self, jobs: list[tuple[list[int], SamplingParams]], on_delta) -> list:
+    def submit_all(self, jobs: list[tuple[list[int], "SamplingParams"]], on_delta) -> list:
         """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503."""
         sequences = []
         try:
@@ -213,6 +220,8 @@ def abort_error(delta: Delta) -> APIError:
 
 async def collect(service: Service, request, jobs, disconnect_check: float = 0.5):
     """Run `jobs` to completion: (texts, finish_reasons, completion_tokens). Cancels them if the client goes away."""
+    from tinyllm_hf.inference.engine import FINISHED_OK
+
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)))
@@ -243,6 +252,8 @@ async def collect(service: Service, request, jobs, disconnect_check: float = 0.5
 async def stream_events(service: Service, jobs, make_chunk, usage_chunk):
     """SSE lines for `jobs`: one chunk per delta, then usage (if asked) and `data: [DONE]`. Cancelling the generator
     (Starlette does when the client disconnects) cancels the sequences."""
+    from tinyllm_hf.inference.engine import FINISHED_OK
+
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)))
@@ -292,7 +303,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build_app(engine: Engine, model_id: str, api_key: str | None = None):
+def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
     from fastapi import APIRouter, Depends, FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -435,7 +446,7 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None):
     return app
 
 
-def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+def _with_seed(params: "SamplingParams", seed: int | None) -> "SamplingParams":
     return dataclasses.replace(params, seed=seed)
 
 
@@ -466,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
+
+    from tinyllm_hf.inference.engine import Engine
+    from tinyllm_hf.inference.runtime import load_backend
 
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -12,11 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.model_utils import check_local_path, get_model, get_tokenizer
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, atomic_output
-from tinyllm_hf.tokenizer.train import check_output_dir, write_portable_tokenizer_config
 
-from tinyllm_hf.errors import MissingFileError, UsageError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -36,6 +35,10 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
 
     Merging runs in `dtype` (float32 by default: merging in half precision rounds the sum of base and update)."""
     from peft import PeftModel
+
+    # Here, not at the top: the tokenizer package loads transformers' AutoTokenizer, which imports torch, and
+    # `tinyllm merge --help` (and `tinyllm chat`, for `adapter_base`) should not wait for it.
+    from tinyllm_hf.tokenizer.train import check_output_dir, write_portable_tokenizer_config
 
     adapter_dir = Path(adapter_dir)
     base = base or adapter_base(adapter_dir)
