@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.errors import UsageError
 from tinyllm_hf.inference.text_stream import TextStream
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE
 from tinyllm_hf.trainers.merge import adapter_base
@@ -30,24 +30,19 @@ HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, ne
 def load_chat_model(path: str, device: str | None = None, dtype: str = "float32") -> "TransformersRuntime":
     """The runtime of a model folder, a LoRA adapter folder (applied to its base) or a Hub id."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
     from tinyllm_hf.inference.runtime import TransformersRuntime
+    from tinyllm_hf.model_utils import check_local_path, get_model, get_tokenizer
 
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise MissingFileError(f"model folder not found: {path}")
+    check_local_path(path)
+    tokenizer = get_tokenizer(path, needs_chat_template=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(path) / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(adapter_base(Path(path)), dtype=getattr(torch, dtype))
-        model = PeftModel.from_pretrained(base, path)
+        model = PeftModel.from_pretrained(get_model(adapter_base(Path(path)), dtype=dtype), path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if not tokenizer.chat_template:
-        raise UsageError(f"the tokenizer in {path} has no chat template: chat needs a model trained with `tinyllm sft`")
+        model = get_model(path, dtype=dtype)
     return TransformersRuntime(model.to(device), tokenizer)
 
 

@@ -156,15 +156,13 @@ class TransformersRuntime:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        import tinyllm_hf  # noqa: F401  (registers Tinyllm with the Auto classes)
+        from tinyllm_hf.model_utils import get_model, get_tokenizer
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise MissingFileError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        return cls(model if device is None else model.to(device), AutoTokenizer.from_pretrained(model_dir))
+        model = get_model(str(model_dir), dtype=dtype)
+        return cls(model if device is None else model.to(device), get_tokenizer(str(model_dir)))
 
     @classmethod
     def from_quanto(cls, model_dir: str | Path):
