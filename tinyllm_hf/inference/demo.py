@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from tinyllm_hf.inference.model_files import BACKENDS
+from tinyllm_hf.inference.model_files import add_runtime_arguments
 from tinyllm_hf.inference.text_stream import TextStream
 
 # engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm demo
@@ -132,13 +132,8 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = 7860, **kwargs):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyllm demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory, .gguf file (llamacpp) or export (onnx)")
-    parser.add_argument("--backend", choices=BACKENDS, default="transformers")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the demo to the network")
+    add_runtime_arguments(parser, "the demo")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, help="CPU threads per decode step (default: the runtime's)")
-    parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--title", default=TITLE)
     return parser
 

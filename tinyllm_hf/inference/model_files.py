@@ -1,5 +1,6 @@
 """What a model path holds and what running it needs: a checkpoint directory, a `tinyllm quantize` output (named by
-its `tinyllm_quant.json`) or a GGUF file. Light on purpose (no torch), so commands can check their input first.
+its `tinyllm_quant.json`) or a GGUF file, the backends that run them, and the command-line options that choose one.
+Light on purpose (no torch), so commands can check their input, and print their help, before loading anything.
 """
 
 import importlib.util
@@ -25,6 +26,19 @@ PIP_NAMES = {"llama_cpp": "llama-cpp-python", "optimum.quanto": "optimum-quanto"
 # The runtimes `--backend` of `tinyllm serve` and `tinyllm demo` names (runtime.load_backend); here, not in runtime.py,
 # so their parsers (and `--help`) need no torch.
 BACKENDS = ("transformers", "llamacpp", "onnx")
+
+
+def add_runtime_arguments(parser, what: str) -> None:
+    """The options every front end that runs a model shares (`tinyllm serve`, `tinyllm demo`): which model, on which
+    backend, in which dtype, with how many threads, and where `what` (the server, the demo) listens."""
+    parser.add_argument("--model", required=True, help="checkpoint directory, .gguf file (llamacpp) or export (onnx)")
+    parser.add_argument("--backend", choices=BACKENDS, default="transformers")
+    parser.add_argument("--host", default="127.0.0.1", help=f"address to bind; 0.0.0.0 exposes {what} to the network")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype for the transformers backend")
+    parser.add_argument("--threads", type=int, help="CPU threads per decode step (default: the runtime's; 1 suits small "
+                        "models on busy machines, see docs/serving.md)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
 
 
 def importable(module: str) -> bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyllm_hf.errors import APIError, EngineOverloaded
-from tinyllm_hf.inference.model_files import BACKENDS
+from tinyllm_hf.inference.model_files import add_runtime_arguments
 from tinyllm_hf.inference.text_stream import Delta, TextStream
 
 # engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm serve
@@ -457,18 +457,11 @@ def _with_seed(params: "SamplingParams", seed: int | None) -> "SamplingParams":
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyllm serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory, .gguf file (llamacpp) or export (onnx)")
-    parser.add_argument("--backend", choices=BACKENDS, default="transformers")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    add_runtime_arguments(parser, "the server")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("TINYLLM_API_KEY"),
                         help="require `Authorization: Bearer KEY` (default: $TINYLLM_API_KEY, else no key)")
     parser.add_argument("--served-model-name", help="model id clients send (default: the --model file or folder name)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype for the transformers backend")
-    parser.add_argument("--threads", type=int, help="CPU threads per decode step (default: the runtime's; 1 suits small "
-                        "models on busy machines, see docs/serving.md)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is abandoned")
     return parser
