@@ -136,9 +136,13 @@ class _Batch:
 
 
 def eos_ids(*candidates) -> set[int]:
-    """The EOS token ids of the first candidate that names any (an int or a list of them)."""
-    eos = next((c for c in candidates if c), None)
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
+    """The EOS token ids of the first candidate that names any (an int or a list of them). Id 0 counts: it is
+    `<|endoftext|>` in tinyllm's tokenizers."""
+    for candidate in candidates:
+        ids = set(candidate if isinstance(candidate, list) else [candidate]) - {None}
+        if ids:
+            return ids
+    return set()
 
 
 class TransformersRuntime:
