@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type)
 from tinyllm_hf.evaluation.engine import pad_id
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
-from tinyllm_hf.inference.runtime import left_pad
+from tinyllm_hf.inference.runtime import TransformersRuntime, left_pad
 from tinyllm_hf.options import parse_key_values
 from tinyllm_hf.tasks import PREFERENCE_TASKS, heldout_task_records, normalize, parse_task_sizes
 
@@ -67,7 +67,8 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         start = time.perf_counter()
-        scores = evaluate_tasks(model, tokenizer, records, max_new_tokens=args.max_new_tokens, progress=False)
+        scores = evaluate_tasks(TransformersRuntime(model, tokenizer), records, max_new_tokens=args.max_new_tokens,
+                                progress=False)
         entry = {
             "path": path,
             "accuracy": scores["accuracy"],

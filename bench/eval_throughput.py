@@ -25,6 +25,7 @@ from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
 from tinyllm_hf.evaluation.benchmarks import LETTERS, TARGET_DELIMITER, load_local
 from tinyllm_hf.evaluation.engine import loglikelihoods
 from tinyllm_hf.evaluation.mc import evaluate_multiple_choice, ppl_prompts
+from tinyllm_hf.inference.runtime import TransformersRuntime
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 DEFAULT_CEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "ceval"
@@ -69,15 +70,16 @@ def main():
     torch.manual_seed(0)
     config = TinyllmConfig.from_preset(args.preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     model = TinyllmForCausalLM(config).eval()
+    runtime = TransformersRuntime(model, tokenizer)
 
     bench.questions = {s: qs[: args.limit] for s, qs in bench.questions.items()}
     questions = [q for qs in bench.questions.values() for q in qs]
     prompts = ppl_prompts(bench, questions, args.shots, tokenizer, config.max_position_embeddings)
     runs = {
         "per option": lambda: per_option(model, tokenizer, prompts),
-        "per question": lambda: evaluate_multiple_choice(model, tokenizer, bench, "ppl", args.shots, 1, progress=False),
+        "per question": lambda: evaluate_multiple_choice(runtime, bench, "ppl", args.shots, 1, progress=False),
         f"batched ({args.batch_size})": lambda: evaluate_multiple_choice(
-            model, tokenizer, bench, "ppl", args.shots, args.batch_size, progress=False
+            runtime, bench, "ppl", args.shots, args.batch_size, progress=False
         ),
     }
     times = {name: [] for name in runs}

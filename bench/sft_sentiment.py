@@ -18,7 +18,7 @@ import torch
 
 from tinyllm_hf.evaluation.cli import load_model
 from tinyllm_hf.evaluation.engine import loglikelihoods, pad_id
-from tinyllm_hf.inference.runtime import left_pad
+from tinyllm_hf.inference.runtime import TransformersRuntime, left_pad
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
 from tinyllm_hf.tasks import heldout_task_records
 
@@ -42,7 +42,7 @@ def measure(model_dir: str, records: list[dict], max_new_tokens: int) -> dict:
     prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
                for r in records]
     gold = [r["messages"][-1]["content"] for r in records]
-    gen = evaluate_tasks(model, tokenizer, records, max_new_tokens=max_new_tokens, progress=False)
+    gen = evaluate_tasks(TransformersRuntime(model, tokenizer), records, max_new_tokens=max_new_tokens, progress=False)
     scores = loglikelihoods(model, tokenizer, [(p, label) for p in prompts for label in LABELS])
     picked = [LABELS[max(range(len(LABELS)), key=lambda j: scores[i * len(LABELS) + j])] for i in range(len(prompts))]
     stops = stopped_at_eos(model, tokenizer, prompts, max_new_tokens)

@@ -24,6 +24,7 @@ from tinyllm_hf.evaluation.mc import evaluate_multiple_choice, parse_letter, sco
 from tinyllm_hf.evaluation.perplexity import load_texts, perplexity, windows
 from tinyllm_hf.evaluation.results import load_results, make_results, results_table, save_results
 from tinyllm_hf.evaluation.tasks import evaluate_tasks
+from tinyllm_hf.inference.runtime import TransformersRuntime
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(
@@ -125,7 +126,16 @@ class FakeLM(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
         self.tokenizer, self.choose = tokenizer, choose
-        self.config = SimpleNamespace(max_position_embeddings=context)
+        # A real config (one layer) lets TransformersRuntime build its KV cache for the model.
+        self.config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+            max_position_embeddings=context, eos_token_id=tokenizer.eos_token_id,
+        )
+        self.generation_config = SimpleNamespace(eos_token_id=None)
+
+    @property
+    def device(self):
+        return self.anchor.device
 
     def forward(self, input_ids, attention_mask=None, **_):
         logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
@@ -197,7 +207,7 @@ def test_unlabelled_split_is_reported_unscored(tmp_path, tokenizer):
     bench = load_local("ceval", tmp_path, "test")
     assert not bench.scored
     model = FakeLM(tokenizer, lambda text: letter_token(tokenizer, "D"))
-    result = evaluate_multiple_choice(model, tokenizer, bench, progress=False)
+    result = evaluate_multiple_choice(TransformersRuntime(model, tokenizer), bench, progress=False)
     assert result["accuracy"] is None and result["scored"] is False and result["n"] == 2
     assert result["predictions"] == {"law": {"0": "D", "1": "D"}}  # C-Eval's submission format
 
@@ -244,7 +254,7 @@ def test_batched_loglikelihoods_equal_one_by_one(architecture, tokenizer):
 def test_oracle_model_scores_100_percent(tokenizer):
     bench = toy_benchmark()
     model = FakeLM(tokenizer, oracle(tokenizer, bench.questions["toy"]))
-    result = evaluate_multiple_choice(model, tokenizer, bench, "ppl", shots=2, batch_size=3, progress=False)
+    result = evaluate_multiple_choice(TransformersRuntime(model, tokenizer), bench, "ppl", shots=2, batch_size=3, progress=False)
     assert result["accuracy"] == 1.0 and result["n"] == 10 and result["mean_shots"] == 2
     assert result["per_subject"]["toy"]["accuracy"] == 1.0 and result["per_category"]["STEM"]["accuracy"] == 1.0
 
@@ -253,7 +263,7 @@ def test_oracle_model_scores_100_percent(tokenizer):
 def test_constant_model_scores_the_share_of_its_letter(tokenizer):
     bench = load_local("ceval", FIXTURES / "ceval", "val")
     model = FakeLM(tokenizer, lambda text: letter_token(tokenizer, "C"))
-    result = evaluate_multiple_choice(model, tokenizer, bench, "ppl", batch_size=8, progress=False)
+    result = evaluate_multiple_choice(TransformersRuntime(model, tokenizer), bench, "ppl", batch_size=8, progress=False)
     answers = [q.answer for qs in bench.questions.values() for q in qs]
     assert result["accuracy"] == pytest.approx(answers.count("C") / len(answers))
     for subject, qs in bench.questions.items():
@@ -292,64 +302,118 @@ def test_parse_letter(reply, letter):
 
 
 class FakeChatLM(FakeLM):
-    """`generate` appends a fixed reply for the question in the last user turn (styles vary to exercise the parser)."""
+    """Greedily answers the question in the last user turn with a fixed reply, then EOS (styles vary to exercise the
+    parser). It runs on TransformersRuntime: its KV cache holds each position's token id (keys) and whether it came
+    with the prompt (values), so each step sees every row's prompt and reply so far, however the runtime pads, drops
+    and merges rows."""
 
     STYLES = ("答案是{}", "{}.", "({})", "选 {}", "正确答案：{}")
 
-    def __init__(self, tokenizer, questions, reply=None):
-        super().__init__(tokenizer, choose=lambda text: 0)
+    def __init__(self, tokenizer, questions, reply=None, context=4096):
+        super().__init__(tokenizer, choose=lambda text: 0, context=context)
         self.questions, self.reply = questions, reply
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
-        rows = []
-        for row, mask in zip(input_ids, attention_mask):
-            last_user = self.tokenizer.decode(row[mask.bool()]).rsplit("<|user|>\n", 1)[1]
-            i, q = next((i, q) for i, q in enumerate(self.questions) if format_question(q) in last_user)
-            text = self.reply or self.STYLES[i % len(self.STYLES)].format(q.answer)
-            new = self.tokenizer(text).input_ids + [self.tokenizer.eos_token_id]
-            rows.append(torch.cat([row, torch.tensor(new[:max_new_tokens])]))
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        return torch.stack([torch.cat([r, torch.full((width - len(r),), pad)]) for r in rows])
+    def reply_to(self, prompt: str) -> str:
+        if self.reply:
+            return self.reply
+        last_user = prompt.rsplit("<|user|>\n", 1)[1]
+        i, q = next((i, q) for i, q in enumerate(self.questions) if format_question(q) in last_user)
+        return self.STYLES[i % len(self.STYLES)].format(q.answer)
+
+    def forward(self, input_ids, attention_mask, cache, **_):
+        from_prompt = torch.full(input_ids.shape, float(cache.get_seq_length() == 0))  # the first call is the prefill
+        keys, values = cache.update(input_ids[:, None, :, None].float(), from_prompt[:, None, :, None], 0)
+        ids, in_prompt = keys[:, 0, :, 0], values[:, 0, :, 0]
+        logits = torch.zeros(len(input_ids), 1, len(self.tokenizer))
+        for i, (row, prompt_part, mask) in enumerate(zip(ids.long(), in_prompt.bool(), attention_mask.bool())):
+            prompt, generated = row[mask & prompt_part], row[mask & ~prompt_part]
+            reply = self.tokenizer(self.reply_to(self.tokenizer.decode(prompt))).input_ids + [self.tokenizer.eos_token_id]
+            logits[i, 0, reply[min(len(generated), len(reply) - 1)]] = 10.0
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 def test_gen_mode_with_a_right_chat_model_scores_100_percent(tokenizer):
     bench = toy_benchmark()
-    model = FakeChatLM(tokenizer, bench.questions["toy"])
-    result = evaluate_multiple_choice(model, tokenizer, bench, "gen", shots=2, batch_size=4, max_new_tokens=16, progress=False)
+    runtime = TransformersRuntime(FakeChatLM(tokenizer, bench.questions["toy"]), tokenizer)
+    result = evaluate_multiple_choice(runtime, bench, "gen", shots=2, batch_size=4, max_new_tokens=16, progress=False)
     assert result["accuracy"] == 1.0 and result["unparsed"] == 0 and result["mean_shots"] == 2
 
 
 def test_gen_mode_counts_unparseable_replies(tokenizer):
     bench = toy_benchmark()
     model = FakeChatLM(tokenizer, bench.questions["toy"], reply="我不知道")
-    result = evaluate_multiple_choice(model, tokenizer, bench, "gen", progress=False)
+    result = evaluate_multiple_choice(TransformersRuntime(model, tokenizer), bench, "gen", progress=False)
     assert result["accuracy"] == 0.0 and result["unparsed"] == 10 == result["per_subject"]["toy"]["unparsed"]
 
 
-def test_gen_prompt_is_a_multi_turn_chat(tokenizer):
+def test_gen_prompt_is_a_multi_turn_chat(tokenizer, llama):
     bench = toy_benchmark(dev=2)
     q = bench.questions["toy"][0]
     messages = mc.chat_messages(bench, q, bench.dev["toy"])
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
     assert messages[0]["content"].startswith("以下是中国关于测试考试的单项选择题") and messages[1]["content"] == "A"
     assert messages[-1]["content"] == format_question(q)
-    assert mc.gen_prompt(bench, q, 2, tokenizer, 4096).text.endswith(format_question(q) + "\n<|assistant|>\n")
+    assert mc.gen_prompt(bench, q, 2, TransformersRuntime(llama, tokenizer), 4096).text.endswith(format_question(q) + "\n<|assistant|>\n")
 
 
 @pytest.mark.parametrize("architecture", ["llama", "tinyllm"])
 def test_batched_generation_equals_one_by_one(architecture, tokenizer):
-    llama = (tiny_llama if architecture == "llama" else tiny_tinyllm)(tokenizer)
+    runtime = TransformersRuntime((tiny_llama if architecture == "llama" else tiny_tinyllm)(tokenizer), tokenizer)
     prompts = ["今天天气", "学习使人进步，骄傲使人落后。他在图书馆", "春天来了"]
-    batched = greedy_generate(llama, tokenizer, prompts, max_new_tokens=8, batch_size=3)
-    single = [greedy_generate(llama, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    batched = greedy_generate(runtime, prompts, max_new_tokens=8, batch_size=3)
+    single = [greedy_generate(runtime, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
     assert batched == single and all(batched)
+
+
+def test_replies_default_to_the_rest_of_the_context(tokenizer):
+    # A reply longer than the context: without max_new_tokens each prompt gets what its own length leaves.
+    reply = "学习使人进步，骄傲使人落后。" * 40
+    reply_ids = tokenizer(reply).input_ids
+    context = 48
+    assert len(reply_ids) > context
+    runtime = TransformersRuntime(FakeChatLM(tokenizer, [], reply=reply, context=context), tokenizer)
+    prompts = ["今天天气", "学习使人进步，骄傲使人落后。他在图书馆", "春天来了"]
+    expected = [tokenizer.decode(reply_ids[: context - len(tokenizer(p).input_ids)]) for p in prompts]
+    assert greedy_generate(runtime, prompts, batch_size=2) == expected
+    assert greedy_generate(runtime, prompts, max_new_tokens=5) == [tokenizer.decode(reply_ids[:5])] * 3
+    with pytest.raises(ValueError, match=r"max_new_tokens \(48\) must be below the model's context \(48\); leave it out"):
+        greedy_generate(runtime, prompts, max_new_tokens=48)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, not 0"):
+        greedy_generate(runtime, prompts, max_new_tokens=0)
+    records = [{"prompt": p, "answer": reply} for p in prompts]
+    assert evaluate_tasks(runtime, records, progress=False)["n"] == 3  # the same default: no context error
+
+
+def test_generation_stops_at_eos_id_0(tokenizer):
+    # tinyllm's tokenizers put <|endoftext|> first, as this one does: the runtime must stop there, not run the budget.
+    from tinyllm_hf.inference.runtime import SamplingParams, stream
+
+    assert tokenizer.eos_token_id == 0
+    runtime = TransformersRuntime(FakeChatLM(tokenizer, [], reply="答案是B"), tokenizer)
+    assert runtime.eos_token_ids == {0}
+    tokens = list(stream(runtime, tokenizer("问题").input_ids, SamplingParams(max_tokens=30, temperature=0.0)))
+    assert tokens == tokenizer("答案是B").input_ids + [0]
+
+
+def test_generation_batches_no_larger_than_the_runtime_takes(tokenizer, llama):
+    class OneAtATime(TransformersRuntime):
+        max_batch_size = 1  # as the llama.cpp and exported-graph runtimes
+
+    prompts = ["今天天气", "学习使人进步，骄傲使人落后。他在图书馆", "春天来了"]
+    batched = greedy_generate(TransformersRuntime(llama, tokenizer), prompts, max_new_tokens=6, batch_size=3)
+    assert greedy_generate(OneAtATime(llama, tokenizer), prompts, max_new_tokens=6, batch_size=3) == batched
+
+
+def test_ppl_mode_needs_a_transformers_model():
+    gguf_like = SimpleNamespace(chat_template=CHAT_TEMPLATE, context_length=4096)
+    with pytest.raises(ValueError, match=r"ppl mode scores log-likelihoods with a transformers model.*--mode gen"):
+        evaluate_multiple_choice(gguf_like, toy_benchmark(), "ppl", progress=False)
 
 
 def test_gen_mode_needs_a_chat_template(tokenizer, llama):
     plain = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
     with pytest.raises(ValueError, match="chat template"):
-        evaluate_multiple_choice(llama, plain, toy_benchmark(), "gen", progress=False)
+        evaluate_multiple_choice(TransformersRuntime(llama, plain), toy_benchmark(), "gen", progress=False)
 
 
 # ---------------------------------------------------------------- perplexity
@@ -415,15 +479,8 @@ def test_task_accuracy_with_exact_and_contains_checkers(tokenizer):
     replies = {"这句话的情感是？": "积极。", "“画蛇添足”是什么意思？": "比喻做了多余的事", "写一个名字": "王小明"}
 
     class Replier(FakeChatLM):
-        def generate(self, input_ids, attention_mask, max_new_tokens, **_):
-            self.reply = None
-            rows = []
-            for row, mask in zip(input_ids, attention_mask):
-                text = self.tokenizer.decode(row[mask.bool()])
-                reply = next(r for q, r in replies.items() if q in text)
-                rows.append(torch.cat([row, torch.tensor(self.tokenizer(reply).input_ids)]))
-            width = max(len(r) for r in rows)
-            return torch.stack([torch.cat([r, torch.full((width - len(r),), 0)]) for r in rows])
+        def reply_to(self, prompt):
+            return next(r for q, r in replies.items() if q in prompt)
 
     examples = [
         {"task": "sentiment", "messages": [{"role": "user", "content": "这句话的情感是？"}], "answer": "积极"},
@@ -431,12 +488,13 @@ def test_task_accuracy_with_exact_and_contains_checkers(tokenizer):
         {"task": "idiom", "prompt": "“画蛇添足”是什么意思？", "answer": ["多余", "没必要"], "checker": "contains"},
         {"task": "names", "messages": [{"role": "user", "content": "写一个名字"}], "answer": "李雷", "checker": "contains"},
     ]
-    result = evaluate_tasks(Replier(tokenizer, []), tokenizer, examples, progress=False)
+    runtime = TransformersRuntime(Replier(tokenizer, []), tokenizer)
+    result = evaluate_tasks(runtime, examples, progress=False)
     assert result["per_task"]["sentiment"] == {"n": 2, "correct": 1, "accuracy": 0.5}
     assert result["per_task"]["idiom"]["accuracy"] == 1.0 and result["per_task"]["names"]["accuracy"] == 0.0
     assert result["accuracy"] == 0.5 and result["n"] == 4
     with pytest.raises(ValueError, match="task record 0: checker must be one of"):
-        evaluate_tasks(Replier(tokenizer, []), tokenizer, [{"prompt": "x", "answer": "y", "checker": "regex"}])
+        evaluate_tasks(runtime, [{"prompt": "x", "answer": "y", "checker": "regex"}])
 
 
 # ---------------------------------------------------------------- results, CLI, lm-eval
@@ -516,7 +574,7 @@ def test_lm_eval_agrees_with_our_ppl_mode(architecture, tokenizer, tmp_path, mon
     subject, task, limit = "chinese_language_and_literature", "tinyllm_ceval_chinese_language_and_literature", 12
     monkeypatch.setenv("TINYLLM_CEVAL_DIR", str(FIXTURES / "ceval"))
     bench = load_local("ceval", FIXTURES / "ceval", "val", subjects=[subject])
-    ours = evaluate_multiple_choice(model, tok, bench, "ppl", shots=1, limit=limit, progress=False)
+    ours = evaluate_multiple_choice(TransformersRuntime(model, tok), bench, "ppl", shots=1, limit=limit, progress=False)
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(tmp_path), "dtype": "float32", "trust_remote_code": True},

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, load_benchmark
+from tinyllm_hf.evaluation.engine import transformers_model
 from tinyllm_hf.evaluation.mc import MODES, evaluate_multiple_choice
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
 from tinyllm_hf.model_utils import get_model, get_tokenizer
@@ -20,7 +21,8 @@ TASKS = (*BENCHMARKS, "ppl", "tasks")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinyllm eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder or Hub id (any causal LM; Tinyllm included)")
+    p.add_argument("--model", required=True, help="model folder or Hub id (any causal LM; Tinyllm included), a `tinyllm "
+                   "quantize` output or a .gguf file (ONNX, OpenVINO and GGUF models: --mode gen and --tasks tasks only)")
     p.add_argument("--revision", default=None, help="Hub revision of --model")
     p.add_argument("--tasks", default="ceval,cmmlu,ppl", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--output", default=None, help="results JSON (default: MODEL/eval_results.json, or ./eval_results.json)")
@@ -28,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars from the dev split")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each subject")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=16, help="reply length in gen mode and for --tasks tasks")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest reply in gen mode and for --tasks tasks "
+                   "(default: the rest of the model's context after each prompt)")
     for name in BENCHMARKS:
         p.add_argument(f"--{name}-dir", default=None, help=f"local {name} folder in the official layout (default: {HUB_NAMES[name]})")
         p.add_argument(f"--{name}-split", default=DEFAULT_SPLIT[name], help=f"split to evaluate (default {DEFAULT_SPLIT[name]})")
@@ -57,6 +60,17 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
     tokenizer = get_tokenizer(name, revision=revision, trust_remote_code=True)
     model = get_model(name, revision=revision, dtype=dtype, trust_remote_code=True)
     return model.to(device).eval(), tokenizer
+
+
+def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None):
+    """The runtime (`inference/runtime.py`) evaluated: a checkpoint folder or Hub id through `load_model`; a `tinyllm
+    quantize` output or a .gguf file through `load_runtime`, as `tinyllm serve` runs it."""
+    from tinyllm_hf.inference.model_files import model_kind
+    from tinyllm_hf.inference.runtime import TransformersRuntime, load_runtime
+
+    if Path(name).exists() and model_kind(name) != "checkpoint":
+        return load_runtime(name)
+    return TransformersRuntime(*load_model(name, revision, dtype, device))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -89,23 +103,26 @@ def run(args: argparse.Namespace) -> dict:
         from tinyllm_hf.tasks import heldout_task_records
 
         examples = heldout_task_records(sizes=args.task_sizes)
-    model, tokenizer = load_model(args.model, args.revision, args.dtype, args.device)
+    runtime = load_eval_runtime(args.model, args.revision, args.dtype, args.device)
+    if "ppl" in tasks or (benchmarks and args.mode == "ppl"):
+        transformers_model(runtime, "--tasks ppl" if "ppl" in tasks else "--mode ppl")  # fails before any task runs
     progress = not args.no_progress
     results = {}
     for name in tasks:
         if name in benchmarks:
             results[name] = evaluate_multiple_choice(
-                model, tokenizer, benchmarks[name], args.mode, args.shots, args.batch_size, args.max_new_tokens,
-                args.limit, progress,
+                runtime, benchmarks[name], args.mode, args.shots, args.batch_size, args.max_new_tokens, args.limit,
+                progress,
             )
         elif name == "ppl":
             from tinyllm_hf.evaluation.perplexity import perplexity
 
+            model, tokenizer = transformers_model(runtime, "--tasks ppl")
             results[name] = perplexity(model, tokenizer, texts, args.ppl_max_length, args.ppl_stride, progress=progress)
         else:
             from tinyllm_hf.evaluation.tasks import evaluate_tasks
 
-            results[name] = evaluate_tasks(model, tokenizer, examples, args.max_new_tokens, args.batch_size, progress)
+            results[name] = evaluate_tasks(runtime, examples, args.max_new_tokens, args.batch_size, progress)
     settings = {k: v for k, v in vars(args).items() if k not in ("model", "output", "no_progress")}
     revision = args.revision or weights_revision(args.model)
     return make_results(args.model, revision, results, settings)

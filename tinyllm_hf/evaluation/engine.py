@@ -1,7 +1,9 @@
 """Model-agnostic scoring primitives: batched continuation log-likelihoods and batched greedy generation.
 
-Works with any `transformers` causal LM and tokenizer. Batches are left-padded, with position ids counted from the
-first real token, so a padded row gives the same numbers as the row alone (checked in tests).
+Log-likelihoods work with any `transformers` causal LM and tokenizer; generation with any runtime of
+`inference/runtime.py` (a transformers model, a GGUF file, an ONNX / OpenVINO export). Batches are left-padded, with
+position ids counted from the first real token, so a padded row gives the same numbers as the row alone (checked in
+tests).
 """
 
 import inspect
@@ -10,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tinyllm_hf.errors import UsageError
-from tinyllm_hf.inference.runtime import left_pad
+from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, left_pad, stream_batch
 
 # Used when neither the model config nor the tokenizer states a context length.
 FALLBACK_CONTEXT = 2048
@@ -52,6 +54,14 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         return context_ids, whole[len(context_ids) :]
     # A merge across the boundary ("春天" + "来了" -> one token): score the continuation's own tokens instead.
     return context_ids, tokenizer(continuation, add_special_tokens=False).input_ids
+
+
+def transformers_model(runtime, purpose: str):
+    """The transformers model and tokenizer of a `TransformersRuntime`, which log-likelihood scoring needs."""
+    if not isinstance(runtime, TransformersRuntime):
+        raise UsageError(f"{purpose} scores log-likelihoods with a transformers model; a GGUF file or an ONNX / "
+                         f"OpenVINO export evaluates in gen mode (--mode gen, --tasks tasks) only")
+    return runtime.model, runtime.tokenizer
 
 
 def _accepts(model, name: str) -> bool:
@@ -117,37 +127,36 @@ def loglikelihoods(
     return scores
 
 
-@torch.inference_mode()
 def greedy_generate(
-    model,
-    tokenizer,
+    runtime,
     prompts: list[str],
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
-    max_length: int | None = None,
 ) -> list[str]:
-    """Greedy completions (special tokens dropped) of raw prompt strings, batched with left padding."""
-    max_length = max_length or context_length(model, tokenizer)
-    if max_new_tokens >= max_length:
-        raise UsageError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({max_length})")
-    device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
-    encoded = [encode(tokenizer, p)[-(max_length - max_new_tokens) :] for p in prompts]
+    """Greedy completions (special tokens dropped) of raw prompt strings on any runtime of `inference/runtime.py`,
+    batched (up to the runtime's `max_batch_size`) with the runtime's own prefill, decode and greedy sampling.
+
+    `max_new_tokens=None` lets each completion use the rest of the context after its prompt, as `tinyllm chat` does;
+    a number is a fixed budget, and prompts are cut from the left to leave room for it."""
+    context = runtime.context_length
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, not {max_new_tokens}; leave it out to use the rest of the "
+                         f"context after each prompt")
+    if max_new_tokens is not None and max_new_tokens >= context:
+        raise UsageError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({context}); leave it "
+                         f"out to use the rest of the context after each prompt")
+    room = max_new_tokens or 1
+    encoded = [runtime.encode(p)[-(context - room) :] for p in prompts]
+    greedy = [SamplingParams(max_tokens=max_new_tokens or context - len(ids), temperature=0.0) for ids in encoded]
+    # The longest prompts first: similar lengths share a batch (less padding) and memory errors show up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
+    batch_size = min(batch_size, runtime.max_batch_size)
+    new: list[list[int]] = [[] for _ in prompts]
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc="generate", disable=not progress, leave=False):
         ids = order[start : start + batch_size]
-        input_ids, mask, _ = left_pad([encoded[i] for i in ids], pad)
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for j, i in enumerate(ids):
-            outputs[i] = tokenizer.decode(generated[j, input_ids.shape[1] :], skip_special_tokens=True)
-    return outputs
+        for row, token in stream_batch(runtime, [encoded[i] for i in ids], [greedy[i] for i in ids]):
+            if token not in runtime.eos_token_ids:
+                new[ids[row]].append(token)
+    return [runtime.decode_text(tokens) for tokens in new]

@@ -23,7 +23,14 @@ from tinyllm_hf.evaluation.benchmarks import (
     format_exemplar,
     format_question,
 )
-from tinyllm_hf.evaluation.engine import context_length, encode, encode_pair, greedy_generate, loglikelihoods
+from tinyllm_hf.evaluation.engine import (
+    context_length,
+    encode,
+    encode_pair,
+    greedy_generate,
+    loglikelihoods,
+    transformers_model,
+)
 
 MODES = ("ppl", "gen")
 
@@ -98,11 +105,11 @@ def chat_messages(bench: Benchmark, q: Question, exemplars: list[Question]) -> l
     return messages
 
 
-def gen_prompt(bench: Benchmark, q: Question, shots: int, tokenizer, budget: int) -> Prompt:
+def gen_prompt(bench: Benchmark, q: Question, shots: int, runtime, budget: int) -> Prompt:
     def build(exemplars):
-        return tokenizer.apply_chat_template(chat_messages(bench, q, exemplars), tokenize=False, add_generation_prompt=True)
+        return runtime.render_chat(chat_messages(bench, q, exemplars))
 
-    text, kept, overflow = _fit(build, bench.dev.get(q.subject, [])[:shots], lambda t: len(encode(tokenizer, t)), budget)
+    text, kept, overflow = _fit(build, bench.dev.get(q.subject, [])[:shots], lambda t: len(runtime.encode(t)), budget)
     return Prompt(q, text, kept, overflow)
 
 
@@ -132,33 +139,35 @@ def ppl_prompts(bench: Benchmark, questions: list[Question], shots: int, tokeniz
 
 
 def evaluate_multiple_choice(
-    model,
-    tokenizer,
+    runtime,
     bench: Benchmark,
     mode: str = "ppl",
     shots: int = 0,
     batch_size: int = 16,
-    max_new_tokens: int = 16,
+    max_new_tokens: int | None = None,
     limit: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate every subject of `bench` (the first `limit` questions of each, if given); returns the task's result
-    entry (see `summarize`)."""
+    """Evaluate every subject of `bench` (the first `limit` questions of each, if given) on `runtime` (see
+    `inference/runtime.py`); returns the task's result entry (see `summarize`). ppl mode scores with the
+    transformers model of a `TransformersRuntime`; gen mode runs on any runtime, each reply `max_new_tokens` long at
+    most (None: the rest of the context after its prompt)."""
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if shots < 0:
         raise UsageError(f"shots must be >= 0, not {shots}")
-    if mode == "gen" and not getattr(tokenizer, "chat_template", None):
+    if mode == "gen" and not runtime.chat_template:
         raise UsageError("gen mode needs a tokenizer with a chat template; use --mode ppl for a base model")
     questions = [q for qs in bench.questions.values() for q in qs[:limit]]
-    max_length = context_length(model, tokenizer)
     if mode == "ppl":
-        prompts = ppl_prompts(bench, questions, shots, tokenizer, max_length)
+        model, tokenizer = transformers_model(runtime, "ppl mode")
+        prompts = ppl_prompts(bench, questions, shots, tokenizer, context_length(model, tokenizer))
         scores = score_choices(model, tokenizer, [p.text for p in prompts], batch_size, progress)
         predictions = [LETTERS[max(range(len(LETTERS)), key=s.__getitem__)] for s in scores]
     else:
-        prompts = [gen_prompt(bench, q, shots, tokenizer, max_length - max_new_tokens) for q in questions]
-        replies = greedy_generate(model, tokenizer, [p.text for p in prompts], max_new_tokens, batch_size, progress)
+        budget = runtime.context_length - (max_new_tokens or 1)
+        prompts = [gen_prompt(bench, q, shots, runtime, budget) for q in questions]
+        replies = greedy_generate(runtime, [p.text for p in prompts], max_new_tokens, batch_size, progress)
         predictions = [parse_letter(r) for r in replies]
     return summarize(bench, prompts, predictions, mode, shots)
 

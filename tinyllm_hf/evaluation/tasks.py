@@ -51,22 +51,20 @@ def load_examples(path: str | Path) -> list[dict]:
 
 
 def evaluate_tasks(
-    model,
-    tokenizer,
+    runtime,
     examples: list[dict],
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict:
+    """Accuracy of `runtime` (any runtime of `inference/runtime.py`) on `examples`; each reply is `max_new_tokens`
+    long at most (None: the rest of the context after its prompt)."""
     prepared = [prepare(r, i) for i, r in enumerate(examples)]
     needs_chat = any(isinstance(query, list) for query, *_ in prepared)
-    if needs_chat and not getattr(tokenizer, "chat_template", None):
+    if needs_chat and not runtime.chat_template:
         raise UsageError("task records with 'messages' need a tokenizer with a chat template")
-    prompts = [
-        tokenizer.apply_chat_template(query, tokenize=False, add_generation_prompt=True) if isinstance(query, list) else query
-        for query, *_ in prepared
-    ]
-    replies = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    prompts = [runtime.render_chat(query) if isinstance(query, list) else query for query, *_ in prepared]
+    replies = greedy_generate(runtime, prompts, max_new_tokens, batch_size, progress)
     per_task: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0})
     for (_, answers, task, checker), reply in zip(prepared, replies):
         per_task[task]["n"] += 1

@@ -14,9 +14,10 @@ already in memory; batched), `LlamaCppRuntime` (a GGUF file through llama-cpp-py
 Runtime / OpenVINO prefill + decode graphs `tinyllm quantize` writes, see `exported_graphs.py`); the last two decode one
 sequence at a time. `load_runtime(path)` picks the right one from what the path holds.
 
-`sample_tokens` is the one sampler (temperature / top_k / top_p / repetition penalty, one seeded `torch.Generator` per
-sequence); `generate` is the plain loop over one prompt (prefill, then sample and decode until EOS or the budget) for
-callers that need no batching or streaming. The batching, streaming engine of `tinyllm serve` is `engine.py`.
+`sample_token` is the one sampler (temperature / top_k / top_p / repetition penalty, one seeded `torch.Generator` per
+sequence); `stream_batch` is the plain loop over a fixed batch of prompts (prefill, then sample and decode until each
+row's EOS or budget) that `stream` / `generate` (one prompt) and batched greedy evaluation run. The continuously
+batching engine of `tinyllm serve`, where requests join and leave a running batch, is `engine.py`.
 """
 
 import dataclasses
@@ -80,26 +81,47 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def stream(runtime, prompt_ids: list[int], params: SamplingParams, eos_token_ids=None) -> Iterator[int]:
-    """Yield the new token ids of one prompt as they are sampled; an EOS token that ends it is yielded too (as
-    transformers' `generate` returns it). `eos_token_ids`: the tokens that end the sequence (default: the runtime's;
-    `()` runs the whole budget)."""
-    if not prompt_ids:
-        raise UsageError("the prompt is empty: it needs at least one token")
-    if len(prompt_ids) + params.max_tokens > runtime.context_length:
-        raise UsageError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                         f"context of {runtime.context_length} tokens")
+def stream_batch(runtime, prompts: list[list[int]], params: list[SamplingParams],
+                 eos_token_ids=None) -> Iterator[tuple[int, int]]:
+    """Generate for several prompts as one batch (at most `runtime.max_batch_size`), each with its own `params` and
+    generator: yield `(row, token)` for each new token as it is sampled, rows in prompt order within a step. A row
+    ends at an EOS token (yielded too, as transformers' `generate` returns it) or at its budget, and leaves the batch
+    (`runtime.select`) while the others go on. `eos_token_ids`: the tokens that end a sequence (default: the
+    runtime's; `()` runs the whole budget)."""
+    if len(prompts) > runtime.max_batch_size:
+        raise UsageError(f"{len(prompts)} prompts in one batch, but this runtime takes at most {runtime.max_batch_size}")
+    for prompt_ids, row_params in zip(prompts, params, strict=True):
+        if not prompt_ids:
+            raise UsageError("the prompt is empty: it needs at least one token")
+        if len(prompt_ids) + row_params.max_tokens > runtime.context_length:
+            raise UsageError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({row_params.max_tokens}) exceeds the "
+                             f"model's context of {runtime.context_length} tokens")
     eos = runtime.eos_token_ids if eos_token_ids is None else set(eos_token_ids)
-    generator = params.generator()
-    state, logits = runtime.prefill([list(prompt_ids)])
-    seen = list(prompt_ids)
+    generators = [row_params.generator() for row_params in params]
+    seen = [list(prompt_ids) for prompt_ids in prompts]
+    state, logits = runtime.prefill(seen)
+    running = list(range(len(prompts)))  # the prompt index of each row of the batch
     while True:
-        token = sample_token(logits[0], params, generator, seen)
-        seen.append(token)
-        yield token
-        if token in eos or len(seen) - len(prompt_ids) >= params.max_tokens:
+        keep, tokens = [], []
+        for j, row in enumerate(running):
+            token = sample_token(logits[j], params[row], generators[row], seen[row])
+            seen[row].append(token)
+            yield row, token
+            if token not in eos and len(seen[row]) - len(prompts[row]) < params[row].max_tokens:
+                keep.append(j)
+                tokens.append(token)
+        if not keep:
             return
-        logits = runtime.decode([token], state)
+        if len(keep) < len(running):
+            state = runtime.select(state, keep)
+        running = [running[j] for j in keep]
+        logits = runtime.decode(tokens, state)
+
+
+def stream(runtime, prompt_ids: list[int], params: SamplingParams, eos_token_ids=None) -> Iterator[int]:
+    """Yield the new token ids of one prompt as they are sampled (`stream_batch` with a batch of one)."""
+    for _, token in stream_batch(runtime, [prompt_ids], [params], eos_token_ids):
+        yield token
 
 
 def generate(runtime, prompt_ids: list[int], params: SamplingParams, eos_token_ids=None) -> list[int]:
@@ -134,9 +156,13 @@ class _Batch:
 
 
 def eos_ids(*candidates) -> set[int]:
-    """The EOS token ids of the first candidate that names any (an int or a list of them)."""
-    eos = next((c for c in candidates if c), None)
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
+    """The EOS token ids of the first candidate that names any (an int or a list of them). Id 0 counts: it is
+    `<|endoftext|>` in tinyllm's tokenizers."""
+    for candidate in candidates:
+        ids = set(candidate if isinstance(candidate, list) else [candidate]) - {None}
+        if ids:
+            return ids
+    return set()
 
 
 class TransformersRuntime:

@@ -205,6 +205,7 @@ def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
 def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: str) -> dict | None:
     """Held-out task accuracy with the evaluation stage's generic evaluator; written to heldout_results.json."""
     from tinyllm_hf.evaluation.tasks import evaluate_tasks
+    from tinyllm_hf.inference.runtime import TransformersRuntime
 
     records = heldout_task_records(data_args.tasks)
     write_task_file(records, Path(output_dir) / HELDOUT_TASKS_FILE)
@@ -218,8 +219,7 @@ def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: 
             chosen.append(record)
     if not chosen:
         raise UsageError(f"heldout_eval_sizes names no task of this run ({', '.join(data_args.tasks or TASKS)})")
-    model.eval()
-    results = evaluate_tasks(model, tokenizer, chosen, max_new_tokens=64, progress=False)
+    results = evaluate_tasks(TransformersRuntime(model, tokenizer), chosen, max_new_tokens=64, progress=False)
     path = Path(output_dir) / HELDOUT_RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary = ", ".join(f"{task} {entry['accuracy']:.3f} (n={entry['n']})" for task, entry in results["per_task"].items())
