@@ -30,7 +30,6 @@ HELP_IMPORTS_TORCH = {
     "pretrain": "TrainingArguments (transformers.training_args imports torch)",
     "sft": "trl.SFTConfig", "dpo": "trl.DPOConfig", "reward": "trl.RewardConfig", "grpo": "trl.GRPOConfig",
     "rloo": "trl.RLOOConfig", "kto": "trl.KTOConfig", "orpo": "trl.experimental ORPOConfig",
-    "eval": "evaluation/cli.py -> mc.py -> evaluation/engine.py imports torch",
 }
 HELP_ARGV = [[]] + [[name] for name in cli.COMMANDS] + [
     ["tokenizer", "train"], ["tokenizer", "extend"], ["export", "llama"], ["export", "qwen2-moe"], ["export", "gguf"],

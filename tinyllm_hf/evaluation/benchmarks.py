@@ -23,6 +23,7 @@ from tinyllm_hf.errors import DatasetUnavailableError, MissingFileError, UsageEr
 
 LETTERS = ("A", "B", "C", "D")
 BENCHMARKS = ("ceval", "cmmlu")
+MODES = ("ppl", "gen")  # scored by option log-likelihood (base models), or generated and parsed (chat models)
 HUB_NAMES = {"ceval": "ceval/ceval-exam", "cmmlu": "haonan-li/cmmlu"}
 DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test"}
 DESCRIPTIONS = {

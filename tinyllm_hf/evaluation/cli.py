@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 from tinyllm_hf.errors import UsageError
-from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, load_benchmark
-from tinyllm_hf.evaluation.engine import transformers_model
-from tinyllm_hf.evaluation.mc import MODES, evaluate_multiple_choice
+from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, MODES, load_benchmark
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
 from tinyllm_hf.model_utils import get_model, get_tokenizer
 from tinyllm_hf.options import comma_list
@@ -74,6 +72,10 @@ def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto
 
 
 def run(args: argparse.Namespace) -> dict:
+    # The scoring modules load torch: imported here, so `tinyllm eval --help` stays light.
+    from tinyllm_hf.evaluation.engine import transformers_model
+    from tinyllm_hf.evaluation.mc import evaluate_multiple_choice
+
     tasks = comma_list(args.tasks)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:

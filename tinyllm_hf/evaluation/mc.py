@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.evaluation.benchmarks import (
     LETTERS,
+    MODES,
     TARGET_DELIMITER,
     Benchmark,
     Question,
@@ -31,8 +32,6 @@ from tinyllm_hf.evaluation.engine import (
     loglikelihoods,
     transformers_model,
 )
-
-MODES = ("ppl", "gen")
 
 # ---------------------------------------------------------------- letter parsing (gen mode)
 
