@@ -534,6 +534,26 @@ def test_cli_writes_results(tmp_path, saved_llama, capsys):
     assert "no val/ folder" in capsys.readouterr().err
 
 
+def test_eval_runs_no_code_from_the_model_folder_unless_trusted(saved_llama, tmp_path, capsys):
+    """A folder whose config maps the Auto classes to its own module: without --trust-remote-code that module is never
+    imported, and the error names the flag."""
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(saved_llama, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n", "utf-8")
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    config.update(model_type="custom-untrusted", auto_map={"AutoConfig": "custom_model.Config",
+                                                           "AutoModelForCausalLM": "custom_model.Model"})
+    (folder / "config.json").write_text(json.dumps(config), "utf-8")
+    assert tinyllm(["eval", "--model", str(folder), "--tasks", "ppl", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--trust-remote-code" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
 def test_cli_task_accuracy_defaults_to_embedded_heldout_tasks(saved_llama, tmp_path, monkeypatch):
     import tinyllm_hf.tasks as tasks
     from tinyllm_hf.evaluation.cli import main

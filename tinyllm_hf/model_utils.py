@@ -7,6 +7,7 @@ missing. torch and transformers are imported when a loader runs, so importing th
 --help`) stays light; nothing here needs TRL.
 """
 
+import contextlib
 from pathlib import Path
 
 from tinyllm_hf.errors import MissingFileError, UsageError
@@ -18,12 +19,26 @@ def check_local_path(name_or_path: str, what: str = "model") -> None:
         raise MissingFileError(f"{what} folder not found: {name_or_path}")
 
 
+@contextlib.contextmanager
+def refusing_remote_code(name_or_path: str):
+    """transformers refuses a folder whose config maps the Auto classes to code it ships (auto_map) unless
+    trust_remote_code is set; say so as a UsageError that names the flag."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise UsageError(f"{name_or_path} ships its own modeling code (auto_map in config.json), which runs only if "
+                         "you trust it: read that code, then pass --trust-remote-code") from None
+
+
 def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
                   needs_chat_template: bool = False, needs_pad_token: bool = False):
     from transformers import AutoTokenizer
 
     check_local_path(name_or_path, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with refusing_remote_code(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if needs_chat_template and not tokenizer.chat_template:
         raise UsageError(f"the tokenizer in {name_or_path} has no chat template; give a tinyllm tokenizer "
                          "(tokenizer_name_or_path)")
@@ -47,7 +62,8 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
         dtype = getattr(torch, dtype)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
-    model = (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **from_pretrained_kwargs)
+    with refusing_remote_code(name_or_path):
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **from_pretrained_kwargs)
     if chat_tokenizer is not None:
         model.generation_config.eos_token_id = chat_tokenizer.eos_token_id
         model.generation_config.pad_token_id = chat_tokenizer.pad_token_id

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or Hub id (any causal LM; Tinyllm included), a `tinyllm "
                    "quantize` output or a .gguf file (ONNX, OpenVINO and GGUF models: --mode gen and --tasks tasks only)")
     p.add_argument("--revision", default=None, help="Hub revision of --model")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the modeling code a --model folder or repo "
+                   "ships (auto_map); Tinyllm and transformers' own models need none")
     p.add_argument("--tasks", default="ceval,cmmlu,ppl", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--output", default=None, help="results JSON (default: MODEL/eval_results.json, or ./eval_results.json)")
     p.add_argument("--mode", choices=MODES, default="ppl", help="ppl: option log-likelihood (base models); gen: chat + parse")
@@ -47,20 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None):
-    """Model and tokenizer for any causal LM; Tinyllm checkpoints resolve through the Auto classes."""
+def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
+               trust_remote_code: bool = False):
+    """Model and tokenizer for any causal LM; Tinyllm checkpoints resolve through the Auto classes, so code shipped
+    in a model folder runs only with `trust_remote_code`."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         # bf16 halves memory and time on GPUs; CPU matmuls are fastest (and exact) in fp32.
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    tokenizer = get_tokenizer(name, revision=revision, trust_remote_code=True)
-    model = get_model(name, revision=revision, dtype=dtype, trust_remote_code=True)
+    tokenizer = get_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
+    model = get_model(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
 
 
-def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None):
+def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
+                      trust_remote_code: bool = False):
     """The runtime (`inference/runtime.py`) evaluated: a checkpoint folder or Hub id through `load_model`; a `tinyllm
     quantize` output or a .gguf file through `load_runtime`, as `tinyllm serve` runs it."""
     from tinyllm_hf.inference.model_files import model_kind
@@ -68,7 +73,7 @@ def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto
 
     if Path(name).exists() and model_kind(name) != "checkpoint":
         return load_runtime(name)
-    return TransformersRuntime(*load_model(name, revision, dtype, device))
+    return TransformersRuntime(*load_model(name, revision, dtype, device, trust_remote_code))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
         from tinyllm_hf.tasks import heldout_task_records
 
         examples = heldout_task_records(sizes=args.task_sizes)
-    runtime = load_eval_runtime(args.model, args.revision, args.dtype, args.device)
+    runtime = load_eval_runtime(args.model, args.revision, args.dtype, args.device, args.trust_remote_code)
     if "ppl" in tasks or (benchmarks and args.mode == "ppl"):
         transformers_model(runtime, "--tasks ppl" if "ppl" in tasks else "--mode ppl")  # fails before any task runs
     progress = not args.no_progress
