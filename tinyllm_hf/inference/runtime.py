@@ -3,7 +3,8 @@
 A runtime works on token ids. Each one has
 
     context_length, eos_token_ids, max_batch_size
-    encode(text) -> ids, decode_text(ids) -> text, render_chat(messages) -> prompt text   (its own tokenizer)
+    encode(text) -> ids, decode_text(ids) -> text (control tokens dropped), decode_raw(ids) -> text (kept, for
+    `tokenizer.reply.parse_reply`), render_chat(messages, tools, enable_thinking) -> prompt text   (its own tokenizer)
     prefill(prompts) -> (state, logits)      logits (batch, vocab): the next token of each prompt
     decode(tokens, state) -> logits          one new token per row of the batch
     select(state, rows) -> state, merge(a, b) -> state     (batched runtimes only: max_batch_size > 1)
@@ -215,8 +216,12 @@ class TransformersRuntime:
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def decode_raw(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=enable_thinking)
 
     @torch.no_grad()  # not inference_mode: quanto's weights cannot run under it
     def logits(self, ids: list[int]) -> torch.Tensor:
@@ -286,12 +291,13 @@ class _SingleSequenceRuntime:
     def merge(self, a, b):
         raise AssertionError("a single-sequence runtime never merges batches")
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False) -> str:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         if not self.chat_template:
             raise UsageError("this model has no chat template: use /v1/completions with a plain prompt")
-        rendered, _ = render_jinja_template([messages], chat_template=self.chat_template, add_generation_prompt=True)
+        rendered, _ = render_jinja_template([messages], tools=tools or None, chat_template=self.chat_template,
+                                            add_generation_prompt=True, enable_thinking=enable_thinking)
         return rendered[0]
 
 
@@ -321,6 +327,9 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
 
     def decode_text(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def decode_raw(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         self.llm.reset()
@@ -372,6 +381,9 @@ class ExportedRuntime(_SingleSequenceRuntime):
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_raw(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         return torch.from_numpy(self.graphs.step("prefill", list(ids), 0, None)[0].copy()).float()

@@ -9,8 +9,29 @@ the next `<|user|>` comes right after the previous answer's `<|endoftext|>`, so 
 an exact prefix of the rendering of N+1 turns (what a multi-turn chat feeds back to the model) and of the prompt
 rendered with `add_generation_prompt=True`, which ends in `<|assistant|>\\n`.
 
-The answer and its `<|endoftext|>` sit inside `{% generation %}`: `return_assistant_tokens_mask=True` (and TRL's
-`assistant_only_loss=True`) then mark exactly the tokens the model must learn to produce, the stop token included.
+Tools and thinking (`apply_chat_template(messages, tools=[...], enable_thinking=True)`) add to that format without
+changing it for conversations that use neither:
+
+    <|system|>\\n{system}\\n<|tools|>\\n{name}({arg}: {type}, ...): {description}\\n...      one line per tool
+    <|user|>\\n{question}\\n
+    <|assistant|>\\n<think>\\n{reasoning}\\n</think>\\n{content}<tool_call>{"name": ..., "arguments": {...}}</tool_call><|endoftext|>
+    <|tool|>\\n{result}\\n
+    <|assistant|>\\n{answer}<|endoftext|>
+
+The tool list is one compact line per function, rendered from its JSON schema (OpenAI's `{"type": "function",
+"function": {...}}` or the bare function schema, as transformers' `get_json_schema` makes it): a small model's
+context is 256 tokens, and four full JSON schemas would fill it. A tool call is the JSON object OpenAI and Qwen use,
+arguments included (a JSON string of them, as the OpenAI API sends, is written verbatim). An assistant turn that calls
+tools ends with `<|endoftext|>` like any other, so generation stops there and the caller runs the tools; each result
+is a `<|tool|>` turn, and the model then answers in a new assistant turn. With `enable_thinking=True` the generation
+prompt opens `<think>\\n`, so the model writes its reasoning before the answer; without it (the default) the prompt is
+exactly the plain format's and the model answers at once. `reasoning_content` in an assistant message renders as its
+`<think>` block.
+
+Everything an assistant turn holds - reasoning, content, tool calls and its `<|endoftext|>` - sits inside
+`{% generation %}`: `return_assistant_tokens_mask=True` (and TRL's `assistant_only_loss=True`) then mark exactly the
+tokens the model must learn to produce. Tool results are outside it: the model reads them, it never learns to write
+them. `tinyllm_hf.tokenizer.reply` parses a reply back into `{content, reasoning_content, tool_calls}`.
 """
 
 import json
@@ -22,8 +43,16 @@ PAD_TOKEN = "<|pad|>"
 SYSTEM_TOKEN = "<|system|>"
 USER_TOKEN = "<|user|>"
 ASSISTANT_TOKEN = "<|assistant|>"
-# Order matters: a trained tokenizer gives these ids 0..4.
-SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
+TOOLS_TOKEN = "<|tools|>"
+TOOL_TOKEN = "<|tool|>"
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+# Order matters: a trained tokenizer gives these ids 0..10 (the first five are the plain chat format's, and keep the
+# ids they had before the tool tokens were added).
+SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN,
+                  TOOLS_TOKEN, TOOL_TOKEN, TOOL_CALL_START, TOOL_CALL_END, THINK_START, THINK_END]
 
 DEFAULT_SYSTEM_PROMPT = "你是一个乐于助人的中文助手。"
 
@@ -39,6 +68,12 @@ _TEMPLATE_CONSTANTS = {
     "USER": USER_TOKEN,
     "ASSISTANT": ASSISTANT_TOKEN,
     "EOS": EOS_TOKEN,
+    "TOOLS": TOOLS_TOKEN,
+    "TOOL": TOOL_TOKEN,
+    "TOOL_CALL_START": TOOL_CALL_START,
+    "TOOL_CALL_END": TOOL_CALL_END,
+    "THINK_START": THINK_START,
+    "THINK_END": THINK_END,
     "DEFAULT_SYSTEM_PROMPT": DEFAULT_SYSTEM_PROMPT,
 }
 _TEMPLATE_BODY = """\
@@ -50,21 +85,60 @@ _TEMPLATE_BODY = """\
     {%- set loop_messages = messages -%}
 {%- endif -%}
 {{- SYSTEM + '\\n' + system_message + '\\n' -}}
+{%- if tools -%}
+    {{- TOOLS + '\\n' -}}
+    {%- for tool in tools -%}
+        {%- set function = tool['function'] if tool['function'] is defined else tool -%}
+        {%- set parameters = function['parameters'] if function['parameters'] is defined and function['parameters'] else {} -%}
+        {%- set properties = parameters['properties'] if parameters['properties'] is defined and parameters['properties'] else {} -%}
+        {{- function['name'] + '(' -}}
+        {%- for name in properties -%}
+            {{- name + ': ' + (properties[name]['type'] if properties[name]['type'] is defined else 'any') -}}
+            {%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+        {%- endfor -%}
+        {{- ')' -}}
+        {%- if function['description'] is defined and function['description'] -%}
+            {{- ': ' + function['description'] -}}
+        {%- endif -%}
+        {{- '\\n' -}}
+    {%- endfor -%}
+{%- endif -%}
 {%- for message in loop_messages -%}
     {%- if message['role'] == 'user' -%}
         {{- USER + '\\n' + message['content'] + '\\n' -}}
     {%- elif message['role'] == 'assistant' -%}
         {{- ASSISTANT + '\\n' -}}
         {%- generation -%}
-            {{- message['content'] + EOS -}}
+            {%- if message['reasoning_content'] is defined and message['reasoning_content'] -%}
+                {{- THINK_START + '\\n' + message['reasoning_content'] + '\\n' + THINK_END + '\\n' -}}
+            {%- endif -%}
+            {{- message['content'] or '' -}}
+            {%- if message['tool_calls'] is defined and message['tool_calls'] -%}
+                {%- for call in message['tool_calls'] -%}
+                    {%- set function = call['function'] if call['function'] is defined else call -%}
+                    {{- TOOL_CALL_START + '{"name": ' + function['name'] | tojson + ', "arguments": ' -}}
+                    {%- if function['arguments'] is string -%}
+                        {{- function['arguments'] -}}
+                    {%- else -%}
+                        {{- function['arguments'] | tojson -}}
+                    {%- endif -%}
+                    {{- '}' + TOOL_CALL_END -}}
+                {%- endfor -%}
+            {%- endif -%}
+            {{- EOS -}}
         {%- endgeneration -%}
+    {%- elif message['role'] == 'tool' -%}
+        {{- TOOL + '\\n' + message['content'] + '\\n' -}}
     {%- else -%}
-        {{- raise_exception('tinyllm chat format: expected one optional leading system message, then user and '
-                            'assistant messages; got role ' + message['role']) -}}
+        {{- raise_exception('tinyllm chat format: expected one optional leading system message, then user, assistant '
+                            'and tool messages; got role ' + message['role']) -}}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{- ASSISTANT + '\\n' -}}
+    {%- if enable_thinking is defined and enable_thinking -%}
+        {{- THINK_START + '\\n' -}}
+    {%- endif -%}
 {%- endif -%}
 """
 CHAT_TEMPLATE = (
@@ -74,14 +148,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def apply_chat_template_to_tokenizer(tokenizer):
+def missing_special_tokens(tokenizer) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [token for token in SPECIAL_TOKENS if token not in vocab]
+
+
+def apply_chat_template_to_tokenizer(tokenizer, add_missing: bool = False):
     """Give `tokenizer` our chat template, EOS and pad token (in place; returns it for chaining).
 
     The tokenizer must already contain the special tokens as single ids (a tokenizer from `train_tokenizer` does).
+    `add_missing=True` adds the ones it lacks (a tokenizer trained before the tool and thinking tokens existed) as
+    special tokens after its vocabulary; a model then needs `resize_model_embeddings` to match.
     """
-    vocab = tokenizer.get_vocab()
-    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
-    if missing:
+    missing = missing_special_tokens(tokenizer)
+    if missing and add_missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    elif missing:
         raise UsageError(f"tokenizer lacks the special tokens {missing}; train it with tinyllm_hf.tokenizer.train_tokenizer")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.eos_token = EOS_TOKEN

@@ -78,7 +78,7 @@ def train_tokenizer(
 
     Args:
         texts: strings, or lists of strings (batches, e.g. from `tinyllm_hf.data.corpus.iter_texts`).
-        vocab_size: total size including the 256 byte tokens and the special tokens (ids 0..4, `SPECIAL_TOKENS`).
+        vocab_size: total size including the 256 byte tokens and the special tokens (ids 0..10, `SPECIAL_TOKENS`).
             Training stops early if no pair occurs `min_frequency` times any more; the result is then smaller.
         output_dir: if given, save there with `save_tokenizer` (atomic: no partial directory on failure).
         min_frequency: a pair must occur this often to be merged.
