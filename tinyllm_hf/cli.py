@@ -11,6 +11,7 @@ Exit codes: 0 on success; 1 when the command raises a `TinyllmError`, printed as
 
 import argparse
 import importlib
+import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -88,6 +89,9 @@ def tokenizer_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, default=8192)
     train.add_argument("--min-frequency", type=int, default=2)
     train.add_argument("--model-max-length", type=int, default=1024)
+    train.add_argument("--tool-format", type=int, default=2000, metavar="N",
+                       help="also learn from N rendered tool-use conversations of the built-in tools, so that the "
+                            "tool list and call JSON get tokens of their own (0: the corpus only; default: 2000)")
     train.add_argument("--output", required=True, help="directory to save the tokenizer to")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
@@ -116,6 +120,13 @@ def tokenizer_command(argv: list[str]) -> int:
     start = time.perf_counter()
     if args.command == "train":
         from tinyllm_hf.tokenizer.train import train_tokenizer
+
+        if args.tool_format < 0:
+            raise UsageError(f"--tool-format must be 0 or more conversations, not {args.tool_format}")
+        if args.tool_format:
+            from tinyllm_hf.tasks.tool_use import tool_format_texts
+
+            texts = itertools.chain(texts, [tool_format_texts(args.tool_format)])
 
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, output_dir=args.output,
                                     min_frequency=args.min_frequency, model_max_length=args.model_max_length,

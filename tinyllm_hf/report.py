@@ -50,41 +50,55 @@ def stage_table(run: RunLayout, stages) -> str:
 
 
 def eval_table(run: RunLayout, model_stages) -> str:
-    """One row per evaluated model: perplexity, held-out task accuracy (overall and per task), C-Eval, CMMLU."""
+    """One row per evaluated model (and one more per model evaluated with the built-in tools): perplexity, held-out
+    task accuracy (overall and per task), tool-call validity, C-Eval, CMMLU."""
     results = {s: _read_json(run.eval_results(s)) for s in model_stages}
     results = {s: r for s, r in results.items() if r}
     if not results:
         return "_No evaluation results._"
-    task_names = sorted({t for r in results.values() for t in r["tasks"].get("tasks", {}).get("per_task", {})})
-    header = ["model", "bits/char", "perplexity", "held-out tasks", *task_names, "C-Eval", "CMMLU"]
+    held_keys = ("tasks", "tasks_tools")
+    task_names = sorted({t for r in results.values() for key in held_keys
+                         for t in r["tasks"].get(key, {}).get("per_task", {})})
+    header = ["model", "tools", "bits/char", "perplexity", "held-out tasks", *task_names, "valid tool calls", "C-Eval",
+              "CMMLU"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def accuracy(entry):
+        return "–" if not entry or entry.get("accuracy") is None else f"{100 * entry['accuracy']:.1f}%"
+
     for stage, result in results.items():
         tasks = result["tasks"]
-        ppl, held = tasks.get("ppl", {}), tasks.get("tasks", {})
-        per_task = held.get("per_task", {})
-
-        def accuracy(entry):
-            return "–" if not entry or entry.get("accuracy") is None else f"{100 * entry['accuracy']:.1f}%"
-
-        cells = [stage, _fmt(ppl.get("bits_per_char"), "{:.3f}"), _fmt(ppl.get("perplexity"), "{:.2f}"),
-                 accuracy(held) + (f" ({held.get('mode')})" if held else ""),
-                 *[accuracy(per_task.get(t)) for t in task_names],
-                 accuracy(tasks.get("ceval")), accuracy(tasks.get("cmmlu"))]
-        rows.append("| " + " | ".join(cells) + " |")
+        ppl = tasks.get("ppl", {})
+        for key in [k for k in held_keys if k in tasks] or ["tasks"]:
+            held = tasks.get(key, {})
+            per_task = held.get("per_task", {})
+            calls = held.get("tool_calls")
+            validity = f"{100 * calls['validity']:.1f}% of {calls['n']}" if calls and calls.get("n") else "–"
+            cells = [stage, "on" if key == "tasks_tools" else "off", _fmt(ppl.get("bits_per_char"), "{:.3f}"),
+                     _fmt(ppl.get("perplexity"), "{:.2f}"), accuracy(held) + (f" ({held.get('mode')})" if held else ""),
+                     *[accuracy(per_task.get(t)) for t in task_names], validity,
+                     accuracy(tasks.get("ceval")), accuracy(tasks.get("cmmlu"))]
+            rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def sample_chats(model_dir: Path, prompts: list[str]) -> list[tuple[str, str]]:
-    """(prompt, greedy reply with its special tokens) for each prompt, as a one-turn chat."""
-    from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, generate
+    """(prompt, the exchange as the model saw it) for each prompt, as a one-turn chat with the built-in tools: greedy
+    replies through the tool loop, each call's result and the answer rendered with their special tokens."""
+    from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime
+    from tinyllm_hf.inference.tool_loop import Toolbox, run_tool_loop
 
     runtime = TransformersRuntime.from_pretrained(model_dir)
-    greedy = SamplingParams(MAX_NEW_TOKENS, temperature=0.0)
+    toolbox = Toolbox.builtin()
+    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    greedy = [SamplingParams(MAX_NEW_TOKENS, temperature=0.0) for _ in prompts]
     chats = []
-    for prompt in prompts:
-        prompt_ids = runtime.encode(runtime.render_chat([{"role": "user", "content": prompt}]))
-        reply = runtime.tokenizer.decode(generate(runtime, prompt_ids, greedy), skip_special_tokens=False)
-        chats.append((prompt, reply))
+    for conversation, done in zip(conversations, run_tool_loop(runtime, conversations, toolbox, greedy,
+                                                               max_tokens=MAX_NEW_TOKENS)):
+        before = runtime.render_chat(conversation, toolbox.schemas)
+        after = runtime.tokenizer.apply_chat_template(conversation + done.messages, tools=toolbox.schemas,
+                                                      tokenize=False)
+        chats.append((conversation[0]["content"], after[len(before):]))
     return chats
 
 
@@ -139,7 +153,8 @@ def write_report(run: RunLayout, recipe: dict, chat_model: Path) -> Path:
         lines += ["## Quantized variants", "", quant.read_text("utf-8"), ""]
 
     prompts = [sample_prompt(p) for p in (recipe.get("report") or {}).get("prompts") or DEFAULT_PROMPTS]
-    lines += ["## Sample chats", "", f"Greedy replies of `{chat_model.name}` (special tokens shown).", ""]
+    lines += ["## Sample chats", "", f"Greedy replies of `{chat_model.name}` with the built-in tools (special tokens "
+              "shown: a `<tool_call>`, the tool's `<|tool|>` result, then the answer).", ""]
     for prompt, reply in sample_chats(chat_model, prompts):
         lines += [f"**User:** {prompt}", "", "**Assistant:**", "", "```text", reply, "```", ""]
 

@@ -42,6 +42,15 @@ SHAREGPT_ROLES = {
     "bard": "assistant",
 }
 LOCAL_SUFFIXES = (".jsonl", ".json")
+# The Arrow type of a `messages` column, tool calls and reasoning included (arguments as a JSON string, so calls with
+# different argument names share it): sources are cast to it before they are concatenated.
+MESSAGES_FEATURE = datasets.List({
+    "role": datasets.Value("string"),
+    "content": datasets.Value("string"),
+    "tool_calls": datasets.List({"type": datasets.Value("string"),
+                                 "function": {"name": datasets.Value("string"), "arguments": datasets.Value("string")}}),
+    "reasoning_content": datasets.Value("string"),
+})
 MAX_REPORTED = 10  # malformed rows listed by line in a skip warning (the count is always complete)
 
 

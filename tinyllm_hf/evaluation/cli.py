@@ -15,6 +15,7 @@ from tinyllm_hf.model_utils import get_model, get_tokenizer
 from tinyllm_hf.options import comma_list
 
 TASKS = (*BENCHMARKS, "ppl", "tasks")
+TOOL_MODES = ("off", "on", "both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-stride", type=int, default=None, help="ppl window step (default: half the window)")
     p.add_argument("--tasks-file", default=None, help="JSONL of task records for --tasks tasks (default: the embedded "
                    "held-out SFT tasks)")
+    p.add_argument("--tools", choices=TOOL_MODES, default="off",
+                   help="--tasks tasks with the built-in tools (the dictionary lookups and calculator, run by the tool "
+                        "loop): off, on (results under 'tasks_tools'), or both")
     p.add_argument("--task-sizes", default=None, help="with the embedded tasks: records per task, e.g. sentiment=200,xiehouyu=50")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -128,8 +132,13 @@ def run(args: argparse.Namespace) -> dict:
             results[name] = perplexity(model, tokenizer, texts, args.ppl_max_length, args.ppl_stride, progress=progress)
         else:
             from tinyllm_hf.evaluation.tasks import evaluate_tasks
+            from tinyllm_hf.inference.tool_loop import Toolbox
 
-            results[name] = evaluate_tasks(runtime, examples, args.max_new_tokens, args.batch_size, progress)
+            if args.tools in ("off", "both"):
+                results[name] = evaluate_tasks(runtime, examples, args.max_new_tokens, args.batch_size, progress)
+            if args.tools in ("on", "both"):
+                results[f"{name}_tools"] = evaluate_tasks(runtime, examples, args.max_new_tokens, args.batch_size,
+                                                          progress, toolbox=Toolbox.builtin())
     settings = {k: v for k, v in vars(args).items() if k not in ("model", "output", "no_progress")}
     revision = args.revision or weights_revision(args.model)
     return make_results(args.model, revision, results, settings)

@@ -12,7 +12,9 @@
                   "overflow", "mean_shots", "per_subject": {…}, "per_category": {…}},
         "cmmlu": {…},
         "ppl":   {"n_texts", "n_tokens", "n_chars", "nll_per_token", "perplexity", "bits_per_char", "bits_per_byte", …},
-        "tasks": {"mode", "shots", "accuracy", "n", "correct", "per_task": {…}}
+        "tasks": {"mode", "shots", "tools", "accuracy", "n", "correct", "per_task": {…}},
+        "tasks_tools": {… as "tasks", with the built-in tools (--tools on|both), "tool_calls": {"n", "valid",
+                        "validity", "called", "malformed"}}
       }
     }
 
@@ -100,5 +102,7 @@ def results_table(results: dict) -> str:
             score = f"{_pct(entry['accuracy'])}% acc" if entry.get("scored", True) else "unscored split"
             if entry.get("unparsed"):
                 score += f" ({entry['unparsed']} unparsed)"
+            if entry.get("tool_calls", {}).get("n"):
+                score += f", {_pct(entry['tool_calls']['validity'])}% valid tool calls"
             lines.append(f"| {name} | {entry['mode']} | {entry['shots']} | {score} | {entry['n']} |")
     return "\n".join(lines)

@@ -4,8 +4,10 @@
 
 The conversation is rendered with the model's own chat template (the one SFT trained with), so every turn sees the
 whole history; the oldest turns are dropped when the history no longer fits the model's context. A folder holding a
-LoRA adapter (adapter_config.json) is loaded on top of its base model. Commands: /reset starts a new conversation,
-/system TEXT changes the system prompt (and resets), /exit (or Ctrl-D) quits.
+LoRA adapter (adapter_config.json) is loaded on top of its base model. The built-in tools (dictionary lookups and a
+calculator, `tinyllm_hf.tasks.tools`) are on by default: the model may call them, each call and its result is shown,
+and the answer follows (`inference/tool_loop.py`). Commands: /reset starts a new conversation, /system TEXT changes
+the system prompt (and resets), /tools on|off, /think on|off (the thinking switch), /exit (or Ctrl-D) quits.
 """
 
 import argparse
@@ -24,7 +26,8 @@ from tinyllm_hf.trainers.merge import adapter_base
 if TYPE_CHECKING:
     from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime
 
-HELP = "commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /help, /exit"
+HELP = ("commands: /reset (new conversation), /system TEXT (new system prompt, new conversation), /tools on|off, "
+        "/think on|off, /help, /exit")
 
 
 def load_chat_model(path: str, device: str | None = None, dtype: str = "float32") -> "TransformersRuntime":
@@ -47,19 +50,23 @@ def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"
 
 
 class ChatSession:
-    """A conversation with a model: the history, the system prompt and how replies are sampled.
+    """A conversation with a model: the history, the system prompt, the tools and how replies are sampled.
 
     `max_new_tokens=None` lets each reply use the rest of the context after its prompt; a number is a fixed budget
-    (the prompt's oldest turns are then dropped to leave room for it)."""
+    (the prompt's oldest turns are then dropped to leave room for it). `toolbox`: the tools the model may call
+    (`inference.tool_loop.Toolbox`; None: none). `thinking`: the thinking switch (`enable_thinking`)."""
 
     def __init__(self, runtime, system_prompt: str | None = None, max_new_tokens: int | None = None,
-                 sampling: "SamplingParams | None" = None):
+                 sampling: "SamplingParams | None" = None, toolbox=None, thinking: bool = False):
         from tinyllm_hf.inference.runtime import SamplingParams
 
         self.runtime = runtime
         self.system_prompt = system_prompt  # None: the chat template's default system prompt
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or SamplingParams(max_tokens=1, temperature=0.0)  # max_tokens is set per reply
+        self.toolbox = toolbox
+        self.tools_on = toolbox is not None
+        self.thinking = thinking
         self.history: list[dict] = []
         self.context = runtime.context_length
         if max_new_tokens is not None and max_new_tokens >= self.context:
@@ -71,46 +78,83 @@ class ChatSession:
         if system_prompt is not None:
             self.system_prompt = system_prompt
 
+    @property
+    def active_toolbox(self):
+        return self.toolbox if self.tools_on else None
+
     def messages(self, history: list[dict]) -> list[dict]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + history
 
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """Token ids of the whole conversation plus `user_text`, ending with the assistant's header; the oldest
-        exchanges are dropped until the prompt leaves room for the reply in the context."""
+    def fitted_history(self, user_text: str) -> list[dict]:
+        """The history plus `user_text`, its oldest exchanges (a user message and everything up to the next one)
+        dropped until the prompt leaves room for the reply in the context."""
         history = [*self.history, {"role": "user", "content": user_text}]
+        tools = self.active_toolbox.schemas if self.active_toolbox else None
         room = self.max_new_tokens or 1
         while True:
-            ids = self.runtime.encode(self.runtime.render_chat(self.messages(history)))
+            ids = self.runtime.encode(self.runtime.render_chat(self.messages(history), tools, self.thinking))
             if len(ids) + room <= self.context:
                 self.history = history[:-1]
-                return ids
+                return history
             if len(history) == 1:
                 raise UsageError(f"the message is too long: {len(ids)} tokens with the system prompt, and the "
                                  f"model's context is {self.context} (of which {room} for the reply)")
-            history = history[2:]  # the oldest user message and its answer
+            next_user = next((i for i in range(1, len(history)) if history[i]["role"] == "user"), len(history) - 1)
+            history = history[next_user:]
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """Token ids of the (fitted) conversation plus `user_text`, ending with the assistant's header."""
+        tools = self.active_toolbox.schemas if self.active_toolbox else None
+        return self.runtime.encode(self.runtime.render_chat(self.messages(self.fitted_history(user_text)), tools,
+                                                            self.thinking))
 
     def stream(self, user_text: str) -> Iterator[str]:
-        """Yield the reply to `user_text` in pieces as it is generated; the finished reply joins the history."""
-        from tinyllm_hf.inference.runtime import SamplingParams, stream
+        """Yield the reply to `user_text` in pieces as it is generated - tool calls and their results as lines of
+        their own - and add the whole exchange (calls and results included) to the history."""
+        from tinyllm_hf.inference.tool_loop import DoneEvent, TokenEvent, ToolEvent, tool_loop
+        from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START
 
-        prompt = self.prompt_ids(user_text)
-        budget = self.max_new_tokens or self.context - len(prompt)
-        params = SamplingParams(**{**vars(self.sampling), "max_tokens": budget})
+        history = self.fitted_history(user_text)
+        call_start = set(self.runtime.encode(TOOL_CALL_START)) if self.active_toolbox else set()
         pieces: list[str] = []
-        text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
         new: list[int] = []
-        for token in stream(self.runtime, prompt, params):
-            if token in self.runtime.eos_token_ids:
-                break
-            new.append(token)
-            text.on_token(new)
-            text.on_progress(new)
+        text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
+        shown = True  # False once the round's tool call begins: calls are shown as ToolEvents, not as raw JSON
+        done = None
+        for event in tool_loop(self.runtime, [self.messages(history)], self.active_toolbox, [self.sampling],
+                               self.max_new_tokens, enable_thinking=self.thinking):
+            if isinstance(event, TokenEvent):
+                if event.token in self.runtime.eos_token_ids or not shown:
+                    continue
+                if event.token in call_start:
+                    shown = False
+                    text.on_finish(new, "stop", None)
+                    continue
+                new.append(event.token)
+                text.on_token(new)
+                text.on_progress(new)
+            elif isinstance(event, ToolEvent):
+                arguments = ", ".join(f"{k}={v}" for k, v in event.arguments.items())
+                pieces.append(f"\n[调用 {event.name}({arguments})]\n[结果] {event.result}\n")
+                new, shown = [], True
+                text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
+            elif isinstance(event, DoneEvent):
+                done = event
+                if shown:
+                    text.on_finish(new, "stop", None)
+                if event.finish_reason in ("tool_rounds", "context"):
+                    pieces.append(f"\n({FINISH_NOTES[event.finish_reason]})")
             yield from filter(None, pieces)
             pieces.clear()
-        text.on_finish(new, "stop", None)
-        yield from filter(None, pieces)
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text.text}]
+        self.history = history + done.messages
+
+
+# What the user is told when the tool loop stops a reply early.
+FINISH_NOTES = {
+    "tool_rounds": "the model kept calling tools; stopped after the round limit",
+    "context": "the conversation no longer fits the model's context: /reset to start a new one",
+}
 
 
 def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], object] = None) -> int:
@@ -135,6 +179,15 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
         elif line.startswith("/system"):
             session.reset(line.removeprefix("/system").strip() or None)
             write(f"(system prompt: {session.system_prompt or 'the default'}; new conversation)\n")
+        elif line in ("/tools on", "/tools off"):
+            if line == "/tools on" and session.toolbox is None:
+                write("(this session has no tools: start it with --tools on)\n")
+            else:
+                session.tools_on = line == "/tools on"
+                write(f"(tools {'on' if session.tools_on else 'off'})\n")
+        elif line in ("/think on", "/think off"):
+            session.thinking = line == "/think on"
+            write(f"(thinking {'on' if session.thinking else 'off'})\n")
         elif line.startswith("/"):
             write(f"unknown command {line.split()[0]}; {HELP}\n")
         else:
@@ -159,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable replies)")
+    p.add_argument("--tools", choices=("on", "off"), default="on",
+                   help="offer the built-in tools (dictionary lookups, calculator) to the model (default: on)")
+    p.add_argument("--think", action="store_true", help="start with thinking on (the model reasons before answering)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return p
@@ -177,7 +233,10 @@ def sampling_params(args: argparse.Namespace) -> "SamplingParams":
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runtime = load_chat_model(args.model, args.device, args.dtype)
-    session = ChatSession(runtime, args.system, args.max_new_tokens, sampling_params(args))
+    from tinyllm_hf.inference.tool_loop import Toolbox
+
+    toolbox = Toolbox.builtin() if args.tools == "on" else None
+    session = ChatSession(runtime, args.system, args.max_new_tokens, sampling_params(args), toolbox, args.think)
     return repl(session)
 
 

@@ -157,6 +157,7 @@ class DoneEvent:
     reply: dict
     finish_reason: str
     calls: list[ToolEvent]
+    first_reply: dict | None = None  # the parsed reply of the first round (what a tool-call check judges)
 
     @property
     def content(self) -> str:
@@ -183,6 +184,7 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
     history = [list(messages) for messages in conversations]
     added: list[list[dict]] = [[] for _ in conversations]
     calls: list[list[ToolEvent]] = [[] for _ in conversations]
+    first: dict[int, dict] = {}
     active = list(range(len(conversations)))
     for round_index in range(max_rounds + 1):
         prompts, ready = {}, []
@@ -190,7 +192,7 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
             ids = runtime.encode(runtime.render_chat(history[row], tools, enable_thinking))
             if _budget(runtime, ids, max_tokens) < 1:
                 reply = parse_reply("")
-                yield DoneEvent(row, added[row], reply, "context", calls[row])
+                yield DoneEvent(row, added[row], reply, "context", calls[row], first.get(row, reply))
                 continue
             prompts[row] = ids
             ready.append(row)
@@ -207,11 +209,12 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
                 tokens = new[row]
                 ended = bool(tokens) and tokens[-1] in runtime.eos_token_ids
                 reply = parse_reply(runtime.decode_raw(tokens), thinking=enable_thinking)
+                first.setdefault(row, reply)
                 message = as_message(reply)
                 history[row].append(message)
                 added[row].append(message)
                 if not reply["tool_calls"] or toolbox is None:
-                    yield DoneEvent(row, added[row], reply, "stop" if ended else "length", calls[row])
+                    yield DoneEvent(row, added[row], reply, "stop" if ended else "length", calls[row], first[row])
                     continue
                 for call in reply["tool_calls"]:
                     function = call["function"]
@@ -223,7 +226,7 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
                     history[row].append(tool_message)
                     added[row].append(tool_message)
                 if round_index == max_rounds:
-                    yield DoneEvent(row, added[row], reply, "tool_rounds", calls[row])
+                    yield DoneEvent(row, added[row], reply, "tool_rounds", calls[row], first[row])
                 else:
                     next_active.append(row)
         active = next_active

@@ -7,6 +7,7 @@ identical on every run.
 """
 
 import argparse
+import functools
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -83,21 +84,28 @@ def take(rows: list[dict], count: int | None, task: str, repeat: bool) -> list[d
 
 
 def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, sizes: dict[str, int] | None = None,
-                      seed: int = 0) -> datasets.Dataset:
-    """The embedded SFT set: columns `id` (the record's), `task` and `messages`, shuffled with `seed`.
+                      seed: int = 0, tool_sizes: dict[str, int] | str | None = None) -> datasets.Dataset:
+    """The embedded SFT set: columns `id` (the record's), `task`, `messages` and `tools`, shuffled with `seed`.
 
     split: "train" or "heldout" (records.split_of decides for each item; identity questions are always "train").
     tasks: task names (default: all of TASKS). sizes: {task: number of conversations}; a task not named keeps all of
     its conversations. In the train split, identity (and any task) is repeated to reach a size larger than it is.
+    tool_sizes: {kind: count} of tool-use conversations (`tinyllm_hf.tasks.tool_use.TOOL_KINDS`), which carry the
+    built-in tools' schemas as JSON in `tools`; the plain conversations have `tools` None. An empty `tasks` list
+    with `tool_sizes` builds tool-use conversations only.
     """
+    from tinyllm_hf.tasks.tool_use import build_tool_rows, parse_tool_sizes
+
     check_split(split)
+    tool_sizes = parse_tool_sizes(tool_sizes)
     tasks = check_tasks(tasks, tuple(TASKS), "SFT")
     sizes = parse_task_sizes(sizes)
     records = records_by_kind(tasks, split)
     rows = []
     for name in tasks:
         task_rows = conversation_rows(TASKS[name], records[TASKS[name].kind])
-        rows += take(task_rows, sizes.get(name), name, repeat=split == "train")
+        rows += [{**row, "tools": None} for row in take(task_rows, sizes.get(name), name, repeat=split == "train")]
+    rows += build_tool_rows(split, tool_sizes, seed)
     if not rows:
         raise UsageError(f"no {split} conversations for tasks {', '.join(tasks)}")
     return shuffled_dataset(rows, seed)
@@ -110,8 +118,28 @@ def heldout_task_records(tasks: Iterable[str] | None = None, sizes: dict[str, in
     tasks = [t for t in (tasks or TASKS) if t in HELDOUT_TASKS or t not in TASKS]  # an unknown name fails in the build
     heldout = build_default_sft("heldout", tasks, sizes)
     order = sorted(range(len(heldout)), key=lambda i: (tasks.index(heldout[i]["task"]), heldout[i]["id"]))
-    return [{"id": heldout[i]["id"], "task": heldout[i]["task"], "messages": heldout[i]["messages"],
-             "checker": TASKS[heldout[i]["task"]].checker} for i in order]
+    # Every right answer of an item counts (a 歇后语's second halves, the dictionary's whole entry).
+    answers = {(row["task"], row["id"]): TASKS[row["task"]].accepted_answers(record)
+               for row in heldout for record in [heldout_record(row["task"], row["id"])]}
+    records = []
+    for i in order:
+        task, item_id = heldout[i]["task"], heldout[i]["id"]
+        record = {"id": item_id, "task": task, "messages": heldout[i]["messages"], "answer": answers[task, item_id],
+                  "checker": TASKS[task].checker}
+        if TASKS[task].tool is not None:  # what a right first reply calls when tools are on
+            record["tool_call"] = {"name": TASKS[task].tool,
+                                   "arguments": TASKS[task].tool_arguments(heldout_record(task, item_id))}
+        records.append(record)
+    return records
+
+
+def heldout_record(task: str, item_id: str) -> dict:
+    return _heldout_records(task)[item_id]
+
+
+@functools.cache
+def _heldout_records(task: str) -> dict[str, dict]:
+    return {record["id"]: record for record in TASKS[task].records("heldout")}
 
 
 def write_task_file(records: list[dict], path: str | Path) -> Path:

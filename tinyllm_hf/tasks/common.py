@@ -102,6 +102,12 @@ class Task:
     partial_credit: the RL correctness reward gives a reply that is not exactly right its character F1 with the
         reference (True) or 0.0 (False: a label is right or wrong).
     distractor: how preference pairs get their wrong answer (None: the task has no preference pairs).
+    tool: the built-in tool (`tinyllm_hf.tasks.tools.BUILTIN_TOOLS`) that answers the question, and
+    tool_arguments: its arguments for a record. A task with a tool has tool-use conversations (`tool_use.py`): the
+        model calls the tool and answers with what it returns.
+    paraphrases: more wordings of the question, as users put it, for tool-use conversations (`questions` stay the
+        ones evaluation asks).
+    alternatives: other answers that are just as right for a record (a 歇后语 with several second halves).
     """
 
     name: str
@@ -111,6 +117,10 @@ class Task:
     checker: str = "exact"
     partial_credit: bool = True
     distractor: Distractor | None = None
+    tool: str | None = None
+    tool_arguments: Callable[[dict], dict] | None = None
+    paraphrases: tuple[str, ...] = ()
+    alternatives: Callable[[dict], list[str]] | None = None
 
     def __post_init__(self):
         if self.checker not in CHECKERS:
@@ -141,6 +151,22 @@ class Task:
         """[user question, assistant answer] for a record, or None when the record does not make a good item."""
         answer = self.answer(record)
         return None if answer is None else chat(self.question(record), answer)
+
+    def accepted_answers(self, record: dict) -> list[str]:
+        """Every reply evaluation counts as right for a record: its answer, the alternatives, and what the task's tool
+        returns for it (the dictionary's whole entry, e.g. all second halves of a 歇后语 joined)."""
+        answers = [self.answer(record)]
+        if self.alternatives is not None:
+            answers += self.alternatives(record)
+        if self.tool is not None:
+            answers.append(self.call_tool(record))
+        return list(dict.fromkeys(a for a in answers if a))
+
+    def call_tool(self, record: dict) -> str:
+        """What the task's tool returns for a record."""
+        from tinyllm_hf.tasks.tools import BUILTIN_TOOLS
+
+        return BUILTIN_TOOLS[self.tool](**self.tool_arguments(record))
 
     def reward(self, reply: str, reference: str) -> float:
         """The RL correctness score of a reply (see `correctness`)."""

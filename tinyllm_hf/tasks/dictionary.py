@@ -3,6 +3,7 @@
 import re
 
 from tinyllm_hf.tasks.common import Task, successor_value
+from tinyllm_hf.tasks.tools import xiehouyu_answers
 
 MAX_SENSES = 3  # senses of a character kept in its answer
 
@@ -21,12 +22,19 @@ WORD_DEFINITION = Task(
     questions=("词语「{word}」是什么意思？", "请解释「{word}」这个词。"),
     answer=lambda r: r["definition"].strip() or None,
     distractor=successor_value("definition"),
+    tool="word_lookup",
+    tool_arguments=lambda r: {"word": r["word"]},
+    paraphrases=("「{word}」这个词是什么意思？", "帮我查一下词语「{word}」。", "词语{word}怎么解释？",
+                 "{word}这个词什么意思", "请解释一下词语「{word}」的意思。"),
 )
 CHAR_DEFINITION = Task(
     name="char_definition",
     kind="chars",
     questions=("汉字「{char}」怎么读？是什么意思？", "「{char}」这个字读什么，有什么意思？"),
     answer=char_answer,
+    tool="word_lookup",
+    tool_arguments=lambda r: {"word": r["char"]},
+    paraphrases=("汉字「{char}」是什么意思？", "{char}这个字怎么读？", "帮我查一下「{char}」字。", "「{char}」字读什么？"),
 )
 XIEHOUYU = Task(
     name="xiehouyu",
@@ -34,4 +42,9 @@ XIEHOUYU = Task(
     questions=("歇后语「{riddle}——」的下半句是什么？", "补全歇后语：{riddle}——"),
     answer=lambda r: r["answer"],
     distractor=successor_value("answer"),
+    tool="xiehouyu_lookup",
+    tool_arguments=lambda r: {"riddle": r["riddle"]},
+    paraphrases=("{riddle}——下一句是什么？", "歇后语「{riddle}」的后半句是什么？", "{riddle}，后面一句是什么？",
+                 "歇后语{riddle}下半句", "“{riddle}”的下半句是什么？"),
+    alternatives=lambda r: xiehouyu_answers(r["riddle"]),
 )

@@ -16,6 +16,10 @@ IDIOM_MEANING = Task(
     questions=("成语「{word}」是什么意思？", "请解释成语「{word}」。", "「{word}」这个成语怎么理解？"),
     answer=lambda r: r["explanation"] or None,
     distractor=successor_value("explanation"),
+    tool="idiom_lookup",
+    tool_arguments=lambda r: {"word": r["word"]},
+    paraphrases=("成语{word}是什么意思", "帮我查一下成语「{word}」的意思。", "{word}这个成语什么意思？",
+                 "请问成语{word}怎么解释？", "成语「{word}」的含义是什么？"),
 )
 IDIOM_ORIGIN = Task(
     name="idiom_origin",

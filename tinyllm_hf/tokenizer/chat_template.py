@@ -28,10 +28,12 @@ prompt opens `<think>\\n`, so the model writes its reasoning before the answer; 
 exactly the plain format's and the model answers at once. `reasoning_content` in an assistant message renders as its
 `<think>` block.
 
-Everything an assistant turn holds - reasoning, content, tool calls and its `<|endoftext|>` - sits inside
+What an assistant turn holds - reasoning, content, tool calls and its `<|endoftext|>` - sits inside
 `{% generation %}`: `return_assistant_tokens_mask=True` (and TRL's `assistant_only_loss=True`) then mark exactly the
-tokens the model must learn to produce. Tool results are outside it: the model reads them, it never learns to write
-them. `tinyllm_hf.tokenizer.reply` parses a reply back into `{content, reasoning_content, tool_calls}`.
+tokens the model must learn to produce. Two things stay outside it: tool results (the model reads them, it never
+learns to write them) and the `<think>` that opens a reasoning block, which only the generation prompt of
+`enable_thinking=True` supplies - so a model never learns to start thinking on its own, and with thinking off (the
+default) it answers at once: the switch is the prompt, not the model's whim. `tinyllm_hf.tokenizer.reply` parses a reply back into `{content, reasoning_content, tool_calls}`.
 """
 
 import json
@@ -108,9 +110,13 @@ _TEMPLATE_BODY = """\
         {{- USER + '\\n' + message['content'] + '\\n' -}}
     {%- elif message['role'] == 'assistant' -%}
         {{- ASSISTANT + '\\n' -}}
+        {%- set thinks = message['reasoning_content'] is defined and message['reasoning_content'] -%}
+        {%- if thinks -%}
+            {{- THINK_START + '\\n' -}}
+        {%- endif -%}
         {%- generation -%}
-            {%- if message['reasoning_content'] is defined and message['reasoning_content'] -%}
-                {{- THINK_START + '\\n' + message['reasoning_content'] + '\\n' + THINK_END + '\\n' -}}
+            {%- if thinks -%}
+                {{- message['reasoning_content'] + '\\n' + THINK_END + '\\n' -}}
             {%- endif -%}
             {{- message['content'] or '' -}}
             {%- if message['tool_calls'] is defined and message['tool_calls'] -%}

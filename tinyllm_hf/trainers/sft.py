@@ -30,12 +30,19 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 from trl.trainer.utils import get_quantization_config
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
-from tinyllm_hf.data.sft import FORMATS, load_sft_dataset
+from tinyllm_hf.data.sft import FORMATS, MESSAGES_FEATURE, load_sft_dataset
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.runs import HELDOUT_RESULTS_FILE, HELDOUT_TASKS_FILE
 from tinyllm_hf.tasks import TASKS, build_default_sft, heldout_task_records, parse_task_sizes, write_task_file
+from tinyllm_hf.tasks.tool_use import parse_tool_sizes
+from tinyllm_hf.tokenizer.chat_template import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    apply_chat_template_to_tokenizer,
+    missing_special_tokens,
+)
 from tinyllm_hf.trainers.common import (
     DatasetArguments,
     ReliableTrainerMixin,
@@ -54,6 +61,9 @@ from tinyllm_hf.trainers.common import (
 
 # Defaults that differ from SFTConfig's own; recipes and the command line override them. SFTConfig turns on bf16 and
 # gradient checkpointing by default: both only slow a small model down on a CPU, so recipes for GPUs switch them on.
+# Held-out tool-use conversations of each kind in the validation set.
+HELDOUT_TOOL_CONVERSATIONS = 20
+
 DEFAULTS = {
     "output_dir": "outputs/sft",
     "assistant_only_loss": True,
@@ -80,6 +90,11 @@ class SFTDataArguments(DatasetArguments):
         default=None,
         metadata={"help": "training conversations per default-set task, e.g. 'sentiment=6000,identity=200' "
                           "(default: all; a size above a task's count repeats it)"},
+    )
+    tool_task_sizes: str | None = field(
+        default=None,
+        metadata={"help": "tool-use conversations of the default set by kind, e.g. 'idiom_meaning=1000,not_found=100' "
+                          "(kinds: tinyllm_hf.tasks.tool_use.TOOL_KINDS; default: none)"},
     )
     max_eval_samples: int = field(
         default=500, metadata={"help": "held-out conversations for the validation loss (0: no validation set)"}
@@ -138,6 +153,18 @@ def load_tokenizer(data_args: SFTDataArguments, model_args: ModelConfig):
     return get_tokenizer(path, revision=model_args.model_revision, needs_chat_template=True)
 
 
+def add_tool_tokens(tokenizer) -> list[str]:
+    """Give a tinyllm tokenizer trained before the tool and thinking tokens existed those tokens and the current chat
+    template (in place); returns the tokens added. A tokenizer with another model's chat template is left alone."""
+    missing = missing_special_tokens(tokenizer)
+    if missing and (tokenizer.chat_template or "").startswith(CHAT_TEMPLATE.split("\n", 1)[0]):
+        apply_chat_template_to_tokenizer(tokenizer, add_missing=True)
+        logger.warning(f"the tokenizer lacked the tool and thinking tokens {missing}: added them (ids "
+                       f"{len(tokenizer) - len(missing)}..{len(tokenizer) - 1}) and the model's embeddings grow to match")
+        return missing
+    return []
+
+
 def load_model(model_args: ModelConfig, tokenizer):
     if not model_args.model_name_or_path:
         raise UsageError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
@@ -152,6 +179,10 @@ def load_model(model_args: ModelConfig, tokenizer):
         # bitsandbytes layers must be placed on the GPU while loading, one full copy per process.
         device_map={"": torch.cuda.current_device()} if quantization_config is not None else None,
     )
+    added = [t for t in SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(t) >= model.config.vocab_size]
+    if added and len(tokenizer) - model.config.vocab_size == len(added):
+        # Only the tokens `add_tool_tokens` added are new to the model: their rows start at the mean embedding.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if len(tokenizer) > model.config.vocab_size:
         raise UsageError(
             f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: use the tokenizer "
@@ -173,9 +204,12 @@ def build_datasets(data_args: SFTDataArguments, seed: int) -> tuple[datasets.Dat
     for source in data_args.sources:
         if source == "default":
             sizes = parse_task_sizes(data_args.task_sizes)
-            train_parts.append(build_default_sft("train", data_args.tasks, sizes, seed))
+            tool_sizes = parse_tool_sizes(data_args.tool_task_sizes)
+            train_parts.append(build_default_sft("train", data_args.tasks, sizes, seed, tool_sizes))
             if data_args.max_eval_samples > 0:
-                eval_parts.append(build_default_sft("heldout", data_args.tasks, seed=seed))
+                # Held-out tool-use conversations too (a few of each kind), so the validation loss covers the format.
+                heldout_tools = {kind: min(count, HELDOUT_TOOL_CONVERSATIONS) for kind, count in tool_sizes.items()}
+                eval_parts.append(build_default_sft("heldout", data_args.tasks, seed=seed, tool_sizes=heldout_tools))
             continue
         dataset = load_sft_dataset(source, data_args.dataset_format, data_args.malformed, data_args.dataset_split,
                                    data_args.dataset_config)
@@ -193,8 +227,14 @@ def build_datasets(data_args: SFTDataArguments, seed: int) -> tuple[datasets.Dat
 
 
 def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
-    # Sources carry different extra columns (the default set has id and task); the trainer needs only the messages.
-    return datasets.concatenate_datasets([part.select_columns(["messages"]) for part in parts])
+    # Sources carry different extra columns (the default set has id and task); the trainer needs the messages and the
+    # tools (JSON, or None for a conversation without tools), which TRL's SFTTrainer hands to the chat template.
+    def columns(part: datasets.Dataset) -> datasets.Dataset:
+        if "tools" not in part.column_names:
+            part = part.add_column("tools", [None] * len(part), feature=datasets.Value("string"))
+        return part.select_columns(["messages", "tools"]).cast_column("messages", MESSAGES_FEATURE)
+
+    return datasets.concatenate_datasets([columns(part) for part in parts])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,6 +275,8 @@ def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: 
 def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig, run_args: RunArguments) -> dict:
     set_seed(args.seed)
     tokenizer = load_tokenizer(data_args, model_args)
+    if data_args.tool_task_sizes:
+        add_tool_tokens(tokenizer)
     model = load_model(model_args, tokenizer)
     context = model.config.max_position_embeddings
     if args.max_length is None or args.max_length > context:
