@@ -93,6 +93,34 @@ def streamed_calls(chunks: list[dict]) -> list[dict]:
     return [call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls", [])]
 
 
+@pytest.mark.parametrize("text, thinking", [
+    ("先算一下。</think>\n我来算：" + CALL, True),
+    ("还没想完", True),
+    ("先查：" + CALL + "再查：" + CALL.replace("12*7", "3+4") + "好了。", False),
+    ('先查：<tool_call>{"name": "calculator", "arguments": {"expression": </tool_call>' + CALL, False),
+    (CALL[:-5], False),  # cut off inside the closing marker
+    ("<think>\n自己开了思考</think>\n答案", False),
+    ("没有调用，只有 <tool 字样", False),
+])
+def test_reply_stream_adds_up_to_the_parsed_reply(text, thinking):
+    """Fed a character at a time, the deltas add up to what `parse_reply` makes of the whole text."""
+    from tinyllm_hf.inference.text_stream import ReplyStream
+    from tinyllm_hf.tokenizer.reply import parse_reply
+
+    stream = ReplyStream(lambda t: parse_reply(t, thinking))
+    streamed, calls = {"content": "", "reasoning_content": ""}, []
+    for k, char in enumerate(text):
+        grown, new_calls = stream.feed(char, final=k == len(text) - 1)
+        for field, piece in grown.items():
+            streamed[field] += piece
+        calls += new_calls
+        if k < len(text) - 1:  # an open call's text is never streamed as content
+            assert TOOL_CALL_START not in streamed["content"] or "</tool_call>" in text[:k + 1]
+    parsed = parse_reply(text, thinking)
+    assert streamed == {"content": parsed["content"], "reasoning_content": parsed["reasoning_content"] or ""}
+    assert calls == parsed["tool_calls"]
+
+
 def test_openai_client_tool_loop(client, scripted):
     """The client's standard loop: create -> tool_calls -> the assistant message and the tool's result -> create."""
     scripted.script = lambda prompt: ANSWER if TOOL_TOKEN in prompt else CALL
@@ -156,11 +184,14 @@ def test_several_calls_get_their_own_ids_and_indexes(url, scripted):
     assert [c["index"] for c in streamed] == [0, 1] and len({c["id"] for c in streamed}) == 2
 
 
-def test_thinking_switch_as_top_level_field(url, scripted):
+def test_thinking_switch_as_top_level_field(url, client, scripted):
     scripted.script = lambda prompt: "想想。</think>\n" + ANSWER
     message = chat(url, enable_thinking=True)["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == ("想想。", ANSWER)
     assert scripted.prompts[-1].endswith("<think>\n") and TOOLS_TOKEN not in scripted.prompts[-1]
+    # The client keeps the field it does not know as an attribute.
+    reply = client.chat.completions.create(model=MODEL_ID, messages=QUESTION, extra_body={"enable_thinking": True})
+    assert reply.choices[0].message.reasoning_content == "想想。"
     plain = chat(url)["choices"][0]["message"]  # thinking off: no reasoning field, the text as it is
     assert "reasoning_content" not in plain and not scripted.prompts[-1].endswith("<think>\n")
 

@@ -8,6 +8,11 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (Open
 `stream: true` as server-sent events ending with `data: [DONE]`), GET /health. Every error is a 4xx/5xx with OpenAI's
 body `{"error": {"message", "type", "param", "code"}}`. Why this is our own server and not `transformers serve`:
 docs/serving.md.
+
+Chat completions take OpenAI's `tools` / `tool_choice` and `tool` messages, and the thinking switch
+(`chat_template_kwargs: {"enable_thinking": true}`, as vLLM and SGLang take it, or `enable_thinking`). The reply is
+parsed by `tokenizer.reply` into `content`, `reasoning_content` and `tool_calls`; the server never runs a tool: the
+client does, and sends the result back as a `tool` message, as with OpenAI.
 """
 
 import argparse
@@ -20,8 +25,8 @@ import secrets
 import sys
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -219,10 +224,9 @@ class Service:
 
         thinking = request.thinking()
         tools, prefix = offered_tools(request, thinking)
+        messages = chat_messages(request.messages)
         try:
-            prompt = self.runtime.render_chat(chat_messages(request.messages), tools, thinking)
-        except APIError:
-            raise
+            prompt = self.runtime.render_chat(messages, tools, thinking)
         except Exception as exc:  # the template's own raise_exception (e.g. a system message in the middle)
             raise APIError(400, f"messages do not fit the chat template: {exc}", param="messages") from None
         if tools:
@@ -363,8 +367,8 @@ def chat_messages(messages: list[Message]) -> list[dict]:
                 except json.JSONDecodeError:
                     arguments = None
                 if not isinstance(arguments, dict):
-                    raise _bad_message(f"{where}.tool_calls[{j}].function.arguments",
-                                       f"{where}.tool_calls[{j}].function.arguments must be a JSON object (as a string)")
+                    param = f"{where}.tool_calls[{j}].function.arguments"
+                    raise _bad_message(param, f"{param} must be a JSON object (as a string)")
                 entry["tool_calls"].append({"type": "function",
                                             "function": {"name": call.function.name, "arguments": arguments}})
                 pending[call.id] = call.function.name
@@ -468,9 +472,10 @@ async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bo
                 if delta.finish_reason and delta.finish_reason not in FINISHED_OK:
                     yield sse(abort_error(delta).body())
                     break
-                chunk = make_chunk(index, delta.text, delta.finish_reason) if delta.text or delta.finish_reason else None
-                if chunk is not None:
-                    yield sse(chunk)
+                if delta.text or delta.finish_reason:
+                    chunk = make_chunk(index, delta.text, delta.finish_reason)
+                    if chunk is not None:
+                        yield sse(chunk)
                 if delta.finish_reason:
                     remaining -= 1
                     tokens[index] = delta.completion_tokens
@@ -583,7 +588,8 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
                 delta = dict(fields)
                 if calls:  # each call whole, once it is closed; its index counts the calls of this choice
                     first = replies[index].calls_sent - len(calls)
-                    delta["tool_calls"] = [{"index": first + k, **openai_tool_call(call)} for k, call in enumerate(calls)]
+                    delta["tool_calls"] = [{"index": first + k, **openai_tool_call(call)}
+                                           for k, call in enumerate(calls)]
                 return delta
 
             def make_chunk(index, text, finish_reason, first=False):
