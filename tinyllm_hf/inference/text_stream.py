@@ -79,7 +79,8 @@ class ReplyStream:
     last delta, and the tool calls completed since. Text that could still change its meaning waits: a tool call until
     its `</tool_call>` (unclosed at the end, it stays in the content, as `parse_reply` keeps it), the beginning of a
     marker, and trailing whitespace (stripped once a call follows). `prefix`: text the reply starts with that the
-    model did not generate (a forced tool call's opening). With `final` everything left is sent."""
+    model did not generate (a forced tool call's opening). With `final` everything left is sent. The deltas add up to
+    the parsed message, except leading whitespace streamed before a call is known to follow (the parse strips it)."""
 
     FIELDS = ("reasoning_content", "content")
 
