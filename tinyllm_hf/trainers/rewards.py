@@ -164,7 +164,7 @@ def build_rewards(args: RewardArguments, tokenizer, toolbox=None) -> tuple[list,
     """(reward_funcs, reward_processing_classes) for TRL, in the order of `args.rewards`; `toolbox`: the tools the
     rollouts may call (`tinyllm_hf.inference.tool_loop.Toolbox`), which the tool_call reward needs."""
     if "tool_call" in args.names and toolbox is None:
-        raise UsageError("the tool_call reward needs tools in the rollouts: set tools (e.g. tools: builtin)")
+        raise UsageError("the tool_call reward needs tools in the rollouts: tinyllm grpo --tools builtin (recipe key tools)")
     funcs, processing_classes = [], []
     for name in args.names:
         processing_class = None
