@@ -38,8 +38,10 @@ default) it answers at once: the switch is the prompt, not the model's whim. `ti
 `RESPONSE_TEMPLATE` describes the same reply format to transformers' response parser (`tokenizer.parse_response(text,
 prefix=prompt)`, transformers >= 5.13), which TRL's `GRPOTrainer(tools=...)` uses to find the tool calls in a
 rollout. Every tokenizer we make carries it (`tokenizer_config.json` saves it). It agrees with `parse_reply` on
-well-formed replies; a malformed or cut-off tool call makes it raise where `parse_reply` keeps the text (see
-`reply.py`).
+well-formed replies (`tests/test_reply_parsing.py`), not on the rest: a call that is not JSON or is cut off makes it
+raise where `parse_reply` keeps the text and reports the call; a call without a name passes; arguments written as a
+JSON string stay a string; `<think>` opens reasoning anywhere, not only at the start; text after `<|endoftext|>` is
+kept; the content before a call keeps its trailing newline.
 """
 
 import json
