@@ -19,6 +19,7 @@ assistant message's content.
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterator
 
@@ -100,14 +101,21 @@ class Toolbox:
 
         return cls(dict(BUILTIN_TOOLS), timeout)
 
+    def refusal(self, name: str, arguments) -> tuple[str, str] | None:
+        """(text the model reads, error) when the call cannot run - an unknown tool, or arguments that do not fit its
+        schema - else None. The RL reward for valid calls asks this too."""
+        if name not in self.functions:
+            return f"错误：没有名为 {name} 的工具（可用：{', '.join(self.functions)}）。", "unknown tool"
+        problem = (check_arguments(self._schema[name], arguments) if isinstance(arguments, dict)
+                   else "参数应为 JSON 对象")
+        return (f"错误：{name} 的参数不对：{problem}。", "bad arguments") if problem else None
+
     def call(self, name: str, arguments: dict) -> tuple[str, str | None]:
         """(result text, error or None). Every failure - unknown tool, arguments that do not fit, an exception, a
         call past the time limit - is a result the model reads, never an exception."""
-        if name not in self.functions:
-            return f"错误：没有名为 {name} 的工具（可用：{', '.join(self.functions)}）。", "unknown tool"
-        problem = check_arguments(self._schema[name], arguments)
-        if problem:
-            return f"错误：{name} 的参数不对：{problem}。", "bad arguments"
+        refused = self.refusal(name, arguments)
+        if refused:
+            return refused
         # A worker thread bounds the wait; a call that overruns keeps its thread until it returns (Python threads
         # cannot be killed), so tools should be bounded themselves, as the built-in ones are.
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -121,6 +129,20 @@ class Toolbox:
             pool.shutdown(wait=False)
         text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
         return text[:MAX_RESULT_CHARS], None
+
+    def as_functions(self) -> list[Callable[..., str]]:
+        """The tools for a caller that runs them itself, as TRL's `GRPOTrainer(tools=...)` does: each keeps its
+        function's name, signature and docstring (so `get_json_schema` gives the same schema) but runs through `call`,
+        so a bad call during RL rollouts returns the same error text the model reads at inference."""
+
+        def bound(name: str, function: Callable[..., object]) -> Callable[..., str]:
+            @functools.wraps(function)
+            def run(**arguments) -> str:
+                return self.call(name, arguments)[0]
+
+            return run
+
+        return [bound(name, function) for name, function in self.functions.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

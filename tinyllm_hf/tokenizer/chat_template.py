@@ -34,9 +34,18 @@ tokens the model must learn to produce. Two things stay outside it: tool results
 learns to write them) and the `<think>` that opens a reasoning block, which only the generation prompt of
 `enable_thinking=True` supplies - so a model never learns to start thinking on its own, and with thinking off (the
 default) it answers at once: the switch is the prompt, not the model's whim. `tinyllm_hf.tokenizer.reply` parses a reply back into `{content, reasoning_content, tool_calls}`.
+
+`RESPONSE_TEMPLATE` describes the same reply format to transformers' response parser (`tokenizer.parse_response(text,
+prefix=prompt)`, transformers >= 5.13), which TRL's `GRPOTrainer(tools=...)` uses to find the tool calls in a
+rollout. Every tokenizer we make carries it (`tokenizer_config.json` saves it). It agrees with `parse_reply` on
+well-formed replies (`tests/test_reply_parsing.py`), not on the rest: a call that is not JSON or is cut off makes it
+raise where `parse_reply` keeps the text and reports the call; a call without a name passes; arguments written as a
+JSON string stay a string; `<think>` opens reasoning anywhere, not only at the start; text after `<|endoftext|>` is
+kept; the content before a call keeps its trailing newline.
 """
 
 import json
+import re
 
 from tinyllm_hf.errors import UsageError
 
@@ -153,6 +162,23 @@ CHAT_TEMPLATE = (
     + _TEMPLATE_BODY
 )
 
+# transformers' response template (`tokenizer.response_template`) for one assistant turn. The parser starts after the
+# last `<|assistant|>\n` of prompt + reply (so a prompt ending in `<think>\n`, enable_thinking, opens the reasoning);
+# text outside `<think>` and `<tool_call>` is content, joined around the calls, up to `<|endoftext|>`. The newlines
+# the chat template writes around the reasoning are part of its delimiters, as `reply.split_reasoning` strips them.
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": ASSISTANT_TOKEN + "\n",
+    "fields": {
+        "reasoning_content": {"open_pattern": re.escape(THINK_START) + r"\n*",
+                              "close_pattern": r"\n*" + re.escape(THINK_END) + r"\n*", "content": "text",
+                              "content_args": {"strip": False}},
+        "tool_calls": {"open": TOOL_CALL_START, "close": TOOL_CALL_END, "repeats": True, "content": "json",
+                       "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close": EOS_TOKEN, "repeats": True, "join": "", "content": "text", "content_args": {"strip": False}},
+    },
+}
+
 
 def missing_special_tokens(tokenizer) -> list[str]:
     vocab = tokenizer.get_vocab()
@@ -160,7 +186,7 @@ def missing_special_tokens(tokenizer) -> list[str]:
 
 
 def apply_chat_template_to_tokenizer(tokenizer, add_missing: bool = False):
-    """Give `tokenizer` our chat template, EOS and pad token (in place; returns it for chaining).
+    """Give `tokenizer` our chat template, response template, EOS and pad token (in place; returns it for chaining).
 
     The tokenizer must already contain the special tokens as single ids (a tokenizer from `train_tokenizer` does).
     `add_missing=True` adds the ones it lacks (a tokenizer trained before the tool and thinking tokens existed) as
@@ -172,6 +198,7 @@ def apply_chat_template_to_tokenizer(tokenizer, add_missing: bool = False):
     elif missing:
         raise UsageError(f"tokenizer lacks the special tokens {missing}; train it with tinyllm_hf.tokenizer.train_tokenizer")
     tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.response_template = RESPONSE_TEMPLATE
     tokenizer.eos_token = EOS_TOKEN
     tokenizer.pad_token = PAD_TOKEN
     return tokenizer

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tinyllm_hf.errors import OutputExistsError, UsageError
 from tinyllm_hf.runs import atomic_output
-from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, RESPONSE_TEMPLATE, SPECIAL_TOKENS
 
 # Chosen by measurement on the default corpus (docs/tokenizer.md, `bench/tokenizer.py sweep`): 4096 needs 11.5% more
 # tokens; beyond 8192 most added tokens are seen < 100 times in training and the embedding table dominates the small
@@ -119,6 +119,7 @@ def wrap_tokenizer(tokenizer: Tokenizer, model_max_length: int = DEFAULT_MODEL_M
         pad_token=PAD_TOKEN,
         model_max_length=model_max_length,
         chat_template=CHAT_TEMPLATE,
+        response_template=RESPONSE_TEMPLATE,
     )
 
 

@@ -11,9 +11,11 @@ from trl import ModelConfig
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset
 from tinyllm_hf.errors import UsageError
+from tinyllm_hf.inference.tool_loop import Toolbox
 from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.tasks import build_default_preferences, build_prompt_dataset, parse_task_sizes
+from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, RESPONSE_TEMPLATE
 from tinyllm_hf.trainers.common import (
     DatasetArguments,
     RunArguments,
@@ -102,6 +104,26 @@ def prompt_dataset(data_args: PromptDataArguments, seed: int):
                                data_args.dataset_config)
 
 
+TOOL_SETS = ("builtin",)
+
+
+@dataclass
+class ToolArguments:
+    tools: str | None = field(
+        default=None,
+        metadata={"help": "tools the policy may call in its rollouts: 'builtin' (the dictionary lookups and the "
+                          "calculator of tinyllm_hf.tasks.tools); TRL runs each call and the policy continues after the "
+                          "result, for up to max_tool_calling_iterations rounds. Default: none"},
+    )
+
+    def __post_init__(self):
+        if self.tools is not None and self.tools not in TOOL_SETS:
+            raise UsageError(f"tools: unknown tool set {self.tools!r}; choose from {', '.join(TOOL_SETS)}")
+
+    def toolbox(self) -> Toolbox | None:
+        return Toolbox.builtin() if self.tools == "builtin" else None
+
+
 def load_tokenizer(model_args: ModelConfig):
     if not model_args.model_name_or_path:
         raise UsageError("model_name_or_path is not set: point it at an SFT checkpoint (recipe key or --model_name_or_path)")
@@ -131,17 +153,25 @@ def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args:
 
 
 def train_online(trainer_class, data_args: PromptDataArguments, reward_args, model_args: ModelConfig, args,
-                 run_args: RunArguments) -> dict:
+                 run_args: RunArguments, toolbox: Toolbox | None = None) -> dict:
     """One on-policy run (GRPO or RLOO, by `trainer_class`): sample completions of the prompts, score them with the
-    weighted reward functions, update the policy; save the final model into output_dir."""
+    weighted reward functions, update the policy; save the final model into output_dir. With `toolbox` (GRPO only)
+    the prompts offer its tools and TRL runs the calls the policy makes during generation."""
     check_run_args(run_args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args)
-    reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer)
+    tools = {}
+    if toolbox is not None:
+        # TRL finds the calls with the tokenizer's response template; a tokenizer saved before RESPONSE_TEMPLATE
+        # existed has our chat template but none.
+        if tokenizer.chat_template == CHAT_TEMPLATE and tokenizer.response_template is None:
+            tokenizer.response_template = RESPONSE_TEMPLATE
+        tools = {"tools": toolbox.as_functions()}
+    reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer, toolbox)
     train_dataset = prompt_dataset(data_args, args.seed)
     if "correctness" in reward_args.names and not any(train_dataset["answer"]):
         raise UsageError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
     trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer), args, tokenizer, model_args, run_args,
                             reward_funcs=reward_funcs, train_dataset=train_dataset,
-                            reward_processing_classes=reward_tokenizers)
+                            reward_processing_classes=reward_tokenizers, **tools)
     return train_and_save(trainer, run_args)

@@ -1,7 +1,11 @@
 """Reward functions for on-policy RL (`tinyllm grpo`, `tinyllm rloo`), combined with weights (`reward_weights`).
 
 TRL calls each function as `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)` and expects one
-float per completion. Conversational prompts give each completion as `[{"role": "assistant", "content": text}]`.
+float per completion. Conversational prompts give each completion as messages: `[{"role": "assistant", "content":
+text}]`, or with tools (`tinyllm grpo --tools builtin`) the whole rollout, `[assistant with tool_calls, tool, ...,
+assistant]` (TRL parses each turn with the tokenizer's RESPONSE_TEMPLATE), and `completion_ids` then hold every turn
+and the tool results between them. The answer the rewards judge is the content of the final assistant message; a
+rollout that ends on a tool result or a call (cut off at max_completion_length or max_tool_calling_iterations) has none.
 
 - `correctness` (rule-based, needs the `task` and `answer` columns of `build_prompt_dataset`): each task's own rule
   (`tinyllm_hf.tasks`: `Task.reward`): 1.0 when the reply equals the reference after normalisation (as the held-out
@@ -11,7 +15,12 @@ float per completion. Conversational prompts give each completion as `[{"role": 
   produce an exact answer.
 - `format` (rule-based, needs the token ids): 1.0 for a well-formed reply, else 0.0. Well-formed: some text, ended by
   the end-of-turn token (not cut off at max_completion_length), no role token (`<|user|>` ...) generated and no role
-  marker typed out as text, at most `max_completion_chars` characters.
+  marker typed out as text, at most `max_completion_chars` characters. With tools it judges the final answer's turn
+  (the tokens after the last tool result, whose `<|tool|>` ... `<|assistant|>` the chat template wrote).
+- `tool_call` (rule-based, needs tools): the share of the tool calls the policy wrote that can run - JSON that
+  parses, a known tool, arguments that fit its schema (`Toolbox.refusal`) - and 0.0 for a rollout without any call.
+  A malformed call counts: TRL's parser drops it (and every call of its turn), but its `<tool_call>` token stays in
+  the ids.
 - `reward_model`: the scalar score of a trained reward model (`tinyllm reward`) on prompt + completion rendered with the
   chat template. It is handed to TRL as a model, so TRL batches it, puts it on the right device and wraps it for
   DeepSpeed; `load_reward_model` checks the folder first.
@@ -25,11 +34,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.tasks import reply_reward
-from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN
+from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, TOOL_CALL_START, TOOL_TOKEN, USER_TOKEN
 from tinyllm_hf.options import comma_list
 from tinyllm_hf.trainers.common import logger
 
-REWARDS = ("correctness", "format", "reward_model")
+REWARDS = ("correctness", "format", "reward_model", "tool_call")
 ROLE_TOKENS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
 
 
@@ -66,8 +75,12 @@ class RewardArguments:
 
 
 def completion_text(completion) -> str:
-    """The text of one completion: a string, or the content of its (last) assistant message."""
-    return completion if isinstance(completion, str) else completion[-1]["content"]
+    """The answer of one completion: a string, or the content of its final assistant message; "" when the rollout
+    ended on a tool call or a tool result (it never answered)."""
+    if isinstance(completion, str):
+        return completion
+    last = completion[-1]
+    return last["content"] if last["role"] == "assistant" and not last.get("tool_calls") else ""
 
 
 def correctness_reward(completions, answer, task, **kwargs) -> list[float]:
@@ -85,7 +98,16 @@ class FormatReward:
     def __init__(self, tokenizer, max_chars: int = 200):
         self.eos_id = tokenizer.eos_token_id
         self.role_ids = {tokenizer.convert_tokens_to_ids(token) for token in ROLE_TOKENS}
+        self.tool_id = tokenizer.convert_tokens_to_ids(TOOL_TOKEN)
+        self.assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT_TOKEN)
         self.max_chars = max_chars
+
+    def final_turn(self, ids: list[int]) -> list[int]:
+        """The ids of the last assistant turn: those after the `<|assistant|>` that follows the last tool result."""
+        if self.tool_id not in ids:
+            return ids
+        after_tool = ids[len(ids) - ids[::-1].index(self.tool_id):]
+        return after_tool[after_tool.index(self.assistant_id) + 1:] if self.assistant_id in after_tool else []
 
     def is_well_formed(self, text: str, ids: list[int]) -> bool:
         return (
@@ -97,8 +119,30 @@ class FormatReward:
         )
 
     def __call__(self, completions, completion_ids, **kwargs) -> list[float]:
-        return [float(self.is_well_formed(completion_text(c), list(ids)))
+        return [float(self.is_well_formed(completion_text(c), self.final_turn(list(ids))))
                 for c, ids in zip(completions, completion_ids, strict=True)]
+
+
+class ToolCallReward:
+    """The share of the policy's tool calls that can run (see the module docstring)."""
+
+    __name__ = "tool_call_reward"
+
+    def __init__(self, tokenizer, toolbox):
+        self.call_start_id = tokenizer.convert_tokens_to_ids(TOOL_CALL_START)
+        self.toolbox = toolbox
+
+    def valid_calls(self, completion) -> int:
+        if isinstance(completion, str):
+            return 0
+        return sum(self.toolbox.refusal(call["function"]["name"], call["function"]["arguments"]) is None
+                   for message in completion if message["role"] == "assistant"
+                   for call in message.get("tool_calls") or [])
+
+    def __call__(self, completions, completion_ids, **kwargs) -> list[float]:
+        # Every `<tool_call>` in the ids is one the policy wrote: tool results are dictionary text, which holds none.
+        attempts = [list(ids).count(self.call_start_id) for ids in completion_ids]
+        return [self.valid_calls(c) / n if n else 0.0 for c, n in zip(completions, attempts, strict=True)]
 
 
 def load_reward_model(path: str | os.PathLike):
@@ -116,8 +160,11 @@ def load_reward_model(path: str | os.PathLike):
     return model.eval(), tokenizer
 
 
-def build_rewards(args: RewardArguments, tokenizer) -> tuple[list, list]:
-    """(reward_funcs, reward_processing_classes) for TRL, in the order of `args.rewards`."""
+def build_rewards(args: RewardArguments, tokenizer, toolbox=None) -> tuple[list, list]:
+    """(reward_funcs, reward_processing_classes) for TRL, in the order of `args.rewards`; `toolbox`: the tools the
+    rollouts may call (`tinyllm_hf.inference.tool_loop.Toolbox`), which the tool_call reward needs."""
+    if "tool_call" in args.names and toolbox is None:
+        raise UsageError("the tool_call reward needs tools in the rollouts: tinyllm grpo --tools builtin (recipe key tools)")
     funcs, processing_classes = [], []
     for name in args.names:
         processing_class = None
@@ -125,6 +172,8 @@ def build_rewards(args: RewardArguments, tokenizer) -> tuple[list, list]:
             func = correctness_reward
         elif name == "format":
             func = FormatReward(tokenizer, args.max_completion_chars)
+        elif name == "tool_call":
+            func = ToolCallReward(tokenizer, toolbox)
         else:
             func, processing_class = load_reward_model(args.reward_model_path)
         funcs.append(func)
