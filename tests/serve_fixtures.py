@@ -68,6 +68,42 @@ class SlowRuntime:
         return self._runtime.decode(tokens, state)
 
 
+class ScriptedRuntime:
+    """The real runtime's tokenizer, chat template and context with replies a test writes: `script(prompt text)`
+    returns the reply text (control tokens included), which is encoded by the real tokenizer, ended with EOS and
+    forced through the logits, so any sampling settings pick it. Every prefilled prompt is kept in `prompts`. One
+    sequence at a time (the engine queues). The model never runs, so the context can be longer than its own: the
+    tiny tokenizers spend ~220 tokens on a prompt that lists the built-in tools."""
+
+    max_batch_size = 1
+
+    def __init__(self, runtime, script, vocab_size: int, context_length: int = 1024):
+        self._runtime, self._script, self._vocab_size = runtime, script, vocab_size
+        self.eos_token_ids = runtime.eos_token_ids
+        self.context_length = context_length
+        self.prompts: list[list[int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def _logits(self, state) -> torch.Tensor:
+        reply, position = state
+        logits = torch.zeros(1, self._vocab_size)
+        logits[0, reply[min(position, len(reply) - 1)]] = 1e4
+        return logits
+
+    def prefill(self, prompts):
+        (prompt,) = prompts
+        self.prompts.append(list(prompt))
+        reply = self._runtime.encode(self._script(self._runtime.decode_raw(prompt))) + [min(self.eos_token_ids)]
+        state = [reply, 0]
+        return state, self._logits(state)
+
+    def decode(self, tokens, state):
+        state[1] += 1
+        return self._logits(state)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ pytest.importorskip("gradio", reason='the demo needs the serve extra: pip instal
 httpx = pytest.importorskip("httpx")
 
 from serve_fixtures import SlowRuntime, build_chat_checkpoint, free_port  # noqa: E402
-from tinyllm_hf.inference.demo import build_demo, conversation, launch, stream_reply  # noqa: E402
+from tinyllm_hf.inference.demo import build_demo, conversation, launch, reply_messages  # noqa: E402
 from tinyllm_hf.inference.engine import Engine  # noqa: E402
 from tinyllm_hf.inference.runtime import TransformersRuntime  # noqa: E402
 
@@ -74,19 +74,22 @@ def test_conversation_keeps_every_turn_and_gradio_text_parts():
     assert conversation("", [], "问")[0]["role"] == "user"  # an empty system prompt leaves the template's default
 
 
-def test_stream_reply_sends_the_whole_history_and_grows(backend):
+def test_reply_sends_the_whole_history_and_grows(backend):
     engine = RecordingEngine(backend)
     try:
         messages = conversation("你是助手", [{"role": "user", "content": "第一问"},
                                             {"role": "assistant", "content": "第一答"}], "第二问")
-        replies = list(stream_reply(engine, messages, temperature=0.0, top_p=1.0, max_tokens=12))
+        # Tools off: the random model's reply is one round of text (tests/test_demo.py runs the tool calls).
+        replies = [reply for (reply,) in reply_messages(engine, messages, None, temperature=0.0, top_p=1.0,
+                                                        max_tokens=12)]
         prompt = backend.tokenizer.decode(engine.prompts[0])
         assert prompt == backend.render_chat(messages)
         assert prompt.index("第一问") < prompt.index("第一答") < prompt.index("第二问")
-        assert len(replies) > 1 and all(b.startswith(a) for a, b in zip(replies, replies[1:]))
+        texts = [reply["content"] for reply in replies]
+        assert len(texts) > 1 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
 
         # Closing the generator early (the Stop button) cancels the sequence in the engine.
-        stream = stream_reply(engine, messages, temperature=0.0, top_p=1.0, max_tokens=200)
+        stream = reply_messages(engine, messages, None, temperature=0.0, top_p=1.0, max_tokens=200)
         next(stream)
         stream.close()
         deadline = time.monotonic() + 10
@@ -123,7 +126,7 @@ def test_chat_in_headless_chromium(backend):
     ARTIFACTS.mkdir(exist_ok=True)
     # A short pause per token keeps each reply streaming long enough to watch it grow and to press Stop mid-way.
     engine = RecordingEngine(SlowRuntime(backend, delay=0.02))
-    demo = build_demo(engine)
+    demo = build_demo(engine, tools=False)  # a random model: tool calls are tests/test_demo.py's (scripted)
     _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     bot = "#chatbot [data-testid='bot']"
     try:
