@@ -11,10 +11,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
+from serve_fixtures import ScriptedRuntime  # noqa: E402
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export.gguf import export_gguf, template_for_llama_cpp  # noqa: E402
+from tinyllm_hf.inference.runtime import SamplingParams  # noqa: E402
+from tinyllm_hf.inference.tool_loop import Toolbox, run_tool_loop  # noqa: E402
+from tinyllm_hf.tasks.tools import calculator, idiom_lookup  # noqa: E402
+from tinyllm_hf.tokenizer.chat_template import SPECIAL_TOKENS, TOOL_CALL_START, TOOL_TOKEN, USER_TOKEN  # noqa: E402
+from tinyllm_hf.tokenizer.reply import parse_reply  # noqa: E402
 
 N_TOKENS = 16
+TOOLS = Toolbox.builtin().schemas
+# A lookup with its result and the answer; then a reasoning model's call (arguments as a JSON string, as the OpenAI
+# API sends them) and answer.
+TOOL_CHAT = [
+    {"role": "system", "content": "你是助手"},
+    {"role": "user", "content": "画蛇添足是什么意思？"},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"type": "function", "function": {"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}}]},
+    {"role": "tool", "name": "idiom_lookup", "content": idiom_lookup("画蛇添足")},
+    {"role": "assistant", "content": "比喻做了多余的事。"},
+]
+THINKING_CHAT = [
+    {"role": "user", "content": "(3+4)*5 等于多少？"},
+    {"role": "assistant", "reasoning_content": "先算括号里的。", "content": "",
+     "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "(3+4)*5"}'}}]},
+    {"role": "tool", "name": "calculator", "content": calculator("(3+4)*5")},
+    {"role": "assistant", "reasoning_content": "工具算出了结果。", "content": "等于 35。"},
+]
 
 
 def _llama_cpp():
@@ -58,7 +82,7 @@ def test_metadata_describes_llama_with_our_tokenizer(exported):
     assert field("tokenizer.ggml.add_bos_token") is False
     assert field("tokenizer.chat_template") == template_for_llama_cpp(tokenizer.chat_template)
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-    for special in ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"):
+    for special in SPECIAL_TOKENS:  # the chat format's, tool and thinking tokens included
         assert types[tokens.index(special)] == gguf.TokenType.CONTROL
     assert len(field("tokenizer.ggml.merges")) > 0
     names = {t.name for t in reader.tensors}
@@ -217,3 +241,93 @@ def test_tinyllm_checkpoint_exports_the_same_tensors_as_its_llama_twin(exported,
     ours, reference = gguf.GGUFReader(twin), gguf.GGUFReader(files["f16"])
     assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, reference.tensors))
+
+
+@pytest.fixture(scope="module")
+def llama_runtime(exported):
+    _llama_cpp()
+    from tinyllm_hf.inference.runtime import LlamaCppRuntime
+
+    return LlamaCppRuntime(exported[1]["f16"], n_threads=2)
+
+
+def _tool_renderings(tokenizer) -> list[str]:
+    """Whole tool conversations and the prompts a tool loop sends (after a result, opening a reasoning block)."""
+    def render(messages, **kwargs):
+        return tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, **kwargs)
+
+    return [render(TOOL_CHAT), render(TOOL_CHAT[:4], add_generation_prompt=True), render(THINKING_CHAT),
+            render(THINKING_CHAT[:1], add_generation_prompt=True, enable_thinking=True),
+            render(THINKING_CHAT[:3], add_generation_prompt=True, enable_thinking=True)]
+
+
+def test_llama_cpp_tokenizes_tool_conversations_like_transformers(exported, llama_runtime):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    seen = set()
+    for text in _tool_renderings(tokenizer):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert llama_runtime.encode(text) == ids, text
+        seen.update(ids)
+    # Every control token of the chat format occurred, each as its one id in both tokenizers.
+    assert set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[2:])) - {tokenizer.pad_token_id} <= seen
+    # llama.cpp ends generation at <|endoftext|> alone: none of the new tokens (</tool_call>, </think>) stops it.
+    llama_cpp = _llama_cpp()
+    vocab = llama_cpp.llama_model_get_vocab(llama_runtime.llm.model)
+    assert [i for i in range(len(SPECIAL_TOKENS)) if llama_cpp.llama_vocab_is_eog(vocab, i)] == [tokenizer.eos_token_id]
+
+
+def test_llama_cpp_runtime_renders_tool_prompts_as_the_tokenizer(exported, llama_runtime):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    for messages, thinking in ((TOOL_CHAT[:2], False), (TOOL_CHAT[:4], False), (THINKING_CHAT[:1], True),
+                               (THINKING_CHAT[:3], True)):
+        expected = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True,
+                                                 enable_thinking=thinking)
+        assert llama_runtime.render_chat(messages, tools=TOOLS, enable_thinking=thinking) == expected
+    # llama-cpp-python's create_chat_completion(tools=...) renders the stored template the same way.
+    formatter = Jinja2ChatFormatter(template=llama_runtime.chat_template, eos_token="<|endoftext|>",
+                                    bos_token="<|endoftext|>")
+    assert formatter(messages=TOOL_CHAT[:4], tools=TOOLS).prompt == tokenizer.apply_chat_template(
+        TOOL_CHAT[:4], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+
+
+def test_llama_cpp_output_text_keeps_the_tool_call_for_the_parser(exported, llama_runtime):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    # The reply a thinking model writes after its generation prompt: the rest of its rendered assistant turn.
+    prompt = tokenizer.apply_chat_template(THINKING_CHAT[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=True)
+    turn = tokenizer.apply_chat_template(THINKING_CHAT[:2], tools=TOOLS, tokenize=False)
+    assert turn.startswith(prompt)
+    ids = llama_runtime.encode(turn[len(prompt):])
+    raw = llama_runtime.decode_raw(ids)
+    assert raw == turn[len(prompt):]
+    reply = parse_reply(raw, thinking=True)
+    assert reply["reasoning_content"] == "先算括号里的。" and reply["content"] == ""
+    assert reply["tool_calls"] == [{"type": "function",
+                                    "function": {"name": "calculator", "arguments": {"expression": "(3+4)*5"}}}]
+    # decode_text drops the control tokens, so the same ids would parse as no call at all.
+    assert parse_reply(llama_runtime.decode_text(ids), thinking=True)["tool_calls"] == []
+
+
+def test_tool_loop_runs_on_a_gguf_file(exported, llama_runtime):
+    """The tool loop on llama.cpp's tokenizer and the file's template (replies scripted: the model is random)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    call = TOOL_CALL_START + '{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}</tool_call>'
+    runtime = ScriptedRuntime(llama_runtime, lambda p: "比喻做了多余的事。" if TOOL_TOKEN in p.rsplit(USER_TOKEN, 1)[-1]
+                              else call, llama_runtime.llm.n_vocab())
+    (done,) = run_tool_loop(runtime, [TOOL_CHAT[:2]], Toolbox.builtin(), [SamplingParams(max_tokens=64)])
+    assert done.finish_reason == "stop" and done.content == "比喻做了多余的事。"
+    assert [(c.name, c.arguments, c.result) for c in done.calls] == [("idiom_lookup", {"word": "画蛇添足"},
+                                                                      idiom_lookup("画蛇添足"))]
+    # Each round's prompt is the transformers tokenizer's ids of the conversation so far (the tool result included).
+    for prompt_ids, messages in zip(runtime.prompts, (TOOL_CHAT[:2], TOOL_CHAT[:2] + done.messages[:2]), strict=True):
+        assert prompt_ids == tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True,
+                                                           return_dict=False)
