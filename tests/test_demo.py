@@ -11,7 +11,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from serve_fixtures import ScriptedRuntime  # noqa: E402
+from serve_fixtures import (  # noqa: E402
+    IDIOM_ANSWER,
+    IDIOM_CALL,
+    IDIOM_QUESTION,
+    ScriptedRuntime,
+    call_then_answer,
+)
+
 from tinyllm_hf.errors import GenerationError, UsageError  # noqa: E402
 from tinyllm_hf.inference.demo import (  # noqa: E402
     build_parser,
@@ -21,26 +28,19 @@ from tinyllm_hf.inference.demo import (  # noqa: E402
     tool_message,
 )
 from tinyllm_hf.inference.engine import Engine  # noqa: E402
-from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, stream_batch  # noqa: E402
+from tinyllm_hf.inference.runtime import (  # noqa: E402
+    SamplingParams,
+    TransformersRuntime,
+    stream_batch,
+)
 from tinyllm_hf.inference.tool_loop import Toolbox, run_tool_loop  # noqa: E402
 from tinyllm_hf.tasks.tools import idiom_lookup  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import (  # noqa: E402
     ASSISTANT_TOKEN,
-    TOOL_CALL_END,
     TOOL_CALL_START,
     TOOL_TOKEN,
     TOOLS_TOKEN,
-    USER_TOKEN,
 )
-
-QUESTION = "画蛇添足是什么意思？"
-CALL = TOOL_CALL_START + '{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}' + TOOL_CALL_END
-ANSWER = "画蛇添足比喻做了多余的事，反而不合适。"
-
-
-def call_then_answer(prompt: str) -> str:
-    """Look the idiom up for a new question; answer once the tool's result follows the user's last message."""
-    return ANSWER if TOOL_TOKEN in prompt.rsplit(USER_TOKEN, 1)[-1] else CALL
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def runtime(backend):
 def run_reply(runtime, toolbox, **engine_args) -> list[list[dict]]:
     engine = Engine(runtime, **engine_args)
     try:
-        return list(reply_messages(engine, conversation("", [], QUESTION), toolbox, temperature=0.7, top_p=0.9,
+        return list(reply_messages(engine, conversation("", [], IDIOM_QUESTION), toolbox, temperature=0.7, top_p=0.9,
                                    max_tokens=64))
     finally:
         engine.close()
@@ -68,7 +68,7 @@ def test_a_tool_call_and_its_result_show_before_the_streamed_answer(backend, run
     call, answer = replies[-1]
     assert call == tool_message("idiom_lookup", {"word": "画蛇添足"}, result)
     assert call["metadata"]["title"] == '调用 idiom_lookup(word="画蛇添足")' and call["content"] == result
-    assert answer == {"role": "assistant", "content": ANSWER}
+    assert answer == {"role": "assistant", "content": IDIOM_ANSWER}
     # The call is shown alone first (it ran before the answer began), then the answer grows token by token.
     assert replies[0] == [call]
     answers = [reply[1]["content"] for reply in replies[1:]]
@@ -84,13 +84,13 @@ def test_tools_off_offers_no_tools_and_runs_one_round(backend, runtime):
     (reply,) = run_reply(runtime, None)[-1:]
     assert TOOLS_TOKEN not in backend.decode_raw(runtime.prompts[0]) and len(runtime.prompts) == 1
     # Without tools a call is only text (control tokens dropped, as every plain reply is shown).
-    assert reply == [{"role": "assistant", "content": backend.decode_text(backend.encode(CALL))}]
+    assert reply == [{"role": "assistant", "content": backend.decode_text(backend.encode(IDIOM_CALL))}]
 
 
 def test_engine_stream_batch_generates_as_runtime_stream_batch(runtime):
     """The engine-backed round yields what the runtime's own loop yields, the ending EOS included, so the tool loop
     on it ends its conversations the same way ("stop" after an EOS, "length" at the budget)."""
-    prompts = [runtime.encode(runtime.render_chat([{"role": "user", "content": q}])) for q in ("你好", QUESTION)]
+    prompts = [runtime.encode(runtime.render_chat([{"role": "user", "content": q}])) for q in ("你好", IDIOM_QUESTION)]
     engine = Engine(runtime)
     try:
         for budget in (64, 3):
@@ -101,10 +101,10 @@ def test_engine_stream_batch_generates_as_runtime_stream_batch(runtime):
                 assert [token for r, token in got if r == row] == expected
             assert (got[-1][1] in runtime.eos_token_ids) == (budget == 64)
 
-        messages, params = [[{"role": "user", "content": QUESTION}]], [SamplingParams(max_tokens=64)]
+        messages, params = [[{"role": "user", "content": IDIOM_QUESTION}]], [SamplingParams(max_tokens=64)]
         default = run_tool_loop(runtime, messages, Toolbox.builtin(), params)
         through_engine = run_tool_loop(runtime, messages, Toolbox.builtin(), params, generate_round=engine.stream_batch)
-        assert through_engine == default and default[0].finish_reason == "stop" and default[0].content == ANSWER
+        assert through_engine == default and default[0].finish_reason == "stop" and default[0].content == IDIOM_ANSWER
     finally:
         engine.close()
 
@@ -122,14 +122,14 @@ def test_an_engine_failure_ends_the_reply_with_its_reason(runtime):
 
 def test_earlier_turns_send_the_answers_and_keep_tool_calls_in_the_chat():
     history = [
-        {"role": "user", "content": QUESTION},
+        {"role": "user", "content": IDIOM_QUESTION},
         {"role": "assistant", "content": "我查一下。"},
         tool_message("idiom_lookup", {"word": "画蛇添足"}, "结果"),
-        {"role": "assistant", "content": ANSWER, "metadata": None},
+        {"role": "assistant", "content": IDIOM_ANSWER, "metadata": None},
     ]
     assert conversation("", history, "谢谢") == [
-        {"role": "user", "content": QUESTION},
-        {"role": "assistant", "content": "我查一下。\n" + ANSWER},
+        {"role": "user", "content": IDIOM_QUESTION},
+        {"role": "assistant", "content": "我查一下。\n" + IDIOM_ANSWER},
         {"role": "user", "content": "谢谢"},
     ]
 

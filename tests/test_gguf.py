@@ -11,13 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
-from serve_fixtures import ScriptedRuntime  # noqa: E402
+from serve_fixtures import (  # noqa: E402
+    IDIOM_ANSWER,
+    IDIOM_QUESTION,
+    ScriptedRuntime,
+    call_then_answer,
+)
+
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export.gguf import export_gguf, template_for_llama_cpp  # noqa: E402
 from tinyllm_hf.inference.runtime import SamplingParams  # noqa: E402
 from tinyllm_hf.inference.tool_loop import Toolbox, run_tool_loop  # noqa: E402
 from tinyllm_hf.tasks.tools import calculator, idiom_lookup  # noqa: E402
-from tinyllm_hf.tokenizer.chat_template import SPECIAL_TOKENS, TOOL_CALL_START, TOOL_TOKEN, USER_TOKEN  # noqa: E402
+from tinyllm_hf.tokenizer.chat_template import SPECIAL_TOKENS  # noqa: E402
 from tinyllm_hf.tokenizer.reply import parse_reply  # noqa: E402
 
 N_TOKENS = 16
@@ -26,7 +32,7 @@ TOOLS = Toolbox.builtin().schemas
 # API sends them) and answer.
 TOOL_CHAT = [
     {"role": "system", "content": "你是助手"},
-    {"role": "user", "content": "画蛇添足是什么意思？"},
+    {"role": "user", "content": IDIOM_QUESTION},
     {"role": "assistant", "content": "",
      "tool_calls": [{"type": "function", "function": {"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}}]},
     {"role": "tool", "name": "idiom_lookup", "content": idiom_lookup("画蛇添足")},
@@ -35,7 +41,8 @@ TOOL_CHAT = [
 THINKING_CHAT = [
     {"role": "user", "content": "(3+4)*5 等于多少？"},
     {"role": "assistant", "reasoning_content": "先算括号里的。", "content": "",
-     "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "(3+4)*5"}'}}]},
+     "tool_calls": [{"type": "function",
+                     "function": {"name": "calculator", "arguments": '{"expression": "(3+4)*5"}'}}]},
     {"role": "tool", "name": "calculator", "content": calculator("(3+4)*5")},
     {"role": "assistant", "reasoning_content": "工具算出了结果。", "content": "等于 35。"},
 ]
@@ -320,11 +327,9 @@ def test_tool_loop_runs_on_a_gguf_file(exported, llama_runtime):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported[0])
-    call = TOOL_CALL_START + '{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}</tool_call>'
-    runtime = ScriptedRuntime(llama_runtime, lambda p: "比喻做了多余的事。" if TOOL_TOKEN in p.rsplit(USER_TOKEN, 1)[-1]
-                              else call, llama_runtime.llm.n_vocab())
+    runtime = ScriptedRuntime(llama_runtime, call_then_answer, llama_runtime.llm.n_vocab())
     (done,) = run_tool_loop(runtime, [TOOL_CHAT[:2]], Toolbox.builtin(), [SamplingParams(max_tokens=64)])
-    assert done.finish_reason == "stop" and done.content == "比喻做了多余的事。"
+    assert done.finish_reason == "stop" and done.content == IDIOM_ANSWER
     assert [(c.name, c.arguments, c.result) for c in done.calls] == [("idiom_lookup", {"word": "画蛇添足"},
                                                                       idiom_lookup("画蛇添足"))]
     # Each round's prompt is the transformers tokenizer's ids of the conversation so far (the tool result included).

@@ -113,7 +113,12 @@ def reply_messages(engine: "Engine", messages: list[dict], toolbox: "Toolbox | N
     follows them. `toolbox=None` offers no tools (one round). Closing the generator (Stop, a closed tab) cancels the
     sequence in the engine."""
     from tinyllm_hf.inference.runtime import SamplingParams
-    from tinyllm_hf.inference.tool_loop import DEFAULT_MAX_ROUNDS, TokenEvent, ToolEvent, tool_loop
+    from tinyllm_hf.inference.tool_loop import (
+        DEFAULT_MAX_ROUNDS,
+        TokenEvent,
+        ToolEvent,
+        tool_loop,
+    )
 
     runtime = engine.runtime
     call_token = tool_call_token(runtime) if toolbox else None

@@ -11,11 +11,11 @@ OpenAI, and the server only renders and parses (`tokenizer.reply`).
 
 Each round renders the conversation with the tools' schemas, generates until `<|endoftext|>` (a batch of conversations
 at once, with `runtime.stream_batch`, or whatever `generate_round` the caller passes: the web demo passes its serving
-engine's `Engine.stream_batch`, so a demo's users share one decode batch), and parses the reply. Valid calls run (`Toolbox.call`: a known name, arguments
-that fit its schema, a time limit) and their results, or a sentence saying why a call could not run, join the
-conversation as `tool` messages; a conversation stops when a reply calls no tool, after `max_rounds` rounds of calls,
-or when its prompt no longer fits the context. Nothing the model wrote is dropped: a malformed call stays in the
-assistant message's content.
+engine's `Engine.stream_batch`, so a demo's users share one decode batch), and parses the reply. Valid calls run
+(`Toolbox.call`: a known name, arguments that fit its schema, a time limit) and their results, or a sentence saying
+why a call could not run, join the conversation as `tool` messages; a conversation stops when a reply calls no tool,
+after `max_rounds` rounds of calls, or when its prompt no longer fits the context. Nothing the model wrote is dropped:
+a malformed call stays in the assistant message's content.
 """
 
 import concurrent.futures
