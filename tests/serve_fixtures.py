@@ -1,10 +1,12 @@
 """A tiny chat checkpoint and an in-process uvicorn runner for the server and demo tests.
 
 Random weights emit random tokens: these tests check the protocol (shapes, streaming, errors, batching, cancelling),
-and compare the server's greedy output with transformers' own greedy decoding, never text quality.
+and compare the server's greedy output with transformers' own greedy decoding, never text quality. What a random model
+will not write - tool calls, reasoning - a `ScriptedRuntime` writes.
 """
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -75,51 +77,65 @@ class SlowRuntime:
         return self._runtime.decode(tokens, state)
 
 
+class ScriptedRuntime:
+    """The real runtime's tokenizer and chat template with a scripted model: a prompt is answered with the text
+    `script(prompt_text)` returns (tests swap `script` between requests), then EOS, one token per decode step whatever
+    the sampling settings, so a test can check what the server makes of replies a trained model writes (tool calls,
+    reasoning, malformed calls). It keeps the prompts it was given, as text. One sequence at a time: the engine
+    queues instead of batching."""
+
+    max_batch_size = 1
+
+    def __init__(self, runtime, script):
+        self._runtime, self.script = runtime, script
+        self.prompts: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def _logits(self, token: int) -> torch.Tensor:
+        logits = torch.full((1, len(self._runtime.tokenizer)), -1e9)
+        logits[0, token] = 0.0
+        return logits
+
+    def prefill(self, prompts):
+        (prompt,) = prompts
+        self.prompts.append(self._runtime.decode_raw(prompt))
+        tokens = self._runtime.encode(self.script(self.prompts[-1])) + [min(self._runtime.eos_token_ids)]
+        state = {"tokens": tokens, "step": 0}
+        return state, self._logits(tokens[0])
+
+    def decode(self, tokens, state):
+        state["step"] = min(state["step"] + 1, len(state["tokens"]) - 1)
+        return self._logits(state["tokens"][state["step"]])
+
+
+# A lookup conversation for ScriptedRuntime: the model calls idiom_lookup for the question, and answers once the
+# tool's result follows the user's last message.
 IDIOM_QUESTION = "画蛇添足是什么意思？"
 IDIOM_CALL = TOOL_CALL_START + '{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}' + TOOL_CALL_END
 IDIOM_ANSWER = "画蛇添足比喻做了多余的事，反而不合适。"
 
 
 def call_then_answer(prompt: str) -> str:
-    """A `ScriptedRuntime` script: look the idiom up for a new question, answer once the tool's result follows the
-    user's last message."""
     return IDIOM_ANSWER if TOOL_TOKEN in prompt.rsplit(USER_TOKEN, 1)[-1] else IDIOM_CALL
 
 
-class ScriptedRuntime:
-    """The real runtime's tokenizer, chat template and context with replies a test writes: `script(prompt text)`
-    returns the reply text (control tokens included), which is encoded by the real tokenizer, ended with EOS and
-    forced through the logits, so any sampling settings pick it. Every prefilled prompt is kept in `prompts`. One
-    sequence at a time (the engine queues). The model never runs, so the context can be longer than its own: the
-    tiny tokenizers spend ~220 tokens on a prompt that lists the built-in tools."""
+def post(url: str, body, headers=None):
+    import httpx
 
-    max_batch_size = 1
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(url, content=content, headers={"content-type": "application/json", **(headers or {})}, timeout=60)
 
-    def __init__(self, runtime, script, vocab_size: int, context_length: int = 1024):
-        self._runtime, self._script, self._vocab_size = runtime, script, vocab_size
-        self.eos_token_ids = runtime.eos_token_ids
-        self.context_length = context_length
-        self.prompts: list[list[int]] = []
 
-    def __getattr__(self, name):
-        return getattr(self._runtime, name)
-
-    def _logits(self, state) -> torch.Tensor:
-        reply, position = state
-        logits = torch.zeros(1, self._vocab_size)
-        logits[0, reply[min(position, len(reply) - 1)]] = 1e4
-        return logits
-
-    def prefill(self, prompts):
-        (prompt,) = prompts
-        self.prompts.append(list(prompt))
-        reply = self._runtime.encode(self._script(self._runtime.decode_raw(prompt))) + [min(self.eos_token_ids)]
-        state = [reply, 0]
-        return state, self._logits(state)
-
-    def decode(self, tokens, state):
-        state[1] += 1
-        return self._logits(state)
+def assert_openai_error(response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
 
 
 def free_port() -> int:

@@ -205,7 +205,9 @@ def test_tool_call_shows_in_headless_chromium(backend):
     from tinyllm_hf.tasks.tools import idiom_lookup
 
     ARTIFACTS.mkdir(exist_ok=True)
-    engine = Engine(ScriptedRuntime(backend, call_then_answer, backend.model.config.vocab_size))
+    runtime = ScriptedRuntime(backend, call_then_answer)
+    runtime.context_length = 1024  # the model never runs; the tool list fills most of the tiny model's 256 tokens
+    engine = Engine(runtime)
     with demo_page(engine) as page:
         page.fill("#prompt textarea", IDIOM_QUESTION)
         page.press("#prompt textarea", "Enter")

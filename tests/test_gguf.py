@@ -11,12 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
-from serve_fixtures import (  # noqa: E402
-    IDIOM_ANSWER,
-    IDIOM_QUESTION,
-    ScriptedRuntime,
-    call_then_answer,
-)
+from serve_fixtures import IDIOM_ANSWER, IDIOM_QUESTION, call_then_answer  # noqa: E402
 
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export.gguf import export_gguf, template_for_llama_cpp  # noqa: E402
@@ -323,16 +318,26 @@ def test_llama_cpp_output_text_keeps_the_tool_call_for_the_parser(exported, llam
 
 
 def test_tool_loop_runs_on_a_gguf_file(exported, llama_runtime):
-    """The tool loop on llama.cpp's tokenizer and the file's template (replies scripted: the model is random)."""
+    """The tool loop on llama.cpp's tokenizer and the file's template; the rounds' tokens are scripted (the model is
+    random): llama.cpp's ids of the reply `call_then_answer` writes, then its EOS."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported[0])
-    runtime = ScriptedRuntime(llama_runtime, call_then_answer, llama_runtime.llm.n_vocab())
-    (done,) = run_tool_loop(runtime, [TOOL_CHAT[:2]], Toolbox.builtin(), [SamplingParams(max_tokens=64)])
+    prompts = []
+
+    def scripted_round(round_prompts, params):
+        for row, prompt in enumerate(round_prompts):
+            prompts.append(prompt)
+            reply = call_then_answer(llama_runtime.decode_raw(prompt))
+            for token in llama_runtime.encode(reply) + [llama_runtime.llm.token_eos()]:
+                yield row, token
+
+    (done,) = run_tool_loop(llama_runtime, [TOOL_CHAT[:2]], Toolbox.builtin(), [SamplingParams(max_tokens=64)],
+                            generate_round=scripted_round)
     assert done.finish_reason == "stop" and done.content == IDIOM_ANSWER
     assert [(c.name, c.arguments, c.result) for c in done.calls] == [("idiom_lookup", {"word": "画蛇添足"},
                                                                       idiom_lookup("画蛇添足"))]
     # Each round's prompt is the transformers tokenizer's ids of the conversation so far (the tool result included).
-    for prompt_ids, messages in zip(runtime.prompts, (TOOL_CHAT[:2], TOOL_CHAT[:2] + done.messages[:2]), strict=True):
+    for prompt_ids, messages in zip(prompts, (TOOL_CHAT[:2], TOOL_CHAT[:2] + done.messages[:2]), strict=True):
         assert prompt_ids == tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True,
                                                            return_dict=False)

@@ -16,7 +16,9 @@ pytest.importorskip("fastapi", reason='the server needs the serve extra: pip ins
 openai = pytest.importorskip("openai", reason="the API tests use the official openai client: pip install openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_fixtures import SlowRuntime, build_chat_checkpoint, free_port, run_uvicorn  # noqa: E402
+from serve_fixtures import (  # noqa: E402
+    SlowRuntime, assert_openai_error, build_chat_checkpoint, free_port, post, run_uvicorn,
+)
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.inference.engine import Engine  # noqa: E402
 from tinyllm_hf.inference.runtime import TransformersRuntime  # noqa: E402
@@ -76,21 +78,6 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the server"
         time.sleep(0.01)
-
-
-def post(url: str, body, headers=None) -> httpx.Response:
-    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(url, content=content, headers={"content-type": "application/json", **(headers or {})}, timeout=60)
-
-
-def assert_openai_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    if param is not None:
-        assert error["param"] == param, error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,7 +201,8 @@ BAD_REQUESTS = {
     ),
     "temperature out of range": ({"messages": HELLO, "temperature": 5}, 400, "invalid_value", "temperature"),
     "too many stop strings": ({"messages": HELLO, "stop": list("abcde")}, 400, "invalid_value", "stop"),
-    "tools unsupported": ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "unsupported_parameter", "tools"),
+    "functions unsupported": ({"messages": HELLO, "functions": [{"name": "f"}]}, 400, "unsupported_parameter",
+                              "functions"),
     "unknown model": ({"model": "gpt-4", "messages": HELLO}, 404, "model_not_found", "model"),
 }
 

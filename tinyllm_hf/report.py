@@ -23,6 +23,7 @@ DEFAULT_PROMPTS = [
     {"task": "sentiment", "text": "房间干净，服务也很热情。"},
     {"task": "xiehouyu", "riddle": "外甥打灯笼"},
     {"task": "segmentation", "text": "今天北京的天气很好"},
+    "请帮我算一下 (17+25)*3。",
 ]
 MAX_NEW_TOKENS = 64
 

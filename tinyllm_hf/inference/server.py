@@ -8,28 +8,35 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (Open
 `stream: true` as server-sent events ending with `data: [DONE]`), GET /health. Every error is a 4xx/5xx with OpenAI's
 body `{"error": {"message", "type", "param", "code"}}`. Why this is our own server and not `transformers serve`:
 docs/serving.md.
+
+Chat completions take OpenAI's `tools` / `tool_choice` and `tool` messages, and the thinking switch
+(`chat_template_kwargs: {"enable_thinking": true}`, as vLLM and SGLang take it, or `enable_thinking`). The reply is
+parsed by `tokenizer.reply` into `content`, `reasoning_content` and `tool_calls`; the server never runs a tool: the
+client does, and sends the result back as a `tool` message, as with OpenAI.
 """
 
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import secrets
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tinyllm_hf.errors import APIError, EngineOverloaded
+from tinyllm_hf.errors import APIError, EngineOverloaded, UsageError
 from tinyllm_hf.inference.model_files import add_runtime_arguments
-from tinyllm_hf.inference.text_stream import Delta, TextStream
+from tinyllm_hf.inference.text_stream import Delta, ReplyStream, TextStream
 
-# engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm serve
-# --help` answers without loading torch.
+# engine.py, runtime.py, tool_loop.py and the tokenizer package import torch: they are imported in the functions that
+# use them, so that `tinyllm serve --help` answers without loading torch.
 if TYPE_CHECKING:
     from tinyllm_hf.inference.engine import Engine
     from tinyllm_hf.inference.runtime import SamplingParams
@@ -73,14 +80,40 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object as a string, as OpenAI writes it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant message with tool_calls
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
+    reasoning_content: str | None = None  # assistant messages, as this server returns them with thinking on
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -107,16 +140,18 @@ class _Common(BaseModel):
     tools: list | None = None
     functions: list | None = None
 
-    def check_supported(self) -> None:
-        unsupported = {
+    def unsupported(self) -> dict[str, bool]:
+        """Each field this server cannot honour: whether the request uses it."""
+        return {
             "presence_penalty": self.presence_penalty != 0,
             "frequency_penalty": self.frequency_penalty != 0,
             "logit_bias": bool(self.logit_bias),
             "logprobs": self.logprobs not in (None, False, 0),
-            "tools": bool(self.tools),
             "functions": bool(self.functions),
         }
-        for name, used in unsupported.items():
+
+    def check_supported(self) -> None:
+        for name, used in self.unsupported().items():
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
 
@@ -132,12 +167,37 @@ class _Common(BaseModel):
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients send this instead of max_tokens
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted at its default (several calls in one reply are parsed)
+    # The thinking switch, as vLLM and SGLang take it (chat_template_kwargs) and as a plain field.
+    chat_template_kwargs: dict | None = None
+    enable_thinking: bool | None = None
+
+    def unsupported(self) -> dict[str, bool]:
+        return {**super().unsupported(), "parallel_tool_calls": self.parallel_tool_calls is False}
+
+    def thinking(self) -> bool:
+        kwargs = dict(self.chat_template_kwargs or {})
+        from_kwargs = kwargs.pop("enable_thinking", None)
+        if kwargs:
+            raise APIError(400, f"chat_template_kwargs takes only enable_thinking, not {', '.join(sorted(kwargs))}",
+                           param="chat_template_kwargs", code="unsupported_parameter")
+        if from_kwargs is not None and not isinstance(from_kwargs, bool):
+            raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
+                           param="chat_template_kwargs.enable_thinking", code="invalid_value")
+        if None not in (from_kwargs, self.enable_thinking) and from_kwargs != self.enable_thinking:
+            raise APIError(400, "enable_thinking and chat_template_kwargs.enable_thinking disagree",
+                           param="enable_thinking", code="invalid_value")
+        return bool(self.enable_thinking if self.enable_thinking is not None else from_kwargs)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
+
+    def unsupported(self) -> dict[str, bool]:
+        return {**super().unsupported(), "tools": bool(self.tools)}  # tools need a chat template
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,18 +219,23 @@ class Service:
                 param="model", code="model_not_found",
             )
 
-    def chat_prompt(self, request: ChatRequest) -> list[int]:
-        messages = []
-        for i, message in enumerate(request.messages):
-            text = message.text()
-            if not text.strip():
-                raise APIError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content", code="invalid_value")
-            messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
+    def chat_prompt(self, request: ChatRequest) -> "ChatPrompt":
+        from tinyllm_hf.tokenizer.reply import parse_reply
+
+        thinking = request.thinking()
+        tools, prefix = offered_tools(request, thinking)
+        messages = chat_messages(request.messages)
         try:
-            prompt = self.runtime.render_chat(messages)
+            prompt = self.runtime.render_chat(messages, tools, thinking)
         except Exception as exc:  # the template's own raise_exception (e.g. a system message in the middle)
             raise APIError(400, f"messages do not fit the chat template: {exc}", param="messages") from None
-        return self.runtime.encode(prompt)
+        if tools:
+            parse = functools.partial(parse_reply, thinking=thinking)
+        elif thinking:
+            parse = reasoning_reply
+        else:
+            parse = None
+        return ChatPrompt(self.runtime.encode(prompt + prefix), prefix, parse, tool_calls=bool(tools))
 
     def sampling(self, request: _Common, prompt_len: int, default_max: int | None) -> "SamplingParams":
         """Sampling settings for one prompt, checking it and the requested tokens fit the context."""
@@ -193,18 +258,150 @@ class Service:
         max_tokens = requested or min(default_max or context, context - prompt_len)
         return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(), seed=request.seed)
 
-    def submit_all(self, jobs: list[tuple[list[int], "SamplingParams"]], on_delta) -> list:
-        """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503."""
+    def submit_all(self, jobs: list[tuple[list[int], "SamplingParams"]], on_delta, raw: bool = False) -> list:
+        """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503. `raw`: decode
+        with the control tokens kept, for a reply that is parsed (tool calls, reasoning)."""
+        decode = self.runtime.decode_raw if raw else self.runtime.decode_text
         sequences = []
         try:
             for index, (prompt, params) in enumerate(jobs):
-                stream = TextStream(self.runtime.decode_text, params.stop, lambda delta, i=index: on_delta(i, delta))
+                stream = TextStream(decode, params.stop, lambda delta, i=index: on_delta(i, delta))
                 sequences.append(self.engine.submit(prompt, params, stream))
         except EngineOverloaded as exc:
             for seq in sequences:
                 seq.cancel()
             raise APIError(503, str(exc), type="server_error", code="server_overloaded") from None
         return sequences
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tools and thinking: what the prompt offers, and the reply read back as a message (`tokenizer.reply` parses it)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ChatPrompt:
+    """A chat request rendered for the model: the prompt's ids, and how its reply is read."""
+
+    ids: list[int]
+    prefix: str = ""  # the reply's forced opening (tool_choice "required" or a named function), ending the prompt
+    parse: Callable[[str], dict] | None = None  # raw reply (prefix included) -> its message fields; None: plain text
+    tool_calls: bool = False  # whether the reply is parsed for tool calls
+
+
+def forced_call_prefix(name: str | None) -> str:
+    """The opening of a tool call, as the chat template writes it: with `name` the model writes only the arguments;
+    without, it picks the function's name first."""
+    from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START
+
+    if name is None:
+        return TOOL_CALL_START + '{"name": "'
+    return TOOL_CALL_START + '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+
+
+def offered_tools(request: ChatRequest, thinking: bool) -> tuple[list[dict] | None, str]:
+    """(the tools the prompt shows, the forced opening of the reply) for the request's tools and tool_choice."""
+    from tinyllm_hf.inference.tool_loop import check_tool_schemas
+
+    choice = request.tool_choice
+    if not request.tools:
+        if choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice 'required' or a named function needs 'tools'", param="tool_choice",
+                           code="invalid_value")
+        return None, ""
+    try:
+        tools = check_tool_schemas(request.tools)
+    except UsageError as exc:
+        raise APIError(400, f"Invalid 'tools': {exc}", param="tools", code="invalid_value") from None
+    if choice in (None, "auto"):
+        return tools, ""
+    if choice == "none":  # the model is not shown the tools, and its reply is not read for calls
+        return None, ""
+    if thinking:
+        # A forced call opens the reply, where the reasoning would be.
+        raise APIError(400, "tool_choice 'required' or a named function cannot be combined with enable_thinking",
+                       param="tool_choice", code="invalid_value")
+    if choice == "required":
+        return tools, forced_call_prefix(None)
+    names = [tool["function"]["name"] for tool in tools]
+    if choice.function.name not in names:
+        raise APIError(400, f"tool_choice names the function '{choice.function.name}', which is not in tools "
+                       f"({', '.join(names)})", param="tool_choice.function.name", code="invalid_value")
+    return tools, forced_call_prefix(choice.function.name)
+
+
+def _bad_message(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def chat_messages(messages: list[Message]) -> list[dict]:
+    """The request's messages as the chat template takes them, checked as OpenAI checks them: every tool call of an
+    assistant message is answered by a `tool` message (its tool_call_id) before the conversation goes on, and tool
+    call arguments are JSON objects."""
+    rendered, pending = [], {}  # pending: id -> function name of the calls not answered yet
+    for i, message in enumerate(messages):
+        where, text = f"messages[{i}]", message.text()
+        if message.role == "tool":
+            if message.content is None:
+                raise _bad_message(f"{where}.content", f"{where}.content is missing: a tool message holds the result")
+            if message.tool_call_id not in pending:
+                raise _bad_message(f"{where}.tool_call_id", f"{where} answers tool_call_id {message.tool_call_id!r}, "
+                                   "which is no unanswered call of the assistant message before it")
+            name = pending.pop(message.tool_call_id)
+            rendered.append({"role": "tool", "name": name, "tool_call_id": message.tool_call_id, "content": text})
+            continue
+        if pending:
+            raise _bad_message(where, f"{where} comes before the results of the tool calls {', '.join(pending)}")
+        if message.tool_calls and message.role != "assistant":
+            raise _bad_message(f"{where}.tool_calls", f"{where}: only assistant messages carry tool_calls")
+        if not text.strip() and not message.tool_calls:
+            raise _bad_message(f"{where}.content", f"{where}.content is empty")
+        entry = {"role": "system" if message.role == "developer" else message.role, "content": text}
+        if message.role == "assistant" and message.reasoning_content:
+            entry["reasoning_content"] = message.reasoning_content
+        if message.tool_calls:
+            entry["tool_calls"] = []
+            for j, call in enumerate(message.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except json.JSONDecodeError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    param = f"{where}.tool_calls[{j}].function.arguments"
+                    raise _bad_message(param, f"{param} must be a JSON object (as a string)")
+                entry["tool_calls"].append({"type": "function",
+                                            "function": {"name": call.function.name, "arguments": arguments}})
+                pending[call.id] = call.function.name
+        rendered.append(entry)
+    if pending:
+        raise _bad_message("messages", f"the tool calls {', '.join(pending)} have no tool message with their result")
+    return rendered
+
+
+def reasoning_reply(text: str) -> dict:
+    """A reply read for its reasoning only (thinking on, no tools offered): tool-call text stays in the content."""
+    from tinyllm_hf.tokenizer.reply import split_reasoning
+
+    reasoning, content = split_reasoning(text, thinking=True)
+    return {"content": content, "reasoning_content": reasoning, "tool_calls": []}
+
+
+def openai_tool_call(call: dict) -> dict:
+    """A parsed call (`tokenizer.reply`) in OpenAI's shape: a fresh id, the arguments as a JSON string."""
+    function = call["function"]
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": function["name"], "arguments": json.dumps(function["arguments"], ensure_ascii=False)}}
+
+
+def reply_message(reply: dict) -> dict:
+    """OpenAI's assistant message for a parsed reply (content is null when the reply is only tool calls)."""
+    message = {"role": "assistant", "content": reply["content"]}
+    if reply["reasoning_content"] is not None:
+        message["reasoning_content"] = reply["reasoning_content"]
+    if reply["tool_calls"]:
+        message["content"] = reply["content"] or None
+        message["tool_calls"] = [openai_tool_call(call) for call in reply["tool_calls"]]
+    return message
 
 
 def choice_seeds(seed: int | None, n: int) -> list[int | None]:
@@ -218,13 +415,13 @@ def abort_error(delta: Delta) -> APIError:
     return APIError(500, delta.error or "generation failed", type="server_error", code="internal_error")
 
 
-async def collect(service: Service, request, jobs, disconnect_check: float = 0.5):
+async def collect(service: Service, request, jobs, disconnect_check: float = 0.5, raw: bool = False):
     """Run `jobs` to completion: (texts, finish_reasons, completion_tokens). Cancels them if the client goes away."""
     from tinyllm_hf.inference.engine import FINISHED_OK
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)))
+    sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)), raw)
     texts, reasons, tokens = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
     next_check = time.monotonic() + disconnect_check
     try:
@@ -249,14 +446,15 @@ async def collect(service: Service, request, jobs, disconnect_check: float = 0.5
     return texts, reasons, tokens
 
 
-async def stream_events(service: Service, jobs, make_chunk, usage_chunk):
-    """SSE lines for `jobs`: one chunk per delta, then usage (if asked) and `data: [DONE]`. Cancelling the generator
-    (Starlette does when the client disconnects) cancels the sequences."""
+async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bool = False):
+    """SSE lines for `jobs`: one chunk per delta (`make_chunk` may answer None: nothing to send yet), then usage (if
+    asked) and `data: [DONE]`. Cancelling the generator (Starlette does when the client disconnects) cancels the
+    sequences."""
     from tinyllm_hf.inference.engine import FINISHED_OK
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)))
+    sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)), raw)
 
     def sse(payload) -> str:
         # ASCII-escaped JSON: a raw U+2028 or U+0085 in generated text would end the line for some SSE readers.
@@ -275,7 +473,9 @@ async def stream_events(service: Service, jobs, make_chunk, usage_chunk):
                     yield sse(abort_error(delta).body())
                     break
                 if delta.text or delta.finish_reason:
-                    yield sse(make_chunk(index, delta.text, delta.finish_reason))
+                    chunk = make_chunk(index, delta.text, delta.finish_reason)
+                    if chunk is not None:
+                        yield sse(chunk)
                 if delta.finish_reason:
                     remaining -= 1
                     tokens[index] = delta.completion_tokens
@@ -371,14 +571,33 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await parse(request, ChatRequest)
-        prompt = service.chat_prompt(body)
+        chat = service.chat_prompt(body)
+        prompt = chat.ids
         params = service.sampling(body, len(prompt), default_max=None)
         jobs = [(prompt, _with_seed(params, seed)) for seed in choice_seeds(body.seed, body.n)]
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        raw = chat.parse is not None
 
         if body.stream:
+            replies = [ReplyStream(chat.parse, chat.prefix, chat.tool_calls) for _ in jobs] if raw else None
+
+            def message_delta(index, text, finish_reason) -> dict:
+                if not raw:
+                    return {"content": text} if text else {}
+                fields, calls = replies[index].feed(text, final=finish_reason is not None)
+                delta = dict(fields)
+                if calls:  # each call whole, once it is closed; its index counts the calls of this choice
+                    first = replies[index].calls_sent - len(calls)
+                    delta["tool_calls"] = [{"index": first + k, **openai_tool_call(call)}
+                                           for k, call in enumerate(calls)]
+                return delta
+
             def make_chunk(index, text, finish_reason, first=False):
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                delta = {"role": "assistant", "content": ""} if first else message_delta(index, text, finish_reason)
+                if not first and not delta and not finish_reason:
+                    return None
+                if finish_reason and raw and replies[index].calls_sent:
+                    finish_reason = "tool_calls"
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
                 return {"id": response_id, "object": "chat.completion.chunk", "created": created,
                         "model": model_id, "choices": [choice]}
@@ -388,14 +607,15 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
                         "choices": [], "usage": usage(len(prompt), completion_tokens)}
 
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = await stream_events(service, jobs, make_chunk, usage_chunk if include_usage else None)
+            events = await stream_events(service, jobs, make_chunk, usage_chunk if include_usage else None, raw)
             return StreamingResponse(events, media_type="text/event-stream")
 
-        texts, reasons, tokens = await collect(service, request, jobs)
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(zip(texts, reasons))
-        ]
+        texts, reasons, tokens = await collect(service, request, jobs, raw=raw)
+        choices = []
+        for i, (text, reason) in enumerate(zip(texts, reasons)):
+            message = reply_message(chat.parse(chat.prefix + text)) if raw else {"role": "assistant", "content": text}
+            choices.append({"index": i, "message": message, "logprobs": None,
+                            "finish_reason": "tool_calls" if message.get("tool_calls") else reason})
         return {"id": response_id, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": choices, "usage": usage(len(prompt), sum(tokens))}
 

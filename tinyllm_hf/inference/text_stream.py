@@ -3,6 +3,9 @@
 The engine (`engine.py`) and the runtimes know token ids only. A `TextStream` listens to one sequence's tokens and
 hands its sink `Delta`s of new text: never the beginning of a stop string before it is known not to complete, never
 half a UTF-8 character, and on the last delta the finish reason. A stop string found in the text ends the sequence.
+
+A front end that streams a reply with tool calls or reasoning puts a `ReplyStream` above those deltas (their text
+decoded with the control tokens kept, `runtime.decode_raw`): it turns them into deltas of the parsed message's fields.
 """
 
 import dataclasses
@@ -58,3 +61,57 @@ class TextStream:
         # A normal end sends the rest of the text; an abort (cancelled, timeout, error) only says why.
         rest = self.text[self.sent:] if reason in ("stop", "length") else ""
         self.sink(Delta(rest, reason, len(generated), error))
+
+
+def _growth(sent: str, value: str) -> str:
+    """What `value` adds to the `sent` text of the same field. Parsing strips a reply's content once it holds a tool
+    call, so the two are compared without their leading whitespace (trailing whitespace is never sent early)."""
+    if not sent:
+        return value
+    head, body = sent.lstrip(), value.lstrip()
+    return body[len(head):] if body.startswith(head) else ""
+
+
+class ReplyStream:
+    """One streamed reply as deltas of the message it parses to. `parse(text) -> {"content", "reasoning_content",
+    "tool_calls"}` (`tokenizer.reply.parse_reply`, or a variant of it) is the only parser: every `feed` re-parses the
+    text so far (a reply is at most one context of tokens) and returns what content and reasoning gained since the
+    last delta, and the tool calls completed since. Text that could still change its meaning waits: a tool call until
+    its `</tool_call>` (unclosed at the end, it stays in the content, as `parse_reply` keeps it), the beginning of a
+    marker, and trailing whitespace (stripped once a call follows). `prefix`: text the reply starts with that the
+    model did not generate (a forced tool call's opening). With `final` everything left is sent. The deltas add up to
+    the parsed message, except leading whitespace streamed before a call is known to follow (the parse strips it)."""
+
+    FIELDS = ("reasoning_content", "content")
+
+    def __init__(self, parse: Callable[[str], dict], prefix: str = "", tool_calls: bool = True):
+        # Imported here: the tokenizer package loads torch, and `tinyllm serve --help` imports this module.
+        from tinyllm_hf.tokenizer.chat_template import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
+
+        self.parse, self.text, self.tool_calls = parse, prefix, tool_calls
+        self.call_start, self.call_end = TOOL_CALL_START, TOOL_CALL_END
+        self.markers = (THINK_START, THINK_END) + ((TOOL_CALL_START,) if tool_calls else ())
+        self.sent = dict.fromkeys(self.FIELDS, "")
+        self.calls_sent = 0
+
+    def settled(self) -> str:
+        """The part of the text whose parse cannot change as more text comes."""
+        start = self.text.rfind(self.call_start)
+        if self.tool_calls and start > self.text.rfind(self.call_end):
+            return self.text[:start]
+        return self.text[:len(self.text) - held_back(self.text, self.markers)]
+
+    def feed(self, text: str, final: bool = False) -> tuple[dict[str, str], list[dict]]:
+        """({field: new text} for the fields that grew, the tool calls completed since the last call)."""
+        self.text += text
+        reply = self.parse(self.text if final else self.settled())
+        grown = {}
+        for field in self.FIELDS:
+            value = reply.get(field) or ""
+            new = _growth(self.sent[field], value if final else value.rstrip())
+            if new:
+                grown[field] = new
+                self.sent[field] += new
+        calls = reply.get("tool_calls", [])[self.calls_sent:]
+        self.calls_sent += len(calls)
+        return grown, calls
