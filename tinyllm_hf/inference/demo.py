@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from tinyllm_hf.errors import GenerationError, UsageError
+from tinyllm_hf.errors import EngineOverloaded, GenerationError, UsageError
 from tinyllm_hf.inference.model_files import add_runtime_arguments
 from tinyllm_hf.inference.text_stream import held_back
 from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START
@@ -150,7 +150,7 @@ def reply_messages(engine: "Engine", messages: list[dict], toolbox: "Toolbox | N
                 if note:
                     final.append({"role": "assistant", "content": note})
                 yield final or [{"role": "assistant", "content": ""}]  # an empty reply still shows as one
-    except GenerationError as err:  # a timeout or a runtime failure ends this reply, not the demo
+    except (GenerationError, EngineOverloaded) as err:  # a timeout, a failure or a full queue ends this reply only
         yield with_text() + [{"role": "assistant", "content": f"[{err}]"}]
     finally:
         events.close()  # closes the engine's round too, which cancels its sequence
