@@ -250,7 +250,9 @@ def llama_runtime(exported):
     _llama_cpp()
     from tinyllm_hf.inference.runtime import LlamaCppRuntime
 
-    return LlamaCppRuntime(exported[1]["f16"], n_threads=2)
+    # A context past the model's 256: these tests never run the model, and with the fixture's 600-token vocabulary the
+    # tool list alone fills ~220 tokens, so a whole lookup would not fit.
+    return LlamaCppRuntime(exported[1]["f16"], n_threads=2, n_ctx=1024)
 
 
 def _tool_renderings(tokenizer) -> list[str]:
