@@ -1,20 +1,39 @@
-"""A runtime whose replies are written in advance: the tool loop, chat and evaluation tested on exact model output."""
+"""A runtime whose replies are written in advance, so tests can check what the tool loop, chat, evaluation and the
+server make of replies a trained model writes (tool calls, reasoning, malformed calls)."""
 
 import torch
 
 
+def by_question(script: dict[str, list[str]]):
+    """A script from {text of the conversation: replies of successive rounds}: a prompt is answered with the replies
+    of the first key it contains, the round being the number of tool results already in the prompt."""
+    def reply(prompt: str) -> str:
+        replies = next(replies for key, replies in script.items() if key in prompt)
+        return replies[min(prompt.count("<|tool|>"), len(replies) - 1)]
+
+    return reply
+
+
 class ScriptedRuntime:
-    """Replies by script, through a real tokenizer: `script` maps a text of the conversation's first user message to
-    the replies of successive rounds (control tokens written out, e.g. '<tool_call>{...}</tool_call>'); a round's
-    index is the number of tool results already in the prompt. Each reply ends with EOS unless it fills the budget."""
+    """A real runtime's tokenizer and chat template (`base`: a runtime, or a tokenizer) with a scripted model: each
+    prompt is answered with `script(prompt_text)` (a callable, or a dict for `by_question`; tests may swap it between
+    requests), control tokens written out, then EOS - one token per decode step whatever the sampling settings.
+    `prompts` keeps every prompt it was given, as text."""
 
-    max_batch_size = 8
+    def __init__(self, base, script, max_batch_size: int = 8, context_length: int | None = None):
+        self._runtime = base if hasattr(base, "render_chat") else None
+        self.tokenizer = base.tokenizer if self._runtime is not None else base
+        self.script = by_question(script) if isinstance(script, dict) else script
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length or (self._runtime.context_length if self._runtime else 4096)
+        self.eos_token_ids = {self.tokenizer.eos_token_id}
+        self.chat_template = self.tokenizer.chat_template
+        self.prompts: list[str] = []
 
-    def __init__(self, tokenizer, script: dict[str, list[str]], context_length: int = 4096):
-        self.tokenizer, self.script, self.context_length = tokenizer, script, context_length
-        self.eos_token_ids = {tokenizer.eos_token_id}
-        self.chat_template = tokenizer.chat_template
-        self.prompts: list[str] = []  # every prompt rendered, in order
+    def __getattr__(self, name):  # anything else the wrapped runtime has
+        if self.__dict__.get("_runtime") is None:
+            raise AttributeError(name)
+        return getattr(self._runtime, name)
 
     def encode(self, text):
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -26,26 +45,20 @@ class ScriptedRuntime:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def render_chat(self, messages, tools=None, enable_thinking=False):
-        prompt = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                                    enable_thinking=enable_thinking)
-        self.prompts.append(prompt)
-        return prompt
-
-    def _reply_ids(self, prompt_ids):
-        prompt = self.decode_raw(prompt_ids)
-        key = next(k for k in self.script if k in prompt)
-        replies = self.script[key]
-        text = replies[min(prompt.count("<|tool|>"), len(replies) - 1)]
-        return self.encode(text) + [self.tokenizer.eos_token_id]
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=enable_thinking)
 
     def _logits(self, queues):
-        logits = torch.zeros(len(queues), len(self.tokenizer))
+        logits = torch.full((len(queues), len(self.tokenizer)), -1e9)
         for row, queue in enumerate(queues):
-            logits[row, queue.pop(0) if queue else self.tokenizer.eos_token_id] = 1.0
+            logits[row, queue.pop(0) if queue else self.tokenizer.eos_token_id] = 0.0
         return logits
 
     def prefill(self, prompts):
-        queues = [self._reply_ids(p) for p in prompts]
+        queues = []
+        for prompt in prompts:
+            self.prompts.append(self.decode_raw(prompt))
+            queues.append(self.encode(self.script(self.prompts[-1])) + [self.tokenizer.eos_token_id])
         return queues, self._logits(queues)
 
     def decode(self, tokens, queues):

@@ -2,7 +2,7 @@
 
 Random weights emit random tokens: these tests check the protocol (shapes, streaming, errors, batching, cancelling),
 and compare the server's greedy output with transformers' own greedy decoding, never text quality. What a random model
-will not write - tool calls, reasoning - a `ScriptedRuntime` writes.
+will not write - tool calls, reasoning - a `ScriptedRuntime` (scripted_runtime.py) writes.
 """
 
 import contextlib
@@ -75,39 +75,6 @@ class SlowRuntime:
     def decode(self, tokens, state):
         time.sleep(self._delay)
         return self._runtime.decode(tokens, state)
-
-
-class ScriptedRuntime:
-    """The real runtime's tokenizer and chat template with a scripted model: a prompt is answered with the text
-    `script(prompt_text)` returns (tests swap `script` between requests), then EOS, one token per decode step whatever
-    the sampling settings, so a test can check what the server makes of replies a trained model writes (tool calls,
-    reasoning, malformed calls). It keeps the prompts it was given, as text. One sequence at a time: the engine
-    queues instead of batching."""
-
-    max_batch_size = 1
-
-    def __init__(self, runtime, script):
-        self._runtime, self.script = runtime, script
-        self.prompts: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self._runtime, name)
-
-    def _logits(self, token: int) -> torch.Tensor:
-        logits = torch.full((1, len(self._runtime.tokenizer)), -1e9)
-        logits[0, token] = 0.0
-        return logits
-
-    def prefill(self, prompts):
-        (prompt,) = prompts
-        self.prompts.append(self._runtime.decode_raw(prompt))
-        tokens = self._runtime.encode(self.script(self.prompts[-1])) + [min(self._runtime.eos_token_ids)]
-        state = {"tokens": tokens, "step": 0}
-        return state, self._logits(tokens[0])
-
-    def decode(self, tokens, state):
-        state["step"] = min(state["step"] + 1, len(state["tokens"]) - 1)
-        return self._logits(state["tokens"][state["step"]])
 
 
 # A lookup conversation for ScriptedRuntime: the model calls idiom_lookup for the question, and answers once the

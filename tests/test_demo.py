@@ -1,6 +1,6 @@
 """`tinyllm demo`'s replies without a browser: the tool loop through the serving engine, tool calls as chat messages.
 
-The model is the tiny random checkpoint with scripted replies (`serve_fixtures.ScriptedRuntime`): its tokenizer and
+The model is the tiny random checkpoint with scripted replies (`scripted_runtime.ScriptedRuntime`): its tokenizer and
 chat template are real, and it writes a tool call to a new question and an answer once the tool's result is in its
 prompt, so the engine, the tool loop, the built-in tools and the demo's messages all run as with a trained model.
 """
@@ -11,13 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from serve_fixtures import (  # noqa: E402
-    IDIOM_ANSWER,
-    IDIOM_CALL,
-    IDIOM_QUESTION,
-    ScriptedRuntime,
-    call_then_answer,
-)
+from scripted_runtime import ScriptedRuntime  # noqa: E402
+from serve_fixtures import IDIOM_ANSWER, IDIOM_CALL, IDIOM_QUESTION, call_then_answer  # noqa: E402
 
 from tinyllm_hf.errors import GenerationError, UsageError  # noqa: E402
 from tinyllm_hf.inference.demo import (  # noqa: E402
@@ -50,11 +45,9 @@ def backend(tiny_model_dir):
 
 @pytest.fixture
 def runtime(backend):
-    scripted = ScriptedRuntime(backend, call_then_answer)
     # The model never runs, so its context can be longer: the tiny tokenizer spends most of the tiny model's 256
-    # tokens on a prompt that lists the built-in tools.
-    scripted.context_length = 1024
-    return scripted
+    # tokens on a prompt that lists the built-in tools. One sequence at a time: the engine queues, never merges.
+    return ScriptedRuntime(backend, call_then_answer, max_batch_size=1, context_length=1024)
 
 
 def run_reply(runtime, toolbox, **engine_args) -> list[list[dict]]:

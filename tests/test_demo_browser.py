@@ -20,10 +20,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio", reason='the demo needs the serve extra: pip install "tinyllm-hf[serve]"')
 httpx = pytest.importorskip("httpx")
 
+from scripted_runtime import ScriptedRuntime  # noqa: E402
 from serve_fixtures import (  # noqa: E402
     IDIOM_ANSWER,
     IDIOM_QUESTION,
-    ScriptedRuntime,
     SlowRuntime,
     build_chat_checkpoint,
     call_then_answer,
@@ -205,9 +205,8 @@ def test_tool_call_shows_in_headless_chromium(backend):
     from tinyllm_hf.tasks.tools import idiom_lookup
 
     ARTIFACTS.mkdir(exist_ok=True)
-    runtime = ScriptedRuntime(backend, call_then_answer)
-    runtime.context_length = 1024  # the model never runs; the tool list fills most of the tiny model's 256 tokens
-    engine = Engine(runtime)
+    # The model never runs; the tool list fills most of the tiny model's 256 tokens.
+    engine = Engine(ScriptedRuntime(backend, call_then_answer, max_batch_size=1, context_length=1024))
     with demo_page(engine) as page:
         page.fill("#prompt textarea", IDIOM_QUESTION)
         page.press("#prompt textarea", "Enter")

@@ -26,7 +26,7 @@ from tinyllm_hf.data import packing
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, packing_stats, unigram_entropy
 from tinyllm_hf.errors import NonFiniteLossError
 from tinyllm_hf.tokenizer.train import train_tokenizer
-from tinyllm_hf.trainers import common, pretrain
+from tinyllm_hf.trainers import pretrain
 from tinyllm_hf.trainers.common import (
     checkpoint_step,
     latest_checkpoint,

@@ -17,8 +17,9 @@ pytest.importorskip("fastapi", reason='the server needs the serve extra: pip ins
 openai = pytest.importorskip("openai", reason="the API tests use the official openai client: pip install openai")
 httpx = pytest.importorskip("httpx")
 
+from scripted_runtime import ScriptedRuntime  # noqa: E402
 from serve_fixtures import (  # noqa: E402
-    ScriptedRuntime, assert_openai_error, build_chat_checkpoint, post, run_uvicorn,
+    assert_openai_error, build_chat_checkpoint, post, run_uvicorn,
 )
 from tinyllm_hf.inference.engine import Engine  # noqa: E402
 from tinyllm_hf.inference.runtime import TransformersRuntime  # noqa: E402
@@ -43,7 +44,7 @@ def backend(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scripted(backend):
-    return ScriptedRuntime(backend, script=lambda prompt: ANSWER)
+    return ScriptedRuntime(backend, script=lambda prompt: ANSWER, max_batch_size=1)
 
 
 def _serve(runtime):

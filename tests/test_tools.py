@@ -99,7 +99,7 @@ def test_a_tokenizer_from_before_the_tool_tokens_gets_them():
     """SFT with tool data on a model pretrained before the tool tokens existed: the tokens are added after the vocabulary."""
     from conftest import review_lines
     from tokenizers import pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE
     from tinyllm_hf.tokenizer.train import new_byte_level_bpe
