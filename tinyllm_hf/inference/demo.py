@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 from tinyllm_hf.errors import EngineOverloaded, GenerationError, UsageError
 from tinyllm_hf.inference.model_files import add_runtime_arguments
 from tinyllm_hf.inference.text_stream import held_back
-from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START
 
 # engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm demo
 # --help` answers without loading torch.
@@ -72,6 +71,8 @@ def conversation(system: str, history: list[dict], user: str) -> list[dict]:
 
 def tool_call_token(runtime) -> int:
     """The id of `<tool_call>`, where the demo stops streaming a round's text (the call is shown once it ran)."""
+    from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START  # the tokenizer package loads torch
+
     ids = runtime.encode(TOOL_CALL_START)
     if len(ids) != 1:
         raise UsageError(f"this model's tokenizer has no {TOOL_CALL_START} token (it predates tool use): "
