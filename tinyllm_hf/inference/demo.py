@@ -3,26 +3,37 @@
     tinyllm demo --model out/sft                      # http://127.0.0.1:7860
     tinyllm demo --model out/model-f16.gguf --backend llamacpp
 
+    tinyllm demo --model out/sft --tools off          # no tools offered to the model
+
 Tokens stream into the chat as they are generated; every turn sends the whole conversation (system prompt, earlier
 user and assistant turns, the new message) through the model's chat template; the system prompt and the sampling
 settings are editable; Stop ends the generation (the engine frees the sequence) and Clear starts a new conversation.
 Several users share the engine, so their requests are decoded in one batch. `app.py` runs this demo on a Space.
+
+With tools on (the default) the model is offered the built-in tools (`tinyllm_hf.tasks.tools`: idiom, word and
+歇后语 lookups, a calculator) and each reply runs the tool loop (`tool_loop.tool_loop`, generating through the
+engine's `stream_batch`): every call the model makes appears in the chat as a collapsible message titled with the
+call and holding its result, and the answer the model writes after the results streams below them. Earlier turns go
+back to the model as the user's messages and the assistant's answers; their tool calls and results stay in the chat
+only (a small model's context is 256 tokens).
 """
 
 import argparse
+import json
 import os
-import queue
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from tinyllm_hf.errors import EngineOverloaded, GenerationError, UsageError
 from tinyllm_hf.inference.model_files import add_runtime_arguments
-from tinyllm_hf.inference.text_stream import TextStream
+from tinyllm_hf.inference.text_stream import held_back
 
 # engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm demo
 # --help` answers without loading torch.
 if TYPE_CHECKING:
     from tinyllm_hf.inference.engine import Engine
+    from tinyllm_hf.inference.tool_loop import Toolbox
 
 TITLE = "tinyllm chat"
 
@@ -36,50 +47,127 @@ def message_text(content) -> str:
     return "".join(message_text(part) for part in content or [])
 
 
+def is_tool_message(turn: dict) -> bool:
+    """Whether a chat message is a tool call the demo showed (titled with the call), not text the model wrote."""
+    return bool((turn.get("metadata") or {}).get("title"))
+
+
 def conversation(system: str, history: list[dict], user: str) -> list[dict]:
-    """Chat-template messages for the model: the system prompt (if any), every earlier turn, the new user message."""
+    """Chat-template messages for the model: the system prompt (if any), every earlier turn, the new user message.
+
+    Of an earlier reply that called tools, only the text the model wrote goes back (its pieces before and after the
+    calls joined into one assistant turn); the calls and their results stay in the chat."""
     messages = [{"role": "system", "content": system.strip()}] if system.strip() else []
     for turn in history:
         text = message_text(turn["content"])
-        if turn["role"] in ("user", "assistant") and text.strip():
+        if is_tool_message(turn) or turn["role"] not in ("user", "assistant") or not text.strip():
+            continue
+        if turn["role"] == "assistant" and messages and messages[-1]["role"] == "assistant":
+            messages[-1]["content"] += "\n" + text
+        else:
             messages.append({"role": turn["role"], "content": text})
     return messages + [{"role": "user", "content": user}]
 
 
-def stream_reply(engine: "Engine", messages: list[dict], temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
-    """The reply so far, growing token by token. Closing the generator (Stop, a closed tab) cancels the sequence."""
+def tool_call_token(runtime) -> int:
+    """The id of `<tool_call>`, where the demo stops streaming a round's text (the call is shown once it ran)."""
+    from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START  # the tokenizer package loads torch
+
+    ids = runtime.encode(TOOL_CALL_START)
+    if len(ids) != 1:
+        raise UsageError(f"this model's tokenizer has no {TOOL_CALL_START} token (it predates tool use): "
+                         "run the demo with --tools off")
+    return ids[0]
+
+
+def shown_text(runtime, tokens: list[int], call_token: int | None) -> str:
+    """The text of one round's tokens as the chat shows it: up to the first tool call, control tokens dropped, an
+    unfinished UTF-8 character held back until its last byte comes."""
+    if call_token in tokens:
+        tokens = tokens[:tokens.index(call_token)]
+    text = runtime.decode_text(tokens)
+    return text[:len(text) - held_back(text, ())]
+
+
+def tool_message(name: str, arguments: dict, result: str) -> dict:
+    """A tool call as a chat message: Gradio shows the title on a collapsible box holding the result."""
+    call = ", ".join(f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in arguments.items())
+    return {"role": "assistant", "content": result, "metadata": {"title": f"调用 {name}({call})", "status": "done"}}
+
+
+def invalid_call_message(call: dict) -> dict:
+    """A tool call the loop could not run (bad JSON, cut off, no name), shown as the model wrote it."""
+    return {"role": "assistant", "content": f"```\n{call['text']}\n```",
+            "metadata": {"title": f"无效的工具调用：{call['error']}", "status": "done"}}
+
+
+END_NOTES = {
+    "context": "[The conversation is longer than the model's context of {context} tokens: press Clear.]",
+    "tool_rounds": "[Stopped after {rounds} rounds of tool calls.]",
+}
+
+
+def reply_messages(engine: "Engine", messages: list[dict], toolbox: "Toolbox | None", temperature: float,
+                   top_p: float, max_tokens: int) -> Iterator[list[dict]]:
+    """The reply so far as chat messages, growing as the model generates: each round's text streams into an
+    assistant message, each tool call becomes a message titled with the call and holding its result, and the answer
+    follows them. `toolbox=None` offers no tools (one round). Closing the generator (Stop, a closed tab) cancels the
+    sequence in the engine."""
     from tinyllm_hf.inference.runtime import SamplingParams
+    from tinyllm_hf.inference.tool_loop import (
+        DEFAULT_MAX_ROUNDS,
+        TokenEvent,
+        ToolEvent,
+        tool_loop,
+    )
 
     runtime = engine.runtime
-    prompt = runtime.encode(runtime.render_chat(messages))
-    budget = runtime.context_length - len(prompt)
-    if budget <= 0:
-        yield f"[The conversation is longer than the model's context of {runtime.context_length} tokens: press Clear.]"
-        return
-    deltas: queue.Queue = queue.Queue()
-    params = SamplingParams(max_tokens=min(int(max_tokens), budget), temperature=temperature, top_p=top_p)
-    sequence = engine.submit(prompt, params, TextStream(runtime.decode_text, params.stop, deltas.put))
-    reply = ""
+    call_token = tool_call_token(runtime) if toolbox else None
+    params = SamplingParams(max_tokens=int(max_tokens), temperature=temperature, top_p=top_p)
+    events = tool_loop(runtime, [messages], toolbox, [params], max_tokens=int(max_tokens),
+                       generate_round=engine.stream_batch)
+    shown: list[dict] = []  # the messages of the rounds that are over
+    tokens: list[int] = []  # the tokens of the round being generated
+    text = ""
+
+    def with_text() -> list[dict]:
+        return shown + [{"role": "assistant", "content": text}] if text else shown
+
     try:
-        while True:
-            delta = deltas.get()
-            reply += delta.text
-            if delta.finish_reason is not None:
-                if delta.error:
-                    reply += f"\n\n[{delta.finish_reason}: {delta.error}]"
-                yield reply
-                return
-            if delta.text:
-                yield reply
+        for event in events:
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token)
+                grown = shown_text(runtime, tokens, call_token)
+                if grown != text:
+                    text = grown
+                    yield with_text()
+            elif isinstance(event, ToolEvent):  # the round's text (if any) stays above its calls
+                shown, tokens, text = with_text() + [tool_message(event.name, event.arguments, event.result)], [], ""
+                yield shown
+            else:  # the DoneEvent: the answer is complete
+                final = with_text() + [invalid_call_message(call) for call in event.reply["invalid_tool_calls"]]
+                note = END_NOTES.get(event.finish_reason, "").format(context=runtime.context_length,
+                                                                       rounds=DEFAULT_MAX_ROUNDS)
+                if note:
+                    final.append({"role": "assistant", "content": note})
+                yield final or [{"role": "assistant", "content": ""}]  # an empty reply still shows as one
+    except (GenerationError, EngineOverloaded) as err:  # a timeout, a failure or a full queue ends this reply only
+        yield with_text() + [{"role": "assistant", "content": f"[{err}]"}]
     finally:
-        sequence.cancel()
+        events.close()  # closes the engine's round too, which cancels its sequence
 
 
-def build_demo(engine: "Engine", title: str = TITLE, default_system: str | None = None):
+def build_demo(engine: "Engine", title: str = TITLE, default_system: str | None = None, tools: bool = True):
+    """The Gradio app; `tools`: offer the model the built-in tools and run the tool loop on each reply."""
     import gradio as gr
+
+    from tinyllm_hf.inference.tool_loop import Toolbox
 
     if default_system is None:
         from tinyllm_hf.tokenizer import DEFAULT_SYSTEM_PROMPT as default_system
+    toolbox = Toolbox.builtin() if tools else None
+    if toolbox:
+        tool_call_token(engine.runtime)  # a model without the tool tokens fails here, not on the first message
 
     def add_user_message(user: str, history: list[dict]):
         if not user.strip():
@@ -90,8 +178,8 @@ def build_demo(engine: "Engine", title: str = TITLE, default_system: str | None 
         if not history or history[-1]["role"] != "user":
             return
         messages = conversation(system, history[:-1], message_text(history[-1]["content"]))
-        for reply in stream_reply(engine, messages, temperature, top_p, max_tokens):
-            yield history + [{"role": "assistant", "content": reply}]
+        for reply in reply_messages(engine, messages, toolbox, temperature, top_p, max_tokens):
+            yield history + reply
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}")
@@ -135,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(parser, "the demo")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--title", default=TITLE)
+    parser.add_argument("--tools", choices=("on", "off"), default="on",
+                        help="offer the model the built-in dictionary and calculator tools (default: on)")
     return parser
 
 
@@ -147,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     engine = Engine(runtime, max_batch_size=args.max_batch_size)
     try:
-        launch(build_demo(engine, title=args.title), args.host, args.port)
+        launch(build_demo(engine, title=args.title, tools=args.tools == "on"), args.host, args.port)
     finally:
         engine.close()
     return 0

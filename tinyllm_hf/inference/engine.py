@@ -15,6 +15,9 @@ iteration the thread
 
 The queue is bounded: `submit` raises `EngineOverloaded` when it is full, so a server answers 503 instead of hanging.
 
+`Engine.stream_batch` is `runtime.stream_batch` through the engine: the token-id generator the tool loop takes as its
+`generate_round`, so the web demo runs its tool loop while its users share one batch.
+
 The model is any runtime of `runtime.py` (its prefill / decode / select / merge on token ids); runtimes that decode one sequence at a time (llama.cpp, exported graphs) make the engine queue
 instead of batch.
 """
@@ -23,10 +26,11 @@ import collections
 import queue
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 
-from tinyllm_hf.errors import EngineOverloaded, UsageError
+from tinyllm_hf.errors import EngineOverloaded, GenerationError, UsageError
 from tinyllm_hf.inference.runtime import SamplingParams, sample_token
 
 FINISHED_OK = ("stop", "length")  # finish reasons of a normal end; "cancelled", "timeout" and "error" are aborts
@@ -42,6 +46,7 @@ class Sequence:
         self.deadline = deadline
         self.generated: list[int] = []
         self.finish_reason: str | None = None
+        self.eos_token: int | None = None  # the EOS that ended it (not in `generated`, as the server counts tokens)
         self.cancelled = threading.Event()
         self.generator = params.generator()
 
@@ -67,6 +72,23 @@ def sample_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     return [sample_token(row, seq.params, seq.generator,
                          seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else None)
             for row, seq in zip(logits, sequences)]
+
+
+class _RowListener:
+    """Puts one row's tokens, then its finish, on a queue shared by the rows of `Engine.stream_batch`."""
+
+    def __init__(self, row: int, put):
+        self.row, self.put = row, put
+
+    def on_token(self, generated: list[int]) -> bool:
+        self.put((self.row, generated[-1], None, None))
+        return False  # no stop strings: only EOS or the budget ends the row
+
+    def on_progress(self, generated: list[int]) -> None:
+        pass
+
+    def on_finish(self, generated: list[int], reason: str, error: str | None) -> None:
+        self.put((self.row, None, reason, error))
 
 
 class Engine:
@@ -104,6 +126,31 @@ class Engine:
         except queue.Full:
             raise EngineOverloaded(f"the request queue is full ({self.waiting.maxsize} waiting); retry later") from None
         return seq
+
+    def stream_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[tuple[int, int]]:
+        """`runtime.stream_batch` through the engine: each prompt joins the engine's batch; yields `(row, token)` as
+        the engine thread samples them, the EOS that ends a row included. Closing the generator (a user pressing Stop)
+        cancels the rows still running; a row the engine ends otherwise (timeout, error, closing) raises
+        GenerationError."""
+        events: queue.Queue = queue.Queue()
+        sequences: list[Sequence] = []
+        try:
+            for row, (prompt_ids, row_params) in enumerate(zip(prompts, params, strict=True)):
+                sequences.append(self.submit(prompt_ids, row_params, _RowListener(row, events.put)))
+            running = len(sequences)
+            while running:
+                row, token, reason, error = events.get()
+                if reason is None:
+                    yield row, token
+                    continue
+                running -= 1
+                if reason not in FINISHED_OK:
+                    raise GenerationError(f"generation {reason}" + (f": {error}" if error else ""))
+                if sequences[row].eos_token is not None:
+                    yield row, sequences[row].eos_token
+        finally:
+            for seq in sequences:
+                seq.cancel()
 
     def close(self) -> None:
         self._stop.set()
@@ -172,6 +219,7 @@ class Engine:
             self._finish(seq, "timeout", error=f"generation exceeded the request timeout of {self.request_timeout:g}s")
             return False
         if token in self.runtime.eos_token_ids:
+            seq.eos_token = token
             self._finish(seq, "stop")
             return False
         seq.generated.append(token)

@@ -10,11 +10,12 @@ batched; they read the `DoneEvent`s). `tinyllm serve` does not run it: an API cl
 OpenAI, and the server only renders and parses (`tokenizer.reply`).
 
 Each round renders the conversation with the tools' schemas, generates until `<|endoftext|>` (a batch of conversations
-at once, with `runtime.stream_batch`), and parses the reply. Valid calls run (`Toolbox.call`: a known name, arguments
-that fit its schema, a time limit) and their results, or a sentence saying why a call could not run, join the
-conversation as `tool` messages; a conversation stops when a reply calls no tool, after `max_rounds` rounds of calls,
-or when its prompt no longer fits the context. Nothing the model wrote is dropped: a malformed call stays in the
-assistant message's content.
+at once, with `runtime.stream_batch`, or whatever `generate_round` the caller passes: the web demo passes its serving
+engine's `Engine.stream_batch`, so a demo's users share one decode batch), and parses the reply. Valid calls run
+(`Toolbox.call`: a known name, arguments that fit its schema, a time limit) and their results, or a sentence saying
+why a call could not run, join the conversation as `tool` messages; a conversation stops when a reply calls no tool,
+after `max_rounds` rounds of calls, or when its prompt no longer fits the context. Nothing the model wrote is dropped:
+a malformed call stays in the assistant message's content.
 """
 
 import concurrent.futures
@@ -193,15 +194,19 @@ def _budget(runtime, prompt_ids: list[int], max_tokens: int | None) -> int:
 
 def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None, params: list[SamplingParams],
               max_tokens: int | None = None, max_rounds: int = DEFAULT_MAX_ROUNDS, enable_thinking: bool = False,
-              batch_size: int | None = None) -> Iterator[TokenEvent | ToolEvent | DoneEvent]:
+              batch_size: int | None = None, generate_round: Callable | None = None
+              ) -> Iterator[TokenEvent | ToolEvent | DoneEvent]:
     """Answer each conversation (messages ending with the user's turn), running `toolbox`'s tools as the model calls
     them (`toolbox=None`: no tools are offered, one round). `params[i]` samples conversation i (its max_tokens is
     replaced by each round's budget: `max_tokens`, or the rest of the context when None). Yields every token, every
     call and one DoneEvent per conversation; conversations are generated together in batches of `batch_size`
-    (default: the runtime's `max_batch_size`)."""
+    (default: the runtime's `max_batch_size`). `generate_round(prompts, params)` generates one round for a batch of
+    prompt ids and yields `(row, token)`, the EOS that ends a row included, as `runtime.stream_batch` does (the
+    default: `stream_batch` on `runtime`)."""
     if max_rounds < 0:
         raise UsageError(f"max_rounds must be 0 or more, not {max_rounds}")
     tools = toolbox.schemas if toolbox else None
+    generate_round = generate_round or functools.partial(stream_batch, runtime)
     batch_size = min(batch_size or runtime.max_batch_size, runtime.max_batch_size)
     history = [list(messages) for messages in conversations]
     added: list[list[dict]] = [[] for _ in conversations]
@@ -224,7 +229,7 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
             round_params = [dataclasses.replace(params[row], max_tokens=_budget(runtime, prompts[row], max_tokens))
                             for row in rows]
             new: dict[int, list[int]] = {row: [] for row in rows}
-            for j, token in stream_batch(runtime, [prompts[row] for row in rows], round_params):
+            for j, token in generate_round([prompts[row] for row in rows], round_params):
                 new[rows[j]].append(token)
                 yield TokenEvent(rows[j], token)
             for row, params_row in zip(rows, round_params):
