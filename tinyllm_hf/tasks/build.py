@@ -85,14 +85,14 @@ def take(rows: list[dict], count: int | None, task: str, repeat: bool) -> list[d
 
 def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, sizes: dict[str, int] | None = None,
                       seed: int = 0, tool_sizes: dict[str, int] | str | None = None) -> datasets.Dataset:
-    """The embedded SFT set: columns `id` (the record's), `task`, `messages` and `tools`, shuffled with `seed`.
+    """The embedded SFT set: columns `id` (the record's), `task` and `messages` (and `tools`), shuffled with `seed`.
 
     split: "train" or "heldout" (records.split_of decides for each item; identity questions are always "train").
     tasks: task names (default: all of TASKS). sizes: {task: number of conversations}; a task not named keeps all of
     its conversations. In the train split, identity (and any task) is repeated to reach a size larger than it is.
     tool_sizes: {kind: count} of tool-use conversations (`tinyllm_hf.tasks.tool_use.TOOL_KINDS`), which carry the
-    built-in tools' schemas as JSON in `tools`; the plain conversations have `tools` None. An empty `tasks` list
-    with `tool_sizes` builds tool-use conversations only.
+    built-in tools' schemas as JSON in a `tools` column (None for the plain conversations; without tool_sizes there
+    is no such column). An empty `tasks` list with `tool_sizes` builds tool-use conversations only.
     """
     from tinyllm_hf.tasks.tool_use import build_tool_rows, parse_tool_sizes
 
@@ -104,8 +104,9 @@ def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, 
     rows = []
     for name in tasks:
         task_rows = conversation_rows(TASKS[name], records[TASKS[name].kind])
-        rows += [{**row, "tools": None} for row in take(task_rows, sizes.get(name), name, repeat=split == "train")]
-    rows += build_tool_rows(split, tool_sizes, seed)
+        rows += take(task_rows, sizes.get(name), name, repeat=split == "train")
+    if tool_sizes:
+        rows = [{**row, "tools": None} for row in rows] + build_tool_rows(split, tool_sizes, seed)
     if not rows:
         raise UsageError(f"no {split} conversations for tasks {', '.join(tasks)}")
     return shuffled_dataset(rows, seed)
