@@ -26,19 +26,41 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return path
 
 
+def tiny_config(tokenizer, max_position_embeddings: int = 256):
+    """The configuration of the tiny random test model (2 layers, width 32) for `tokenizer`."""
+    from tinyllm_hf import TinyllmConfig
+
+    return TinyllmConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def teach(model, rows: list[tuple[list[int], list[int]]], pad_token_id: int, steps: int) -> float:
+    """Plain supervised steps (AdamW, lr 1e-2, one padded batch) on (input ids, labels) rows; the last loss."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(ids) for ids, _ in rows])[:, None]).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.item()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     """A random 2-layer Tinyllm saved with the tiny tokenizer: a complete chat-model folder."""
     from transformers import AutoTokenizer
 
-    from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
+    from tinyllm_hf import TinyllmForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = TinyllmConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    model = TinyllmForCausalLM(config)
+    model = TinyllmForCausalLM(tiny_config(tokenizer))
     path = tmp_path_factory.mktemp("model") / "tiny-chat"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from conftest import review_lines  # noqa: E402
+from conftest import review_lines, teach  # noqa: E402
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset  # noqa: E402
 from tinyllm_hf.errors import MalformedRowError  # noqa: E402
@@ -94,19 +94,9 @@ def chat_model_dir(tmp_path_factory, tiny_model_dir):
         ids = tokenizer(full, add_special_tokens=False).input_ids
         labels = [-100] * len(tokenizer(context, add_special_tokens=False).input_ids)
         rows.append((ids, labels + ids[len(labels):]))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    mask = (torch.arange(width)[None, :] < torch.tensor([len(ids) for ids, _ in rows])[:, None]).long()
     torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(80):
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 0.5, loss.item()
+    loss = teach(model, rows, tokenizer.pad_token_id, steps=80)
+    assert loss < 0.5, loss
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
     return path

@@ -12,9 +12,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import teach, tiny_config  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM  # noqa: E402
+from tinyllm_hf import TinyllmForCausalLM  # noqa: E402
 from tinyllm_hf.errors import UsageError  # noqa: E402
 from tinyllm_hf.inference.tool_loop import Toolbox  # noqa: E402
 from tinyllm_hf.tasks import build_prompt_dataset  # noqa: E402
@@ -53,11 +54,8 @@ def tool_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     idiom_lookup, then to answer after the result: a miniature tool-use SFT model."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     # Prompt (system turn with the tool list) + call + result + answer outgrow the conftest model's 256 positions.
-    config = TinyllmConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    model = TinyllmForCausalLM(config)
+    model = TinyllmForCausalLM(tiny_config(tokenizer, max_position_embeddings=1024))
     schemas = Toolbox.builtin().schemas
     rows = []
     for row in build_prompt_dataset("train", ["idiom_meaning"], {"idiom_meaning": 4}):
@@ -67,18 +65,8 @@ def tool_model_dir(tmp_path_factory, tiny_tokenizer_dir):
                                                 return_assistant_tokens_mask=True)
         rows.append((encoded["input_ids"], [i if m else -100 for i, m in
                                             zip(encoded["input_ids"], encoded["assistant_masks"])]))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    mask = (torch.arange(width)[None, :] < torch.tensor([len(ids) for ids, _ in rows])[:, None]).long()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 0.3, loss.item()
+    loss = teach(model, rows, tokenizer.pad_token_id, steps=60)
+    assert loss < 0.3, loss
     path = tmp_path_factory.mktemp("tool-sft") / "sft"
     model.save_pretrained(path)
     shutil.copytree(tiny_tokenizer_dir, path, dirs_exist_ok=True)

@@ -322,6 +322,8 @@ def test_chat_shows_the_call_and_result_and_keeps_them_in_the_history(tokenizer,
     shown = "".join(session.stream("成语「画蛇添足」是什么意思？"))
     assert shown == f"\n[调用 idiom_lookup(word=画蛇添足)]\n[结果] {result}\n{result}"
     assert [m["role"] for m in session.history] == ["user", "assistant", "tool", "assistant"]
+    session.reset()
     session.tools_on = False
-    "".join(session.stream("再问一次画蛇添足"))
+    shown = "".join(session.stream("再问一次画蛇添足"))
     assert "<|tools|>" not in runtime.prompts[-1]
+    assert shown == "\n(the model asked for a tool, but tools are off: /tools on)"  # no raw call JSON

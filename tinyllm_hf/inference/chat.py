@@ -116,7 +116,8 @@ class ChatSession:
         from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START
 
         history = self.fitted_history(user_text)
-        call_start = set(self.runtime.encode(TOOL_CALL_START)) if self.active_toolbox else set()
+        # The id of <tool_call> (none where the tokenizer lacks it): a call is shown as a line, never as raw JSON.
+        call_start = set(ids) if len(ids := self.runtime.encode(TOOL_CALL_START)) == 1 else set()
         pieces: list[str] = []
         new: list[int] = []
         text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
@@ -145,6 +146,8 @@ class ChatSession:
                     text.on_finish(new, "stop", None)
                 if event.finish_reason in ("tool_rounds", "context"):
                     pieces.append(f"\n({FINISH_NOTES[event.finish_reason]})")
+                elif event.reply["tool_calls"] and self.active_toolbox is None:
+                    pieces.append(f"\n({FINISH_NOTES['tools_off']})")
             yield from filter(None, pieces)
             pieces.clear()
         self.history = history + done.messages
@@ -154,6 +157,7 @@ class ChatSession:
 FINISH_NOTES = {
     "tool_rounds": "the model kept calling tools; stopped after the round limit",
     "context": "the conversation no longer fits the model's context: /reset to start a new one",
+    "tools_off": "the model asked for a tool, but tools are off: /tools on",
 }
 
 
