@@ -232,7 +232,7 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
             for j, token in generate_round([prompts[row] for row in rows], round_params):
                 new[rows[j]].append(token)
                 yield TokenEvent(rows[j], token)
-            for row, params_row in zip(rows, round_params):
+            for row in rows:
                 tokens = new[row]
                 ended = bool(tokens) and tokens[-1] in runtime.eos_token_ids
                 reply = parse_reply(runtime.decode_raw(tokens), thinking=enable_thinking)
