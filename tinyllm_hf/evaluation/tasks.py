@@ -107,7 +107,7 @@ def answer_with_tools(runtime, prepared, toolbox, max_new_tokens, batch_size, pr
     from tinyllm_hf.inference.tool_loop import DoneEvent, tool_loop
 
     chats = [i for i, (query, *_) in enumerate(prepared) if isinstance(query, list)]
-    raw = [i for i in range(len(prepared)) if i not in set(chats)]
+    raw = sorted(set(range(len(prepared))) - set(chats))
     replies = [""] * len(prepared)
     for i, reply in zip(raw, greedy_generate(runtime, [prepared[i][0] for i in raw], max_new_tokens, batch_size)):
         replies[i] = reply

@@ -166,7 +166,20 @@ def eos_ids(*candidates) -> set[int]:
     return set()
 
 
-class TransformersRuntime:
+class _TokenizerText:
+    """Text <-> ids through a transformers tokenizer (`self.tokenizer`), for the runtimes that have one."""
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_raw(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class TransformersRuntime(_TokenizerText):
     """A transformers causal LM (Tinyllm, a merged LoRA, its Llama export, a quanto variant), batched."""
 
     max_batch_size = 64
@@ -209,15 +222,6 @@ class TransformersRuntime:
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # requantize re-creates parameters, untying them
         return cls(model, AutoTokenizer.from_pretrained(model_dir))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def decode_raw(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def render_chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
@@ -356,7 +360,7 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
         return self._last_logits()
 
 
-class ExportedRuntime(_SingleSequenceRuntime):
+class ExportedRuntime(_TokenizerText, _SingleSequenceRuntime):
     """ONNX Runtime or OpenVINO prefill + decode graphs written by `tinyllm quantize` (graph runners in `exported_graphs.py`)."""
 
     def __init__(self, model_dir: str | Path, num_threads: int | None = None):
@@ -375,15 +379,6 @@ class ExportedRuntime(_SingleSequenceRuntime):
         self.context_length = config["max_position_embeddings"]
         self.eos_token_ids = eos_ids(config.get("eos_token_id"), self.tokenizer.eos_token_id)
         self.chat_template = self.tokenizer.chat_template
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def decode_raw(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         return torch.from_numpy(self.graphs.step("prefill", list(ids), 0, None)[0].copy()).float()
