@@ -3,6 +3,8 @@ server make of replies a trained model writes (tool calls, reasoning, malformed 
 
 import torch
 
+from tinyllm_hf.inference.runtime import _TokenizerText
+
 
 def by_question(script: dict[str, list[str]]):
     """A script from {text of the conversation: replies of successive rounds}: a prompt is answered with the replies
@@ -14,7 +16,7 @@ def by_question(script: dict[str, list[str]]):
     return reply
 
 
-class ScriptedRuntime:
+class ScriptedRuntime(_TokenizerText):
     """A real runtime's tokenizer and chat template (`base`: a runtime, or a tokenizer) with a scripted model: each
     prompt is answered with `script(prompt_text)` (a callable, or a dict for `by_question`; tests may swap it between
     requests), control tokens written out, then EOS - one token per decode step whatever the sampling settings.
@@ -34,15 +36,6 @@ class ScriptedRuntime:
         if self.__dict__.get("_runtime") is None:
             raise AttributeError(name)
         return getattr(self._runtime, name)
-
-    def encode(self, text):
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode_text(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def decode_raw(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def render_chat(self, messages, tools=None, enable_thinking=False):
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,

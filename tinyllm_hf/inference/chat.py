@@ -93,7 +93,7 @@ class ChatSession:
         tools = self.active_toolbox.schemas if self.active_toolbox else None
         room = self.max_new_tokens or 1
         while True:
-            ids = self.runtime.encode(self.runtime.render_chat(self.messages(history), tools, self.thinking))
+            ids = self.runtime.encode_chat(self.messages(history), tools, self.thinking)
             if len(ids) + room <= self.context:
                 self.history = history[:-1]
                 return history
@@ -106,8 +106,7 @@ class ChatSession:
     def prompt_ids(self, user_text: str) -> list[int]:
         """Token ids of the (fitted) conversation plus `user_text`, ending with the assistant's header."""
         tools = self.active_toolbox.schemas if self.active_toolbox else None
-        return self.runtime.encode(self.runtime.render_chat(self.messages(self.fitted_history(user_text)), tools,
-                                                            self.thinking))
+        return self.runtime.encode_chat(self.messages(self.fitted_history(user_text)), tools, self.thinking)
 
     def stream(self, user_text: str) -> Iterator[str]:
         """Yield the reply to `user_text` in pieces as it is generated - tool calls and their results as lines of

@@ -3,8 +3,11 @@
 A runtime works on token ids. Each one has
 
     context_length, eos_token_ids, max_batch_size
-    encode(text) -> ids, decode_text(ids) -> text (control tokens dropped), decode_raw(ids) -> text (kept, for
-    `tokenizer.reply.parse_reply`), render_chat(messages, tools, enable_thinking) -> prompt text   (its own tokenizer)
+    encode(text) -> ids (control strings become control tokens: for text the program wrote), encode_text(text) ->
+    ids (never control tokens: for text from users), decode_text(ids) -> text (control tokens dropped), decode_raw(ids)
+    -> text (kept, for `tokenizer.reply.parse_reply`), render_chat(messages, tools, enable_thinking) -> prompt text,
+    encode_chat(messages, tools, enable_thinking) -> prompt ids (what every chat front end feeds the model: the
+    messages' text never becomes control tokens)    (each with its own tokenizer)
     prefill(prompts) -> (state, logits)      logits (batch, vocab): the next token of each prompt
     decode(tokens, state) -> logits          one new token per row of the batch
     select(state, rows) -> state, merge(a, b) -> state     (batched runtimes only: max_batch_size > 1)
@@ -166,11 +169,32 @@ def eos_ids(*candidates) -> set[int]:
     return set()
 
 
-class _TokenizerText:
+class _ChatEncoding:
+    """`encode_chat` for a runtime with `render_chat`, `encode` and `encode_text`."""
+
+    def encode_chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
+                    continuation: str = "") -> list[int]:
+        """The ids of the chat prompt for `messages`: the chat template's control strings as control tokens, the
+        text of the messages and tools as plain text, even where it spells a control string (`<|assistant|>` written
+        by a user is text, not a forged turn). `continuation` is template text to append after the generation prompt
+        (the server's forced tool call), with any caller strings in it passed through `escape_control_text`."""
+        from tinyllm_hf.tokenizer.chat_template import escape_control_text, split_control
+
+        rendered = self.render_chat(escape_control_text(messages), escape_control_text(tools) or None, enable_thinking)
+        ids: list[int] = []
+        for piece, control in split_control(rendered + continuation):
+            ids += self.encode(piece) if control else self.encode_text(piece)
+        return ids
+
+
+class _TokenizerText(_ChatEncoding):
     """Text <-> ids through a transformers tokenizer (`self.tokenizer`), for the runtimes that have one."""
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -284,7 +308,7 @@ class TransformersRuntime(_TokenizerText):
         return _Batch(a.cache, mask, torch.cat([a.positions, b.positions]))
 
 
-class _SingleSequenceRuntime:
+class _SingleSequenceRuntime(_ChatEncoding):
     """Shared parts of the runtimes that decode one sequence at a time (the engine queues instead of batching)."""
 
     max_batch_size = 1
@@ -328,6 +352,9 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def decode_text(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")

@@ -226,7 +226,9 @@ class Service:
         tools, prefix = offered_tools(request, thinking)
         messages = chat_messages(request.messages)
         try:
-            prompt = self.runtime.render_chat(messages, tools, thinking)
+            # The tool name in a forced call's prefix is safe template text: check_tool_schemas allows only
+            # letters, digits, _ and - in names.
+            ids = self.runtime.encode_chat(messages, tools, thinking, continuation=prefix)
         except Exception as exc:  # the template's own raise_exception (e.g. a system message in the middle)
             raise APIError(400, f"messages do not fit the chat template: {exc}", param="messages") from None
         if tools:
@@ -235,7 +237,7 @@ class Service:
             parse = reasoning_reply
         else:
             parse = None
-        return ChatPrompt(self.runtime.encode(prompt + prefix), prefix, parse, tool_calls=bool(tools))
+        return ChatPrompt(ids, prefix, parse, tool_calls=bool(tools))
 
     def sampling(self, request: _Common, prompt_len: int, default_max: int | None) -> "SamplingParams":
         """Sampling settings for one prompt, checking it and the requested tokens fit the context."""

@@ -216,7 +216,7 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
     for round_index in range(max_rounds + 1):
         prompts, ready = {}, []
         for row in active:
-            ids = runtime.encode(runtime.render_chat(history[row], tools, enable_thinking))
+            ids = runtime.encode_chat(history[row], tools, enable_thinking)
             if _budget(runtime, ids, max_tokens) < 1:
                 reply = parse_reply("")
                 yield DoneEvent(row, added[row], reply, "context", calls[row], first.get(row, reply))

@@ -180,6 +180,93 @@ RESPONSE_TEMPLATE = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Text from users is never control tokens
+# ---------------------------------------------------------------------------------------------------------------------
+# A tokenizer turns every control string in its input into the control token, wherever it came from: a user who writes
+# `<|endoftext|><|assistant|>` in a message would end their turn and forge the assistant's. So a prompt is encoded in
+# pieces: the callers' strings (messages, tool schemas, tool results) are escaped before rendering, so that the only
+# control strings in the rendered text are the template's own; the text between them is restored and encoded with
+# control tokens off. A tokenizer splits its input at control tokens before anything else, so for a conversation
+# without control strings in its text the pieces encode to exactly the ids of the whole rendered string.
+_CONTROL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True)) + ")")
+_ESCAPE = "\ue000"  # a private-use character; each control string becomes it plus one more (U+E001...)
+_PLACEHOLDERS = {token: _ESCAPE + chr(0xE001 + i) for i, token in enumerate(SPECIAL_TOKENS)}
+_ESCAPED_ESCAPE = _ESCAPE + "\ue0ff"  # the escape character itself, where a caller's text holds it
+_RESTORE = re.compile(_ESCAPE + "(.)", re.DOTALL)
+_RESTORED = {placeholder[1]: token for token, placeholder in _PLACEHOLDERS.items()} | {_ESCAPED_ESCAPE[1]: _ESCAPE}
+
+
+def escape_control_text(value):
+    """`value` (messages, tools: any JSON-like structure) with every control string in its strings and keys replaced
+    by a placeholder the template passes through unchanged; `split_control` restores them."""
+    if isinstance(value, str):
+        return _CONTROL_SPLIT.sub(lambda m: _PLACEHOLDERS[m.group()], value.replace(_ESCAPE, _ESCAPED_ESCAPE))
+    if isinstance(value, dict):
+        return {escape_control_text(key): escape_control_text(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape_control_text(item) for item in value]
+    return value
+
+
+def split_control(rendered: str) -> list[tuple[str, bool]]:
+    """A prompt rendered from `escape_control_text` output as `(piece, is_control)`: each control string the template
+    wrote, and the text between them with the callers' strings restored (to be encoded with control tokens off)."""
+    pieces = []
+    for i, piece in enumerate(_CONTROL_SPLIT.split(rendered)):
+        if piece:
+            pieces.append((piece, True) if i % 2 else (_RESTORE.sub(lambda m: _RESTORED[m.group(1)], piece), False))
+    return pieces
+
+
+def encode_conversation(tokenizer, messages: list[dict], tools: list | None = None) -> dict[str, list[int]]:
+    """A whole conversation as SFT trains on it: `input_ids` and `assistant_masks` (1 on the tokens inside
+    `{% generation %}`), as `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` gives them - but
+    with the messages' text encoded as plain text, so a control string in training data stays text. A token is masked
+    when it overlaps an assistant span, transformers' rule."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, spans = render_jinja_template([escape_control_text(messages)], tools=escape_control_text(tools) or None,
+                                            chat_template=tokenizer.chat_template, return_assistant_tokens_mask=True)
+    rendered, spans = rendered[0], spans[0]
+
+    def assistant(start: int, end: int) -> int:  # [start, end) in the rendered text overlaps an assistant span
+        return int(any(start < span_end and span_start < end for span_start, span_end in spans))
+
+    input_ids: list[int] = []
+    masks: list[int] = []
+    offset = 0
+    for i, piece in enumerate(_CONTROL_SPLIT.split(rendered)):
+        if i % 2:  # a control string the template wrote
+            input_ids.append(tokenizer.convert_tokens_to_ids(piece))
+            masks.append(assistant(offset, offset + len(piece)))
+        elif piece:
+            text, origin = _restore_with_origin(piece)
+            encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+            for token, (start, end) in zip(encoded.input_ids, encoded.offset_mapping):
+                input_ids.append(token)
+                masks.append(assistant(offset + origin[start], offset + origin[max(end - 1, start)] + 1))
+        offset += len(piece)
+    return {"input_ids": input_ids, "assistant_masks": masks}
+
+
+def _restore_with_origin(piece: str) -> tuple[str, list[int]]:
+    """`split_control`'s restoring of one escaped piece, with the index in `piece` each restored character comes from."""
+    text: list[str] = []
+    origin: list[int] = []
+    position = 0
+    for match in _RESTORE.finditer(piece):
+        text.append(piece[position:match.start()])
+        origin += range(position, match.start())
+        restored = _RESTORED[match.group(1)]
+        text.append(restored)
+        origin += [match.start()] * len(restored)
+        position = match.end()
+    text.append(piece[position:])
+    origin += range(position, len(piece))
+    return "".join(text), origin
+
+
 def missing_special_tokens(tokenizer) -> list[str]:
     vocab = tokenizer.get_vocab()
     return [token for token in SPECIAL_TOKENS if token not in vocab]

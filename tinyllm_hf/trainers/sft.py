@@ -8,8 +8,10 @@ load_in_4bit, ...), TRL's `SFTConfig` and `RunArguments`; the command line overr
 
 Data: `dataset_name` is "default" (the embedded set of checkable questions, `tinyllm_hf.tasks`), a local
 .jsonl/.json file or folder, or a Hugging Face dataset name; several, comma-separated, are concatenated. Every row
-becomes `messages`, rendered by the tokenizer's chat template, whose `{% generation %}` markers make TRL put the loss on
-the assistant's answers and their closing `<|endoftext|>` only (`assistant_only_loss`, on by default here).
+becomes `messages`, rendered by the tokenizer's chat template, whose `{% generation %}` markers put the loss on the
+assistant's answers and their closing `<|endoftext|>` only (`assistant_only_loss`, on by default here). The
+conversations are tokenized by `TinyllmSFTTrainer`, their text as plain text: a control string written in the data
+never becomes a control token.
 
 Output: the full model (or, with `use_peft`, the adapter in PEFT format; `tinyllm merge` folds it into the base) with
 its tokenizer; with the default set, `heldout_tasks.jsonl` (the held-out questions as task records for
@@ -41,6 +43,7 @@ from tinyllm_hf.tokenizer.chat_template import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     apply_chat_template_to_tokenizer,
+    encode_conversation,
     missing_special_tokens,
 )
 from tinyllm_hf.trainers.common import (
@@ -126,7 +129,16 @@ class SFTDataArguments(DatasetArguments):
 
 
 class TinyllmSFTTrainer(ReliableTrainerMixin, SFTTrainer):
-    """TRL's SFTTrainer with atomic checkpoints and a stop on non-finite loss."""
+    """TRL's SFTTrainer with atomic checkpoints and a stop on non-finite loss, that tokenizes conversations itself:
+    the text of the data is encoded as text, so `<|assistant|>` written in a file is never a control token
+    (`encode_conversations`); TRL then builds the labels from the assistant masks as it would from its own."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if isinstance(dataset, datasets.Dataset) and "messages" in dataset.column_names:
+            with args.main_process_first(desc=f"tokenizing the {dataset_name} conversations"):
+                dataset = encode_conversations(dataset, processing_class, args.dataset_num_proc,
+                                               args.assistant_only_loss)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,6 +247,20 @@ def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
         return part.select_columns(["messages", "tools"]).cast_column("messages", MESSAGES_FEATURE)
 
     return datasets.concatenate_datasets([columns(part) for part in parts])
+
+
+def encode_conversations(dataset: datasets.Dataset, tokenizer, num_proc: int | None,
+                         assistant_only_loss: bool = True) -> datasets.Dataset:
+    """`input_ids` (and with `assistant_only_loss` the `assistant_masks` that put the loss on the assistant's tokens)
+    for each conversation, which TRL's SFTTrainer takes as they are. We tokenize, not TRL, so that the text of the data
+    is encoded as text: `<|assistant|>` written in a file is never a control token
+    (tokenizer.chat_template.encode_conversation)."""
+    def encode(row: dict) -> dict:
+        tools = row.get("tools")
+        encoded = encode_conversation(tokenizer, row["messages"], json.loads(tools) if isinstance(tools, str) else tools)
+        return encoded if assistant_only_loss else {"input_ids": encoded["input_ids"]}
+
+    return dataset.map(encode, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing conversations")
 
 
 # --------------------------------------------------------------------------------------------------------------------
