@@ -1,9 +1,11 @@
 """Evaluation: benchmark loaders on the official layouts, ppl/gen scoring, letter parsing, perplexity, tasks, results,
 lm-eval agreement. Models are tiny Llamas or fakes whose preferences are known, built here."""
 
+import importlib.machinery
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -222,7 +224,92 @@ def test_loader_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="subject\\(s\\) physics"):
         load_local("ceval", tmp_path, "val", subjects=["physics"])
     with pytest.raises(DatasetUnavailableError, match="--cmmlu-dir"):
-        benchmarks.load_hub("cmmlu", subjects=["agronomy"])  # HF_HUB_OFFLINE=1: nothing can be downloaded
+        benchmarks.load_remote("cmmlu", "hub", subjects=["agronomy"])  # HF_HUB_OFFLINE=1: nothing can be downloaded
+
+
+def _rows(bench: Benchmark, benchmark: str, questions) -> list[dict]:
+    """Questions back as the rows of the published Hub/ModelScope copies (C-Eval: id, question, .., answer,
+    explanation; CMMLU: Question, .., Answer)."""
+    question_col, answer_col = ("question", "answer") if benchmark == "ceval" else ("Question", "Answer")
+    extra = (lambda q: {"id": int(q.id), "explanation": ""}) if benchmark == "ceval" else (lambda q: {})
+    return [{**extra(q), question_col: q.question, **dict(zip("ABCD", q.options)), answer_col: q.answer or ""}
+            for q in questions]
+
+
+@needs_fixtures
+def test_cmmlu_from_the_hubs_parquet_conversion_equals_the_official_files(tmp_path, monkeypatch):
+    """haonan-li/cmmlu is read from its refs/convert/parquet branch ({subject}/{split}/0000.parquet, the published
+    columns), here a local copy of that layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = load_local("cmmlu", FIXTURES / "cmmlu", subjects=["agronomy", "anatomy"])
+    for subject in local.questions:
+        for split, questions in (("test", local.questions[subject]), ("dev", local.dev[subject])):
+            (tmp_path / subject / split).mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(_rows(local, "cmmlu", questions)), tmp_path / subject / split / "0000.parquet")
+    monkeypatch.setitem(benchmarks.HUB_PARQUET, "cmmlu", str(tmp_path))
+    remote = benchmarks.load_benchmark("cmmlu", "hub", subjects=["agronomy", "anatomy"])
+    strip_ids = lambda qs: [(q.question, q.options, q.answer) for q in qs]  # noqa: E731  (the CSV's ids are its row numbers)
+    assert {s: strip_ids(qs) for s, qs in remote.questions.items()} == {s: strip_ids(qs) for s, qs in local.questions.items()}
+    assert {s: len(qs) for s, qs in remote.dev.items()} == {"agronomy": 5, "anatomy": 5}
+    assert remote.categories == local.categories and remote.subject_names == local.subject_names
+
+
+@needs_fixtures
+def test_modelscope_source_reads_opencompass_copies(monkeypatch):
+    import types
+
+    local = load_local("ceval", FIXTURES / "ceval", "val", subjects=["law"])
+    asked = []
+
+    def load(dataset_name, subset_name):  # modelscope.MsDataset.load, as OpenCompass calls it
+        asked.append((dataset_name, subset_name))
+        return {"val": _rows(local, "ceval", local.questions[subset_name]),
+                "dev": _rows(local, "ceval", local.dev[subset_name]), "test": []}
+
+    fake = types.ModuleType("modelscope")
+    fake.MsDataset = SimpleNamespace(load=load)
+    fake.__spec__ = importlib.machinery.ModuleSpec("modelscope", None)
+    monkeypatch.setitem(sys.modules, "modelscope", fake)
+    remote = benchmarks.load_benchmark("ceval", "modelscope", subjects=["law"])
+    assert asked == [("opencompass/ceval-exam", "law")]
+    assert remote.questions == local.questions and remote.dev == local.dev
+    # "auto": the Hub first (offline here, so it fails), then ModelScope.
+    assert benchmarks.load_benchmark("ceval", "auto", subjects=["law"]).questions == local.questions
+
+
+def test_unreachable_benchmarks_are_skipped_with_the_command_to_run(saved_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # not installed, wherever the suite runs
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(saved_llama), "--tasks", "ceval,cmmlu", "--output", str(out), "--no-progress"]
+    # Without --skip-unavailable, unreachable data is an error naming both sources and the folder option.
+    assert tinyllm(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "from hub" in err and "modelscope package is not installed" in err
+    assert tinyllm(argv + ["--skip-unavailable", "--shots", "5"]) == 0
+    tasks = load_results(out)["tasks"]
+    assert tasks["ceval"]["command"] == f"tinyllm eval --model {saved_llama} --tasks ceval --ceval-dir DIR --mode ppl --shots 5"
+    assert tasks["cmmlu"]["skipped"] and tasks["cmmlu"]["split"] == "test"
+    assert "skipped" in results_table(load_results(out))
+    # A local folder that is missing is the user's mistake, never skipped.
+    assert tinyllm(argv + ["--skip-unavailable", "--ceval-dir", str(tmp_path / "nope")]) == 1
+    assert "no val/ folder" in capsys.readouterr().err
+
+
+def test_benchmark_tables_show_model_type_questions_mode_and_shots():
+    from tinyllm_hf.evaluation.results import benchmark_table, category_table, skipped_benchmarks
+
+    scored = {"mode": "ppl", "shots": 5, "scored": True, "accuracy": 0.253, "n": 1346,
+              "per_category": {"STEM": {"accuracy": 0.2}, "Humanities": {"accuracy": 0.3}}}
+    skipped = {"skipped": "offline.", "mode": "gen", "shots": 0, "split": "test", "command": "tinyllm eval --x"}
+    models = {"pretrain": ("base", {"tasks": {"ceval": scored}}),
+              "sft": ("chat", {"tasks": {"ceval": {**scored, "mode": "gen", "shots": 0}, "cmmlu": skipped}})}
+    assert benchmark_table(models).splitlines()[2:] == [
+        "| pretrain | base | 25.3 (1,346 q, ppl, 5-shot) | not run |",
+        "| sft | chat | 25.3 (1,346 q, gen, 0-shot) | skipped (no data) |"]
+    assert "| pretrain | C-Eval | 20.0 | – | 30.0 | – | 25.3 |" in category_table(models)
+    assert skipped_benchmarks(models) == ["CMMLU on sft: offline. Run: `tinyllm eval --x`"]
 
 
 # ---------------------------------------------------------------- ppl mode

@@ -78,6 +78,20 @@ def test_card_metadata_parses_and_matches_results(release_dir):
     assert header["model-index"][0]["results"]
     body = card.text
     assert "27.2% acc" in body and "25.0% acc (3 unparsed)" in body and "4.750 bits/char" in body
+    # The reference project's table: model, type, C-Eval, CMMLU (a model with no training record counts as base).
+    assert "| tinyllm-test | base | 27.2 (103 q, ppl, 5-shot) | 25.0 (24 q, gen, 0-shot) |" in body
+
+
+def test_card_leaves_skipped_benchmarks_out_of_model_index(tiny_model_dir, tmp_path):
+    skipped = {"skipped": "offline.", "mode": "gen", "shots": 0, "split": "test", "command": "tinyllm eval --tasks cmmlu"}
+    results = tmp_path / "results.json"
+    save_results(make_results(str(tiny_model_dir), None, {"ceval": RESULTS_TASKS["ceval"], "cmmlu": skipped}), results)
+    staged = tmp_path / "staged"
+    assert push.main(["--model", str(tiny_model_dir), "--repo-id", "alice/t", "--results", str(results),
+                      "--dry-run", str(staged)]) == 0
+    card = ModelCard.load(staged / "README.md")
+    assert [r.dataset_name for r in card.data.eval_results] == ["C-Eval"]
+    assert "skipped (no data)" in card.text and "`tinyllm eval --tasks cmmlu`" in card.text
 
 
 def test_card_states_parameter_count_from_the_weights(release_dir, tiny_model_dir):

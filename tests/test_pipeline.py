@@ -11,6 +11,7 @@ from tinyllm_hf.pipeline import as_flags, load_pipeline_recipe, main
 from tinyllm_hf.runs import STAGES, RunLayout, atomic_output
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
 def smoke_recipe(tmp_path: Path) -> Path:
@@ -27,7 +28,9 @@ def smoke_recipe(tmp_path: Path) -> Path:
     preference_args = {"tasks": "sentiment,idiom_meaning", "task_sizes": preference_sizes, "max_eval_samples": 8}
     recipe["reward"]["args"] = {**few_steps, **preference_args}
     recipe["dpo"]["args"] = {**few_steps, **preference_args}
-    recipe["eval"].update(task_sizes="sentiment=4,xiehouyu=2", args={"max-new-tokens": 8, "limit": 4})
+    recipe["eval"].update(task_sizes="sentiment=4,xiehouyu=2", args={"max-new-tokens": 8})
+    # C-Eval from the official layout; CMMLU from nowhere (offline, no folder): recorded as skipped.
+    recipe["eval"]["benchmarks"].update(ceval_dir=str(FIXTURES / "ceval"), limit=2)
     recipe["quantize"]["methods"] = ["quanto-int8"]  # the ONNX export alone takes minutes; tests/test_quantize.py covers it
     recipe["quantize"]["drift"] = {"tasks": 4, "task_tokens": 4, "eval_chunks": 2, "chunk_len": 32, "gen_tokens": 4,
                                    "speed_tokens": 8}
@@ -61,6 +64,12 @@ def test_quickstart_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     assert stages[0]["steps"] == 3 and stages[0]["final_loss"] > 0
     eval_sft = json.loads((run_dir / "eval" / "sft.json").read_text())
     assert 0 < eval_sft["tasks"]["tasks"]["n"] <= 6  # sentiment=4,xiehouyu=2: only the tasks the recipe names
+    eval_base = json.loads((run_dir / "eval" / "pretrain.json").read_text())
+    assert (eval_base["tasks"]["ceval"]["mode"], eval_base["tasks"]["ceval"]["shots"]) == ("ppl", 5)
+    assert eval_sft["tasks"]["ceval"]["mode"] == "gen" and eval_sft["tasks"]["ceval"]["n"] == 10  # 5 subjects x 2
+    assert "skipped" in eval_sft["tasks"]["cmmlu"]
+    assert "## C-Eval and CMMLU" in report and "| pretrain | base | " in report and "ppl, 5-shot) | skipped" in report
+    assert "--tasks cmmlu --cmmlu-dir DIR --mode gen --shots 0`" in report
 
     # A second run finds every stage finished and does nothing but say so.
     capsys.readouterr()

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from tinyllm_hf.errors import MissingFileError, PipelineError, UsageError
+from tinyllm_hf.evaluation.benchmarks import BENCHMARKS
 from tinyllm_hf.runs import ALIGNED_STAGES, STAGES, TRAINER_STATE_FILE, TRAINING_STAGES, RunLayout, write_json
 
 
@@ -61,6 +62,30 @@ def launch_flags(flags: dict) -> list[str]:
     "--num_processes", "2"] and a false switch is left out."""
     switches = [f"--{key}" for key, value in flags.items() if value is True]
     return switches + as_flags({key: value for key, value in flags.items() if not isinstance(value, bool)})
+
+
+BENCHMARK_KEYS = ("run", "source", "ceval_dir", "cmmlu_dir", "base_shots", "chat_shots", "limit")
+
+
+def benchmark_flags(benchmarks: dict | None, base: bool) -> list[str]:
+    """`tinyllm eval` flags for the recipe's `eval.benchmarks`: C-Eval and CMMLU from the folders it names, else
+    downloaded (`source`), else recorded as skipped with the command to run them; few-shot for the base model."""
+    if not benchmarks:
+        return []
+    unknown = sorted(set(benchmarks) - set(BENCHMARK_KEYS))
+    if unknown:
+        raise UsageError(f"unknown key(s) in eval.benchmarks: {', '.join(unknown)}; known: {', '.join(BENCHMARK_KEYS)}")
+    wrong = sorted(set(benchmarks.get("run", BENCHMARKS)) - set(BENCHMARKS))
+    if wrong:
+        raise UsageError(f"eval.benchmarks.run names {', '.join(wrong)}; choose from {', '.join(BENCHMARKS)}")
+    flags = ["--benchmark-source", benchmarks.get("source", "auto"), "--skip-unavailable",
+             "--shots", str(benchmarks.get("base_shots" if base else "chat_shots", 5 if base else 0))]
+    for name in BENCHMARKS:
+        if benchmarks.get(f"{name}_dir"):
+            flags += [f"--{name}-dir", str(benchmarks[f"{name}_dir"])]
+    if benchmarks.get("limit"):
+        flags += ["--limit", str(benchmarks["limit"])]
+    return flags
 
 
 class Pipeline:
@@ -172,8 +197,13 @@ class Pipeline:
             # Base models are scored by option likelihood, chat models by their generated answers.
             mode = "ppl" if model_stage == "pretrain" else entry.get("chat_mode", "gen")
             tasks = entry.get("base_tasks", "ppl") if model_stage == "pretrain" else entry.get("tasks", "ppl,tasks")
+            if entry.get("benchmarks"):
+                asked = tasks.split(",")
+                tasks = ",".join(asked + [b for b in entry["benchmarks"].get("run", BENCHMARKS) if b not in asked])
+            base = model_stage == "pretrain"
             args = ["eval", "--model", str(self.layout.stage_dir(model_stage)), "--tasks", tasks, "--mode", mode,
                     "--tasks-file", str(tasks_file), "--output", str(self.layout.eval_results(model_stage))]
+            args += benchmark_flags(entry.get("benchmarks"), base)
             args += as_flags(entry.get("args"))
             self.run_command("eval", args)
 

@@ -1,7 +1,7 @@
 """The run report: `RUN/report/report.md` with its PNGs, written from the files the stages left behind.
 
 Sections: per-stage time, steps, tokens and final losses; the loss curves; evaluation tables comparing the base,
-SFT and aligned models; the quantization table; and sample chats with the prompts fixed in the recipe.
+SFT and aligned models (held-out tasks; C-Eval and CMMLU, or the command that runs them); the quantization table; and sample chats with the prompts fixed in the recipe.
 """
 
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_hf.evaluation.results import BENCHMARK_TITLES, benchmark_table, category_table, skipped_benchmarks
 from tinyllm_hf.runs import STAGES, TRAINING_STAGES, RunLayout
 from tinyllm_hf.tasks import sample_prompt
 
@@ -52,7 +53,8 @@ def stage_table(run: RunLayout, stages) -> str:
 
 def eval_table(run: RunLayout, model_stages) -> str:
     """One row per evaluated model (and one more per model evaluated with the built-in tools): perplexity, held-out
-    task accuracy (overall and per task), tool-call validity, C-Eval, CMMLU."""
+    task accuracy (overall and per task), tool-call validity. C-Eval and CMMLU have their own tables
+    (`benchmark_section`)."""
     results = {s: _read_json(run.eval_results(s)) for s in model_stages}
     results = {s: r for s, r in results.items() if r}
     if not results:
@@ -60,8 +62,7 @@ def eval_table(run: RunLayout, model_stages) -> str:
     held_keys = ("tasks", "tasks_tools")
     task_names = sorted({t for r in results.values() for key in held_keys
                          for t in r["tasks"].get(key, {}).get("per_task", {})})
-    header = ["model", "tools", "bits/char", "perplexity", "held-out tasks", *task_names, "valid tool calls", "C-Eval",
-              "CMMLU"]
+    header = ["model", "tools", "bits/char", "perplexity", "held-out tasks", *task_names, "valid tool calls"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def accuracy(entry):
@@ -77,10 +78,32 @@ def eval_table(run: RunLayout, model_stages) -> str:
             validity = f"{100 * calls['validity']:.1f}% of {calls['n']}" if calls and calls.get("n") else "–"
             cells = [stage, "on" if key == "tasks_tools" else "off", _fmt(ppl.get("bits_per_char"), "{:.3f}"),
                      _fmt(ppl.get("perplexity"), "{:.2f}"), accuracy(held) + (f" ({held.get('mode')})" if held else ""),
-                     *[accuracy(per_task.get(t)) for t in task_names], validity,
-                     accuracy(tasks.get("ceval")), accuracy(tasks.get("cmmlu"))]
+                     *[accuracy(per_task.get(t)) for t in task_names], validity]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def benchmark_section(run: RunLayout, model_stages) -> list[str]:
+    """C-Eval and CMMLU as the reference project reports them (model, type, C-Eval, CMMLU), then per category; a
+    benchmark whose data was not reachable is named with the command that runs it."""
+    models = {s: ("base" if s == "pretrain" else "chat", r) for s in model_stages if (r := _read_json(run.eval_results(s)))}
+    models = {s: entry for s, entry in models.items() if any(b in entry[1]["tasks"] for b in BENCHMARK_TITLES)}
+    if not models:
+        return []
+    lines = ["## C-Eval and CMMLU", "", "Accuracy in %: the base model by option likelihood (ppl mode), chat models by "
+             "their generated answers (gen mode); C-Eval on its val split, CMMLU on its test split.", "",
+             benchmark_table(models), ""]
+    categories = category_table(models)
+    if categories:
+        lines += [categories, ""]
+    skipped = skipped_benchmarks(models)
+    if skipped:
+        lines += ["Skipped, because the data was not reachable (no local folder in the recipe's `eval.benchmarks`, "
+                  "and neither the Hub nor ModelScope answered). Put the official layout in a folder, then:", "",
+                  *[f"- {line}" for line in skipped], "",
+                  "or set `eval.benchmarks.ceval_dir` / `cmmlu_dir` in the recipe and rerun `tinyllm run --config "
+                  "RECIPE --output_dir RUN --from-stage eval`.", ""]
+    return lines
 
 
 def sample_chats(model_dir: Path, prompts: list[str]) -> list[tuple[str, str]]:
@@ -142,6 +165,7 @@ def write_report(run: RunLayout, recipe: dict, chat_model: Path) -> Path:
     lines += ["## Evaluation", "", "Base model scored by likelihood (ppl mode), chat models by their generated answers "
               "on the held-out items of the embedded tasks (none of them seen in training).", "",
               eval_table(run, [s for s in TRAINING_STAGES if s != "reward"]), ""]
+    lines += benchmark_section(run, [s for s in TRAINING_STAGES if s != "reward"])
     reward = _read_json(run.reward_accuracy)
     if reward:
         per_task = "; ".join(f"{task} {100 * r['pairwise_accuracy']:.1f}% of {r['pairs']}"

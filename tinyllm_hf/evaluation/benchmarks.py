@@ -3,7 +3,9 @@
 C-Eval (https://github.com/hkust-nlp/ceval): `{dev,val,test}/<subject>_<split>.csv` with the header
 `id,question,A,B,C,D,answer[,explanation]`; the test split has empty answers (scored only by the C-Eval server).
 CMMLU (https://github.com/haonan-li/CMMLU): `{dev,test}/<subject>.csv` with the header `,Question,A,B,C,D,Answer`.
-Both become lists of `Question`; the dev split (5 per subject) is the pool of few-shot exemplars.
+Both become lists of `Question`; the dev split (5 per subject) is the pool of few-shot exemplars. The same rows come
+from the Hugging Face Hub (`ceval/ceval-exam`; CMMLU from the parquet conversion of `haonan-li/cmmlu`) or from
+ModelScope (OpenCompass's `opencompass/ceval-exam`, `opencompass/cmmlu`): `load_benchmark(name, "hub"|"modelscope")`.
 
 Prompts follow lm-evaluation-harness's `ceval-valid` / `cmmlu` tasks exactly, so our ppl-mode numbers and lm-eval's agree:
 
@@ -14,6 +16,7 @@ Prompts follow lm-evaluation-harness's `ceval-valid` / `cmmlu` tasks exactly, so
 """
 
 import csv
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,6 +28,12 @@ LETTERS = ("A", "B", "C", "D")
 BENCHMARKS = ("ceval", "cmmlu")
 MODES = ("ppl", "gen")  # scored by option log-likelihood (base models), or generated and parsed (chat models)
 HUB_NAMES = {"ceval": "ceval/ceval-exam", "cmmlu": "haonan-li/cmmlu"}
+# haonan-li/cmmlu is a loading-script repo, which `datasets` >= 4 refuses; the Hub's own parquet conversion of it lives
+# on the refs/convert/parquet branch, one folder per subject and split.
+HUB_PARQUET = {"cmmlu": "hf://datasets/haonan-li/cmmlu@refs%2Fconvert%2Fparquet"}
+# OpenCompass's copies on ModelScope (what its `DATASET_SOURCE=ModelScope` reads), in the official columns.
+MODELSCOPE_NAMES = {"ceval": "opencompass/ceval-exam", "cmmlu": "opencompass/cmmlu"}
+SOURCES = ("hub", "modelscope")  # the remote sources, in the order "auto" tries them
 DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test"}
 DESCRIPTIONS = {
     "ceval": "以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n",
@@ -151,13 +160,39 @@ def load_local(
     )
 
 
-# ---------------------------------------------------------------- Hugging Face Hub
+# ---------------------------------------------------------------- Hugging Face Hub and ModelScope
 
 
-def load_hub(benchmark: str, split: str | None = None, subjects: list[str] | None = None) -> Benchmark:
-    """Download a benchmark with `datasets` (one config per subject). Needs network access."""
+def _hub_splits(benchmark: str, subject: str, splits: tuple[str, ...]):
+    """{split: rows} of one subject from the Hugging Face Hub."""
     import datasets
 
+    if benchmark in HUB_PARQUET:
+        base = HUB_PARQUET[benchmark]
+        return datasets.load_dataset("parquet", data_files={s: f"{base}/{subject}/{s}/*.parquet" for s in splits})
+    return datasets.load_dataset(HUB_NAMES[benchmark], subject)
+
+
+def _modelscope_splits(benchmark: str, subject: str, splits: tuple[str, ...]):
+    """{split: rows} of one subject from ModelScope (OpenCompass's copies, as `DATASET_SOURCE=ModelScope` reads them)."""
+    if importlib.util.find_spec("modelscope") is None:
+        raise DatasetUnavailableError('the modelscope package is not installed (pip install modelscope)')
+    from modelscope import MsDataset
+
+    return MsDataset.load(dataset_name=MODELSCOPE_NAMES[benchmark], subset_name=subject)
+
+
+_REMOTE = {"hub": (_hub_splits, HUB_NAMES), "modelscope": (_modelscope_splits, MODELSCOPE_NAMES)}
+
+
+def load_remote(benchmark: str, source: str = "hub", split: str | None = None,
+                subjects: list[str] | None = None) -> Benchmark:
+    """Download a benchmark (one dataset config per subject) from `source`: "hub" (Hugging Face) or "modelscope";
+    the rows are the official columns in both. Raises DatasetUnavailableError when it cannot be read (offline, or
+    the SDK missing)."""
+    if source not in _REMOTE:
+        raise UsageError(f"unknown benchmark source {source!r}; choose one of {', '.join(SOURCES)}")
+    load_splits, names = _REMOTE[source]
     split = split or DEFAULT_SPLIT[benchmark]
     mapping = load_mapping(None, benchmark)
     subjects = subjects or list(mapping)
@@ -165,14 +200,16 @@ def load_hub(benchmark: str, split: str | None = None, subjects: list[str] | Non
     questions, dev = {}, {}
     for subject in subjects:
         try:
-            ds = datasets.load_dataset(HUB_NAMES[benchmark], subject)
-        except Exception as err:  # offline, unknown subject, or a script-based dataset the installed `datasets` refuses
+            splits = load_splits(benchmark, subject, (split, "dev"))
+            rows = {name: list(splits[name]) for name in (split, "dev")}
+        except DatasetUnavailableError as err:
+            raise DatasetUnavailableError(f"could not load {names[benchmark]} from {source}: {err}") from None
+        except Exception as err:  # offline, unknown subject, a repo the installed `datasets` cannot read
             raise DatasetUnavailableError(
-                f"could not load {HUB_NAMES[benchmark]} ({subject}) from the Hub: {err}. "
+                f"could not load {names[benchmark]} ({subject}) from {source}: {type(err).__name__}: {err}. "
                 f"Download the dataset and pass its folder with --{benchmark}-dir instead."
-            ) from err
+            ) from None
         for name, target in ((split, questions), ("dev", dev)):
-            rows = ds[name]
             target[subject] = [
                 Question(
                     subject,
@@ -181,7 +218,7 @@ def load_hub(benchmark: str, split: str | None = None, subjects: list[str] | Non
                     tuple(str(row[letter]) for letter in LETTERS),
                     (row.get(answer_col) or "").strip().upper() or None,
                 )
-                for i, row in enumerate(rows)
+                for i, row in enumerate(rows[name])
             ]
     return Benchmark(
         name=benchmark,
@@ -200,9 +237,20 @@ def load_benchmark(
     subjects: list[str] | None = None,
     mapping_path: str | Path | None = None,
 ) -> Benchmark:
-    """`source` is a local folder in the official layout, or None / the Hub name to download."""
-    if source is None or str(source) == HUB_NAMES.get(benchmark):
-        return load_hub(benchmark, split, subjects)
+    """`source` is a local folder in the official layout, "hub" / the Hub name / None (Hugging Face), "modelscope",
+    or "auto" (the Hub, then ModelScope: the first that answers)."""
+    if source is None or str(source) in ("hub", HUB_NAMES.get(benchmark)):
+        return load_remote(benchmark, "hub", split, subjects)
+    if source == "modelscope":
+        return load_remote(benchmark, "modelscope", split, subjects)
+    if source == "auto":
+        failures = []
+        for remote in SOURCES:
+            try:
+                return load_remote(benchmark, remote, split, subjects)
+            except DatasetUnavailableError as err:
+                failures.append(str(err))
+        raise DatasetUnavailableError("; ".join(failures))
     return load_local(benchmark, source, split, subjects, mapping_path)
 
 

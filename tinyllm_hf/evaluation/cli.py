@@ -8,8 +8,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllm_hf.errors import UsageError
-from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, MODES, load_benchmark
+from tinyllm_hf.errors import DatasetUnavailableError, UsageError
+from tinyllm_hf.evaluation.benchmarks import (
+    BENCHMARKS,
+    DEFAULT_SPLIT,
+    HUB_NAMES,
+    MODELSCOPE_NAMES,
+    MODES,
+    SOURCES,
+    load_benchmark,
+)
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
 from tinyllm_hf.model_utils import get_model, get_tokenizer
 from tinyllm_hf.options import comma_list
@@ -34,9 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest reply in gen mode and for --tasks tasks "
                    "(default: the rest of the model's context after each prompt)")
     for name in BENCHMARKS:
-        p.add_argument(f"--{name}-dir", default=None, help=f"local {name} folder in the official layout (default: {HUB_NAMES[name]})")
+        p.add_argument(f"--{name}-dir", default=None, help=f"local {name} folder in the official layout (default: "
+                       f"downloaded, see --benchmark-source)")
         p.add_argument(f"--{name}-split", default=DEFAULT_SPLIT[name], help=f"split to evaluate (default {DEFAULT_SPLIT[name]})")
         p.add_argument(f"--{name}-subjects", default=None, help="comma-separated subjects (default: all present)")
+    p.add_argument("--benchmark-source", choices=("auto", *SOURCES), default="auto",
+                   help="where C-Eval/CMMLU come from without --ceval-dir/--cmmlu-dir: the Hugging Face Hub ("
+                        f"{', '.join(HUB_NAMES.values())}), ModelScope ({', '.join(MODELSCOPE_NAMES.values())}), or auto "
+                        "(the Hub, then ModelScope)")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="a benchmark that cannot be downloaded is recorded as skipped, with the command to run once "
+                        "its data is there, instead of failing (a local folder that is missing still fails)")
     p.add_argument("--ceval-mapping", default=None, help="C-Eval subject_mapping.json (default: the packaged one)")
     p.add_argument("--text-file", default=None, help="ppl texts: .txt (one per line) or .jsonl (default: corpus validation split)")
     p.add_argument("--ppl-max-length", type=int, default=None, help="ppl window (default: the model's context)")
@@ -80,6 +96,15 @@ def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto
     return TransformersRuntime(*load_model(name, revision, dtype, device, trust_remote_code))
 
 
+def skipped_benchmark(name: str, args: argparse.Namespace, reason: str) -> dict:
+    """The results entry of a benchmark whose data could not be read: why, and the command that runs it."""
+    command = (f"tinyllm eval --model {args.model} --tasks {name} --{name}-dir DIR --mode {args.mode} "
+               f"--shots {args.shots}")
+    print(f"{name} skipped: {reason}", file=sys.stderr)
+    return {"skipped": reason.splitlines()[0], "mode": args.mode, "shots": args.shots, "split": getattr(args, f"{name}_split"),
+            "command": command}
+
+
 def run(args: argparse.Namespace) -> dict:
     # The scoring modules load torch: imported here, so `tinyllm eval --help` stays light.
     from tinyllm_hf.evaluation.engine import transformers_model
@@ -90,17 +115,21 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     # Data first: a missing folder or file fails before the model is loaded.
-    benchmarks = {
-        name: load_benchmark(
-            name,
-            getattr(args, f"{name}_dir"),
-            getattr(args, f"{name}_split"),
-            comma_list(getattr(args, f"{name}_subjects")) or None,
-            args.ceval_mapping if name == "ceval" else None,
-        )
-        for name in BENCHMARKS
-        if name in tasks
-    }
+    benchmarks, skipped = {}, {}
+    for name in (b for b in BENCHMARKS if b in tasks):
+        folder = getattr(args, f"{name}_dir")
+        try:
+            benchmarks[name] = load_benchmark(
+                name,
+                folder or args.benchmark_source,
+                getattr(args, f"{name}_split"),
+                comma_list(getattr(args, f"{name}_subjects")) or None,
+                args.ceval_mapping if name == "ceval" else None,
+            )
+        except DatasetUnavailableError as err:
+            if folder or not args.skip_unavailable:
+                raise
+            skipped[name] = skipped_benchmark(name, args, str(err))
     if "ppl" in tasks:
         from tinyllm_hf.evaluation.perplexity import load_texts
 
@@ -120,7 +149,9 @@ def run(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     results = {}
     for name in tasks:
-        if name in benchmarks:
+        if name in skipped:
+            results[name] = skipped[name]
+        elif name in benchmarks:
             results[name] = evaluate_multiple_choice(
                 runtime, benchmarks[name], args.mode, args.shots, args.batch_size, args.max_new_tokens, args.limit,
                 progress,

@@ -10,6 +10,7 @@
       "tasks": {
         "ceval": {"mode", "shots", "split", "scored", "accuracy", "macro_accuracy", "n", "correct", "unparsed",
                   "overflow", "mean_shots", "per_subject": {…}, "per_category": {…}},
+                 (or, when its data could not be read: {"skipped": why, "mode", "shots", "split", "command"})
         "cmmlu": {…},
         "ppl":   {"n_texts", "n_tokens", "n_chars", "nll_per_token", "perplexity", "bits_per_char", "bits_per_byte", …},
         "tasks": {"mode", "shots", "tools", "accuracy", "n", "correct", "per_task": {…}},
@@ -95,7 +96,9 @@ def results_table(results: dict) -> str:
     """A Markdown summary (one row per task) for model cards and logs."""
     lines = ["| task | mode | shots | score | n |", "|---|---|---|---|---|"]
     for name, entry in results["tasks"].items():
-        if "bits_per_char" in entry:
+        if "skipped" in entry:
+            lines.append(f"| {name} | {entry['mode']} | {entry['shots']} | skipped: no data (`{entry['command']}`) | – |")
+        elif "bits_per_char" in entry:
             score = f"{entry['bits_per_char']:.3f} bits/char (ppl {entry['perplexity']:.2f})"
             lines.append(f"| {name} | – | – | {score} | {entry['n_tokens']} tokens |")
         else:
@@ -106,3 +109,51 @@ def results_table(results: dict) -> str:
                 score += f", {_pct(entry['tool_calls']['validity'])}% valid tool calls"
             lines.append(f"| {name} | {entry['mode']} | {entry['shots']} | {score} | {entry['n']} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- C-Eval / CMMLU, as the reference project shows them
+
+BENCHMARK_TITLES = {"ceval": "C-Eval", "cmmlu": "CMMLU"}
+CATEGORIES = ("STEM", "Social Science", "Humanities", "Other")  # C-Eval's four; CMMLU adds "China specific"
+
+
+def benchmark_cell(entry: dict | None) -> str:
+    if entry is None:
+        return "not run"
+    if "skipped" in entry:
+        return "skipped (no data)"
+    if not entry.get("scored", True):
+        return "unscored split"
+    return f"{_pct(entry['accuracy'])} ({entry['n']:,} q, {entry['mode']}, {entry['shots']}-shot)"
+
+
+def benchmark_table(models: dict[str, tuple[str, dict]]) -> str:
+    """model | type | C-Eval | CMMLU, for {model name: (type, e.g. "base"/"chat", its results)}: accuracy in %,
+    with the questions, the mode and the shots."""
+    lines = ["| model | type | C-Eval | CMMLU |", "|---|---|---|---|"]
+    for model, (kind, results) in models.items():
+        cells = [benchmark_cell(results["tasks"].get(name)) for name in BENCHMARK_TITLES]
+        lines.append(f"| {model} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def category_table(models: dict[str, tuple[str, dict]]) -> str | None:
+    """Accuracy per category (STEM, Social Science, Humanities, Other) of every benchmark that was scored; None if
+    none was."""
+    lines = ["| model | benchmark | " + " | ".join(CATEGORIES) + " | all |", "|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+    for model, (_, results) in models.items():
+        for name, title in BENCHMARK_TITLES.items():
+            entry = results["tasks"].get(name)
+            if entry is None or "skipped" in entry or not entry.get("scored", True):
+                continue
+            per_category = entry.get("per_category", {})
+            cells = [_pct(per_category[c]["accuracy"]) if c in per_category else "–" for c in CATEGORIES]
+            lines.append(f"| {model} | {title} | " + " | ".join(cells) + f" | {_pct(entry['accuracy'])} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def skipped_benchmarks(models: dict[str, tuple[str, dict]]) -> list[str]:
+    """One line per skipped benchmark run: why, and the command to run it once the data is there."""
+    return [f"{BENCHMARK_TITLES[name]} on {model}: {entry['skipped']} Run: `{entry['command']}`"
+            for model, (_, results) in models.items() for name, entry in results["tasks"].items()
+            if name in BENCHMARK_TITLES and "skipped" in entry]

@@ -26,7 +26,7 @@ from tinyllm_hf.data.corpus import EMBEDDED_SOURCES
 from tinyllm_hf.data.records import KIND_SOURCE
 from tinyllm_hf.data.records import RECORD_KINDS
 from tinyllm_hf.errors import MissingFileError
-from tinyllm_hf.evaluation.results import load_results, results_table
+from tinyllm_hf.evaluation.results import BENCHMARK_TITLES, benchmark_table, load_results, results_table
 from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, RELEASE_RESULTS_FILE, STAGE_RECORDS_FILE, RunLayout
 
@@ -199,14 +199,18 @@ def build_model_card(facts: ReleaseFacts, repo_id: str, base_model: str | None =
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     attention = "multi-head attention" if heads == kv_heads else f"grouped-query attention ({kv_heads} key/value heads)"
     gguf = [{"name": f.name, "kind": f.stem.rsplit("-", 1)[-1] if "-" in f.stem else "gguf"} for f in facts.gguf_files]
+    chat = bool(facts.stages and any(s["stage"] != "pretrain" for s in facts.stages))
+    benchmarks = None
+    if facts.results and any(name in facts.results["tasks"] for name in BENCHMARK_TITLES):
+        benchmarks = benchmark_table({model_name: ("chat" if chat else "base", facts.results)})
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         model_name=model_name,
         repo_id=repo_id,
         repo_id_dir=model_name,
-        summary=(f"A small Chinese {'chat ' if facts.stages and any(s['stage'] != 'pretrain' for s in facts.stages) else ''}"
-                 f"language model trained with [tinyllm-hf](https://pypi.org/project/tinyllm-hf/)."),
+        summary=(f"A small Chinese {'chat ' if chat else ''}language model trained with "
+                 "[tinyllm-hf](https://pypi.org/project/tinyllm-hf/)."),
         architecture=(config.get("architectures") or [config.get("model_type")])[0],
         attention=attention,
         parameters=_human(facts.parameters),
@@ -227,6 +231,7 @@ def build_model_card(facts: ReleaseFacts, repo_id: str, base_model: str | None =
         stages=facts.stages,
         plots=facts.plots,
         results_table=results_table(facts.results) if facts.results else None,
+        benchmark_table=benchmarks,
         results_date=facts.results["date"] if facts.results else None,
         results_file=facts.results_file,
         gguf_files=gguf,
