@@ -312,6 +312,23 @@ def test_benchmark_tables_show_model_type_questions_mode_and_shots():
     assert skipped_benchmarks(models) == ["CMMLU on sft: offline. Run: `tinyllm eval --x`"]
 
 
+def test_opencompass_prompt_style_writes_opencompass_text():
+    """The text OpenCompass's base-model ppl configs score for answer B (turns joined with newlines), and its chat
+    turns; bench/opencompass_compare.py checks the predictions against OpenCompass itself."""
+    style = benchmarks.PROMPT_STYLES["opencompass"]
+    q = Question("law", "1", "问题？", ("甲", "乙", "丙", "丁"), "B")
+    e = Question("law", "0", "例题？", ("一", "二", "三", "四"), "A")
+    ceval = Benchmark("ceval", "val", {"law": [q]}, {"law": [e]}, {"law": "法学"})
+    human = "以下是中国关于法学考试的单项选择题，请选出其中的正确答案。\n{}\nA. {}\nB. {}\nC. {}\nD. {}\n答案: "
+    assert style.ppl_context(ceval, q, [e]) + style.target(ceval, "B") == (
+        human.format("例题？", "一", "二", "三", "四") + "\nA\n" + human.format("问题？", "甲", "乙", "丙", "丁") + "\nB")
+    cmmlu = Benchmark("cmmlu", "test", {"law": [q]}, {"law": [e]}, {"law": "法学"})
+    context, target = style.ppl_context(cmmlu, q, []), style.target(cmmlu, "B")
+    assert context + target == "以下是关于法学的单项选择题，请直接给出正确答案的选项。\n题目：问题？\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案是: B"
+    assert target == " B"  # the letter is scored, after the shared "答案是:"
+    assert style.chat_messages(cmmlu, q, [e])[1] == {"role": "assistant", "content": "答案是: A"}
+
+
 # ---------------------------------------------------------------- ppl mode
 
 
@@ -436,7 +453,7 @@ def test_gen_mode_counts_unparseable_replies(tokenizer):
 def test_gen_prompt_is_a_multi_turn_chat(tokenizer, llama):
     bench = toy_benchmark(dev=2)
     q = bench.questions["toy"][0]
-    messages = mc.chat_messages(bench, q, bench.dev["toy"])
+    messages = benchmarks.DEFAULT_STYLE.chat_messages(bench, q, bench.dev["toy"])
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
     assert messages[0]["content"].startswith("以下是中国关于测试考试的单项选择题") and messages[1]["content"] == "A"
     assert messages[-1]["content"] == format_question(q)

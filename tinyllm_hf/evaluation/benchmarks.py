@@ -268,3 +268,70 @@ def format_question(q: Question) -> str:
 
 def format_exemplar(q: Question) -> str:
     return f"{format_question(q)}{TARGET_DELIMITER}{q.answer}{EXEMPLAR_SEPARATOR}"
+
+
+class PromptStyle:
+    """How a question, its exemplars and the scored answer are written: `ppl_context(...) + target(letter)` is the
+    text whose continuation ppl mode scores; `chat_messages` is the conversation gen mode sends. The default is
+    lm-evaluation-harness's format (the module docstring); `OpenCompassStyle` writes OpenCompass's."""
+
+    name = "lm-eval"
+
+    def ppl_context(self, bench: Benchmark, q: Question, exemplars: list[Question]) -> str:
+        head = description(bench.name, bench.subject_names.get(q.subject, q.subject))
+        return head + "".join(format_exemplar(e) for e in exemplars) + format_question(q)
+
+    def target(self, bench: Benchmark, letter: str) -> str:
+        return TARGET_DELIMITER + letter
+
+    def chat_messages(self, bench: Benchmark, q: Question, exemplars: list[Question]) -> list[dict]:
+        """k-shot as a multi-turn chat: each exemplar is a user question answered by its letter."""
+        head = description(bench.name, bench.subject_names.get(q.subject, q.subject))
+        messages = []
+        for e in [*exemplars, q]:
+            messages.append({"role": "user", "content": (head if not messages else "") + format_question(e)})
+            if e is not q:
+                messages.append({"role": "assistant", "content": e.answer})
+        return messages
+
+
+class OpenCompassStyle(PromptStyle):
+    """OpenCompass's C-Eval and CMMLU prompts (its `ceval_ppl_578f8d` / `ceval_gen_5f30c7` and `cmmlu_ppl_8b9c76`
+    configs): every exemplar carries the subject line, each is a HUMAN turn then a BOT turn, and a base model without a
+    meta template sees the turns joined with newlines - so its ppl text for answer A is `...答案: \nA` (C-Eval) or
+    `...\n答案是: A` (CMMLU). Scoring the letter after that text picks what OpenCompass's lowest-perplexity choice does:
+    the candidates differ in that one letter."""
+
+    name = "opencompass"
+    HUMAN = {
+        "ceval": "以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n{question}{options}\n答案: ",
+        "cmmlu": "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n题目：{question}{options}",
+    }
+    BOT = {"ceval": "{letter}", "cmmlu": "答案是: {letter}"}
+
+    def human(self, bench: Benchmark, q: Question) -> str:
+        options = "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, q.options))
+        name = bench.subject_names.get(q.subject, q.subject)
+        return self.HUMAN[bench.name].format(name=name, question=q.question, options=options)
+
+    def bot(self, bench: Benchmark, letter: str) -> str:
+        return self.BOT[bench.name].format(letter=letter)
+
+    def ppl_context(self, bench: Benchmark, q: Question, exemplars: list[Question]) -> str:
+        turns = [turn for e in exemplars for turn in (self.human(bench, e), self.bot(bench, e.answer))]
+        answer_prefix = self.bot(bench, "")  # "" (C-Eval) or "答案是: " (CMMLU): the scored letter follows it
+        return "\n".join([*turns, self.human(bench, q)]) + "\n" + answer_prefix.rstrip(" ")
+
+    def target(self, bench: Benchmark, letter: str) -> str:
+        return self.bot(bench, letter)[len(self.bot(bench, "").rstrip(" ")):]
+
+    def chat_messages(self, bench: Benchmark, q: Question, exemplars: list[Question]) -> list[dict]:
+        messages = []
+        for e in exemplars:
+            messages += [{"role": "user", "content": self.human(bench, e)},
+                         {"role": "assistant", "content": self.bot(bench, e.answer)}]
+        return messages + [{"role": "user", "content": self.human(bench, q)}]
+
+
+PROMPT_STYLES = {style.name: style for style in (PromptStyle(), OpenCompassStyle())}
+DEFAULT_STYLE = PROMPT_STYLES["lm-eval"]

@@ -15,6 +15,7 @@ from tinyllm_hf.evaluation.benchmarks import (
     HUB_NAMES,
     MODELSCOPE_NAMES,
     MODES,
+    PROMPT_STYLES,
     SOURCES,
     load_benchmark,
 )
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="results JSON (default: MODEL/eval_results.json, or ./eval_results.json)")
     p.add_argument("--mode", choices=MODES, default="ppl", help="ppl: option log-likelihood (base models); gen: chat + parse")
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars from the dev split")
+    p.add_argument("--prompt-style", choices=tuple(PROMPT_STYLES), default="lm-eval",
+                   help="C-Eval/CMMLU prompt text: lm-evaluation-harness's (default) or OpenCompass's, whose numbers "
+                        "the reference project reports (docs/evaluation.md)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each subject")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest reply in gen mode and for --tasks tasks "
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         elif name in benchmarks:
             results[name] = evaluate_multiple_choice(
                 runtime, benchmarks[name], args.mode, args.shots, args.batch_size, args.max_new_tokens, args.limit,
-                progress,
+                progress, args.prompt_style,
             )
         elif name == "ppl":
             from tinyllm_hf.evaluation.perplexity import perplexity

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.evaluation.benchmarks import (
+    DEFAULT_STYLE,
     LETTERS,
     MODES,
     TARGET_DELIMITER,
+    PROMPT_STYLES,
     Benchmark,
+    PromptStyle,
     Question,
-    description,
-    format_exemplar,
-    format_question,
 )
 from tinyllm_hf.evaluation.engine import (
     context_length,
@@ -82,31 +82,19 @@ def _fit(build, exemplars: list[Question], n_tokens, budget: int) -> tuple[str, 
     return text, len(kept), n_tokens(text) > budget
 
 
-def ppl_prompt(bench: Benchmark, q: Question, shots: int, tokenizer, budget: int) -> Prompt:
-    head = description(bench.name, bench.subject_names.get(q.subject, q.subject))
-
+def ppl_prompt(bench: Benchmark, q: Question, shots: int, tokenizer, budget: int,
+               style: PromptStyle = DEFAULT_STYLE) -> Prompt:
     def build(exemplars):
-        return head + "".join(format_exemplar(e) for e in exemplars) + format_question(q)
+        return style.ppl_context(bench, q, exemplars)
 
     text, kept, overflow = _fit(build, bench.dev.get(q.subject, [])[:shots], lambda t: len(encode(tokenizer, t)), budget)
     return Prompt(q, text, kept, overflow)
 
 
-def chat_messages(bench: Benchmark, q: Question, exemplars: list[Question]) -> list[dict]:
-    """k-shot as a multi-turn chat: each exemplar is a user question answered by its letter."""
-    head = description(bench.name, bench.subject_names.get(q.subject, q.subject))
-    messages = []
-    for e in [*exemplars, q]:
-        content = (head if not messages else "") + format_question(e)
-        messages.append({"role": "user", "content": content})
-        if e is not q:
-            messages.append({"role": "assistant", "content": e.answer})
-    return messages
-
-
-def gen_prompt(bench: Benchmark, q: Question, shots: int, runtime, budget: int) -> Prompt:
+def gen_prompt(bench: Benchmark, q: Question, shots: int, runtime, budget: int,
+               style: PromptStyle = DEFAULT_STYLE) -> Prompt:
     def build(exemplars):
-        return runtime.render_chat(chat_messages(bench, q, exemplars))
+        return runtime.render_chat(style.chat_messages(bench, q, exemplars))
 
     text, kept, overflow = _fit(build, bench.dev.get(q.subject, [])[:shots], lambda t: len(runtime.encode(t)), budget)
     return Prompt(q, text, kept, overflow)
@@ -115,26 +103,24 @@ def gen_prompt(bench: Benchmark, q: Question, shots: int, runtime, budget: int) 
 # ---------------------------------------------------------------- evaluation
 
 
-def score_choices(model, tokenizer, prompts: list[str], batch_size: int = 16, progress: bool = False) -> list[list[float]]:
-    """log p(" A"), ..., log p(" D") after each prompt."""
-    requests = [(p, TARGET_DELIMITER + letter) for p in prompts for letter in LETTERS]
+def score_choices(model, tokenizer, prompts: list[str], batch_size: int = 16, progress: bool = False,
+                  targets: tuple[str, ...] = tuple(TARGET_DELIMITER + letter for letter in LETTERS)) -> list[list[float]]:
+    """log p(target) of each answer's target (" A", ..., " D" by default) after each prompt."""
+    requests = [(p, target) for p in prompts for target in targets]
     flat = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress)
-    return [flat[i : i + len(LETTERS)] for i in range(0, len(flat), len(LETTERS))]
+    return [flat[i : i + len(targets)] for i in range(0, len(flat), len(targets))]
 
 
-def _continuation_budget(tokenizer, prompt: str, max_length: int) -> int:
-    # The scored input is prompt + continuation minus its last token; it must fit in max_length.
-    longest = max(len(encode_pair(tokenizer, prompt, TARGET_DELIMITER + letter)[1]) for letter in LETTERS)
-    return max_length + 1 - longest
-
-
-def ppl_prompts(bench: Benchmark, questions: list[Question], shots: int, tokenizer, max_length: int) -> list[Prompt]:
+def ppl_prompts(bench: Benchmark, questions: list[Question], shots: int, tokenizer, max_length: int,
+                style: PromptStyle = DEFAULT_STYLE) -> list[Prompt]:
     """ppl-mode prompts that leave room for the answer letter within `max_length` tokens."""
     if not questions:
         return []
-    # Every prompt ends with the same "答案：", so one question tells how many tokens the letters take.
-    budget = _continuation_budget(tokenizer, format_question(questions[0]), max_length)
-    return [ppl_prompt(bench, q, shots, tokenizer, budget) for q in questions]
+    # Every prompt ends the same way before its letter, so one question tells how many tokens the letters take. The
+    # scored input is prompt + continuation minus its last token; it must fit in max_length.
+    context = style.ppl_context(bench, questions[0], [])
+    longest = max(len(encode_pair(tokenizer, context, style.target(bench, letter))[1]) for letter in LETTERS)
+    return [ppl_prompt(bench, q, shots, tokenizer, max_length + 1 - longest, style) for q in questions]
 
 
 def evaluate_multiple_choice(
@@ -146,29 +132,34 @@ def evaluate_multiple_choice(
     max_new_tokens: int | None = None,
     limit: int | None = None,
     progress: bool = True,
+    style: str = DEFAULT_STYLE.name,
 ) -> dict:
     """Evaluate every subject of `bench` (the first `limit` questions of each, if given) on `runtime` (see
     `inference/runtime.py`); returns the task's result entry (see `summarize`). ppl mode scores with the
     transformers model of a `TransformersRuntime`; gen mode runs on any runtime, each reply `max_new_tokens` long at
-    most (None: the rest of the context after its prompt)."""
+    most (None: the rest of the context after its prompt). `style`: the prompt format (`benchmarks.PROMPT_STYLES`)."""
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if shots < 0:
         raise UsageError(f"shots must be >= 0, not {shots}")
+    if style not in PROMPT_STYLES:
+        raise UsageError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}, not {style!r}")
+    prompt_style = PROMPT_STYLES[style]
     if mode == "gen" and not runtime.chat_template:
         raise UsageError("gen mode needs a tokenizer with a chat template; use --mode ppl for a base model")
     questions = [q for qs in bench.questions.values() for q in qs[:limit]]
     if mode == "ppl":
         model, tokenizer = transformers_model(runtime, "ppl mode")
-        prompts = ppl_prompts(bench, questions, shots, tokenizer, context_length(model, tokenizer))
-        scores = score_choices(model, tokenizer, [p.text for p in prompts], batch_size, progress)
+        prompts = ppl_prompts(bench, questions, shots, tokenizer, context_length(model, tokenizer), prompt_style)
+        targets = tuple(prompt_style.target(bench, letter) for letter in LETTERS)
+        scores = score_choices(model, tokenizer, [p.text for p in prompts], batch_size, progress, targets)
         predictions = [LETTERS[max(range(len(LETTERS)), key=s.__getitem__)] for s in scores]
     else:
         budget = runtime.context_length - (max_new_tokens or 1)
-        prompts = [gen_prompt(bench, q, shots, runtime, budget) for q in questions]
+        prompts = [gen_prompt(bench, q, shots, runtime, budget, prompt_style) for q in questions]
         replies = greedy_generate(runtime, [p.text for p in prompts], max_new_tokens, batch_size, progress)
         predictions = [parse_letter(r) for r in replies]
-    return summarize(bench, prompts, predictions, mode, shots)
+    return {**summarize(bench, prompts, predictions, mode, shots), "prompt_style": style}
 
 
 def _accuracy(correct: int, n: int) -> float | None:
