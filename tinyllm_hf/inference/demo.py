@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from tinyllm_hf.errors import EngineOverloaded, GenerationError, UsageError
-from tinyllm_hf.inference.model_files import add_runtime_arguments, positive_int
+from tinyllm_hf.inference.model_files import LOOPBACK_HOSTS, add_runtime_arguments, positive_int
 from tinyllm_hf.inference.text_stream import held_back
 
 # engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm demo
@@ -231,7 +231,7 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = 7860, auth: tuple[s
 
     # System fonts only: the default theme fetches Google Fonts, which an offline machine (or CI) cannot reach.
     theme = gr.themes.Default(font=["system-ui", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "sans-serif"])
-    if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+    if host not in LOOPBACK_HOSTS and auth is None:
         print(f"tinyllm demo: warning: listening on {host} without --auth (or ${AUTH_ENV})", file=sys.stderr)
     return demo.queue(max_size=max_queue).launch(server_name=host, server_port=port, theme=theme, auth=auth, **kwargs)
 

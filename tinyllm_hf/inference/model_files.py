@@ -27,6 +27,7 @@ PIP_NAMES = {"llama_cpp": "llama-cpp-python", "optimum.quanto": "optimum-quanto"
 # The runtimes `--backend` of `tinyllm serve` and `tinyllm demo` names (runtime.load_backend); here, not in runtime.py,
 # so their parsers (and `--help`) need no torch.
 BACKENDS = ("transformers", "llamacpp", "onnx")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a --host elsewhere exposes the server or demo: they warn
 
 
 def add_runtime_arguments(parser, what: str) -> None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyllm_hf.errors import APIError, EngineOverloaded, UsageError
-from tinyllm_hf.inference.model_files import add_runtime_arguments, positive_int
+from tinyllm_hf.inference.model_files import LOOPBACK_HOSTS, add_runtime_arguments, positive_int
 from tinyllm_hf.inference.text_stream import Delta, ReplyStream, TextStream
 
 # engine.py, runtime.py, tool_loop.py and the tokenizer package import torch: they are imported in the functions that
@@ -774,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllm_hf.inference.runtime import load_backend
 
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     engine = Engine(runtime, args.max_batch_size, args.max_queue, args.request_timeout)
     model_id = args.served_model_name or Path(args.model).name
