@@ -6,11 +6,13 @@ will not write - tool calls, reasoning - a `ScriptedRuntime` (scripted_runtime.p
 """
 
 import contextlib
+import http.client
 import json
 import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -77,6 +79,70 @@ class SlowRuntime:
         return self._runtime.decode(tokens, state)
 
 
+class PoisonedRuntime:
+    """The real runtime, but a prompt of exactly `poison` ids gets NaN logits from prefill (its sampling fails, as a
+    broken model's would) and, with `fail_prefill`, makes any prefill of a batch holding it raise."""
+
+    def __init__(self, runtime, poison: list[int], fail_prefill: bool = False):
+        self._runtime, self._poison, self._fail_prefill = runtime, list(poison), fail_prefill
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def prefill(self, prompts):
+        poisoned = [list(prompt) == self._poison for prompt in prompts]
+        if self._fail_prefill and any(poisoned):
+            raise RuntimeError("prefill of the poisoned prompt failed")
+        state, logits = self._runtime.prefill(prompts)
+        logits = logits.clone()
+        logits[torch.tensor(poisoned)] = float("nan")
+        return state, logits
+
+
+class GatedRuntime:
+    """The real runtime whose `gated` method (e.g. "encode", "prefill") waits at a gate: `entered` is set when a call
+    arrives, and the call goes on once the test sets `release` (or after 10 s, so a failing test cannot hang). Records
+    the threads the calls ran on."""
+
+    def __init__(self, runtime, gated: str):
+        self._runtime, self._gated = runtime, gated
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.threads: list[str] = []
+
+    def __getattr__(self, name):
+        method = getattr(self._runtime, name)
+        if name != self._gated:
+            return method
+
+        def gated(*args, **kwargs):
+            self.threads.append(threading.current_thread().name)
+            self.entered.set()
+            self.release.wait(timeout=10)
+            return method(*args, **kwargs)
+
+        return gated
+
+
+class Recorder:
+    """An engine listener that keeps a sequence's tokens and how it finished."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.finished = threading.Event()
+        self.reason = self.error = None
+
+    def on_token(self, generated):
+        self.tokens = list(generated)
+        return False
+
+    def on_progress(self, generated):
+        pass
+
+    def on_finish(self, generated, reason, error):
+        self.reason, self.error = reason, error
+        self.finished.set()
+
+
 # A lookup conversation for ScriptedRuntime: the model calls idiom_lookup for the question, and answers once the
 # tool's result follows the user's last message.
 IDIOM_QUESTION = "画蛇添足是什么意思？"
@@ -95,6 +161,26 @@ def post(url: str, body, headers=None):
     return httpx.post(url, content=content, headers={"content-type": "application/json", **(headers or {})}, timeout=60)
 
 
+def send_partial(url: str, path: str, headers: dict, chunks: list[bytes] = ()):
+    """POST `path` with `headers`, send the body `chunks` (never the body's end) and read the answer: what a server
+    that answers before it has the whole body says. An httpx.Response, for `assert_openai_error`."""
+    import httpx
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.putrequest("POST", path)
+        for name, value in {"content-type": "application/json", **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        for chunk in chunks:
+            connection.send(chunk)
+        answer = connection.getresponse()
+        return httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read())
+    finally:
+        connection.close()
+
+
 def assert_openai_error(response, status: int, code: str | None = None, param: str | None = None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -109,6 +195,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (None without one), to check a server is not listening there.
+    Connecting a UDP socket sends nothing; it only picks the outgoing address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def refuses_connections(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        return sock.connect_ex((host, port)) != 0
 
 
 @contextlib.contextmanager

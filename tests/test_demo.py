@@ -1,4 +1,5 @@
-"""`tinyllm demo`'s replies without a browser: the tool loop through the serving engine, tool calls as chat messages.
+"""`tinyllm demo`'s replies without a browser: the tool loop through the serving engine, tool calls as chat messages;
+and its login (--auth / $TINYLLM_DEMO_AUTH) and bounded queue (--max-queue).
 
 The model is the tiny random checkpoint with scripted replies (`scripted_runtime.ScriptedRuntime`): its tokenizer and
 chat template are real, and it writes a tool call to a new question and an answer once the tool's result is in its
@@ -12,12 +13,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from scripted_runtime import ScriptedRuntime  # noqa: E402
-from serve_fixtures import IDIOM_ANSWER, IDIOM_CALL, IDIOM_QUESTION, call_then_answer  # noqa: E402
+from serve_fixtures import (  # noqa: E402
+    IDIOM_ANSWER, IDIOM_CALL, IDIOM_QUESTION, call_then_answer, free_port, non_loopback_address, refuses_connections,
+)
 
+from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.errors import GenerationError, UsageError  # noqa: E402
 from tinyllm_hf.inference.demo import (  # noqa: E402
+    AUTH_ENV,
+    DEFAULT_MAX_QUEUE,
+    build_demo,
     build_parser,
     conversation,
+    launch,
+    parse_auth,
     reply_messages,
     tool_call_token,
     tool_message,
@@ -142,3 +151,64 @@ def test_tools_are_on_unless_turned_off_and_need_the_tool_tokens(runtime):
 
     with pytest.raises(UsageError, match="--tools off"):
         tool_call_token(OlderTokenizer())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Login and queue
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_auth_is_user_colon_password_and_a_bad_one_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    assert parse_auth("ada:s3:cret") == ("ada", "s3:cret")  # the password may hold colons
+    for bad in ("ada", ":s3cret", "ada:"):
+        with pytest.raises(UsageError, match="USER:PASSWORD") as error:
+            parse_auth(bad)
+        assert "s3cret" not in str(error.value)  # the error never repeats a password
+    missing_model = str(tmp_path / "nothing")  # loading it would fail: the auth check must come first
+    for argv, env in ((["--auth", "ada"], None), ([], "ada")):
+        if env is None:
+            monkeypatch.delenv(AUTH_ENV, raising=False)
+        else:
+            monkeypatch.setenv(AUTH_ENV, env)
+        assert tinyllm(["demo", "--model", missing_model, *argv]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("tinyllm demo: error: --auth / $TINYLLM_DEMO_AUTH must be USER:PASSWORD")
+    monkeypatch.setenv(AUTH_ENV, "ada:s3cret")
+    assert build_parser().parse_args(["--model", "m"]).auth == "ada:s3cret"
+    assert build_parser().parse_args(["--model", "m"]).max_queue == DEFAULT_MAX_QUEUE
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--max-queue", "0"])
+
+
+def test_space_app_refuses_a_bad_auth_secret_before_loading(monkeypatch):
+    from tinyllm_hf.inference import app
+
+    monkeypatch.setenv(AUTH_ENV, "no-colon")
+    monkeypatch.setenv("TINYLLM_MODEL", "/nonexistent/model")
+    with pytest.raises(SystemExit, match="must be USER:PASSWORD"):
+        app.main()
+    monkeypatch.setenv(AUTH_ENV, "ada:s3cret")
+    assert app.login() == ("ada", "s3cret")
+
+
+def test_launched_demo_listens_on_loopback_asks_for_the_login_and_bounds_its_queue(backend):
+    pytest.importorskip("gradio", reason='the demo needs the serve extra: pip install "tinyllm-hf[serve]"')
+    httpx = pytest.importorskip("httpx")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    engine = Engine(backend)
+    demo = build_demo(engine, tools=False)
+    try:
+        _, url, _ = launch(demo, port=free_port(), auth=("ada", "s3cret"), max_queue=3, prevent_thread_lock=True,
+                           quiet=True)
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        address = non_loopback_address()  # bound to 127.0.0.1 by default: the network address refuses the port
+        assert url.startswith("http://127.0.0.1:") and (address is None or refuses_connections(address, port))
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            assert browser.get("config").status_code == 401  # the app's config (and its events) need the login
+            assert browser.post("login", data={"username": "ada", "password": "wrong"}).status_code == 400
+            assert browser.post("login", data={"username": "ada", "password": "s3cret"}).status_code == 200
+            assert browser.get("config").status_code == 200
+        assert demo._queue.max_size == 3  # past it Gradio answers "Queue is full" instead of queueing
+    finally:
+        demo.close()
+        engine.close()

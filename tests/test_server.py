@@ -1,4 +1,5 @@
-"""`tinyllm serve`: the OpenAI API as the official `openai` client sees it, batching, overload, cancel, timeout, bad input."""
+"""`tinyllm serve`: the OpenAI API as the official `openai` client sees it, batching, overload, cancel, timeout, bad
+input, containment (one request's failure never fails its batch-mates) and the request limits."""
 
 import contextlib
 import json
@@ -17,12 +18,15 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 httpx = pytest.importorskip("httpx")
 
 from serve_fixtures import (  # noqa: E402
-    SlowRuntime, assert_openai_error, build_chat_checkpoint, free_port, post, run_uvicorn,
+    GatedRuntime, PoisonedRuntime, Recorder, SlowRuntime, assert_openai_error, build_chat_checkpoint, free_port,
+    non_loopback_address, post, refuses_connections, run_uvicorn, send_partial,
 )
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.inference.engine import Engine  # noqa: E402
-from tinyllm_hf.inference.runtime import TransformersRuntime  # noqa: E402
-from tinyllm_hf.inference.server import build_app  # noqa: E402
+from tinyllm_hf.inference.runtime import (  # noqa: E402
+    GREEDY_BELOW_TEMPERATURE, SamplingParams, TransformersRuntime, sample_token,
+)
+from tinyllm_hf.inference.server import DEFAULT_MAX_BODY_BYTES, MAX_SEED, build_app  # noqa: E402
 
 MODEL_ID = "tiny-chat"
 HELLO = [{"role": "user", "content": "你好，今天怎么样？"}]
@@ -39,15 +43,15 @@ def backend(checkpoint):
 
 
 @contextlib.contextmanager
-def serving(backend, api_key=None, **engine_kwargs):
+def serving(backend, api_key=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, **engine_kwargs):
     """(base URL, engine) of a server on a free loopback port; the engine thread is stopped afterwards."""
     engine = Engine(backend, **engine_kwargs)
     try:
-        with run_uvicorn(build_app(engine, MODEL_ID, api_key=api_key)) as url:
+        with run_uvicorn(build_app(engine, MODEL_ID, api_key=api_key, max_body_bytes=max_body_bytes)) as url:
             yield url, engine
     finally:
         engine.close()
-    
+
 
 @pytest.fixture(scope="module")
 def server(backend):
@@ -204,6 +208,31 @@ BAD_REQUESTS = {
     "functions unsupported": ({"messages": HELLO, "functions": [{"name": "f"}]}, 400, "unsupported_parameter",
                               "functions"),
     "unknown model": ({"model": "gpt-4", "messages": HELLO}, 404, "model_not_found", "model"),
+    # Strict types: pydantic's lax mode would read each of these as a number or a flag.
+    "max_tokens true": ({"messages": HELLO, "max_tokens": True}, 400, "invalid_value", "max_tokens"),
+    "max_tokens a string": ({"messages": HELLO, "max_tokens": "3"}, 400, "invalid_value", "max_tokens"),
+    "max_tokens a float": ({"messages": HELLO, "max_tokens": 3.0}, 400, "invalid_value", "max_tokens"),
+    "n a string": ({"messages": HELLO, "n": "2"}, 400, "invalid_value", "n"),
+    "temperature a string": ({"messages": HELLO, "temperature": "0.5"}, 400, "invalid_value", "temperature"),
+    "top_p true": ({"messages": HELLO, "top_p": True}, 400, "invalid_value", "top_p"),
+    "stream 1": ({"messages": HELLO, "stream": 1}, 400, "invalid_value", "stream"),
+    "include_usage a string": ({"messages": HELLO, "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+                               "invalid_value", "stream_options.include_usage"),
+    "seed a string": ({"messages": HELLO, "seed": "7"}, 400, "invalid_value", "seed"),
+    # Seeds torch's generator cannot take: a 500 before.
+    "seed 2**64": ({"messages": HELLO, "seed": 2**64}, 400, "invalid_value", "seed"),
+    "seed below -2**63": ({"messages": HELLO, "seed": -(2**63) - 1}, 400, "invalid_value", "seed"),
+    "seed + n - 1 past 2**64 - 1": ({"messages": HELLO, "seed": MAX_SEED, "n": 2}, 400, "invalid_value", "seed"),
+    # Lone surrogates (JSON escapes UTF-8 cannot encode): a 500 in the tokenizer before.
+    "lone surrogate in content": ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "invalid_value",
+                                  "messages[0].content"),
+    "lone surrogate in a text part": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+                                      400, "invalid_value", "messages[0].content[0].text"),
+    "lone surrogate in a tool": ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f\ud83d"}}]},
+                                 400, "invalid_value", "tools[0].function.name"),
+    "lone surrogate in a stop string": ({"messages": HELLO, "stop": ["\ud800"]}, 400, "invalid_value", "stop[0]"),
+    "lone surrogate in a key": ({"messages": HELLO, "\ud800": 1}, 400, "invalid_value", "\\ud800"),
+    "nested too deeply": ('{"messages": ' + "[" * 100_000, 400, "invalid_json", None),
 }
 
 
@@ -217,9 +246,24 @@ def test_bad_requests_leave_the_server_serving(server, client):
     for body, *_ in BAD_REQUESTS.values():
         post(server[0] + "/v1/chat/completions", body)
     assert_openai_error(post(server[0] + "/v1/completions", {"prompt": ""}), 400, "invalid_value", "prompt")
+    assert_openai_error(post(server[0] + "/v1/completions", {"prompt": "\udfff"}), 400, "invalid_value", "prompt")
+    assert_openai_error(post(server[0] + "/v1/completions", {"prompt": "书", "echo": "yes"}), 400, "invalid_value",
+                        "echo")
     assert_openai_error(httpx.get(server[0] + "/v1/nothing"), 404, "not_found")
     reply = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=3)
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_ints_count_as_floats_and_every_seed_torch_takes_samples(server):
+    """Strict types reject only what OpenAI does: a float field takes an integer (JSON writes 1.0 as 1), and seeds
+    span torch's whole range, negative ones included."""
+    for fields in ({"temperature": 0}, {"temperature": 1, "top_p": 1}, {"seed": MAX_SEED}, {"seed": -(2**63), "n": 2},
+                   {"seed": MAX_SEED - 1, "n": 2}):
+        response = post(server[0] + "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2, **fields})
+        assert response.status_code == 200, (fields, response.text)
+    paired = post(server[0] + "/v1/chat/completions",  # a surrogate pair is one character, not a lone surrogate
+                  '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}')
+    assert paired.status_code == 200, paired.text
 
 
 def test_api_key_is_required_when_set(backend):
@@ -230,6 +274,180 @@ def test_api_key_is_required_when_set(backend):
         assert_openai_error(post(url + "/v1/chat/completions", {"messages": HELLO}), 401, "invalid_api_key")
         right = openai.OpenAI(base_url=url + "/v1", api_key="sk-right", max_retries=0)
         assert right.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=2).choices
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Request limits: the key and the body's size are checked before the body is read; parsing and tokenizing run in a
+# worker thread, never on the event loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+CHAT = "/v1/chat/completions"
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(backend):
+    with serving(backend, max_body_bytes=4096) as (url, _):
+        # Content-Length over the limit: answered with no body byte sent.
+        started = time.monotonic()
+        declared = send_partial(url, CHAT, {"content-length": str(10**9)})
+        assert_openai_error(declared, 413, "request_too_large")
+        assert "4096 bytes" in declared.json()["error"]["message"] and time.monotonic() - started < 5
+        # Chunked (no Content-Length): refused once the chunks pass the limit, though the body has not ended.
+        chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
+        chunked = send_partial(url, CHAT, {"transfer-encoding": "chunked"}, [chunk] * 5)
+        assert_openai_error(chunked, 413, "request_too_large")
+        # Under the limit, both ways, the request is served.
+        assert post(url + CHAT, {"messages": HELLO, "max_tokens": 2}).status_code == 200
+        small = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+        assert httpx.post(url + CHAT, content=iter([small[:10], small[10:]]), timeout=60).status_code == 200
+
+
+def test_a_wrong_key_is_refused_before_the_body_is_read(backend):
+    with serving(backend, api_key="sk-right", max_body_bytes=4096) as (url, _):
+        started = time.monotonic()
+        assert_openai_error(send_partial(url, CHAT, {"content-length": str(10**9), "authorization": "Bearer sk-no"}),
+                            401, "invalid_api_key")
+        assert time.monotonic() - started < 5
+        # The right key with the same body: then the size is what is wrong.
+        assert_openai_error(send_partial(url, CHAT, {"content-length": str(10**9), "authorization": "Bearer sk-right"}),
+                            413, "request_too_large")
+
+
+@pytest.mark.parametrize("path, body", [
+    (CHAT, {"messages": [{"role": "user", "content": "这本书" * 50_000}]}),  # ~450 KB of JSON: under the limit
+    ("/v1/completions", {"prompt": "这本书", "max_tokens": 2}),
+])
+def test_tokenizing_runs_off_the_event_loop(backend, path, body):
+    """While a prompt is being tokenized (here: held at a gate), /health and the event loop still answer."""
+    gated = GatedRuntime(backend, "encode")
+    with serving(gated) as (url, _):
+        answers = []
+        request = threading.Thread(target=lambda: answers.append(post(url + path, body)))
+        request.start()
+        assert gated.entered.wait(timeout=30), "the request never reached the tokenizer"
+        try:
+            health = httpx.get(url + "/health", timeout=3)  # on the event loop, encode would block this
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+        finally:
+            gated.release.set()
+        request.join(timeout=60)
+        assert gated.threads and "MainThread" not in gated.threads
+        if path == CHAT:  # the long prompt is tokenized, then refused for the context, not for its size
+            assert_openai_error(answers[0], 400, "context_length_exceeded", "messages")
+        else:
+            assert answers[0].status_code == 200, answers[0].text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One request never fails its batch-mates: poison sampling settings, NaN logits, a prefill that raises
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_temperatures_sample_greedily():
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    assert not torch.isfinite(logits / 1e-45).all()  # what made torch.multinomial raise
+    for temperature in (1e-45, 1e-30, GREEDY_BELOW_TEMPERATURE / 2):
+        params = SamplingParams(max_tokens=1, temperature=temperature)
+        assert sample_token(logits, params, params.generator()) == 1
+    params = SamplingParams(max_tokens=1, temperature=GREEDY_BELOW_TEMPERATURE, seed=0)
+    assert sample_token(logits, params, params.generator()) == 1  # sampled, at a temperature that still samples argmax
+
+
+BYSTANDERS = [  # (prompt, sampling): greedy and seeded, streamed and not; each must give its answer alone
+    ("第一个问题：为什么", {"temperature": 0}),
+    ("第二个问题：怎么样", {"temperature": 0, "stream": True}),
+    ("第三个问题：是什么", {"temperature": 0.8, "seed": 3}),
+    ("第四个问题：在哪里", {"temperature": 1.0, "top_p": 0.9, "seed": 4, "stream": True}),
+]
+BYSTANDER_TOKENS = 40
+
+
+def ask(url: str, prompt: str, sampling: dict, max_tokens: int = BYSTANDER_TOKENS) -> tuple[str, str]:
+    """(text, finish reason) of one chat request, streamed or not; an error fails the test."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, **sampling}
+    response = post(url + CHAT, body)
+    assert response.status_code == 200, response.text
+    if not sampling.get("stream"):
+        choice = response.json()["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"]
+    events = [json.loads(line[6:]) for line in response.text.split("\n") if line.startswith("data: {")]
+    assert not any("error" in event for event in events), events
+    text = "".join(event["choices"][0]["delta"].get("content") or "" for event in events)
+    return text, events[-1]["choices"][0]["finish_reason"]
+
+
+@contextlib.contextmanager
+def bystanders_running(url: str, engine: Engine):
+    """Runs BYSTANDERS concurrently; yields once all of them are in the batch, then checks that each finished with
+    its whole answer, the one it gives alone."""
+    alone = [ask(url, prompt, sampling) for prompt, sampling in BYSTANDERS]
+    assert all(reason == "length" for _, reason in alone)  # SlowRuntime has no EOS: every answer is the full budget
+    together = [None] * len(BYSTANDERS)
+
+    def run(i):
+        together[i] = ask(url, *BYSTANDERS[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(BYSTANDERS))]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(engine.running) == len(BYSTANDERS))
+    yield
+    assert all(thread.is_alive() for thread in threads), "a bystander finished before the test's requests ran beside it"
+    for thread in threads:
+        thread.join(timeout=60)
+    assert together == alone
+
+
+def test_a_temperature_too_small_to_sample_is_greedy_beside_running_requests(backend):
+    """temperature 1e-45 passed validation and overflowed the sampler, which ended every sequence of its batch; it is
+    greedy now (docs/serving.md), and the requests sharing its batch finish with their own answers."""
+    with serving(SlowRuntime(backend, delay=0.03)) as (url, engine):
+        poison = ("毒药", {"temperature": 1e-45, "seed": 1})
+        greedy = ask(url, poison[0], {"temperature": 0}, max_tokens=5)
+        with bystanders_running(url, engine):
+            assert ask(url, *poison, max_tokens=5) == greedy
+            assert ask(url, poison[0], {**poison[1], "stream": True}, max_tokens=5) == greedy
+        assert engine.finished["error"] == 0
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone(backend):
+    """NaN logits (a broken row) make the sampler raise: that request gets a 500 (an SSE error event when streamed),
+    and the requests sharing its batch go on."""
+    poison = backend.encode("毒药")
+    with serving(PoisonedRuntime(SlowRuntime(backend, delay=0.03), poison)) as (url, engine):
+        with bystanders_running(url, engine):
+            body = {"prompt": "毒药", "max_tokens": 5, "temperature": 0.7}
+            failed = post(url + "/v1/completions", body)
+            assert_openai_error(failed, 500, "internal_error")
+            assert "sampling failed" in failed.json()["error"]["message"]
+            streamed = post(url + "/v1/completions", {**body, "stream": True})
+            events = [json.loads(line[6:]) for line in streamed.text.split("\n") if line.startswith("data: {")]
+            assert "sampling failed" in events[-1]["error"]["message"]
+        assert engine.finished["error"] == 2
+
+
+def test_a_prefill_that_fails_fails_only_its_own_sequence(backend):
+    """A prompt whose prefill raises, admitted in the same batch as a healthy new one while another runs: the batched
+    prefill is retried one sequence at a time, so only the poisoned one fails."""
+    poison = backend.encode("毒药")
+    gated = GatedRuntime(PoisonedRuntime(SlowRuntime(backend, delay=0.02), poison, fail_prefill=True), "prefill")
+    engine = Engine(gated)
+    try:
+        params = SamplingParams(max_tokens=20, temperature=0.0)
+        running, poisoned, newcomer = Recorder(), Recorder(), Recorder()
+        engine.submit(backend.encode("第一个问题"), params, running)
+        assert gated.entered.wait(timeout=10)  # `running` is in prefill; the next two wait and are admitted together
+        engine.submit(poison, params, poisoned)
+        engine.submit(backend.encode("第二个问题"), params, newcomer)
+        gated.release.set()
+        for recorder in (running, poisoned, newcomer):
+            assert recorder.finished.wait(timeout=30)
+        assert poisoned.reason == "error" and "prefill failed" in poisoned.error
+        assert (running.reason, len(running.tokens)) == ("length", 20)
+        assert (newcomer.reason, len(newcomer.tokens)) == ("length", 20)
+        assert engine.finished == {"error": 1, "length": 2}
+    finally:
+        engine.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -276,7 +494,7 @@ def test_client_disconnect_cancels_generation(backend):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
         wait_for(lambda: engine.finished["cancelled"] == 2)
-        assert not engine.running
+        wait_for(lambda: not engine.running)  # the engine counts a finish before it drops the row from the batch
 
 
 def test_request_timeout_gives_504_and_stream_error(backend):
@@ -309,16 +527,27 @@ def test_cli_serves_on_loopback_by_default(checkpoint):
             except httpx.TransportError:
                 time.sleep(0.5)
         assert response is not None and response.json()["data"][0]["id"] == checkpoint.name
+        # Bound to 127.0.0.1 only: this machine's network address (if it has one) refuses the port.
+        address = non_loopback_address()
+        assert address is None or refuses_connections(address, port)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    # Bound to 127.0.0.1 only: the startup line says so.
     assert f"http://127.0.0.1:{port}/v1" in proc.stderr.read()
 
 
 def test_cli_rejects_a_missing_model(tmp_path, capsys):
     assert tinyllm(["serve", "--model", str(tmp_path / "nothing")]) == 1
     assert "config.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--max-body-bytes", "--max-queue", "--max-batch-size", "--threads"])
+def test_cli_rejects_sizes_below_one_before_loading(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        tinyllm(["serve", "--model", str(tmp_path / "nothing"), option, "0"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert f"argument {option}: must be at least 1, got 0" in line
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The model comes from the `TINYLLM_MODEL` variable (a Hub repo id or a local directory; set it in the Space's
 settings), else from `model_id.txt` next to this file (written by `tinyllm push --space`). On a Space, Gradio's
-`GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` variables say where to listen; locally it binds 127.0.0.1:7860.
+`GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT` variables say where to listen; locally it binds 127.0.0.1:7860. A
+`TINYLLM_DEMO_AUTH` secret (`USER:PASSWORD`) puts a login in front of the chat; the queue of waiting replies is bounded
+as `tinyllm demo`'s is by default.
 
     TINYLLM_MODEL=out/sft python app.py
 """
@@ -11,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from tinyllm_hf.inference.demo import build_demo, launch
+from tinyllm_hf.errors import UsageError
+from tinyllm_hf.inference.demo import AUTH_ENV, build_demo, launch, parse_auth
 from tinyllm_hf.inference.engine import Engine
 from tinyllm_hf.inference.runtime import TransformersRuntime
 
@@ -34,12 +37,20 @@ def model_dir(source: str) -> Path:
     return Path(snapshot_download(source))
 
 
+def login() -> tuple[str, str] | None:
+    try:
+        return parse_auth(os.environ[AUTH_ENV]) if os.environ.get(AUTH_ENV) else None
+    except UsageError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def main() -> int:
+    auth = login()  # before the model downloads
     source = model_source()
     engine = Engine(TransformersRuntime.from_pretrained(model_dir(source)))
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-    launch(build_demo(engine, title=f"tinyllm chat: {source}"), host, port)
+    launch(build_demo(engine, title=f"tinyllm chat: {source}"), host, port, auth=auth)
     return 0
 
 

@@ -4,11 +4,14 @@
     tinyllm demo --model out/model-f16.gguf --backend llamacpp
 
     tinyllm demo --model out/sft --tools off          # no tools offered to the model
+    tinyllm demo --model out/sft --host 0.0.0.0 --auth user:secret   # on the network: a login first
 
 Tokens stream into the chat as they are generated; every turn sends the whole conversation (system prompt, earlier
 user and assistant turns, the new message) through the model's chat template; the system prompt and the sampling
 settings are editable; Stop ends the generation (the engine frees the sequence) and Clear starts a new conversation.
-Several users share the engine, so their requests are decoded in one batch. `app.py` runs this demo on a Space.
+Several users share the engine, so their requests are decoded in one batch; Gradio's queue of waiting replies is
+bounded (`--max-queue`: past it a user is told the queue is full), and `--auth USER:PASSWORD` (or
+$TINYLLM_DEMO_AUTH) puts Gradio's login in front of the chat. `app.py` runs this demo on a Space.
 
 With tools on (the default) the model is offered the built-in tools (`tinyllm_hf.tasks.tools`: idiom, word and
 歇后语 lookups, a calculator) and each reply runs the tool loop (`tool_loop.tool_loop`, generating through the
@@ -26,7 +29,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from tinyllm_hf.errors import EngineOverloaded, GenerationError, UsageError
-from tinyllm_hf.inference.model_files import add_runtime_arguments
+from tinyllm_hf.inference.model_files import LOOPBACK_HOSTS, add_runtime_arguments, positive_int
 from tinyllm_hf.inference.text_stream import held_back
 
 # engine.py and runtime.py import torch: they are imported in the functions that use them, so that `tinyllm demo
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
     from tinyllm_hf.inference.tool_loop import Toolbox
 
 TITLE = "tinyllm chat"
+AUTH_ENV = "TINYLLM_DEMO_AUTH"  # USER:PASSWORD for the login, for `tinyllm demo` and the Space app
+DEFAULT_MAX_QUEUE = 64  # replies waiting in Gradio's queue (beyond those generating) before a user is turned away
 
 
 def message_text(content) -> str:
@@ -209,13 +214,26 @@ def build_demo(engine: "Engine", title: str = TITLE, default_system: str | None 
     return demo
 
 
-def launch(demo, host: str = "127.0.0.1", port: int | None = 7860, **kwargs):
-    """Start the Gradio server (in this thread unless `prevent_thread_lock=True`); returns what `launch` returns."""
+def parse_auth(text: str) -> tuple[str, str]:
+    """`USER:PASSWORD` (--auth or $TINYLLM_DEMO_AUTH) as the (user, password) Gradio's login takes; the password may
+    hold colons. The error never repeats the text: it holds a password."""
+    user, colon, password = text.partition(":")
+    if not (colon and user and password):
+        raise UsageError(f"--auth / ${AUTH_ENV} must be USER:PASSWORD, with a user and a password that are not empty")
+    return user, password
+
+
+def launch(demo, host: str = "127.0.0.1", port: int | None = 7860, auth: tuple[str, str] | None = None,
+           max_queue: int = DEFAULT_MAX_QUEUE, **kwargs):
+    """Start the Gradio server (in this thread unless `prevent_thread_lock=True`) behind Gradio's login if `auth`
+    is given, with at most `max_queue` replies waiting; returns what `launch` returns."""
     import gradio as gr
 
     # System fonts only: the default theme fetches Google Fonts, which an offline machine (or CI) cannot reach.
     theme = gr.themes.Default(font=["system-ui", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "sans-serif"])
-    return demo.queue().launch(server_name=host, server_port=port, theme=theme, **kwargs)
+    if host not in LOOPBACK_HOSTS and auth is None:
+        print(f"tinyllm demo: warning: listening on {host} without --auth (or ${AUTH_ENV})", file=sys.stderr)
+    return demo.queue(max_size=max_queue).launch(server_name=host, server_port=port, theme=theme, auth=auth, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,11 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", default=TITLE)
     parser.add_argument("--tools", choices=("on", "off"), default="on",
                         help="offer the model the built-in dictionary and calculator tools (default: on)")
+    parser.add_argument("--auth", default=os.environ.get(AUTH_ENV), metavar="USER:PASSWORD",
+                        help=f"require this login before the chat (default: ${AUTH_ENV}, else no login)")
+    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
+                        help=f"replies waiting for the model before users are told the queue is full "
+                        f"(default: {DEFAULT_MAX_QUEUE})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    auth = parse_auth(args.auth) if args.auth else None  # before the model loads: a typo fails in a second
     from tinyllm_hf.inference.engine import Engine
     from tinyllm_hf.inference.runtime import load_backend
 
@@ -237,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
     engine = Engine(runtime, max_batch_size=args.max_batch_size)
     try:
-        launch(build_demo(engine, title=args.title, tools=args.tools == "on"), args.host, args.port)
+        launch(build_demo(engine, title=args.title, tools=args.tools == "on"), args.host, args.port, auth=auth,
+               max_queue=args.max_queue)
     finally:
         engine.close()
     return 0

@@ -15,6 +15,11 @@ iteration the thread
 
 The queue is bounded: `submit` raises `EngineOverloaded` when it is full, so a server answers 503 instead of hanging.
 
+A failure ends only the sequences it concerns: a row whose sampling fails (its logits are NaN, say) finishes with
+"error" while the others go on; a prefill that fails is retried one new sequence at a time, so only a prompt that
+cannot be prefilled alone fails, and the running batch is untouched. Only a failing decode step (which runs every row
+at once) or merge ends the whole batch.
+
 `Engine.stream_batch` is `runtime.stream_batch` through the engine: the token-id generator the tool loop takes as its
 `generate_round`, so the web demo runs its tool loop while its users share one batch.
 
@@ -66,12 +71,10 @@ class Sequence:
         self.finish_reason = reason
         self.notify("on_finish", reason, error)
 
-
-def sample_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-    """One token per row of `logits` (batch, vocab) with each sequence's own sampling settings and generator."""
-    return [sample_token(row, seq.params, seq.generator,
-                         seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else None)
-            for row, seq in zip(logits, sequences)]
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from this sequence's (vocab,) `logits`, with its own sampling settings and generator."""
+        seen = self.prompt_ids + self.generated if self.params.repetition_penalty != 1.0 else None
+        return sample_token(logits, self.params, self.generator, seen)
 
 
 class _RowListener:
@@ -165,7 +168,7 @@ class Engine:
                 state, logits = self._admit(state, logits)
                 if self.running:
                     state, logits = self._step(state, logits)
-            except Exception as exc:  # a runtime failure ends the affected requests, never the engine
+            except Exception as exc:  # a failed decode step or merge ends the batch it ran on, never the engine
                 for seq in self.running:
                     self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
                 self.running, state, logits = [], None, None
@@ -192,23 +195,54 @@ class Engine:
                 new.append(seq)
         if not new:
             return state, logits
-        new_state, new_logits = self.runtime.prefill([seq.prompt_ids for seq in new])
-        self.running += new
-        if state is None:
+        admitted, new_state, new_logits = self._prefill(new)
+        self.running += admitted
+        return self._join(state, logits, new_state, new_logits)
+
+    def _prefill(self, new: list[Sequence]):
+        """(the sequences prefilled, their state, their logits) for `new`, prefilled as one batch; if that fails, one at
+        a time, so a prompt that cannot be prefilled (or an out-of-memory batch) fails only the sequences it must."""
+        try:
+            return (new, *self.runtime.prefill([seq.prompt_ids for seq in new]))
+        except Exception as exc:
+            if len(new) == 1:
+                self._finish(new[0], "error", f"prefill failed: {type(exc).__name__}: {exc}")
+                return [], None, None
+        admitted, state, logits = [], None, None
+        for seq in new:
+            alone, seq_state, seq_logits = self._prefill([seq])
+            admitted += alone
+            state, logits = self._join(state, logits, seq_state, seq_logits)
+        return admitted, state, logits
+
+    def _join(self, state, logits, new_state, new_logits):
+        """The state and logits of a batch's rows followed by another's; logits None: no rows (a single-sequence
+        runtime's state is None even with one)."""
+        if new_logits is None:
+            return state, logits
+        if logits is None:
             return new_state, new_logits
         return self.runtime.merge(state, new_state), torch.cat([logits, new_logits])
 
     def _step(self, state, logits):
         """Sample, stream and retire rows, then one decode step for the rows still running."""
-        tokens = sample_tokens(logits, self.running)
-        keep = [i for i, (seq, token) in enumerate(zip(self.running, tokens)) if self._advance(seq, token)]
+        keep, tokens = [], []
+        for i, (seq, row) in enumerate(zip(self.running, logits)):
+            try:
+                token = seq.sample(row)
+            except Exception as exc:  # settings or logits this row cannot be sampled with end this row only
+                self._finish(seq, "error", f"sampling failed: {type(exc).__name__}: {exc}")
+                continue
+            if self._advance(seq, token):
+                keep.append(i)
+                tokens.append(token)
         if not keep:
             self.running = []
             return None, None
         if len(keep) < len(self.running):
             state = self.runtime.select(state, keep)
         self.running = [self.running[i] for i in keep]
-        return state, self.runtime.decode([tokens[i] for i in keep], state)
+        return state, self.runtime.decode(tokens, state)
 
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Append `token` to `seq` and tell its listener; False once the sequence has finished."""

@@ -3,6 +3,7 @@ its `tinyllm_quant.json`) or a GGUF file, the backends that run them, and the co
 Light on purpose (no torch), so commands can check their input, and print their help, before loading anything.
 """
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -26,6 +27,7 @@ PIP_NAMES = {"llama_cpp": "llama-cpp-python", "optimum.quanto": "optimum-quanto"
 # The runtimes `--backend` of `tinyllm serve` and `tinyllm demo` names (runtime.load_backend); here, not in runtime.py,
 # so their parsers (and `--help`) need no torch.
 BACKENDS = ("transformers", "llamacpp", "onnx")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a --host elsewhere exposes the server or demo: they warn
 
 
 def add_runtime_arguments(parser, what: str) -> None:
@@ -36,9 +38,20 @@ def add_runtime_arguments(parser, what: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help=f"address to bind; 0.0.0.0 exposes {what} to the network")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights dtype for the transformers backend")
-    parser.add_argument("--threads", type=int, help="CPU threads per decode step (default: the runtime's; 1 suits small "
-                        "models on busy machines, see docs/serving.md)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads per decode step (default: the runtime's; 1 "
+                        "suits small models on busy machines, see docs/serving.md)")
+    parser.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a queue, a batch or a size of 0 cannot serve anything)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def importable(module: str) -> bool:

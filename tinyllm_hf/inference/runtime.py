@@ -40,10 +40,17 @@ from tinyllm_hf.inference.model_files import BACKENDS, importable, model_kind, q
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Temperatures below this are greedy: sampling at temperature -> 0 tends to argmax, and dividing by a tiny temperature
+# overflows float32 (logits / 1e-45 are inf: softmax gives NaN and torch.multinomial raises). At 1e-5 the scaled
+# logits of any real model stay finite.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclasses.dataclass
 class SamplingParams:
-    """How one sequence picks its tokens. temperature 0 means greedy; `seed=None` draws a fresh random seed.
-    `stop` strings are checked on the text by the layer above the token ids (see `engine.py`)."""
+    """How one sequence picks its tokens. A temperature of 0 (or below `GREEDY_BELOW_TEMPERATURE`) means greedy;
+    `seed=None` draws a fresh random seed. `stop` strings are checked on the text by the layer above the token ids
+    (see `engine.py`)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -71,7 +78,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         score = logits[index]
         logits = logits.scatter(0, index, torch.where(score < 0, score * params.repetition_penalty,
                                                       score / params.repetition_penalty))
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW_TEMPERATURE:
         return int(logits.argmax())
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:

@@ -9,6 +9,10 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (Open
 body `{"error": {"message", "type", "param", "code"}}`. Why this is our own server and not `transformers serve`:
 docs/serving.md.
 
+A request is checked in order of cost: the API key (before the body is read), the body's size (from Content-Length,
+else while it streams in: 413 past `--max-body-bytes`), then, in a worker thread so the event loop keeps answering,
+its JSON, its fields (strictly typed: `"3"` or `true` is no `max_tokens`), the chat template and the tokenizer.
+
 Chat completions take OpenAI's `tools` / `tool_choice` and `tool` messages, and the thinking switch
 (`chat_template_kwargs: {"enable_thinking": true}`, as vLLM and SGLang take it, or `enable_thinking`). The reply is
 parsed by `tokenizer.reply` into `content`, `reasoning_content` and `tool_calls`; the server never runs a tool: the
@@ -21,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyllm_hf.errors import APIError, EngineOverloaded, UsageError
-from tinyllm_hf.inference.model_files import add_runtime_arguments
+from tinyllm_hf.inference.model_files import LOOPBACK_HOSTS, add_runtime_arguments, positive_int
 from tinyllm_hf.inference.text_stream import Delta, ReplyStream, TextStream
 
 # engine.py, runtime.py, tool_loop.py and the tokenizer package import torch: they are imported in the functions that
@@ -44,6 +49,13 @@ if TYPE_CHECKING:
 MAX_N = 8  # choices per request: each one is a sequence in the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# A prompt that fits a 4k-token context is ~40 KB of JSON even with every character \u-escaped; 1 MiB leaves room for
+# tools and long histories while a body that could only be refused is never read into memory.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes (runtime.SamplingParams.generator)
+# After json.loads, a surrogate code point left in a str was a lone \ud800-\udfff escape (a pair becomes one
+# character): UTF-8 cannot encode it, so the tokenizer would fail on it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -70,30 +82,73 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value")
 
 
+def lone_surrogate_param(body: dict) -> str | None:
+    """Where in the JSON `body` a string (or an object key) holds a lone surrogate; None if none does. A loop, not a
+    recursion: json.loads accepts nesting deep enough to exhaust the stack of a recursive walk."""
+    stack: list[tuple[tuple, object]] = [((), body)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            if LONE_SURROGATE.search(value):
+                return _param_path(loc)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if LONE_SURROGATE.search(key):  # named escaped: the error body must be encodable itself
+                    return _param_path((*loc, key.encode("utf-8", "backslashreplace").decode()))
+                stack.append(((*loc, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), item) for i, item in enumerate(value))
+    return None
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes (--max-body-bytes)",
+                    code="request_too_large")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes: from its Content-Length
+    before anything is read, else (a chunked body) while it streams in, so an oversized body is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise body_too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise body_too_large(limit)
+    return bytes(body)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Requests. Unknown fields are ignored (as OpenAI does); fields we cannot honour are rejected, never silently dropped.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class TextPart(BaseModel):
+class _Request(BaseModel):
+    """Every part of a request: strictly typed (pydantic's lax mode would read `"3"`, `true` or `3.0` as a count and
+    `1` or `"true"` as a flag), except that a float field takes an integer, as JSON writes 1 for 1.0."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Request):
     type: Literal["text"]
     text: str
 
 
-class CalledFunction(BaseModel):
+class CalledFunction(_Request):
     name: str = Field(min_length=1)
     arguments: str  # a JSON object as a string, as OpenAI writes it
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ToolCall(_Request):
     id: str = Field(min_length=1)
     type: Literal["function"]
     function: CalledFunction
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Message(_Request):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # None only for an assistant message with tool_calls
@@ -107,28 +162,27 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(_Request):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_Request):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Common(_Request):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # below runtime.GREEDY_BELOW_TEMPERATURE: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -154,6 +208,12 @@ class _Common(BaseModel):
         for name, used in self.unsupported().items():
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+    def check_seed(self) -> None:
+        """The seeds of all n choices (`choice_seeds`) must be seeds torch takes, not only the first."""
+        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+            raise APIError(400, f"'seed' + n - 1 must be at most {MAX_SEED}: choice i is sampled with seed + i",
+                           param="seed", code="invalid_value")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -218,6 +278,30 @@ class Service:
                 404, f"The model '{model}' does not exist; this server serves '{self.model_id}'",
                 param="model", code="model_not_found",
             )
+
+    def parse(self, raw: bytes, model_class: type[_Common]) -> _Common:
+        """The request `raw` (the body's bytes) holds, checked: JSON, text UTF-8 can encode, its fields, this model."""
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "The request body is nested too deeply", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+        param = lone_surrogate_param(body)
+        if param is not None:
+            raise APIError(400, f"Invalid value for '{param}': a string holds a lone UTF-16 surrogate (a \\ud800-"
+                           "\\udfff escape without its pair), which is no Unicode text", param=param,
+                           code="invalid_value")
+        try:
+            parsed = model_class.model_validate(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        parsed.check_supported()
+        parsed.check_seed()
+        self.check_model(parsed.model)
+        return parsed
 
     def chat_prompt(self, request: ChatRequest) -> "ChatPrompt":
         from tinyllm_hf.tokenizer.reply import parse_reply
@@ -505,7 +589,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
+def build_app(engine: "Engine", model_id: str, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     from fastapi import APIRouter, Depends, FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -532,25 +617,17 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
     async def check_api_key(request: Request):
         # A route dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware wraps `receive` so that
         # `request.is_disconnected()` reports a disconnect for every live request, which would cancel them all.
+        # It runs before the route reads the body (routes take the Request, no body parameter): a wrong key is
+        # answered at once, whatever the body's size.
         if api_key:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
     async def parse(request: Request, model_class):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object", code="invalid_json")
-        try:
-            parsed = model_class.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        parsed.check_supported()
-        service.check_model(parsed.model)
-        return parsed
+        # Parsing a body of up to --max-body-bytes, like rendering and tokenizing its prompt, takes a worker thread:
+        # on the event loop it would stall /health and every stream while it runs.
+        return await asyncio.to_thread(service.parse, await read_body(request, max_body_bytes), model_class)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -573,7 +650,7 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await parse(request, ChatRequest)
-        chat = service.chat_prompt(body)
+        chat = await asyncio.to_thread(service.chat_prompt, body)
         prompt = chat.ids
         params = service.sampling(body, len(prompt), default_max=None)
         jobs = [(prompt, _with_seed(params, seed)) for seed in choice_seeds(body.seed, body.n)]
@@ -630,7 +707,7 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None):
         if not texts or any(not text for text in texts):
             raise APIError(400, "'prompt' must be a non-empty string or list of non-empty strings", param="prompt",
                            code="invalid_value")
-        prompts = [service.runtime.encode(text) for text in texts]
+        prompts = await asyncio.to_thread(lambda: [service.runtime.encode(text) for text in texts])
         jobs = []
         for prompt in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
             params = service.sampling(body, len(prompt), default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
@@ -684,8 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("TINYLLM_API_KEY"),
                         help="require `Authorization: Bearer KEY` (default: $TINYLLM_API_KEY, else no key)")
     parser.add_argument("--served-model-name", help="model id clients send (default: the --model file or folder name)")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting sequences before answering 503")
+    parser.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before answering 503")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is abandoned")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                        help=f"largest request body accepted; larger ones get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
     return parser
 
 
@@ -697,11 +776,11 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllm_hf.inference.runtime import load_backend
 
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     engine = Engine(runtime, args.max_batch_size, args.max_queue, args.request_timeout)
     model_id = args.served_model_name or Path(args.model).name
-    app = build_app(engine, model_id, args.api_key)
+    app = build_app(engine, model_id, args.api_key, args.max_body_bytes)
     print(f"tinyllm serve: {model_id} ({args.backend}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
