@@ -321,7 +321,7 @@ def test_opencompass_prompt_style_writes_opencompass_text():
     ceval = Benchmark("ceval", "val", {"law": [q]}, {"law": [e]}, {"law": "法学"})
     human = "以下是中国关于法学考试的单项选择题，请选出其中的正确答案。\n{}\nA. {}\nB. {}\nC. {}\nD. {}\n答案: "
     assert style.ppl_context(ceval, q, [e]) + style.target(ceval, "B") == (
-        human.format("例题？", "一", "二", "三", "四") + "\nA\n" + human.format("问题？", "甲", "乙", "丙", "丁") + "\nB")
+        human.format("例题？", "一", "二", "三", "四") + "\nA\n\n\n\n\n" + human.format("问题？", "甲", "乙", "丙", "丁") + "\nB")
     cmmlu = Benchmark("cmmlu", "test", {"law": [q]}, {"law": [e]}, {"law": "法学"})
     context, target = style.ppl_context(cmmlu, q, []), style.target(cmmlu, "B")
     assert context + target == "以下是关于法学的单项选择题，请直接给出正确答案的选项。\n题目：问题？\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案是: B"

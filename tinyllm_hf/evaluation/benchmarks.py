@@ -318,9 +318,11 @@ class OpenCompassStyle(PromptStyle):
         return self.BOT[bench.name].format(letter=letter)
 
     def ppl_context(self, bench: Benchmark, q: Question, exemplars: list[Question]) -> str:
-        turns = [turn for e in exemplars for turn in (self.human(bench, e), self.bot(bench, e.answer))]
+        # As OpenCompass 0.5.4 renders it (read off its saved prompts): each exemplar's turns joined with a newline,
+        # exemplars with three, five before the question.
+        shots = "\n\n\n".join(f"{self.human(bench, e)}\n{self.bot(bench, e.answer)}" for e in exemplars)
         answer_prefix = self.bot(bench, "")  # "" (C-Eval) or "答案是: " (CMMLU): the scored letter follows it
-        return "\n".join([*turns, self.human(bench, q)]) + "\n" + answer_prefix.rstrip(" ")
+        return (shots + "\n\n\n\n\n" if shots else "") + self.human(bench, q) + "\n" + answer_prefix.rstrip(" ")
 
     def target(self, bench: Benchmark, letter: str) -> str:
         return self.bot(bench, letter)[len(self.bot(bench, "").rstrip(" ")):]
