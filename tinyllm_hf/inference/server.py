@@ -694,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllm_hf.inference.engine import Engine
     from tinyllm_hf.inference.runtime import load_backend
 
-    runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads)
+    runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads,
+                           trust_remote_code=args.trust_remote_code)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     engine = Engine(runtime, args.max_batch_size, args.max_queue, args.request_timeout)
