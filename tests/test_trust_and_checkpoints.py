@@ -163,3 +163,222 @@ def test_every_loading_command_offers_the_flag(capsys):
         with pytest.raises(SystemExit):
             tinyllm([*argv, "--help"])
         assert "--trust-remote-code" in capsys.readouterr().out.replace("--trust_remote_code", "--trust-remote-code"), argv
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints and final models are never trusted
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(folder, step: int):
+    """A checkpoint folder with the files the Trainer writes: weights, optimizer, scheduler, RNG state, trainer state."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"embed.weight": torch.randn(16, 8), "norm.weight": torch.ones(8)}, folder / "model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.randn(16, 8)}}, "param_groups": [{"lr": 1e-3}]}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"python": 1, "cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
+    (folder / "config.json").write_text(json.dumps({"model_type": "tinyllm"}), "utf-8")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}), "utf-8")
+    return folder
+
+
+def truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGES = {
+    "empty weights": (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors: empty file"),
+    "truncated weights": (lambda c: truncate(c / "model.safetensors", 0.8), "model.safetensors: truncated"),
+    "weights cut inside the header": (lambda c: truncate(c / "model.safetensors", 0.02), "model.safetensors: truncated"),
+    "garbage weights": (lambda c: (c / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"not json!" * 4),
+                        "model.safetensors: its safetensors header does not parse"),
+    "truncated optimizer": (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt: not a complete torch.save"),
+    "truncated rng state": (lambda c: truncate(c / "rng_state.pth", 0.9), "rng_state.pth: not a complete torch.save"),
+    "corrupt trainer state": (lambda c: (c / "trainer_state.json").write_text('{"global_step": 2', "utf-8"),
+                              "trainer_state.json: does not parse as JSON"),
+    "trainer state without step": (lambda c: (c / "trainer_state.json").write_text("{}", "utf-8"),
+                                   "trainer_state.json: no global_step"),
+    "no trainer state": (lambda c: (c / "trainer_state.json").unlink(), "no trainer_state.json"),
+    "no weights": (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
+}
+
+
+def test_a_whole_checkpoint_passes(tmp_path):
+    from tinyllm_hf.trainers.common import checkpoint_damage
+
+    assert checkpoint_damage(write_checkpoint(tmp_path / "checkpoint-2", 2)) is None
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_falls_back_from_a_damaged_checkpoint_and_keeps_it(damage, tmp_path, caplog):
+    """The newest checkpoint damaged in each way: --resume takes the previous one, warns naming the damaged one and
+    why, and keeps it (renamed out of the Trainer's way, its files untouched)."""
+    from transformers import TrainingArguments
+
+    from tinyllm_hf.trainers.common import RunArguments, checkpoint_damage, resume_checkpoint
+
+    damage_it, reason = DAMAGES[damage]
+    good = write_checkpoint(tmp_path / "checkpoint-2", 2)
+    bad = write_checkpoint(tmp_path / "checkpoint-4", 4)
+    damage_it(bad)
+    assert reason in checkpoint_damage(bad)
+    files = {p.name: p.read_bytes() for p in bad.iterdir()}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    with caplog.at_level("WARNING", logger="tinyllm_hf"):
+        assert resume_checkpoint(args, RunArguments(resume=True)) == str(good)
+    kept = tmp_path / "damaged-checkpoint-4"
+    assert not bad.exists() and {p.name: p.read_bytes() for p in kept.iterdir()} == files
+    warning = next(r.getMessage() for r in caplog.records if "damaged" in r.getMessage())
+    assert str(bad) in warning and reason in warning and str(kept) in warning and str(good) in warning
+
+
+def test_resume_with_no_whole_checkpoint_starts_over_and_keeps_them(tmp_path, caplog):
+    from transformers import TrainingArguments
+
+    from tinyllm_hf.trainers.common import RunArguments, resume_checkpoint
+
+    truncate(write_checkpoint(tmp_path / "checkpoint-2", 2) / "model.safetensors")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    with caplog.at_level("WARNING", logger="tinyllm_hf"):
+        assert resume_checkpoint(args, RunArguments(resume=True)) is None
+    assert (tmp_path / "damaged-checkpoint-2" / "model.safetensors").is_file()
+    assert any("starting from step 0" in r.getMessage() for r in caplog.records)
+
+
+def test_a_named_damaged_checkpoint_is_a_one_line_error(tmp_path):
+    from transformers import TrainingArguments
+
+    from tinyllm_hf.errors import UsageError
+    from tinyllm_hf.trainers.common import RunArguments, resume_checkpoint
+
+    bad = write_checkpoint(tmp_path / "checkpoint-4", 4)
+    truncate(bad / "optimizer.pt")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], resume_from_checkpoint=str(bad))
+    with pytest.raises(UsageError, match=r"checkpoint-4 is damaged \(optimizer.pt: .*\): give another checkpoint"):
+        resume_checkpoint(args, RunArguments())
+    assert bad.is_dir()
+
+
+def test_sharded_weights_need_every_shard(tmp_path):
+    from tinyllm_hf.runs import model_damage
+
+    folder = write_checkpoint(tmp_path / "model", 1)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"embed.weight": "model-00001-of-00002.safetensors",
+                            "norm.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index), "utf-8")
+    assert "model-00002-of-00002.safetensors" in model_damage(folder)
+
+
+def test_a_finished_stage_whose_model_was_damaged_runs_again(tmp_path, monkeypatch, capsys):
+    """`tinyllm run` skips a stage with a stage.json only while the model it left is whole."""
+    from tinyllm_hf import pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: x\nsft: {}\n", "utf-8")
+    run_dir = tmp_path / "run"
+    ran = []
+
+    def fake_sft(self):  # a training stage that leaves a whole model
+        ran.append("sft")
+        shutil.rmtree(run_dir / "sft" / "model", ignore_errors=True)
+        write_checkpoint(run_dir / "sft" / "model", 3)
+        for path in (run_dir / "sft" / "model").iterdir():
+            path.replace(run_dir / "sft" / path.name)
+
+    monkeypatch.setattr(pipeline.Pipeline, "sft", fake_sft)
+    assert pipeline.main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
+    assert ran == ["sft"]
+    assert pipeline.main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
+    assert ran == ["sft"] and "done already" in capsys.readouterr().out
+    truncate(run_dir / "sft" / "model.safetensors")
+    assert pipeline.main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert ran == ["sft", "sft"] and "its output is damaged" in out and "model.safetensors: truncated" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A stage never outlives the pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+# A pipeline in miniature: it runs one stage through the pipeline's own launcher and logger. The stage starts a
+# grandchild in its process group, prints both ids, and sleeps.
+MINI_PIPELINE = """
+import sys
+from tinyllm_hf.pipeline import run_stage_process, signals_as_exit
+
+stage = '''
+import os, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(os.getpid(), grandchild.pid, flush=True)
+time.sleep(120)
+'''
+with open(sys.argv[1], "w") as log, signals_as_exit():
+    run_stage_process([sys.executable, "-c", stage], log)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by whoever adopted it, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def start_mini_pipeline(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-c", MINI_PIPELINE, str(tmp_path / "stage.log")],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    stage_pid, grandchild_pid = map(int, parent.stdout.readline().split())
+    assert alive(stage_pid) and alive(grandchild_pid)
+    return parent, stage_pid, grandchild_pid
+
+
+def gone_within(pids, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(alive(pid) for pid in pids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_the_stage_dies_when_the_pipeline_is_killed_9(tmp_path):
+    import os
+    import signal
+
+    parent, stage_pid, grandchild_pid = start_mini_pipeline(tmp_path)
+    try:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert gone_within([stage_pid], 5), "the stage outlived the pipeline killed with -9"
+    finally:
+        for pid in (stage_pid, grandchild_pid):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_pipeline_stops_the_stage_s_whole_process_group(how, tmp_path):
+    import os
+    import signal
+
+    parent, stage_pid, grandchild_pid = start_mini_pipeline(tmp_path)
+    try:
+        os.kill(parent.pid, getattr(signal, how))
+        assert parent.wait(timeout=20) != 0
+        assert gone_within([stage_pid, grandchild_pid], 5), "a stage process outlived the interrupted pipeline"
+    finally:
+        for pid in (stage_pid, grandchild_pid):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

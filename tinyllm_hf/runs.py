@@ -8,7 +8,10 @@
 `RunLayout` names every path in such a folder; the file-name constants are the names stages write inside their own
 output folder, so a stage run alone (`tinyllm sft --output_dir X`) writes what the pipeline and the card then read.
 `atomic_output` / `publish` are how every output (tokenizer, checkpoint, quantized model, GGUF file, stage summary)
-reaches its final name: written beside it, then renamed, so a reader never finds half of one.
+reaches its final name: written beside it, then renamed, so a reader never finds half of one. `file_damage` /
+`model_damage` say whether a file or a model folder damaged later (a full disk, a truncated copy) can still be read
+whole, without reading the weights: checkpoints are verified before a run resumes from them, and a finished stage's
+model before the pipeline skips the stage.
 
 This module uses only the standard library: the pipeline, the report and the card read it without loading torch.
 """
@@ -18,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +179,103 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Whole or damaged: cheap checks of what a reader will need (headers, sizes, archive directories), not the values
+# --------------------------------------------------------------------------------------------------------------------
+
+TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save files (optimizer, scheduler, RNG states, .bin weights)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "global_step*")  # global_step*: DeepSpeed's own checkpoint folders
+GGUF_MAGIC = b"GGUF"
+
+
+def file_damage(path: str | os.PathLike) -> str | None:
+    """Why the file at `path` cannot be read whole, or None. Checked by kind: a safetensors file's header must parse
+    and its tensors end exactly at the end of the file; a torch.save file is a zip archive whose central directory
+    must read and whose members must fit the file; a JSON file must parse; a GGUF file must start with its magic.
+    Any of them empty is damaged. Other files pass."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    suffix = path.suffix
+    if suffix not in (".safetensors", ".json", ".gguf", *TORCH_SAVE_SUFFIXES):
+        return None
+    if size == 0:
+        return "empty file"
+    try:
+        if suffix == ".safetensors":
+            return _safetensors_damage(path, size)
+        if suffix == ".json":
+            json.loads(path.read_text("utf-8"))
+            return None
+        if suffix == ".gguf":
+            with path.open("rb") as f:
+                return None if f.read(4) == GGUF_MAGIC else "not a GGUF file (no GGUF magic)"
+        return _zip_damage(path, size)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "does not parse as JSON"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+
+
+def _safetensors_damage(path: Path, size: int) -> str | None:
+    # Layout: 8-byte little-endian header length N, N bytes of JSON, then the tensors' bytes at their data_offsets.
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes, shorter than the safetensors header)"
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            return f"truncated: its header needs {header_len + 8} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(header_len))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError):
+            return "its safetensors header does not parse"
+    needed = 8 + header_len + max(ends, default=0)
+    if needed != size:
+        state = "truncated" if needed > size else "longer than its tensors"
+        return f"{state}: its tensors need {needed} bytes, the file has {size}"
+    return None
+
+
+def _zip_damage(path: Path, size: int) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile:
+        return "not a complete torch.save archive (truncated, or its zip directory is unreadable)"
+    for member in members:
+        if member.header_offset + member.compress_size > size:
+            return f"truncated: archive member {member.filename} runs past the end of the file"
+    return None
+
+
+def model_damage(model_dir: str | os.PathLike, needs_weights: bool = True) -> str | None:
+    """Why the saved model (or checkpoint, or with `needs_weights=False` any saved folder: a tokenizer, an exported
+    model) in `model_dir` cannot be loaded whole, or None: every file directly in it (config, weights, tokenizer,
+    optimizer state, ...) and in DeepSpeed's step folders must pass `file_damage`; a sharded model's index must name
+    shards that exist. Sub-folders such as checkpoint-N are not part of the model and are not read."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return "missing" if not model_dir.exists() else "not a folder"
+    if needs_weights and not any(any(model_dir.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        return "no model weights"
+    files = [p for p in model_dir.iterdir() if p.is_file()]
+    files += [p for step_dir in model_dir.glob("global_step*") if step_dir.is_dir() for p in step_dir.rglob("*")
+              if p.is_file()]
+    for path in sorted(files):
+        damage = file_damage(path)
+        if damage is not None:
+            return f"{path.relative_to(model_dir)}: {damage}"
+    for index in model_dir.glob("*.safetensors.index.json"):
+        weight_map = json.loads(index.read_text("utf-8")).get("weight_map")
+        if not isinstance(weight_map, dict):
+            return f"{index.name} has no weight_map"
+        missing = sorted({shard for shard in weight_map.values() if not (model_dir / shard).is_file()})
+        if missing:
+            return f"{index.name} names shards that are missing: {', '.join(missing)}"
+    return None
