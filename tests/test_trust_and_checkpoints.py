@@ -382,3 +382,64 @@ def test_an_interrupted_pipeline_stops_the_stage_s_whole_process_group(how, tmp_
         for pid in (stage_pid, grandchild_pid):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A killed export's temporaries are removed by the next one, a running export's never
+# ---------------------------------------------------------------------------------------------------------------------
+
+# A writer of OUTPUT that has written part of its file and then waits: as an export is when it is killed.
+WRITER = """
+import sys, time
+from tinyllm_hf.runs import atomic_output
+
+with atomic_output(sys.argv[1]) as staged:
+    staged.write_bytes(b"half a GGUF file")
+    print(staged.parent, flush=True)
+    time.sleep(120)
+"""
+
+
+def start_writer(output):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(output)], stdout=subprocess.PIPE, text=True, env=env)
+    return writer, Path(writer.stdout.readline().strip())
+
+
+def test_the_next_export_removes_a_killed_export_s_temporaries_but_not_a_running_one_s(tiny_model_dir, tmp_path):
+    pytest.importorskip("gguf")
+    from tinyllm_hf.export.gguf import export_gguf
+
+    output = tmp_path / "model-f16.gguf"
+    running, running_scratch = start_writer(output)
+    killed, killed_scratch = start_writer(output)
+    killed.kill()
+    killed.wait()
+    try:
+        assert killed_scratch.is_dir() and running_scratch.is_dir()
+        assert export_gguf(tiny_model_dir, output) == output and output.read_bytes()[:4] == b"GGUF"
+        assert not killed_scratch.exists(), "the killed export's temporaries were left"
+        assert (running_scratch / output.name).read_bytes() == b"half a GGUF file", "a running export was disturbed"
+    finally:
+        running.kill()
+        running.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([output.name, running_scratch.name])
+
+
+def test_scratch_without_an_owner_is_removed_only_once_it_is_old(tmp_path):
+    import os
+    import time
+
+    from tinyllm_hf.runs import UNOWNED_SCRATCH_GRACE_SECONDS, remove_stale_scratch
+
+    target = tmp_path / "out"
+    fresh, old = tmp_path / ".out.tmp-fresh", tmp_path / ".out.tmp-old"
+    fresh.mkdir()
+    old.mkdir()
+    long_ago = time.time() - 2 * UNOWNED_SCRATCH_GRACE_SECONDS
+    os.utime(old, (long_ago, long_ago))
+    assert remove_stale_scratch(target) == [old] and fresh.is_dir()

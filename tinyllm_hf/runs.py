@@ -18,13 +18,18 @@ This module uses only the standard library: the pipeline, the report and the car
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger("tinyllm_hf")
 
 # gguf runs before quantize: the quantize stage ends by measuring every variant, GGUF files included, against fp32.
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "gguf", "quantize", "release", "report")
@@ -130,16 +135,79 @@ class RunLayout:
 def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a path beside `target` that does not exist yet; write a file or a folder there. When the block ends
     without error it replaces `target` (see `publish`); on error it is deleted, so a failed or killed writer never
-    leaves a partial output under the final name, only a hidden `.NAME.tmp-*` folder at worst."""
+    leaves a partial output under the final name, only a hidden `.NAME.tmp-*` folder at worst, which the next writer
+    of `target` removes once its owner process is gone (`remove_stale_scratch`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_scratch(target)
+    scratch = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target), dir=target.parent))
+    (scratch / SCRATCH_OWNER_FILE).write_text(json.dumps(_this_process()), "utf-8")
     try:
         staged = scratch / target.name
         yield staged
         publish(staged, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+SCRATCH_OWNER_FILE = ".owner.json"  # in each scratch folder: the host, pid and start time of the writer
+UNOWNED_SCRATCH_GRACE_SECONDS = 60  # a scratch folder without an owner file may be one being created right now
+
+
+def _scratch_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The start time of process `pid` (Linux: /proc/PID/stat field 22), which tells a pid reused by a new process
+    from the old one; None where it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start_time(os.getpid())}
+
+
+def _owner_is_gone(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return False  # a writer on another machine sharing this disk: there is no telling, so keep it
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    start = _process_start_time(pid)
+    return start is not None and owner.get("start") is not None and start != owner["start"]
+
+
+def remove_stale_scratch(target: str | os.PathLike) -> list[Path]:
+    """Delete the `.NAME.tmp-*` scratch folders `atomic_output` left beside `target` in writers that were killed
+    (their owner process is gone); a live writer's folder, such as a concurrent export's, is kept. Returns what was
+    removed."""
+    target = Path(target)
+    removed = []
+    for scratch in target.parent.glob(_scratch_prefix(target) + "*"):
+        if not scratch.is_dir():
+            continue
+        try:
+            owner = json.loads((scratch / SCRATCH_OWNER_FILE).read_text("utf-8"))
+            stale = not isinstance(owner, dict) or _owner_is_gone(owner)
+        except FileNotFoundError:
+            stale = time.time() - scratch.stat().st_mtime > UNOWNED_SCRATCH_GRACE_SECONDS
+        except (OSError, ValueError):
+            stale = True
+        if stale:
+            logger.warning(f"removing {scratch}, left by an interrupted writer of {target}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    return removed
 
 
 def publish(staged: Path, target: Path) -> None:

@@ -362,7 +362,8 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "
     """Write `model_dir` (a Tinyllm, Llama or Qwen2-MoE checkpoint) as a llama.cpp GGUF.
 
     The file is written into a temporary folder next to `output_file`, quantized there by llama.cpp for q4_k_m, and
-    renamed at the end: a failed export leaves nothing behind.
+    renamed at the end: a failed export leaves nothing behind, and what a killed one left (the folder, with the f16
+    intermediate of a q4_k_m export) is removed by the next export to the same file, unless its process still runs.
     """
     model_dir, output_file = Path(model_dir), Path(output_file)
     read_config(model_dir)  # fail on a wrong directory before any work
