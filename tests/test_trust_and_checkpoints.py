@@ -361,7 +361,7 @@ def test_the_stage_dies_when_the_pipeline_is_killed_9(tmp_path):
     try:
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
-        assert gone_within([stage_pid], 5), "the stage outlived the pipeline killed with -9"
+        assert gone_within([stage_pid, grandchild_pid], 5), "a stage process outlived the pipeline killed with -9"
     finally:
         for pid in (stage_pid, grandchild_pid):
             if alive(pid):
@@ -443,3 +443,12 @@ def test_scratch_without_an_owner_is_removed_only_once_it_is_old(tmp_path):
     long_ago = time.time() - 2 * UNOWNED_SCRATCH_GRACE_SECONDS
     os.utime(old, (long_ago, long_ago))
     assert remove_stale_scratch(target) == [old] and fresh.is_dir()
+
+
+def test_a_stage_s_output_and_exit_status_pass_through_its_guard(tmp_path, capsys):
+    from tinyllm_hf.pipeline import run_stage_process
+
+    log_path = tmp_path / "stage.log"
+    with log_path.open("w") as log:
+        status = run_stage_process([sys.executable, "-c", "print('训练中'); raise SystemExit(3)"], log)
+    assert status == 3 and log_path.read_text() == "训练中\n" and "训练中" in capsys.readouterr().out

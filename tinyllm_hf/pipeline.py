@@ -86,9 +86,12 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 STOP_GRACE_SECONDS = 10  # after SIGTERM, how long a stage's processes get to exit before SIGKILL
 
 
+GUARD = "from tinyllm_hf.pipeline import guard_stage; guard_stage()"  # python -c GUARD COMMAND...
+
+
 def _die_with(parent_pid: int) -> Callable[[], None]:
     """A `preexec_fn` for Linux: the kernel sends the child SIGTERM when the process that started it dies, even by
-    kill -9 (SIGTERM, not SIGKILL, so that `accelerate launch` stops its workers in turn)."""
+    kill -9."""
     def preexec() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -98,10 +101,38 @@ def _die_with(parent_pid: int) -> Callable[[], None]:
 
 
 def start_stage_process(command: list[str], **popen) -> subprocess.Popen:
-    """Start a stage's command as the leader of a new session and process group, so `stop_stage_process` reaches
-    every process it starts (accelerate's workers, data loaders); on Linux it also dies when the pipeline does."""
+    """Start a stage's command under `guard_stage`, the leader of a new session and process group holding every
+    process the stage starts (accelerate's workers, data loaders): `stop_stage_process` reaches them all, and on
+    Linux the guard is told to stop them when the pipeline dies, however it dies."""
     preexec = _die_with(os.getpid()) if sys.platform.startswith("linux") else None
-    return subprocess.Popen(command, start_new_session=True, preexec_fn=preexec, **popen)
+    return subprocess.Popen([sys.executable, "-c", GUARD, *command], start_new_session=True, preexec_fn=preexec,
+                            **popen)
+
+
+def guard_stage() -> None:
+    """The leader of a stage's process group: runs the command in sys.argv[1:] and exits with its status. On SIGTERM
+    (from `stop_stage_process`, or from the kernel when the pipeline died) it sends SIGTERM to the whole group, and
+    SIGKILL once the command has exited or STOP_GRACE_SECONDS have passed, so no process of the stage is left."""
+    stop_requested = []
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's SIGTERM reaches this process too
+        stop_requested.append(time.monotonic())
+        os.killpg(0, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    command = subprocess.Popen(sys.argv[1:])
+    # wait() in short slices: a signal handler cannot wait on the child itself while the main code does.
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            returncode = command.wait(timeout=0.2)
+            break
+        if stop_requested and time.monotonic() - stop_requested[0] > STOP_GRACE_SECONDS:
+            break
+    if stop_requested:
+        os.killpg(0, signal.SIGKILL)  # what is left of the stage, this process included
+    sys.exit(returncode if returncode >= 0 else 128 - returncode)
 
 
 def stop_stage_process(process: subprocess.Popen) -> None:
