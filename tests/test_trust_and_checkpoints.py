@@ -140,6 +140,28 @@ def test_the_flag_lets_the_folder_code_run(tiny_model_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text("utf-8"))["tasks"]["ppl"]["n_texts"] == 2
 
 
+@pytest.mark.parametrize("command", ["eval", "chat-runtime", "export-llama"])
+def test_a_tinyllm_folder_s_own_modeling_files_never_run(command, tiny_model_dir, tmp_path, capsys):
+    """A Tinyllm folder ships modeling_tinyllm.py for remote-code users (auto_map); with the package installed the
+    installed classes load it, so a tampered copy in the folder is never run."""
+    from tinyllm_hf.inference.runtime import load_runtime
+
+    folder = tmp_path / "tinyllm"
+    shutil.copytree(tiny_model_dir, folder)
+    marker = tmp_path / "code-ran"
+    assert json.loads((folder / "config.json").read_text("utf-8"))["auto_map"]
+    for name in ("configuration_tinyllm.py", "modeling_tinyllm.py"):
+        path = folder / name
+        path.write_text(f"open({str(marker)!r}, 'w').close()\n" + path.read_text("utf-8"), "utf-8")
+    if command == "eval":
+        assert tinyllm(COMMANDS["eval"](str(folder), tmp_path)) == 0
+    elif command == "chat-runtime":
+        assert load_runtime(folder).context_length == 256
+    else:
+        assert tinyllm(["export", "llama", str(folder), str(tmp_path / "llama")]) == 0
+    assert not marker.exists()
+
+
 def test_runtime_loaders_pass_the_flag_through(tiny_model_dir, tmp_path):
     """serve, demo and the drift table load through `load_backend` / `load_runtime`: off by default, on when asked."""
     from tinyllm_hf.errors import UsageError

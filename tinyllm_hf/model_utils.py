@@ -44,8 +44,9 @@ def refusing_remote_code(name_or_path: str):
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
-        raise UsageError(f"{name_or_path} ships its own modeling code (auto_map in config.json), which runs only if "
-                         "you trust it: read that code, then pass --trust-remote-code") from None
+        raise UsageError(f"{name_or_path} ships its own Python code (auto_map in its config.json or "
+                         "tokenizer_config.json), which runs only if you trust it: read that code, then pass "
+                         "--trust-remote-code") from None
 
 
 def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,

@@ -254,7 +254,8 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save files (optimizer, scheduler, RNG states, .bin weights)
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "global_step*")  # global_step*: DeepSpeed's own checkpoint folders
+# global_step*: DeepSpeed's checkpoint folders; pytorch_model_fsdp_*: FSDP's sharded ones (their .distcp files unread)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "global_step*", "pytorch_model_fsdp_*")
 GGUF_MAGIC = b"GGUF"
 
 
