@@ -285,6 +285,20 @@ def test_a_named_damaged_checkpoint_is_a_one_line_error(tmp_path):
     assert bad.is_dir()
 
 
+def test_only_torch_save_bin_files_are_read_as_archives(tmp_path):
+    """OpenVINO's weights are .bin files that are no zip archives: whole as far as this check can tell; a truncated
+    torch.save .bin is damaged."""
+    import torch
+
+    from tinyllm_hf.runs import file_damage
+
+    (tmp_path / "openvino_model.bin").write_bytes(b"\x01\x02raw weights")
+    torch.save({"w": torch.zeros(64)}, tmp_path / "pytorch_model.bin")
+    truncate(tmp_path / "pytorch_model.bin")
+    assert file_damage(tmp_path / "openvino_model.bin") is None
+    assert "not a complete torch.save archive" in file_damage(tmp_path / "pytorch_model.bin")
+
+
 def test_sharded_weights_need_every_shard(tmp_path):
     from tinyllm_hf.runs import model_damage
 

@@ -254,6 +254,7 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save files (optimizer, scheduler, RNG states, .bin weights)
+ZIP_MAGIC = b"PK\x03\x04"
 # global_step*: DeepSpeed's checkpoint folders; pytorch_model_fsdp_*: FSDP's sharded ones (their .distcp files unread)
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "global_step*", "pytorch_model_fsdp_*")
 GGUF_MAGIC = b"GGUF"
@@ -262,8 +263,9 @@ GGUF_MAGIC = b"GGUF"
 def file_damage(path: str | os.PathLike) -> str | None:
     """Why the file at `path` cannot be read whole, or None. Checked by kind: a safetensors file's header must parse
     and its tensors end exactly at the end of the file; a torch.save file is a zip archive whose central directory
-    must read and whose members must fit the file; a JSON file must parse; a GGUF file must start with its magic.
-    Any of them empty is damaged. Other files pass."""
+    must read and whose members must fit the file (a .bin file only if it is a zip archive at all: OpenVINO's weights
+    are .bin files too); a JSON file must parse; a GGUF file must start with its magic. Any of them empty is damaged.
+    Other files pass."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -283,6 +285,10 @@ def file_damage(path: str | os.PathLike) -> str | None:
         if suffix == ".gguf":
             with path.open("rb") as f:
                 return None if f.read(4) == GGUF_MAGIC else "not a GGUF file (no GGUF magic)"
+        if suffix == ".bin":
+            with path.open("rb") as f:
+                if f.read(4) != ZIP_MAGIC:
+                    return None
         return _zip_damage(path, size)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return "does not parse as JSON"
