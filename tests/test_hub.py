@@ -46,6 +46,38 @@ def test_dry_run_stages_weights_code_tokenizer_and_card(release_dir):
     assert json.loads((release_dir / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
 
 
+def modes(folder) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("release", ["model", "space", "dataset"])
+def test_a_staged_release_is_readable_by_everyone(release, tiny_model_dir, tmp_path):
+    """Files 0644 and folders 0755 even from 0600 weights (as save_pretrained writes them), a 0600 GGUF file and a
+    0700 folder, under a umask of 077."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").chmod(0o600)
+    gguf = tmp_path / "model-f16.gguf"
+    gguf.write_bytes(b"GGUF")
+    gguf.chmod(0o600)
+    staged = tmp_path / "private" / "staged"
+    staged.parent.mkdir(mode=0o700)
+    argv = {"model": ["--model", str(model), "--include-gguf", str(gguf)],
+            "space": ["--space", "--model", "alice/m"],
+            "dataset": ["--dataset", "sft", "--task-sizes", "sentiment=4", "--heldout-sizes", "sentiment=2",
+                        "--tasks", "sentiment"]}[release]
+    previous = os.umask(0o077)
+    try:
+        assert push.main([*argv, "--repo-id", "alice/m", "--dry-run", str(staged)]) == 0
+    finally:
+        os.umask(previous)
+    found = modes(staged)
+    assert len(found) > 3 and (release != "model" or {"model.safetensors", "model-f16.gguf"} <= set(found))
+    assert {name: mode for name, mode in found.items() if mode != (0o755 if (staged / name).is_dir() else 0o644)} == {}
+
+
 def test_staged_release_loads_as_remote_code_and_generates(release_dir):
     script = textwrap.dedent(f"""
         import sys

@@ -252,12 +252,14 @@ def test_flops_per_token_reads_zero3_partitioned_sizes():
 
 
 def test_latest_checkpoint_ignores_partial_and_staging_folders(tmp_path):
+    from safetensors.torch import save_file
+
     def checkpoint(name, complete=True):
         path = tmp_path / name
         path.mkdir()
-        (path / "model.safetensors").write_bytes(b"x")
+        save_file({"w": torch.zeros(2)}, path / "model.safetensors")
         if complete:
-            (path / "trainer_state.json").write_text("{}")
+            (path / "trainer_state.json").write_text('{"global_step": 1}')
         return path
 
     assert latest_checkpoint(tmp_path) is None
@@ -379,6 +381,26 @@ def test_bad_recipe_input_gives_one_line_errors(corpus_file, tokenizer_dir, tmp_
     assert "tokenizer folder not found" in capsys.readouterr().err
     assert tinyllm(["pretrain", *recipe_args(corpus_file, tokenizer_dir, tmp_path / "o", block_size=64)]) == 1
     assert "block_size 64 exceeds the model's max_position_embeddings 32" in capsys.readouterr().err
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(corpus_file, tokenizer_dir, tmp_path, caplog):
+    """A run resumed after its newest checkpoint was truncated continues from the one before and keeps the damaged
+    one aside, instead of crashing on every rerun."""
+    argv = recipe_args(corpus_file, tokenizer_dir, tmp_path, max_steps=4, save_steps=2, eval_strategy="no",
+                       report_to="none", loss_curve=False)
+    assert tinyllm(["pretrain", *argv]) == 0
+    weights = tmp_path / "checkpoint-4" / "model.safetensors"
+    damaged = weights.read_bytes()[:100]
+    weights.write_bytes(damaged)
+    with caplog.at_level("WARNING", logger="tinyllm_hf"):
+        assert tinyllm(["pretrain", *argv, "--resume"]) == 0
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint-4 is damaged (model.safetensors: truncated" in warnings
+    assert f"resuming from {tmp_path / 'checkpoint-2'}" in warnings
+    assert (tmp_path / "damaged-checkpoint-4" / "model.safetensors").read_bytes() == damaged
+    assert read_state(tmp_path)["global_step"] == 4 and latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    steps = [e["step"] for e in read_state(tmp_path)["log_history"] if "loss" in e]
+    assert steps == [1, 2, 3, 4]  # steps 3 and 4 trained again from checkpoint-2, not from scratch
 
 
 def run_pretrain(argv, **popen):

@@ -115,7 +115,7 @@ def test_cli_rejects_bad_input_without_leaving_output(source, tmp_path, capsys, 
 def test_failure_midway_leaves_nothing(source, tmp_path, monkeypatch):
     pytest.importorskip("optimum.quanto")
 
-    def crash(method, model_dir, out_dir):
+    def crash(method, model_dir, out_dir, trust_remote_code):
         (out_dir / "model.safetensors").write_bytes(b"half written")
         raise RuntimeError("disk full")
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tinyllm_hf.errors import TinyllmError, UsageError
+from tinyllm_hf.model_utils import add_trust_remote_code_argument
 
 COMMANDS = {
     "run": ("tinyllm_hf.pipeline", "run every stage of a recipe in order, skipping finished ones"),
@@ -107,6 +108,7 @@ def tokenizer_parser() -> argparse.ArgumentParser:
     extend.add_argument("--model", help="model (directory or Hub name) whose embeddings to resize to the new tokenizer")
     extend.add_argument("--model-output", help="directory to save the resized model to (required with --model)")
     extend.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
+    add_trust_remote_code_argument(extend)
     return parser
 
 
@@ -138,7 +140,7 @@ def tokenizer_command(argv: list[str]) -> int:
     base, extended, model = extend_tokenizer_and_model(
         args.base, texts, num_new_tokens=args.num_new_tokens, target_vocab_size=args.target_vocab_size,
         output_dir=args.output, min_frequency=args.min_frequency, overwrite=args.overwrite,
-        model=args.model, model_output=args.model_output,
+        model=args.model, model_output=args.model_output, trust_remote_code=args.trust_remote_code,
     )
     print(f"extended {args.base}: {len(base)} -> {len(extended)} tokens -> {args.output}")
     if model is not None:
@@ -174,6 +176,7 @@ def export_parser() -> argparse.ArgumentParser:
                       help="Tinyllm, Llama or Qwen2-MoE checkpoint directory (safetensors + tokenizer)")
     gguf.add_argument("--output", required=True, help="GGUF file to write, e.g. model-q8_0.gguf")
     gguf.add_argument("--outtype", default="f16", choices=OUTTYPES, help="tensor type (q4_k_m needs [llamacpp])")
+    add_trust_remote_code_argument(gguf)
     return parser
 
 
@@ -182,7 +185,7 @@ def export_command(argv: list[str]) -> int:
     if args.format == "gguf":
         from tinyllm_hf.export.gguf import export_gguf
 
-        path = export_gguf(args.model, args.output, args.outtype)
+        path = export_gguf(args.model, args.output, args.outtype, args.trust_remote_code)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
         return 0
     if args.format == "qwen2-moe":
@@ -208,6 +211,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="Tinyllm or Llama checkpoint directory")
     parser.add_argument("--method", required=True, help=f"one of {', '.join(quantize.METHODS)}")
     parser.add_argument("--output", required=True, help="new output directory")
+    add_trust_remote_code_argument(parser)
     return parser
 
 
@@ -219,7 +223,7 @@ def quantize_command(argv: list[str]) -> int:
     args = quantize_parser().parse_args(argv)
     from tinyllm_hf.export.quantize import quantize_checkpoint
 
-    out = quantize_checkpoint(args.model, args.output, args.method)
+    out = quantize_checkpoint(args.model, args.output, args.method, args.trust_remote_code)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     print(f"wrote {args.method} model to {out} ({size / 2**20:.1f} MiB)")
     return 0

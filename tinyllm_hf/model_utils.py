@@ -1,4 +1,10 @@
-"""The one tokenizer loader and the one model loader of the training, evaluation and release stages.
+"""The one tokenizer, config and model loader of every command, and the one `--trust-remote-code` option.
+
+Trust model: no command runs Python code shipped in a model folder or Hub repo (`auto_map` in its config) unless the
+user passes `--trust-remote-code`. Tinyllm folders need no remote code, since `import tinyllm_hf` registers the
+Tinyllm classes with the Auto classes, and transformers' own architectures need none either. The loaders here always
+pass `trust_remote_code` to transformers explicitly: left at None, transformers asks on stdin whether to run the code,
+so a piped "y" would run it.
 
 `get_tokenizer` checks what the stage needs of the tokenizer (a chat template to train on conversations, a pad token
 for TRL's batches); `get_model` loads any Auto class (a causal LM by default), and given the chat tokenizer makes
@@ -11,6 +17,16 @@ import contextlib
 from pathlib import Path
 
 from tinyllm_hf.errors import MissingFileError, UsageError
+
+TRUST_REMOTE_CODE_HELP = ("run the Python code a model folder or Hub repo ships (auto_map in its config); read it "
+                          "first. Tinyllm and transformers' own models need none")
+
+
+def add_trust_remote_code_argument(parser) -> None:
+    """`--trust-remote-code` (default off) on an argparse parser. The training stages get the same flag (also spelt
+    `--trust_remote_code`, or `trust_remote_code:` in a recipe) from TRL's configs (`SFTConfig.trust_remote_code`,
+    ...; pretrain: its ModelArguments, with this help)."""
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
 
 
 def check_local_path(name_or_path: str, what: str = "model") -> None:
@@ -28,8 +44,9 @@ def refusing_remote_code(name_or_path: str):
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
-        raise UsageError(f"{name_or_path} ships its own modeling code (auto_map in config.json), which runs only if "
-                         "you trust it: read that code, then pass --trust-remote-code") from None
+        raise UsageError(f"{name_or_path} ships its own Python code (auto_map in its config.json or "
+                         "tokenizer_config.json), which runs only if you trust it: read that code, then pass "
+                         "--trust-remote-code") from None
 
 
 def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -47,7 +64,19 @@ def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_c
     return tokenizer
 
 
-def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=None, **from_pretrained_kwargs):
+def get_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model config (`AutoConfig`), with the Tinyllm config registered."""
+    from transformers import AutoConfig
+
+    import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+
+    check_local_path(name_or_path)
+    with refusing_remote_code(name_or_path):
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=None, trust_remote_code: bool = False,
+              **from_pretrained_kwargs):
     """`auto_class.from_pretrained` (default AutoModelForCausalLM) with the Tinyllm classes registered.
 
     dtype: a torch dtype, its name ("float32", "bfloat16", ...), "auto", or None for transformers' default. With
@@ -58,6 +87,7 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
     import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 
     check_local_path(name_or_path)
+    from_pretrained_kwargs["trust_remote_code"] = trust_remote_code
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if dtype is not None:

@@ -4,8 +4,10 @@
 
 Each stage runs its own command (`tinyllm tokenizer`, `tinyllm pretrain`, ...) in a subprocess with the same recipe
 entries, writes into `OUTPUT_DIR/<stage>/` and, when it succeeds, a `stage.json` summary. A stage whose summary exists
-is skipped, so an interrupted run continues where it stopped (training stages also resume from their last complete
-checkpoint). Every stage can be run alone with the command printed in its log.
+is skipped, unless the model it left has been damaged since (`output_damage`), so an interrupted run continues where
+it stopped (training stages also resume from their last whole checkpoint). Every stage can be run alone with the
+command printed in its log. A stage runs in its own process group, which is stopped when the pipeline is interrupted
+(Ctrl-C, SIGTERM, an error) and, on Linux, dies with the pipeline even when that is killed with -9.
 
 The recipe names every choice: a top-level `output_dir`, then one mapping per stage, in the order of STAGES. A stage
 missing from the recipe is not run. Training stages take `recipe:` (their own YAML recipe) and `args:` (overrides).
@@ -15,19 +17,32 @@ for that stage, and `accelerate: false` runs that stage as a plain process.
 """
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from tinyllm_hf.errors import MissingFileError, PipelineError, UsageError
 from tinyllm_hf.evaluation.benchmarks import BENCHMARKS
-from tinyllm_hf.runs import ALIGNED_STAGES, STAGES, TRAINER_STATE_FILE, TRAINING_STAGES, RunLayout, write_json
+from tinyllm_hf.runs import (
+    ALIGNED_STAGES,
+    STAGES,
+    TRAINER_STATE_FILE,
+    TRAINING_STAGES,
+    RunLayout,
+    file_damage,
+    model_damage,
+    write_json,
+)
 
 
 def load_pipeline_recipe(path) -> dict:
@@ -88,6 +103,108 @@ def benchmark_flags(benchmarks: dict | None, base: bool) -> list[str]:
     return flags
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage processes: each in its own process group, never outliving the pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+STOP_GRACE_SECONDS = 10  # after SIGTERM, how long a stage's processes get to exit before SIGKILL
+
+
+GUARD = "from tinyllm_hf.pipeline import guard_stage; guard_stage()"  # python -c GUARD COMMAND...
+
+
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """A `preexec_fn` for Linux: the kernel sends the child SIGTERM when the process that started it dies, even by
+    kill -9."""
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the pipeline died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def start_stage_process(command: list[str], **popen) -> subprocess.Popen:
+    """Start a stage's command under `guard_stage`, the leader of a new session and process group holding every
+    process the stage starts (accelerate's workers, data loaders): `stop_stage_process` reaches them all, and on
+    Linux the guard is told to stop them when the pipeline dies, however it dies."""
+    preexec = _die_with(os.getpid()) if sys.platform.startswith("linux") else None
+    return subprocess.Popen([sys.executable, "-c", GUARD, *command], start_new_session=True, preexec_fn=preexec,
+                            **popen)
+
+
+def guard_stage() -> None:
+    """The leader of a stage's process group: runs the command in sys.argv[1:] and exits with its status. On SIGTERM
+    (from `stop_stage_process`, or from the kernel when the pipeline died) it sends SIGTERM to the whole group, and
+    SIGKILL once the command has exited or STOP_GRACE_SECONDS have passed, so no process of the stage is left."""
+    stop_requested = []
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's SIGTERM reaches this process too
+        stop_requested.append(time.monotonic())
+        os.killpg(0, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    command = subprocess.Popen(sys.argv[1:])
+    # wait() in short slices: a signal handler cannot wait on the child itself while the main code does.
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            returncode = command.wait(timeout=0.2)
+            break
+        if stop_requested and time.monotonic() - stop_requested[0] > STOP_GRACE_SECONDS:
+            break
+    if stop_requested:
+        os.killpg(0, signal.SIGKILL)  # what is left of the stage, this process included
+    sys.exit(returncode if returncode >= 0 else 128 - returncode)
+
+
+def stop_stage_process(process: subprocess.Popen) -> None:
+    """SIGTERM to the stage's whole process group, then SIGKILL to what is left after STOP_GRACE_SECONDS."""
+    if process.poll() is not None:  # exited: its group id may no longer be its own
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_stage_process(command: list[str], log) -> int:
+    """Run `command` (see `start_stage_process`), copying its output to the console and the open file `log`; its
+    exit status. If the pipeline is interrupted meanwhile (an exception, Ctrl-C, SIGTERM: see `signals_as_exit`),
+    the stage's processes are stopped before the exception goes on."""
+    process = start_stage_process(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        return process.wait()
+    finally:
+        stop_stage_process(process)
+        process.stdout.close()
+
+
+@contextlib.contextmanager
+def signals_as_exit():
+    """While the block runs, SIGTERM and SIGHUP raise SystemExit (128 + signal) instead of ending the process at once,
+    so that `run_stage_process` stops the running stage on the way out."""
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class Pipeline:
     def __init__(self, recipe: dict, output_dir: Path, recipe_path: Path):
         self.recipe = recipe
@@ -132,13 +249,9 @@ class Pipeline:
         with log_path.open("a", encoding="utf-8") as log:
             log.write(f"$ {printable}\n")
             log.flush()
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            for line in process.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-            if process.wait() != 0:
-                raise PipelineError(f"stage {stage} failed (exit {process.returncode}); see {log_path}")
+            returncode = run_stage_process(command, log)
+        if returncode != 0:
+            raise PipelineError(f"stage {stage} failed (exit {returncode}); see {log_path}")
 
     def run_training(self, stage: str, **paths) -> None:
         self.run_command(stage, [stage, *self.training_args(stage, **paths)], self.launcher(stage))
@@ -273,6 +386,25 @@ class Pipeline:
 
     # ---------------------------------------------------------------- bookkeeping
 
+    def output_damage(self, stage: str) -> str | None:
+        """Why the model a finished stage left (a training stage's model, the tokenizer, GGUF files, quantized
+        variants) can no longer be used, e.g. truncated after the stage finished; None when it is whole."""
+        if stage in TRAINING_STAGES:
+            outputs = {self.layout.stage_dir(stage): True}
+        elif stage == "tokenizer":
+            outputs = {self.layout.tokenizer: False}
+        elif stage == "gguf":
+            outputs = {path: False for path in self.gguf_files()}
+        elif stage == "quantize":
+            outputs = {self.layout.stage_dir(stage) / m: False for m in self.recipe[stage].get("methods", [])}
+        else:
+            return None
+        for path, needs_weights in outputs.items():
+            damage = file_damage(path) if path.suffix == ".gguf" else model_damage(path, needs_weights)
+            if damage is not None:
+                return f"{path}: {damage}"
+        return None
+
     def summarize(self, stage: str, seconds: float) -> dict:
         """What the report and the model card say about a stage, read from the files it wrote."""
         summary = {"stage": stage, "wall_time_s": round(seconds, 1), "recipe": None, "dataset": None, "steps": None,
@@ -313,6 +445,10 @@ class Pipeline:
         if only:
             stages = [s for s in stages if s in only]
         for stage in stages:
+            damage = self.output_damage(stage) if self.layout.done(stage) else None
+            if damage is not None:
+                print(f"[{stage}] finished before, but its output is damaged ({damage}): running it again", flush=True)
+                self.layout.summary(stage).unlink()
             if self.layout.done(stage) and not only:
                 print(f"[{stage}] done already ({self.layout.summary(stage)}), skipped", flush=True)
                 continue
@@ -337,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     recipe = load_pipeline_recipe(args.config)
     output_dir = Path(args.output_dir or recipe.get("output_dir") or "runs/" + Path(args.config).stem)
-    Pipeline(recipe, output_dir, Path(args.config)).run(args.only, args.from_stage)
+    with signals_as_exit():
+        Pipeline(recipe, output_dir, Path(args.config)).run(args.only, args.from_stage)
     return 0
 
 

@@ -8,19 +8,28 @@
 `RunLayout` names every path in such a folder; the file-name constants are the names stages write inside their own
 output folder, so a stage run alone (`tinyllm sft --output_dir X`) writes what the pipeline and the card then read.
 `atomic_output` / `publish` are how every output (tokenizer, checkpoint, quantized model, GGUF file, stage summary)
-reaches its final name: written beside it, then renamed, so a reader never finds half of one.
+reaches its final name: written beside it, then renamed, so a reader never finds half of one. `file_damage` /
+`model_damage` say whether a file or a model folder damaged later (a full disk, a truncated copy) can still be read
+whole, without reading the weights: checkpoints are verified before a run resumes from them, and a finished stage's
+model before the pipeline skips the stage.
 
 This module uses only the standard library: the pipeline, the report and the card read it without loading torch.
 """
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger("tinyllm_hf")
 
 # gguf runs before quantize: the quantize stage ends by measuring every variant, GGUF files included, against fp32.
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "gguf", "quantize", "release", "report")
@@ -126,16 +135,79 @@ class RunLayout:
 def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a path beside `target` that does not exist yet; write a file or a folder there. When the block ends
     without error it replaces `target` (see `publish`); on error it is deleted, so a failed or killed writer never
-    leaves a partial output under the final name, only a hidden `.NAME.tmp-*` folder at worst."""
+    leaves a partial output under the final name, only a hidden `.NAME.tmp-*` folder at worst, which the next writer
+    of `target` removes once its owner process is gone (`remove_stale_scratch`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_scratch(target)
+    scratch = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target), dir=target.parent))
+    (scratch / SCRATCH_OWNER_FILE).write_text(json.dumps(_this_process()), "utf-8")
     try:
         staged = scratch / target.name
         yield staged
         publish(staged, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+SCRATCH_OWNER_FILE = ".owner.json"  # in each scratch folder: the host, pid and start time of the writer
+UNOWNED_SCRATCH_GRACE_SECONDS = 60  # a scratch folder without an owner file may be one being created right now
+
+
+def _scratch_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The start time of process `pid` (Linux: /proc/PID/stat field 22), which tells a pid reused by a new process
+    from the old one; None where it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start_time(os.getpid())}
+
+
+def _owner_is_gone(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return False  # a writer on another machine sharing this disk: there is no telling, so keep it
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    start = _process_start_time(pid)
+    return start is not None and owner.get("start") is not None and start != owner["start"]
+
+
+def remove_stale_scratch(target: str | os.PathLike) -> list[Path]:
+    """Delete the `.NAME.tmp-*` scratch folders `atomic_output` left beside `target` in writers that were killed
+    (their owner process is gone); a live writer's folder, such as a concurrent export's, is kept. Returns what was
+    removed."""
+    target = Path(target)
+    removed = []
+    for scratch in target.parent.glob(_scratch_prefix(target) + "*"):
+        if not scratch.is_dir():
+            continue
+        try:
+            owner = json.loads((scratch / SCRATCH_OWNER_FILE).read_text("utf-8"))
+            stale = not isinstance(owner, dict) or _owner_is_gone(owner)
+        except FileNotFoundError:
+            stale = time.time() - scratch.stat().st_mtime > UNOWNED_SCRATCH_GRACE_SECONDS
+        except (OSError, ValueError):
+            stale = True
+        if stale:
+            logger.warning(f"removing {scratch}, left by an interrupted writer of {target}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    return removed
 
 
 def publish(staged: Path, target: Path) -> None:
@@ -175,3 +247,110 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Whole or damaged: cheap checks of what a reader will need (headers, sizes, archive directories), not the values
+# --------------------------------------------------------------------------------------------------------------------
+
+TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save files (optimizer, scheduler, RNG states, .bin weights)
+ZIP_MAGIC = b"PK\x03\x04"
+# global_step*: DeepSpeed's checkpoint folders; pytorch_model_fsdp_*: FSDP's sharded ones (their .distcp files unread)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "global_step*", "pytorch_model_fsdp_*")
+GGUF_MAGIC = b"GGUF"
+
+
+def file_damage(path: str | os.PathLike) -> str | None:
+    """Why the file at `path` cannot be read whole, or None. Checked by kind: a safetensors file's header must parse
+    and its tensors end exactly at the end of the file; a torch.save file is a zip archive whose central directory
+    must read and whose members must fit the file (a .bin file only if it is a zip archive at all: OpenVINO's weights
+    are .bin files too); a JSON file must parse; a GGUF file must start with its magic. Any of them empty is damaged.
+    Other files pass."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    suffix = path.suffix
+    if suffix not in (".safetensors", ".json", ".gguf", *TORCH_SAVE_SUFFIXES):
+        return None
+    if size == 0:
+        return "empty file"
+    try:
+        if suffix == ".safetensors":
+            return _safetensors_damage(path, size)
+        if suffix == ".json":
+            json.loads(path.read_text("utf-8"))
+            return None
+        if suffix == ".gguf":
+            with path.open("rb") as f:
+                return None if f.read(4) == GGUF_MAGIC else "not a GGUF file (no GGUF magic)"
+        if suffix == ".bin":
+            with path.open("rb") as f:
+                if f.read(4) != ZIP_MAGIC:
+                    return None
+        return _zip_damage(path, size)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "does not parse as JSON"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+
+
+def _safetensors_damage(path: Path, size: int) -> str | None:
+    # Layout: 8-byte little-endian header length N, N bytes of JSON, then the tensors' bytes at their data_offsets.
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes, shorter than the safetensors header)"
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            return f"truncated: its header needs {header_len + 8} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(header_len))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError):
+            return "its safetensors header does not parse"
+    needed = 8 + header_len + max(ends, default=0)
+    if needed != size:
+        state = "truncated" if needed > size else "longer than its tensors"
+        return f"{state}: its tensors need {needed} bytes, the file has {size}"
+    return None
+
+
+def _zip_damage(path: Path, size: int) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile:
+        return "not a complete torch.save archive (truncated, or its zip directory is unreadable)"
+    for member in members:
+        if member.header_offset + member.compress_size > size:
+            return f"truncated: archive member {member.filename} runs past the end of the file"
+    return None
+
+
+def model_damage(model_dir: str | os.PathLike, needs_weights: bool = True) -> str | None:
+    """Why the saved model (or checkpoint, or with `needs_weights=False` any saved folder: a tokenizer, an exported
+    model) in `model_dir` cannot be loaded whole, or None: every file directly in it (config, weights, tokenizer,
+    optimizer state, ...) and in DeepSpeed's step folders must pass `file_damage`; a sharded model's index must name
+    shards that exist. Sub-folders such as checkpoint-N are not part of the model and are not read."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return "missing" if not model_dir.exists() else "not a folder"
+    if needs_weights and not any(any(model_dir.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        return "no model weights"
+    files = [p for p in model_dir.iterdir() if p.is_file()]
+    files += [p for step_dir in model_dir.glob("global_step*") if step_dir.is_dir() for p in step_dir.rglob("*")
+              if p.is_file()]
+    for path in sorted(files):
+        damage = file_damage(path)
+        if damage is not None:
+            return f"{path.relative_to(model_dir)}: {damage}"
+    for index in model_dir.glob("*.safetensors.index.json"):
+        weight_map = json.loads(index.read_text("utf-8")).get("weight_map")
+        if not isinstance(weight_map, dict):
+            return f"{index.name} has no weight_map"
+        missing = sorted({shard for shard in weight_map.values() if not (model_dir / shard).is_file()})
+        if missing:
+            return f"{index.name} names shards that are missing: {', '.join(missing)}"
+    return None

@@ -20,7 +20,7 @@ from tinyllm_hf.evaluation.benchmarks import (
     load_benchmark,
 )
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
-from tinyllm_hf.model_utils import get_model, get_tokenizer
+from tinyllm_hf.model_utils import add_trust_remote_code_argument, get_model, get_tokenizer
 from tinyllm_hf.options import comma_list
 
 TASKS = (*BENCHMARKS, "ppl", "tasks")
@@ -32,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or Hub id (any causal LM; Tinyllm included), a `tinyllm "
                    "quantize` output or a .gguf file (ONNX, OpenVINO and GGUF models: --mode gen and --tasks tasks only)")
     p.add_argument("--revision", default=None, help="Hub revision of --model")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the modeling code a --model folder or repo "
-                   "ships (auto_map); Tinyllm and transformers' own models need none")
+    add_trust_remote_code_argument(p)
     p.add_argument("--tasks", default="ceval,cmmlu,ppl", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--output", default=None, help="results JSON (default: MODEL/eval_results.json, or ./eval_results.json)")
     p.add_argument("--mode", choices=MODES, default="ppl", help="ppl: option log-likelihood (base models); gen: chat + parse")
@@ -96,7 +95,7 @@ def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto
     from tinyllm_hf.inference.runtime import TransformersRuntime, load_runtime
 
     if Path(name).exists() and model_kind(name) != "checkpoint":
-        return load_runtime(name)
+        return load_runtime(name, trust_remote_code=trust_remote_code)
     return TransformersRuntime(*load_model(name, revision, dtype, device, trust_remote_code))
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.inference.model_files import missing_runtime, model_kind
+from tinyllm_hf.model_utils import add_trust_remote_code_argument
 
 # torch and the runtime are imported where they are used, so `tinyllm quantize drift --help` stays light.
 
@@ -69,11 +70,11 @@ def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
-def load_variant(path: Path, n_ctx: int, threads: int):
+def load_variant(path: Path, n_ctx: int, threads: int, trust_remote_code: bool = False):
     """The runtime of one variant; a GGUF file keeps every position's logits (for perplexity) over `n_ctx` tokens."""
     from tinyllm_hf.inference.runtime import load_runtime
 
-    return load_runtime(path, threads=threads, n_ctx=n_ctx, all_logits=True)
+    return load_runtime(path, threads=threads, n_ctx=n_ctx, all_logits=True, trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,11 +223,12 @@ def variant_names(paths: list[Path]) -> list[str]:
 
 
 def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: DriftSettings | None = None,
-                  unavailable: dict[str, str] | None = None) -> dict:
+                  unavailable: dict[str, str] | None = None, trust_remote_code: bool = False) -> dict:
     """Every variant measured against `model_dir` in fp32: a JSON-ready dict with one row per variant.
     `unavailable`: {name: reason} of variants that could not even be built here, listed as skipped."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+
+    from tinyllm_hf.model_utils import get_config, get_tokenizer
 
     settings = settings or DriftSettings()
     model_dir, paths = Path(model_dir), [Path(v) for v in variants]
@@ -241,12 +243,12 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
     counts = {k: v for k, v in asdict(settings).items() if isinstance(v, int)}
     if min(counts.values()) < 0 or min(counts[k] for k in counts if k != "tasks") < 1 or settings.chunk_len < 2:
         raise UsageError(f"drift settings must be positive (tasks may be 0, chunk_len at least 2): {counts}")
-    context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    context = get_config(str(model_dir), trust_remote_code=trust_remote_code).max_position_embeddings
     if settings.task_tokens >= context:
         raise UsageError(f"task_tokens ({settings.task_tokens}) must be below the model's context ({context})")
 
     torch.set_num_threads(settings.threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
     inputs = {
         "chunks": held_out_chunks(tokenizer, settings.eval_text, settings.eval_chunks, settings.chunk_len),
         "questions": question_prompts(tokenizer, load_questions(settings), context - settings.task_tokens),
@@ -259,13 +261,13 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
         raise UsageError(f"a sequence of {n_ctx} tokens (chunk_len, prompt + gen/speed tokens) exceeds the model's "
                          f"context of {context} (max_position_embeddings in {model_dir / 'config.json'})")
 
-    reference = measure(REFERENCE, load_variant(model_dir, n_ctx, settings.threads), tokenizer, inputs, settings)
+    reference = measure(REFERENCE, load_variant(model_dir, n_ctx, settings.threads, trust_remote_code), tokenizer, inputs, settings)
     rows = [{"name": REFERENCE, "path": str(model_dir), "kind": "transformers fp32", "skipped": None,
              "size_mib": size_mib(model_dir), **compare(reference, reference, inputs["questions"])}]
     for name, path, kind in zip(names, paths, kinds):
         row = {"name": name, "path": str(path), "kind": kind, "skipped": missing_runtime(kind)}
         if row["skipped"] is None:
-            runtime = load_variant(path, n_ctx, settings.threads)
+            runtime = load_variant(path, n_ctx, settings.threads, trust_remote_code)
             raw = measure(name, runtime, tokenizer, inputs, settings)
             row.update(size_mib=size_mib(path), **compare(raw, reference, inputs["questions"]))
             del runtime  # one variant in memory at a time
@@ -349,10 +351,12 @@ def main(argv: list[str] | None = None, unavailable: dict[str, str] | None = Non
     parser.add_argument("--gen-tokens", "--gen_tokens", type=int, default=defaults.gen_tokens)
     parser.add_argument("--speed-tokens", "--speed_tokens", type=int, default=defaults.speed_tokens)
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    add_trust_remote_code_argument(parser)
     args = vars(parser.parse_args(argv))
-    model, variants, output, json_path = (args.pop(k) for k in ("model", "variant", "output", "json"))
+    model, variants, output, json_path, trust_remote_code = (
+        args.pop(k) for k in ("model", "variant", "output", "json", "trust_remote_code"))
     json_path = json_path or output.with_suffix(".json")
-    result = measure_drift(model, variants, DriftSettings(**args), unavailable)
+    result = measure_drift(model, variants, DriftSettings(**args), unavailable, trust_remote_code)
     write_outputs(result, output, json_path)
     print(to_markdown(result))
     print(f"wrote {output} and {json_path}")

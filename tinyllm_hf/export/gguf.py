@@ -195,12 +195,12 @@ def template_for_llama_cpp(template: str) -> str:
     return re.sub(r"\{%(-?)\s*(end)?generation\s*(-?)%\}", r"{#\1 \2generation \3#}", template)
 
 
-def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
+def write_tokenizer(writer, model_dir: Path, vocab_size: int, trust_remote_code: bool = False) -> None:
     """Vocabulary, merges, token types, special ids and chat template, as llama.cpp reads a `gpt2` tokenizer."""
     gguf = require_gguf()
-    from transformers import AutoTokenizer
+    from tinyllm_hf.model_utils import get_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
     tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
     check_tokenizer_matches_gpt2_pretokenizer(tok_json)
     if len(tokenizer) > vocab_size:
@@ -311,8 +311,9 @@ def add_tensor(writer, name: str, data: np.ndarray, outtype: str) -> None:
         writer.add_tensor(name, data.astype(np.float16))
 
 
-def write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
-    """Write an f16 or q8_0 GGUF of `model_dir` to `path`: `llama` for a dense checkpoint, `qwen2moe` for a MoE one."""
+def write_gguf(model_dir: Path, path: Path, outtype: str, trust_remote_code: bool = False) -> None:
+    """Write an f16 or q8_0 GGUF of `model_dir` to `path`: `llama` for a dense checkpoint, `qwen2moe` for a MoE one.
+    The weights are read by known classes only; the tokenizer runs shipped code only with `trust_remote_code`."""
     gguf = require_gguf()
     config = read_config(model_dir)
     if is_moe(config):
@@ -331,7 +332,7 @@ def write_gguf(model_dir: Path, path: Path, outtype: str) -> None:
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_tokenizer(writer, model_dir, config["vocab_size"])
+    write_tokenizer(writer, model_dir, config["vocab_size"], trust_remote_code)
     for name, data in tensors.items():
         add_tensor(writer, name, data, outtype)
     writer.write_header_to_file()
@@ -356,11 +357,13 @@ def quantize_with_llama_cpp(f16_file: Path, output_file: Path, outtype: str = "q
         raise ExternalToolError(f"llama.cpp failed to quantize {f16_file} to {outtype} (status {status})")
 
 
-def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "f16") -> Path:
+def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "f16",
+                trust_remote_code: bool = False) -> Path:
     """Write `model_dir` (a Tinyllm, Llama or Qwen2-MoE checkpoint) as a llama.cpp GGUF.
 
     The file is written into a temporary folder next to `output_file`, quantized there by llama.cpp for q4_k_m, and
-    renamed at the end: a failed export leaves nothing behind.
+    renamed at the end: a failed export leaves nothing behind, and what a killed one left (the folder, with the f16
+    intermediate of a q4_k_m export) is removed by the next export to the same file, unless its process still runs.
     """
     model_dir, output_file = Path(model_dir), Path(output_file)
     read_config(model_dir)  # fail on a wrong directory before any work
@@ -369,8 +372,8 @@ def export_gguf(model_dir: str | Path, output_file: str | Path, outtype: str = "
     with atomic_output(output_file) as staged:
         if outtype == "q4_k_m":
             f16 = staged.with_name(staged.name + ".f16")  # in atomic_output's scratch folder, deleted with it
-            write_gguf(model_dir, f16, "f16")
+            write_gguf(model_dir, f16, "f16", trust_remote_code)
             quantize_with_llama_cpp(f16, staged, outtype)
         else:
-            write_gguf(model_dir, staged, outtype)
+            write_gguf(model_dir, staged, outtype, trust_remote_code)
     return output_file

@@ -72,15 +72,12 @@ def check_checkpoint(model_dir: Path) -> dict:
     return config
 
 
-def load_source(model_dir: Path):
+def load_source(model_dir: Path, trust_remote_code: bool = False):
     """(fp32 model in eval mode, tokenizer) of the checkpoint to quantize."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tinyllm_hf.model_utils import get_model, get_tokenizer
 
-    import tinyllm_hf  # noqa: F401  (registers model_type "tinyllm" with the Auto classes)
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    model = get_model(str(model_dir), dtype="float32", trust_remote_code=trust_remote_code).eval()
+    return model, get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,8 +138,8 @@ def export_openvino(model, tokenizer, out_dir: Path, bits: int) -> None:
     exported.save_pretrained(out_dir)
 
 
-def run_method(method: str, model_dir: Path, out_dir: Path) -> None:
-    model, tokenizer = load_source(model_dir)
+def run_method(method: str, model_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> None:
+    model, tokenizer = load_source(model_dir, trust_remote_code)
     if method in ("onnx", "onnx-int8"):
         export_onnx(model, tokenizer, out_dir, int8=method == "onnx-int8")
     elif method in ("quanto-int8", "quanto-int4"):
@@ -155,8 +152,10 @@ def run_method(method: str, model_dir: Path, out_dir: Path) -> None:
     )
 
 
-def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, method: str) -> Path:
-    """Write the `method` variant of `model_dir` to `output_dir`; on any error nothing is left at `output_dir`."""
+def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, method: str,
+                        trust_remote_code: bool = False) -> Path:
+    """Write the `method` variant of `model_dir` to `output_dir`; on any error nothing is left at `output_dir`. Code
+    shipped in `model_dir` (a custom tokenizer, say) runs only with `trust_remote_code`."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     check_method(method)
     check_checkpoint(model_dir)
@@ -165,5 +164,5 @@ def quantize_checkpoint(model_dir: str | Path, output_dir: str | Path, method: s
     # Build next to the destination and rename when complete, so a failure never leaves a half-written model.
     with atomic_output(output_dir) as staged:
         staged.mkdir()
-        run_method(method, model_dir, staged)
+        run_method(method, model_dir, staged, trust_remote_code)
     return output_dir

@@ -9,7 +9,8 @@ A model release holds the safetensors weights, config.json with `auto_map` and t
 with its chat template, the generation config, a model card built from the pipeline's own result files, plots, and the
 chosen GGUF variants. A dataset release (`--dataset sft|preferences`) holds the embedded set's train and held-out
 splits as parquet files (data/train-*.parquet, data/test-*.parquet) and a dataset card read back from them.
-`--dry-run OUT` writes exactly the files that would be uploaded into OUT.
+`--dry-run OUT` writes exactly the files that would be uploaded into OUT. Staged files are world-readable (0644, folders
+0755), whatever modes their sources had.
 """
 
 import argparse
@@ -56,6 +57,16 @@ MODEL_ONLY_OPTIONS = ("include_gguf", "results", "run_dir", "base_model", "datas
 DATASET_ONLY_OPTIONS = ("tasks", "task_sizes", "heldout_sizes")
 
 
+def finish_staging(out_dir: Path) -> list[Path]:
+    """Make the staged release readable by everyone, whatever the umask or the sources' modes (`save_pretrained`
+    writes weights 0600, `tempfile.mkdtemp` makes folders 0700): folders 0755, files 0644. Returns the staged files
+    (relative paths)."""
+    for path in [out_dir, *out_dir.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+
+
 def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None, run_dir=None, base_model=None,
                 datasets=None) -> list[Path]:
     """Write the release of `model_dir` into `out_dir` and return the staged files (relative paths)."""
@@ -88,7 +99,7 @@ def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None,
         shutil.copy2(gguf, out_dir / gguf.name)
     card = build_model_card(facts, repo_id, base_model=base_model, datasets=datasets)
     card.save(out_dir / "README.md")
-    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+    return finish_staging(out_dir)
 
 
 def stage_space(model_repo_id: str, out_dir, space_repo_id: str) -> list[Path]:
@@ -115,7 +126,7 @@ def stage_space(model_repo_id: str, out_dir, space_repo_id: str) -> list[Path]:
     )
     (out_dir / "README.md").write_text(readme, "utf-8")
     (out_dir / "model_id.txt").write_text(model_repo_id + "\n", "utf-8")
-    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+    return finish_staging(out_dir)
 
 
 def _check_sizes(sizes: str | None, tasks: list[str], option: str) -> dict[str, int]:
@@ -165,7 +176,7 @@ def stage_dataset(name: str, out_dir, repo_id: str, tasks: list[str] | None = No
     task_kinds = {task: TASKS[task].kind for task in EMBEDDED_DATASETS[name]}
     facts = gather_dataset_facts(out_dir, name, task_kinds, command)
     build_dataset_card(facts, repo_id, out_dir).save(out_dir / "README.md")
-    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+    return finish_staging(out_dir)
 
 
 def upload(staged_dir, files, repo_id, repo_type="model", private=False, revision=None, create_pr=False,

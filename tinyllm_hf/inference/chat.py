@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.inference.text_stream import TextStream
+from tinyllm_hf.model_utils import add_trust_remote_code_argument
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE
 from tinyllm_hf.trainers.merge import adapter_base
 
@@ -30,22 +31,25 @@ HELP = ("commands: /reset (new conversation), /system TEXT (new system prompt, n
         "/think on|off, /help, /exit")
 
 
-def load_chat_model(path: str, device: str | None = None, dtype: str = "float32") -> "TransformersRuntime":
-    """The runtime of a model folder, a LoRA adapter folder (applied to its base) or a Hub id."""
+def load_chat_model(path: str, device: str | None = None, dtype: str = "float32",
+                    trust_remote_code: bool = False) -> "TransformersRuntime":
+    """The runtime of a model folder, a LoRA adapter folder (applied to its base) or a Hub id; code shipped in the
+    folder (or the adapter's base) runs only with `trust_remote_code`."""
     import torch
 
     from tinyllm_hf.inference.runtime import TransformersRuntime
     from tinyllm_hf.model_utils import check_local_path, get_model, get_tokenizer
 
     check_local_path(path)
-    tokenizer = get_tokenizer(path, needs_chat_template=True)
+    tokenizer = get_tokenizer(path, trust_remote_code=trust_remote_code, needs_chat_template=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(path) / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(get_model(adapter_base(Path(path)), dtype=dtype), path)
+        base = get_model(adapter_base(Path(path)), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, path)
     else:
-        model = get_model(path, dtype=dtype)
+        model = get_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return TransformersRuntime(model.to(device), tokenizer)
 
 
@@ -220,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true", help="start with thinking on (the model reasons before answering)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_trust_remote_code_argument(p)
     return p
 
 
@@ -235,7 +240,7 @@ def sampling_params(args: argparse.Namespace) -> "SamplingParams":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runtime = load_chat_model(args.model, args.device, args.dtype)
+    runtime = load_chat_model(args.model, args.device, args.dtype, args.trust_remote_code)
     from tinyllm_hf.inference.tool_loop import Toolbox
 
     toolbox = Toolbox.builtin() if args.tools == "on" else None

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.model_utils import add_trust_remote_code_argument
 
 
 QUANT_FILE = "tinyllm_quant.json"  # written by `tinyllm quantize` into every variant: {"method": ..., "source": ...}
@@ -32,7 +33,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a --host elsewhere exposes
 
 def add_runtime_arguments(parser, what: str) -> None:
     """The options every front end that runs a model shares (`tinyllm serve`, `tinyllm demo`): which model, on which
-    backend, in which dtype, with how many threads, and where `what` (the server, the demo) listens."""
+    backend, in which dtype, with how many threads, whether code shipped with it may run, and where `what` (the
+    server, the demo) listens."""
     parser.add_argument("--model", required=True, help="checkpoint directory, .gguf file (llamacpp) or export (onnx)")
     parser.add_argument("--backend", choices=BACKENDS, default="transformers")
     parser.add_argument("--host", default="127.0.0.1", help=f"address to bind; 0.0.0.0 exposes {what} to the network")
@@ -41,6 +43,7 @@ def add_runtime_arguments(parser, what: str) -> None:
     parser.add_argument("--threads", type=positive_int, help="CPU threads per decode step (default: the runtime's; 1 "
                         "suits small models on busy machines, see docs/serving.md)")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
+    add_trust_remote_code_argument(parser)
 
 
 def positive_int(text: str) -> int:

@@ -226,33 +226,35 @@ class TransformersRuntime(_TokenizerText):
         self.device = model.device
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str | None = None):
+    def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str | None = None,
+                        trust_remote_code: bool = False):
         from tinyllm_hf.model_utils import get_model, get_tokenizer
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise MissingFileError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
-        model = get_model(str(model_dir), dtype=dtype)
-        return cls(model if device is None else model.to(device), get_tokenizer(str(model_dir)))
+        model = get_model(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
+        return cls(model if device is None else model.to(device), tokenizer)
 
     @classmethod
-    def from_quanto(cls, model_dir: str | Path):
+    def from_quanto(cls, model_dir: str | Path, trust_remote_code: bool = False):
         """A `tinyllm quantize --method quanto-*` directory: quanto's safetensors + quantization map."""
         from optimum.quanto import requantize
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        import tinyllm_hf  # noqa: F401  (registers model_type "tinyllm")
+        from tinyllm_hf.model_utils import get_config, get_tokenizer
 
         model_dir = Path(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
+        config = get_config(str(model_dir), trust_remote_code=trust_remote_code)
         # Built on CPU (not meta) so non-persistent buffers such as RoPE's inv_freq are real; the weights are replaced.
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         qmap = json.loads((model_dir / "quantization_map.json").read_text())
         requantize(model, load_file(model_dir / "model.safetensors"), qmap, device=torch.device("cpu"))
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # requantize re-creates parameters, untying them
-        return cls(model, AutoTokenizer.from_pretrained(model_dir))
+        return cls(model, get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code))
 
     def render_chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
@@ -397,10 +399,9 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
 class ExportedRuntime(_TokenizerText, _SingleSequenceRuntime):
     """ONNX Runtime or OpenVINO prefill + decode graphs written by `tinyllm quantize` (graph runners in `exported_graphs.py`)."""
 
-    def __init__(self, model_dir: str | Path, num_threads: int | None = None):
-        from transformers import AutoTokenizer
-
+    def __init__(self, model_dir: str | Path, num_threads: int | None = None, trust_remote_code: bool = False):
         from tinyllm_hf.inference.exported_graphs import OnnxGraphs, OpenVINOGraphs
+        from tinyllm_hf.model_utils import get_tokenizer
 
         model_dir = Path(model_dir)
         method = quantize_method(model_dir)
@@ -408,7 +409,7 @@ class ExportedRuntime(_TokenizerText, _SingleSequenceRuntime):
             raise UsageError(f"{model_dir} is not an ONNX or OpenVINO export from `tinyllm quantize`")
         graphs = OnnxGraphs if method.startswith("onnx") else OpenVINOGraphs
         self.graphs = graphs(model_dir, num_threads=num_threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         config = self.graphs.config
         self.context_length = config["max_position_embeddings"]
         self.eos_token_ids = eos_ids(config.get("eos_token_id"), self.tokenizer.eos_token_id)
@@ -435,20 +436,22 @@ class ExportedRuntime(_TokenizerText, _SingleSequenceRuntime):
 
 
 def load_runtime(path: str | Path, threads: int | None = None, dtype: str = "float32", n_ctx: int = 0,
-                 all_logits: bool = False):
+                 all_logits: bool = False, trust_remote_code: bool = False):
     """The runtime for `path`, whatever it holds: a checkpoint, a `tinyllm quantize` output or a .gguf file.
-    `n_ctx` and `all_logits` apply to GGUF files (see `LlamaCppRuntime`)."""
+    `n_ctx` and `all_logits` apply to GGUF files (see `LlamaCppRuntime`); code shipped in a folder runs only with
+    `trust_remote_code`."""
     kind = model_kind(path)
     if kind == "gguf":
         return LlamaCppRuntime(path, n_threads=threads, n_ctx=n_ctx, all_logits=all_logits)
     if kind == "checkpoint":
-        return TransformersRuntime.from_pretrained(path, dtype=dtype)
+        return TransformersRuntime.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     if kind.startswith("quanto"):
-        return TransformersRuntime.from_quanto(path)
-    return ExportedRuntime(path, num_threads=threads)
+        return TransformersRuntime.from_quanto(path, trust_remote_code=trust_remote_code)
+    return ExportedRuntime(path, num_threads=threads, trust_remote_code=trust_remote_code)
 
 
-def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: int | None = None):
+def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: int | None = None,
+                 trust_remote_code: bool = False):
     """The runtime `name` (`tinyllm serve --backend`) for `model`: a checkpoint directory, a .gguf file, or a `tinyllm
     quantize` output.
 
@@ -459,9 +462,9 @@ def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: 
     if threads is not None:
         torch.set_num_threads(threads)
     if name == "transformers":
-        return TransformersRuntime.from_pretrained(model, dtype=dtype)
+        return TransformersRuntime.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
     if name == "llamacpp":
         return LlamaCppRuntime(model, n_threads=threads)
     if name == "onnx":
-        return ExportedRuntime(model, num_threads=threads)
+        return ExportedRuntime(model, num_threads=threads, trust_remote_code=trust_remote_code)
     raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

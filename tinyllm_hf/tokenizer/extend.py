@@ -28,9 +28,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.model_utils import get_model, get_tokenizer
 from tinyllm_hf.runs import atomic_output
 from tinyllm_hf.tokenizer.train import (
     check_output_dir,
@@ -54,10 +55,15 @@ def _private_char(index: int) -> str:
     raise UsageError(f"corpus uses more than {_PRIVATE_USE_SIZE} distinct base tokens; pass a smaller sample")
 
 
-def load_base_tokenizer(base: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a local directory, a Hub name, or an already loaded tokenizer."""
+def load_base_tokenizer(base: str | os.PathLike | PreTrainedTokenizerBase,
+                        trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from a local directory, a Hub name, or an already loaded tokenizer; code shipped with it runs
+    only with `trust_remote_code`."""
     try:
-        tokenizer = base if isinstance(base, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(str(base))
+        if isinstance(base, PreTrainedTokenizerBase):
+            tokenizer = base
+        else:
+            tokenizer = get_tokenizer(str(base), trust_remote_code=trust_remote_code)
     except OSError as err:  # transformers' "not a local folder and not a valid model identifier ..."
         raise MissingFileError(f"cannot load the base tokenizer {str(base)!r}: {err}") from err
     if not getattr(tokenizer, "is_fast", False):
@@ -231,22 +237,22 @@ def extend_tokenizer_and_model(
     model: str | None = None,
     model_output: str | os.PathLike | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
     **extend_kwargs,
 ):
     """`tinyllm tokenizer extend`: extend `base` into `output_dir` and, given `model`, resize that model's embeddings to
     the new tokenizer and save both to `model_output`. Returns (base tokenizer, extended tokenizer, resized model or
-    None); `extend_kwargs` go to `extend_tokenizer`."""
+    None); `extend_kwargs` go to `extend_tokenizer`. Code shipped with `base` or `model` runs only with
+    `trust_remote_code`."""
     if model_output is not None:
         # Checked before the (slow) extension so a bad path fails fast.
         check_output_dir(Path(model_output), overwrite)
-    base_tokenizer = load_base_tokenizer(base)
+    base_tokenizer = load_base_tokenizer(base, trust_remote_code)
     extended = extend_tokenizer(base_tokenizer, texts, output_dir=output_dir, overwrite=overwrite, **extend_kwargs)
     if model is None:
         return base_tokenizer, extended, None
-    from transformers import AutoModelForCausalLM
-
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model)
+        loaded = get_model(model, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise MissingFileError(f"cannot load the model {model!r} to resize: {err}") from err
     resized = resize_model_embeddings(loaded, base_tokenizer, extended)

@@ -124,10 +124,11 @@ class ToolArguments:
         return Toolbox.builtin() if self.tools == "builtin" else None
 
 
-def load_tokenizer(model_args: ModelConfig):
+def load_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False):
     if not model_args.model_name_or_path:
         raise UsageError("model_name_or_path is not set: point it at an SFT checkpoint (recipe key or --model_name_or_path)")
-    return get_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision, needs_pad_token=True)
+    return get_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision,
+                         trust_remote_code=trust_remote_code, needs_pad_token=True)
 
 
 def check_run_args(run_args) -> None:
@@ -143,11 +144,11 @@ def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args:
     pairs; evaluated on the held-out pairs when there are any; the final model saved into output_dir."""
     check_run_args(run_args)
     set_seed(args.seed)
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args, args.trust_remote_code)
     train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
     if eval_dataset is None:
         args.eval_strategy = "no"
-    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer), args, tokenizer, model_args, run_args,
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer, trust_remote_code=args.trust_remote_code), args, tokenizer, model_args, run_args,
                             train_dataset=train_dataset, eval_dataset=eval_dataset)
     return train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
 
@@ -159,7 +160,7 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
     the prompts offer its tools and TRL runs the calls the policy makes during generation."""
     check_run_args(run_args)
     set_seed(args.seed)
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args, args.trust_remote_code)
     tools = {}
     if toolbox is not None:
         # TRL finds the calls with the tokenizer's response template; a tokenizer saved before RESPONSE_TEMPLATE
@@ -167,11 +168,11 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
         if tokenizer.chat_template == CHAT_TEMPLATE and tokenizer.response_template is None:
             tokenizer.response_template = RESPONSE_TEMPLATE
         tools = {"tools": toolbox.as_functions()}
-    reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer, toolbox)
+    reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer, toolbox, args.trust_remote_code)
     train_dataset = prompt_dataset(data_args, args.seed)
     if "correctness" in reward_args.names and not any(train_dataset["answer"]):
         raise UsageError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
-    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer), args, tokenizer, model_args, run_args,
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer, trust_remote_code=args.trust_remote_code), args, tokenizer, model_args, run_args,
                             reward_funcs=reward_funcs, train_dataset=train_dataset,
                             reward_processing_classes=reward_tokenizers, **tools)
     return train_and_save(trainer, run_args)

@@ -5,7 +5,8 @@
 - `ReliableTrainerMixin`: mix into any `transformers.Trainer` subclass (TRL's included) for atomic checkpoints
   (written into `tmp-checkpoint-N/`, renamed to `checkpoint-N` once complete), a clear stop on a non-finite loss and an
   optional per-step data-order log.
-- `latest_checkpoint` / `resume_checkpoint`: the newest complete checkpoint of a run, for `--resume`.
+- `latest_checkpoint` / `resume_checkpoint`: the newest whole checkpoint of a run (`checkpoint_damage` verifies each),
+  for `--resume`; a damaged one is set aside, never deleted.
 - `ThroughputCallback` (tokens/s and MFU) and `LossCurveCallback` (loss-curve PNG at the end of training).
 - `run_stage`, `train_and_save`, `final_eval_metrics`, `peft_config`: the parts every stage's `main`/`train` repeats.
 """
@@ -35,7 +36,7 @@ from tinyllm_hf.errors import MissingFileError, NonFiniteLossError, TinyllmError
 from tinyllm_hf.model_utils import get_model
 from tinyllm_hf.modeling import LORA_TARGET_MODULES
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
-from tinyllm_hf.runs import LOSS_CURVE_FILE, TRAINER_STATE_FILE, publish
+from tinyllm_hf.runs import LOSS_CURVE_FILE, TRAINER_STATE_FILE, model_damage, publish
 from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
 
 logger = logging.get_logger("tinyllm_hf")
@@ -157,38 +158,87 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """A checkpoint directory with its trainer state and model weights (the state is written last by the Trainer)."""
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """Why `checkpoint-N` at `path` cannot be resumed from, or None: its trainer state must parse and hold the step
+    (the Trainer writes it last), and its weights, optimizer, scheduler and RNG files must be whole (`model_damage`)."""
     path = Path(path)
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
-    return checkpoint_step(path) is not None and (path / TRAINER_STATE_FILE).is_file() and has_weights
+    state_path = path / TRAINER_STATE_FILE
+    if not state_path.is_file():
+        return f"no {TRAINER_STATE_FILE}"
+    damage = model_damage(path)
+    if damage is not None:
+        return damage
+    state = json.loads(state_path.read_text("utf-8"))  # model_damage checked that it parses
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{TRAINER_STATE_FILE}: no global_step"
+    return None
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The complete `checkpoint-N` with the largest N in `output_dir`, or None. Staging folders never qualify."""
+def checkpoints_by_step(output_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir`, newest (largest N) first; staging folders are not among them."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
-        return None
-    complete = [p for p in output_dir.iterdir() if p.is_dir() and is_complete_checkpoint(p)]
-    for path in output_dir.iterdir():
-        if path.is_dir() and checkpoint_step(path) is not None and path not in complete:
-            logger.warning(f"ignoring incomplete checkpoint {path}")
-    return str(max(complete, key=checkpoint_step)) if complete else None
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, damaged: list | None = None) -> str | None:
+    """The newest whole `checkpoint-N` in `output_dir` (see `checkpoint_damage`), or None. Each newer one that is
+    damaged is appended to `damaged` as (path, reason) when a list is given, else warned about with the reason."""
+    for path in checkpoints_by_step(output_dir):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return str(path)
+        if damaged is None:
+            logger.warning(f"checkpoint {path} is damaged ({damage}): skipped")
+        else:
+            damaged.append((path, damage))
+    return None
+
+
+DAMAGED_PREFIX = "damaged-"  # where a damaged checkpoint is kept: out of the way of the Trainer's names and rotation
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged `checkpoint-N` to `damaged-checkpoint-N` (never deleted: it is the user's to inspect), so
+    the resumed run can write a new `checkpoint-N` and checkpoint rotation never counts or deletes it."""
+    target = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}.{n}")
+    os.replace(checkpoint, target)
+    return target
 
 
 def resume_checkpoint(args: TrainingArguments, run_args: RunArguments) -> str | None:
-    """The checkpoint to continue from: `resume_from_checkpoint` when given, else with `--resume` the newest complete
-    one in output_dir; without either, None (and a warning when output_dir already holds checkpoints)."""
+    """The checkpoint to continue from: `resume_from_checkpoint` when given (an error if it is damaged), else with
+    `--resume` the newest whole one in output_dir; without either, None (and a warning when output_dir already holds
+    checkpoints).
+
+    With `--resume`, damaged checkpoints newer than the one resumed from are set aside (`set_aside`, with a warning
+    naming each and why); when none is whole the run starts from step 0, as with no checkpoint at all, since a
+    damaged checkpoint cannot be continued from anyway and stopping would only make every rerun fail the same way."""
     if args.resume_from_checkpoint:
+        damage = checkpoint_damage(args.resume_from_checkpoint)
+        if damage is not None:
+            raise UsageError(f"resume_from_checkpoint {args.resume_from_checkpoint} is damaged ({damage}): "
+                             "give another checkpoint, or use --resume to take the newest whole one")
         return args.resume_from_checkpoint
     if not run_args.resume:
-        if latest_checkpoint(args.output_dir) is not None:
+        if checkpoints_by_step(args.output_dir):
             logger.warning(f"{args.output_dir} holds checkpoints from an earlier run: starting from step 0 anyway "
                            "(pass --resume to continue instead)")
         return None
-    checkpoint = latest_checkpoint(args.output_dir)
+    damaged = []
+    checkpoint = latest_checkpoint(args.output_dir, damaged)
+    if args.should_save:  # one process renames and reports; every process made the same choice
+        for path, damage in damaged:
+            logger.warning(f"--resume: checkpoint {path} is damaged ({damage}); kept as {set_aside(path)}, "
+                           + (f"resuming from {checkpoint}" if checkpoint else "and no older checkpoint is whole"))
     if checkpoint is None:
-        logger.warning(f"--resume: no complete checkpoint in {args.output_dir}, starting from step 0")
+        logger.warning(f"--resume: no whole checkpoint in {args.output_dir}, starting from step 0")
     return checkpoint
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tinyllm_hf.errors import MissingFileError, UsageError
-from tinyllm_hf.model_utils import check_local_path, get_model, get_tokenizer
+from tinyllm_hf.model_utils import add_trust_remote_code_argument, check_local_path, get_model, get_tokenizer
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, atomic_output
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,8 +30,9 @@ def adapter_base(adapter_dir: Path) -> str:
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None, dtype: str = "float32",
-                  overwrite: bool = False) -> Path:
-    """Load `base`, apply the adapter, merge it into the weights and save model + tokenizer to `output_dir`.
+                  overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """Load `base`, apply the adapter, merge it into the weights and save model + tokenizer to `output_dir`; code
+    shipped with the base model or tokenizer runs only with `trust_remote_code`.
 
     Merging runs in `dtype` (float32 by default: merging in half precision rounds the sum of base and update)."""
     from peft import PeftModel
@@ -45,10 +46,10 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
         raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG_FILE}")
     check_local_path(base, "base model")
-    model = get_model(base, dtype=dtype)
+    model = get_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    tokenizer = get_tokenizer(str(tokenizer_source))
+    tokenizer = get_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code)
     check_output_dir(Path(output_dir), overwrite)
     with atomic_output(output_dir) as staging:
         merged.save_pretrained(staging)
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="base model folder or Hub id (default: the adapter's recorded base)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to merge and save in")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_trust_remote_code_argument(p)
     args = p.parse_args(argv)
-    path = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.overwrite)
+    path = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.overwrite, args.trust_remote_code)
     print(f"merged model written to {path}")
     return 0
 

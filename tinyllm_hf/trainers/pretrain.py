@@ -21,7 +21,7 @@ import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto
 from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entropy
 from tinyllm_hf.errors import ConfigError, UsageError
-from tinyllm_hf.model_utils import get_model, get_tokenizer
+from tinyllm_hf.model_utils import TRUST_REMOTE_CODE_HELP, get_model, get_tokenizer
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
 from tinyllm_hf.options import parse_key_values
 from tinyllm_hf.trainers.common import (
@@ -54,6 +54,8 @@ class ModelArguments:
         metadata={"help": "preset fields to change, e.g. 'hidden_size=64,num_hidden_layers=2,max_position_embeddings=128'"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    # TRL's configs (the other stages) have this field; transformers' TrainingArguments has not.
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
 
 @dataclass
@@ -83,13 +85,13 @@ class PretrainTrainer(ReliableTrainerMixin, Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
-def load_tokenizer(path: str | None):
+def load_tokenizer(path: str | None, trust_remote_code: bool = False):
     if not path:
         raise UsageError(
             "tokenizer_name_or_path is not set: train one with `tinyllm tokenizer` and pass its folder "
             "(recipe key tokenizer_name_or_path or --tokenizer_name_or_path)"
         )
-    return get_tokenizer(path)
+    return get_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -106,7 +108,8 @@ def config_value(text: str):
 
 def build_model(model_args: ModelArguments, tokenizer):
     if model_args.model_name_or_path:
-        model = get_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation)
+        model = get_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
+                          trust_remote_code=model_args.trust_remote_code)
         if model_args.config_overrides:
             raise UsageError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
         if len(tokenizer) > model.config.vocab_size:  # e.g. a tokenizer extended with new tokens
@@ -149,7 +152,7 @@ def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: i
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, run_args: RunArguments) -> dict:
     set_seed(args.seed)
-    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path, model_args.trust_remote_code)
     model = build_model(model_args, tokenizer)
     block_size = data_args.block_size or model.config.max_position_embeddings
     if block_size > model.config.max_position_embeddings:

@@ -86,13 +86,14 @@ def heldout_accuracy(trainer, tokenizer, pairs) -> dict:
 def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: RewardConfig, run_args: RunArguments) -> dict:
     check_run_args(run_args)
     set_seed(args.seed)
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args, args.trust_remote_code)
     train_dataset, heldout_pairs = preference_datasets(data_args, args.seed, eval_extra_columns=("task",))
     eval_dataset = heldout_pairs.select_columns(PAIR_COLUMNS) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"
     model = get_model(model_args.model_name_or_path, auto_class=AutoModelForSequenceClassification, num_labels=1,
-                      pad_token_id=tokenizer.pad_token_id, attn_implementation=model_args.attn_implementation or "sdpa")
+                      pad_token_id=tokenizer.pad_token_id, attn_implementation=model_args.attn_implementation or "sdpa",
+                      trust_remote_code=args.trust_remote_code)
     trainer = build_trainer(TinyllmRewardTrainer, model, args, tokenizer, model_args, run_args,
                             train_dataset=train_dataset, eval_dataset=eval_dataset)
     evaluate = None if heldout_pairs is None else partial(heldout_accuracy, tokenizer=tokenizer, pairs=heldout_pairs)

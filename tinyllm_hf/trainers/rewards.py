@@ -30,9 +30,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.model_utils import get_model, get_tokenizer
 from tinyllm_hf.tasks import reply_reward
 from tinyllm_hf.tokenizer.chat_template import ASSISTANT_TOKEN, SYSTEM_TOKEN, TOOL_CALL_START, TOOL_TOKEN, USER_TOKEN
 from tinyllm_hf.options import comma_list
@@ -145,24 +146,26 @@ class ToolCallReward:
         return [self.valid_calls(c) / n if n else 0.0 for c, n in zip(completions, attempts, strict=True)]
 
 
-def load_reward_model(path: str | os.PathLike):
-    """(model, tokenizer) of a `tinyllm reward` output folder, checked: one scalar output, a chat template, a pad token."""
+def load_reward_model(path: str | os.PathLike, trust_remote_code: bool = False):
+    """(model, tokenizer) of a `tinyllm reward` output folder, checked: one scalar output, a chat template, a pad token.
+    Code shipped in the folder runs only with `trust_remote_code`."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MissingFileError(f"reward model not found: {path} has no config.json (train one with `tinyllm reward`)")
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model = get_model(str(path), auto_class=AutoModelForSequenceClassification, trust_remote_code=trust_remote_code)
     if model.config.num_labels != 1:
         raise UsageError(f"{path}: a reward model has one output (num_labels=1), this one has {model.config.num_labels}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = get_tokenizer(str(path), trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template or tokenizer.pad_token is None:
         raise UsageError(f"{path}: the reward model's tokenizer needs a chat template and a pad token")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
 
-def build_rewards(args: RewardArguments, tokenizer, toolbox=None) -> tuple[list, list]:
+def build_rewards(args: RewardArguments, tokenizer, toolbox=None, trust_remote_code: bool = False) -> tuple[list, list]:
     """(reward_funcs, reward_processing_classes) for TRL, in the order of `args.rewards`; `toolbox`: the tools the
-    rollouts may call (`tinyllm_hf.inference.tool_loop.Toolbox`), which the tool_call reward needs."""
+    rollouts may call (`tinyllm_hf.inference.tool_loop.Toolbox`), which the tool_call reward needs;
+    `trust_remote_code`: whether the reward model's shipped code may run."""
     if "tool_call" in args.names and toolbox is None:
         raise UsageError("the tool_call reward needs tools in the rollouts: tinyllm grpo --tools builtin (recipe key tools)")
     funcs, processing_classes = [], []
@@ -175,7 +178,7 @@ def build_rewards(args: RewardArguments, tokenizer, toolbox=None) -> tuple[list,
         elif name == "tool_call":
             func = ToolCallReward(tokenizer, toolbox)
         else:
-            func, processing_class = load_reward_model(args.reward_model_path)
+            func, processing_class = load_reward_model(args.reward_model_path, trust_remote_code)
         funcs.append(func)
         processing_classes.append(processing_class)
     return funcs, processing_classes

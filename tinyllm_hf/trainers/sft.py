@@ -160,9 +160,10 @@ def check_quantization_support() -> None:
         )
 
 
-def load_tokenizer(data_args: SFTDataArguments, model_args: ModelConfig):
+def load_tokenizer(data_args: SFTDataArguments, model_args: ModelConfig, trust_remote_code: bool = False):
     path = data_args.tokenizer_name_or_path or model_args.model_name_or_path
-    return get_tokenizer(path, revision=model_args.model_revision, needs_chat_template=True)
+    return get_tokenizer(path, revision=model_args.model_revision, trust_remote_code=trust_remote_code,
+                         needs_chat_template=True)
 
 
 def add_tool_tokens(tokenizer) -> list[str]:
@@ -177,7 +178,7 @@ def add_tool_tokens(tokenizer) -> list[str]:
     return []
 
 
-def load_model(model_args: ModelConfig, tokenizer):
+def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool = False):
     if not model_args.model_name_or_path:
         raise UsageError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
     quantization_config = None
@@ -187,7 +188,7 @@ def load_model(model_args: ModelConfig, tokenizer):
         check_quantization_support()
         quantization_config = get_quantization_config(model_args)
     model = load_policy(
-        model_args, tokenizer, quantization_config=quantization_config,
+        model_args, tokenizer, trust_remote_code=trust_remote_code, quantization_config=quantization_config,
         # bitsandbytes layers must be placed on the GPU while loading, one full copy per process.
         device_map={"": torch.cuda.current_device()} if quantization_config is not None else None,
     )
@@ -300,10 +301,10 @@ def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: 
 
 def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig, run_args: RunArguments) -> dict:
     set_seed(args.seed)
-    tokenizer = load_tokenizer(data_args, model_args)
+    tokenizer = load_tokenizer(data_args, model_args, args.trust_remote_code)
     if data_args.tool_task_sizes:
         add_tool_tokens(tokenizer)
-    model = load_model(model_args, tokenizer)
+    model = load_model(model_args, tokenizer, args.trust_remote_code)
     context = model.config.max_position_embeddings
     if args.max_length is None or args.max_length > context:
         logger.warning(f"max_length {args.max_length} -> {context} (the model's context)")
