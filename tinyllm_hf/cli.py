@@ -37,7 +37,7 @@ COMMANDS = {
     "chat": ("tinyllm_hf.inference.chat", "chat with a model in the terminal"),
     "serve": ("tinyllm_hf.inference.server", "OpenAI-compatible API server"),
     "demo": ("tinyllm_hf.inference.demo", "Gradio web chat demo"),
-    "push": ("tinyllm_hf.hub.push", "release a model (or Space) on the Hugging Face Hub"),
+    "push": ("tinyllm_hf.hub.push", "release a model (or Space) on the Hugging Face Hub or ModelScope"),
 }
 
 
