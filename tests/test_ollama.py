@@ -2,7 +2,6 @@
 checked with Go's own text/template (tests/ollama_template/render.go, run the way Ollama's server runs a template)."""
 
 import json
-import re
 import shutil
 import subprocess
 
@@ -49,9 +48,48 @@ def jinja_prompt(messages, enable_thinking=False, prefill=False):
     return rendered[0]
 
 
+def _unquote(text: str) -> tuple[str, bool]:
+    for quote in ('"""', '"'):
+        if text.startswith(quote):
+            complete = len(text) >= 2 * len(quote) and text.endswith(quote)
+            return (text[len(quote):-len(quote)] if complete else ""), complete
+    return text, True
+
+
+def read_modelfile(modelfile: str) -> list[tuple[str, str]]:
+    """(command, value) pairs as Ollama's Modelfile parser (parser/parser.go) reads them: `#` lines are comments;
+    PARAMETER's first word is the parameter's name; a value ends at the first newline where what was read so far,
+    stripped, is complete (triple-quoted, double-quoted or a bare word); inside it whitespace and printable characters are kept
+    verbatim, with no escapes, and other characters are dropped."""
+    commands, state, name, buffer = [], "nil", "", ""
+    for char in modelfile + "\n":
+        if state == "nil" and char == "#":
+            state = "comment"
+        elif state == "nil" and not char.isspace():
+            state, buffer = "name", char
+        elif state == "comment" and char in "\r\n":
+            state = "nil"
+        elif state in ("name", "parameter") and char in " \t":
+            if state == "name" and buffer.lower() == "parameter":
+                state, buffer = "parameter", ""
+            else:
+                name, state, buffer = (buffer if state == "parameter" else buffer.lower()), "value", ""
+        elif state in ("name", "parameter"):
+            buffer += char
+        elif state == "value":
+            value, complete = _unquote(buffer.strip())
+            if char in "\r\n" and complete:
+                commands.append((name, value))
+                state, buffer = "nil", ""
+            elif char.isprintable() or char.isspace():
+                buffer += char
+    assert state in ("nil", "comment"), f"Ollama would reject this Modelfile: unfinished {state} {buffer[:80]!r}"
+    return commands
+
+
 def modelfile_value(modelfile: str, command: str) -> str:
-    """A triple-quoted Modelfile value, read as Ollama's parser reads it (verbatim between the quotes)."""
-    return re.search(rf'^{command} """(.*?)"""$', modelfile, re.S | re.M).group(1)
+    [value] = [value for name, value in read_modelfile(modelfile) if name == command.lower()]
+    return value
 
 
 def go_render(modelfile: str, cases: list[tuple[list[dict], bool]], tmp_path) -> list[str]:
@@ -98,9 +136,10 @@ def test_modelfile_carries_the_stops_the_context_and_the_checkpoints_sampling_de
     modelfile = (out / "Modelfile").read_text("utf-8")
     assert modelfile.splitlines()[1] == "FROM ./model.gguf"
     assert modelfile_value(modelfile, "SYSTEM") == DEFAULT_SYSTEM_PROMPT
-    parameters = re.findall(r"^PARAMETER (\S+) (.+)$", modelfile, re.M)
-    assert [json.loads(v) for k, v in parameters if k == "stop"] == list(STOP_TOKENS)
-    values = {k: v for k, v in parameters if k != "stop"}
+    commands = read_modelfile(modelfile)
+    assert commands[0] == ("from", "./model.gguf") and [name for name, _ in commands[1:3]] == ["template", "system"]
+    assert [value for name, value in commands if name == "stop"] == list(STOP_TOKENS)
+    values = {name: value for name, value in commands[3:] if name != "stop"}
     assert values == {"num_ctx": "256", "temperature": "0.7", "top_p": "0.9", "top_k": "20", "repeat_penalty": "1.1"}
     reader = gguf.GGUFReader(out / "model.gguf")
     assert reader.fields["general.file_type"].parts[-1][0] == gguf.LlamaFileType.MOSTLY_Q8_0
