@@ -194,7 +194,8 @@ def test_tinyllm_hub_modelscope_loads_repo_ids_from_modelscope(tiny_model_dir, m
     tokenizer = get_tokenizer("alice/tiny", revision="v1", needs_chat_template=True)
     model = get_model("alice/tiny", chat_tokenizer=tokenizer)
     assert model.config.model_type == "tinyllm" and len(tokenizer) == model.config.vocab_size
-    assert fake.named("snapshot_download") == [(("alice/tiny",), {"revision": "v1"}), (("alice/tiny",), {"revision": None})]
+    assert fake.named("snapshot_download") == [(("alice/tiny",), {"revision": "v1"}),
+                                               (("alice/tiny",), {"revision": None})]
     get_tokenizer(str(tiny_model_dir))  # a local folder is never looked up
     assert len(fake.named("snapshot_download")) == 2
     check_against_real_sdk(fake)

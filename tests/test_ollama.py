@@ -23,8 +23,8 @@ CONVERSATIONS = {
                     {"role": "user", "content": "再加一呢？"}, {"role": "assistant", "content": "三。"},
                     {"role": "user", "content": IDIOM}], False),
     "multi-turn with system": ([{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "a\n\nb "},
-                                {"role": "assistant", "content": " 好的\n"}, {"role": "user", "content": "{{ .Content }}"}],
-                               False),
+                                {"role": "assistant", "content": " 好的\n"},
+                                {"role": "user", "content": "{{ .Content }}"}], False),
     "thinking on": ([{"role": "user", "content": "(3+4)*5 等于多少？"}], True),
     "reasoning in history": ([{"role": "user", "content": "想一想"},
                               {"role": "assistant", "reasoning_content": "先算括号。", "content": "35。"},
@@ -58,9 +58,9 @@ def _unquote(text: str) -> tuple[str, bool]:
 
 def read_modelfile(modelfile: str) -> list[tuple[str, str]]:
     """(command, value) pairs as Ollama's Modelfile parser (parser/parser.go) reads them: `#` lines are comments;
-    PARAMETER's first word is the parameter's name; a value ends at the first newline where what was read so far,
-    stripped, is complete (triple-quoted, double-quoted or a bare word); inside it whitespace and printable characters are kept
-    verbatim, with no escapes, and other characters are dropped."""
+    PARAMETER's first word is the parameter's name; a value ends at the first newline where what was read so
+    far, stripped, is complete (triple-quoted, double-quoted or a bare word); inside it whitespace and printable
+    characters are kept verbatim, with no escapes, and other characters are dropped."""
     commands, state, name, buffer = [], "nil", "", ""
     for char in modelfile + "\n":
         if state == "nil" and char == "#":
@@ -153,7 +153,8 @@ def test_a_gguf_file_is_wrapped_as_it_is(exported, tmp_path):
     assert (out / "model.gguf").read_bytes() == gguf_file.read_bytes()
     modelfile = (out / "Modelfile").read_text("utf-8")
     assert "PARAMETER num_ctx 256\n" in modelfile and "temperature" not in modelfile  # no generation_config to read
-    assert modelfile_value(modelfile, "TEMPLATE") == modelfile_value((exported[1] / "Modelfile").read_text(), "TEMPLATE")
+    checkpoint_modelfile = (exported[1] / "Modelfile").read_text("utf-8")
+    assert modelfile_value(modelfile, "TEMPLATE") == modelfile_value(checkpoint_modelfile, "TEMPLATE")
 
 
 def test_greedy_checkpoints_get_temperature_zero(tiny_model_dir, tmp_path):

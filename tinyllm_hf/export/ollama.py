@@ -138,7 +138,8 @@ def check_chat_format(chat_template: str | None, source) -> None:
 
     if render(chat_template) != render(template_for_llama_cpp(CHAT_TEMPLATE)):
         raise ConversionError(f"the chat template of {source} is not the tinyllm chat format the Modelfile's TEMPLATE "
-                              "reproduces; re-save its tokenizer with tinyllm_hf.tokenizer.apply_chat_template_to_tokenizer")
+                              "reproduces; re-save its tokenizer with "
+                              "tinyllm_hf.tokenizer.apply_chat_template_to_tokenizer")
 
 
 def gguf_facts(path: Path) -> tuple[int, str | None]:
@@ -153,7 +154,8 @@ def gguf_facts(path: Path) -> tuple[int, str | None]:
     architecture = text(reader.fields["general.architecture"])
     context = reader.fields.get(f"{architecture}.context_length")
     if context is None:
-        raise ConversionError(f"{path} has no {architecture}.context_length: not a GGUF written by `tinyllm export gguf`")
+        raise ConversionError(f"{path} has no {architecture}.context_length: "
+                              "not a GGUF written by `tinyllm export gguf`")
     template = reader.fields.get("tokenizer.chat_template")
     return int(context.parts[context.data[0]][0]), text(template) if template is not None else None
 
