@@ -185,3 +185,20 @@ def test_bad_inputs_stop_before_any_work(exported, tiny_model_dir, tmp_path, cap
     (busy / "keep.txt").write_text("mine")
     assert tinyllm(["export", "ollama", "--model", str(exported[0]), "--output", str(busy)]) == 1
     assert "not an empty folder" in capsys.readouterr().err and (busy / "keep.txt").read_text() == "mine"
+
+
+def test_llama_cpp_tokenizes_the_rendered_prompts_as_our_tokenizer_does(exported, tmp_path):
+    # Ollama's runner tokenizes the rendered prompt with llama.cpp, control strings parsed as tokens: the ids the
+    # model sees must be the ids transformers' apply_chat_template gives it.
+    llama_cpp = pytest.importorskip("llama_cpp", reason='needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"')
+    from transformers import AutoTokenizer
+
+    model, out = exported
+    cases = [case for case in CONVERSATIONS.values() if case[0]]  # transformers refuses an empty conversation
+    rendered = go_render((out / "Modelfile").read_text("utf-8"), cases, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    llama = llama_cpp.Llama(str(out / "model.gguf"), vocab_only=True, verbose=False)
+    for prompt, (messages, think) in zip(rendered, cases):
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+        assert llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == expected
