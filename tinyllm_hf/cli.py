@@ -33,12 +33,12 @@ COMMANDS = {
     "orpo": ("tinyllm_hf.trainers.orpo", "ORPO preference optimisation (trl.experimental)"),
     "merge": ("tinyllm_hf.trainers.merge", "merge a LoRA adapter into full weights"),
     "eval": ("tinyllm_hf.evaluation.cli", "C-Eval/CMMLU, perplexity and task accuracy"),
-    "export": (None, "export to Llama (transformers/vLLM), Qwen2-MoE or GGUF (llama.cpp)"),
+    "export": (None, "export to Llama (transformers/vLLM), Qwen2-MoE, GGUF (llama.cpp) or Ollama"),
     "quantize": (None, "quantize with ONNX Runtime, OpenVINO or quanto"),
     "chat": ("tinyllm_hf.inference.chat", "chat with a model in the terminal"),
     "serve": ("tinyllm_hf.inference.server", "OpenAI-compatible API server"),
     "demo": ("tinyllm_hf.inference.demo", "Gradio web chat demo"),
-    "push": ("tinyllm_hf.hub.push", "release a model (or Space) on the Hugging Face Hub"),
+    "push": ("tinyllm_hf.hub.push", "release a model (or Space) on the Hugging Face Hub or ModelScope"),
 }
 
 
@@ -163,7 +163,7 @@ EXPORT_FORMATS = {
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyllm export",
                                      description="write a checkpoint in a format other tools load")
-    formats = parser.add_subparsers(dest="format", required=True, metavar="{llama,tinyllm,qwen2-moe,gguf}")
+    formats = parser.add_subparsers(dest="format", required=True, metavar="{llama,tinyllm,qwen2-moe,gguf,ollama}")
     for name, help_text in EXPORT_FORMATS.items():
         paths = formats.add_parser(name, help=help_text, description=help_text)
         paths.add_argument("src", help="model directory to convert")
@@ -177,11 +177,24 @@ def export_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--output", required=True, help="GGUF file to write, e.g. model-q8_0.gguf")
     gguf.add_argument("--outtype", default="f16", choices=OUTTYPES, help="tensor type (q4_k_m needs [llamacpp])")
     add_trust_remote_code_argument(gguf)
+    # A subcommand of its own rather than `gguf --ollama`: its output is a folder (GGUF + Modelfile), not one file.
+    ollama_help = "a folder for Ollama: model.gguf and a Modelfile with our chat template, stop tokens and defaults"
+    ollama = formats.add_parser("ollama", help=ollama_help, description=ollama_help)
+    ollama.add_argument("--model", required=True, help="checkpoint directory (as for gguf) or an exported .gguf file")
+    ollama.add_argument("--output", required=True, help="new, empty folder to write model.gguf and Modelfile to")
+    ollama.add_argument("--outtype", default="f16", choices=OUTTYPES, help="tensor type when --model is a checkpoint")
+    add_trust_remote_code_argument(ollama)
     return parser
 
 
 def export_command(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
+    if args.format == "ollama":
+        from tinyllm_hf.export.ollama import export_ollama
+
+        out = export_ollama(args.model, args.output, args.outtype, args.trust_remote_code)
+        print(f"wrote {out}/Modelfile and model.gguf; import with: cd {out} && ollama create NAME -f Modelfile")
+        return 0
     if args.format == "gguf":
         from tinyllm_hf.export.gguf import export_gguf
 

@@ -11,9 +11,13 @@ for TRL's batches); `get_model` loads any Auto class (a causal LM by default), a
 generation stop at the end-of-turn token the answers are trained to end with. Both say plainly when a local folder is
 missing. torch and transformers are imported when a loader runs, so importing this module (e.g. for `tinyllm eval
 --help`) stays light; nothing here needs TRL.
+
+Repo ids come from the Hugging Face Hub, or from ModelScope with `TINYLLM_HUB=modelscope` (`resolve_model_source`,
+the one switch every loader and the demo app go through).
 """
 
 import contextlib
+import os
 from pathlib import Path
 
 from tinyllm_hf.errors import MissingFileError, UsageError
@@ -35,6 +39,27 @@ def check_local_path(name_or_path: str, what: str = "model") -> None:
         raise MissingFileError(f"{what} folder not found: {name_or_path}")
 
 
+HUB_ENV = "TINYLLM_HUB"
+HUBS = ("huggingface", "modelscope")
+
+
+def selected_hub() -> str:
+    hub = os.environ.get(HUB_ENV, "").strip().lower() or "huggingface"
+    if hub not in HUBS:
+        raise UsageError(f"{HUB_ENV}={hub!r} is not a hub we load from; set it to {' or '.join(HUBS)} (or unset it)")
+    return hub
+
+
+def resolve_model_source(name_or_path: str, revision: str | None = None) -> str:
+    """What to hand `from_pretrained`: a local folder as it is; with TINYLLM_HUB=modelscope, a repo id's snapshot
+    downloaded from ModelScope (its local folder); otherwise the repo id, which transformers fetches from the Hub."""
+    if Path(name_or_path).expanduser().exists() or selected_hub() == "huggingface":
+        return name_or_path
+    from tinyllm_hf.hub.modelscope import snapshot
+
+    return snapshot(name_or_path, revision=revision)
+
+
 @contextlib.contextmanager
 def refusing_remote_code(name_or_path: str):
     """transformers refuses a folder whose config maps the Auto classes to code it ships (auto_map) unless
@@ -54,8 +79,11 @@ def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_c
     from transformers import AutoTokenizer
 
     check_local_path(name_or_path, "tokenizer")
+    source = resolve_model_source(name_or_path, revision)
+    if source != name_or_path:
+        revision = None  # the snapshot is that revision
     with refusing_remote_code(name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if needs_chat_template and not tokenizer.chat_template:
         raise UsageError(f"the tokenizer in {name_or_path} has no chat template; give a tinyllm tokenizer "
                          "(tokenizer_name_or_path)")
@@ -92,8 +120,11 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
         dtype = getattr(torch, dtype)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
+    source = resolve_model_source(name_or_path, from_pretrained_kwargs.get("revision"))
+    if source != name_or_path:
+        from_pretrained_kwargs.pop("revision", None)  # the snapshot is that revision
     with refusing_remote_code(name_or_path):
-        model = (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **from_pretrained_kwargs)
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(source, **from_pretrained_kwargs)
     if chat_tokenizer is not None:
         model.generation_config.eos_token_id = chat_tokenizer.eos_token_id
         model.generation_config.pad_token_id = chat_tokenizer.pad_token_id

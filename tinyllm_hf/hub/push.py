@@ -4,13 +4,15 @@
     tinyllm push --model runs/quickstart/sft --repo-id me/tinyllm-zh-tiny --dry-run staged/   # stage, upload nothing
     tinyllm push --space --model me/tinyllm-zh-tiny --repo-id me/tinyllm-zh-tiny-demo
     tinyllm push --dataset sft --repo-id me/tinyllm-zh-sft [--tasks ...] [--task-sizes ...] [--heldout-sizes ...]
+    tinyllm push --hub modelscope --model runs/quickstart/sft --repo-id me/tinyllm-zh-tiny   # ModelScope (魔搭)
 
 A model release holds the safetensors weights, config.json with `auto_map` and the remote-code files, the tokenizer
 with its chat template, the generation config, a model card built from the pipeline's own result files, plots, and the
 chosen GGUF variants. A dataset release (`--dataset sft|preferences`) holds the embedded set's train and held-out
 splits as parquet files (data/train-*.parquet, data/test-*.parquet) and a dataset card read back from them.
 `--dry-run OUT` writes exactly the files that would be uploaded into OUT. Staged files are world-readable (0644, folders
-0755), whatever modes their sources had.
+0755), whatever modes their sources had. `--hub modelscope` releases a model or a Studio on ModelScope instead (see
+`tinyllm_hf.hub.modelscope`).
 """
 
 import argparse
@@ -55,6 +57,7 @@ EMBEDDED_DATASETS = {"sft": TASKS, "preferences": PREFERENCE_TASKS}
 HUB_SPLITS = {"train": "train", "heldout": "test"}
 MODEL_ONLY_OPTIONS = ("include_gguf", "results", "run_dir", "base_model", "datasets", "space")
 DATASET_ONLY_OPTIONS = ("tasks", "task_sizes", "heldout_sizes")
+HUBS = ("huggingface", "modelscope")
 
 
 def finish_staging(out_dir: Path) -> list[Path]:
@@ -221,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-sizes", help="--dataset: held-out (test) rows per task (default: all)")
     parser.add_argument("--dry-run", metavar="OUT", help="stage the files into OUT and upload nothing")
     parser.add_argument("--message", help="commit message")
+    parser.add_argument("--hub", choices=HUBS, default="huggingface",
+                        help="where to release: the Hugging Face Hub (default) or ModelScope (model or --space)")
     args = parser.parse_args(argv)
+    if args.hub == "modelscope" and (args.dataset or args.create_pr):
+        parser.error(f"--hub modelscope releases models and Studios; {'--dataset' if args.dataset else '--create-pr'} "
+                     "is for the Hugging Face Hub")
     if "/" not in args.repo_id:
         parser.error(f"--repo-id must be OWNER/NAME, got {args.repo_id!r}")
     try:
@@ -246,11 +254,25 @@ def main(argv: list[str] | None = None) -> int:
             files = stage_model(args.model, staging, args.repo_id, include_gguf=args.include_gguf,
                                 results_file=args.results, run_dir=args.run_dir, base_model=args.base_model,
                                 datasets=args.datasets)
+        if args.hub == "modelscope":
+            from tinyllm_hf.hub import modelscope
+
+            if args.space:
+                modelscope.stage_studio(args.model, staging, args.repo_id)
+            else:
+                modelscope.stage_model_extras(staging, args.repo_id)
+            files = finish_staging(staging)
         if args.dry_run:
             print(f"staged {len(files)} files in {staging} (nothing uploaded):")
             print("\n".join(f"  {f}" for f in files))
             return 0
         repo_type = "dataset" if args.dataset else "space" if args.space else "model"
+        if args.hub == "modelscope":
+            modelscope.upload(staging, args.repo_id, repo_type=repo_type, private=args.private, revision=args.revision,
+                              commit_message=args.message)
+            site = "studios" if args.space else "models"
+            print(f"uploaded {len(files)} files: https://modelscope.cn/{site}/{args.repo_id}")
+            return 0
         info = upload(staging, files, args.repo_id, repo_type=repo_type,
                       private=args.private, revision=args.revision, create_pr=args.create_pr,
                       commit_message=args.message)

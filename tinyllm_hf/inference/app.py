@@ -1,4 +1,5 @@
-"""The web chat demo as a Hugging Face Space: `tinyllm push --space` copies this file unchanged into the Space.
+"""The web chat demo as a Hugging Face Space or a ModelScope Studio: `tinyllm push --space [--hub modelscope]` copies
+this file unchanged into it.
 
 The model comes from the `TINYLLM_MODEL` variable (a Hub repo id or a local directory; set it in the Space's
 settings), else from `model_id.txt` next to this file (written by `tinyllm push --space`). On a Space, Gradio's
@@ -29,9 +30,12 @@ def model_source() -> str:
 
 
 def model_dir(source: str) -> Path:
-    """A local checkpoint directory as is; anything else is a Hub repo id, downloaded once."""
-    if Path(source).is_dir():
-        return Path(source)
+    """A local checkpoint directory as is; anything else is a repo id, downloaded once from the Hugging Face Hub, or
+    from ModelScope with TINYLLM_HUB=modelscope (as on a ModelScope Studio)."""
+    from tinyllm_hf.model_utils import resolve_model_source, selected_hub
+
+    if Path(source).is_dir() or selected_hub() == "modelscope":
+        return Path(resolve_model_source(source))
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(source))
