@@ -88,8 +88,8 @@ def opencompass_predictions(work: Path) -> dict[str, list[str]]:
     return predictions
 
 
-def our_predictions(model, tokenizer, subjects: dict[str, list[str]]) -> dict[str, list[str]]:
-    style = PROMPT_STYLES["opencompass"]
+def our_predictions(model, tokenizer, subjects: dict[str, list[str]], style_name: str) -> dict[str, list[str]]:
+    style = PROMPT_STYLES[style_name]
     predictions = {}
     for name, names in subjects.items():
         bench = load_local(name, FIXTURES / name, subjects=names)
@@ -107,36 +107,52 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--opencompass-python", required=True, help="python of the environment with opencompass")
     parser.add_argument("--work-dir", default=None, help="default: a temporary folder")
+    parser.add_argument("--reuse", action="store_true", help="read the model and OpenCompass's predictions from an "
+                        "earlier run in --work-dir instead of running it again")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="opencompass-compare-"))
     subjects = {name: sorted(load_local(name, FIXTURES / name).questions) for name in CONFIGS}
-    model, tokenizer = build_model(work / "model")
+    if args.reuse:
+        from transformers import AutoTokenizer
+
+        model, tokenizer = LlamaForCausalLM.from_pretrained(work / "model").eval(), AutoTokenizer.from_pretrained(work / "model")
+        theirs, seconds = opencompass_predictions(work), None
+    else:
+        model, tokenizer = build_model(work / "model")
+        theirs, seconds = run_opencompass(args.opencompass_python, work, subjects)
+    ours = {style: our_predictions(model, tokenizer, subjects, style) for style in ("opencompass", "lm-eval")}
+
+    print(f"\n## OpenCompass vs `--prompt-style opencompass`, ppl mode 5-shot ({datetime.date.today()})\n")
+    ran = f"OpenCompass ran in {seconds:.0f} s" if seconds else "OpenCompass's predictions of an earlier run"
+    print(f"Random-weight Llama (hidden 64, 2 layers, vocab {len(tokenizer)}, context {CONTEXT}), the shared fixtures; "
+          f"{ran}. Work folder: {work}\n")
+    print("| dataset | questions | same prediction, `--prompt-style opencompass` | same prediction, `lm-eval` (default) |")
+    print("|---|---|---|---|")
+    totals = {style: 0 for style in ours}
+    n = 0
+    for abbr in sorted(ours["opencompass"]):
+        reference = theirs.get(abbr, [])
+        agree = {style: sum(x == y for x, y in zip(pred[abbr], reference)) for style, pred in ours.items()}
+        assert len(reference) == len(ours["opencompass"][abbr]), f"{abbr}: OpenCompass has {len(reference)} questions"
+        n += len(reference)
+        totals = {style: totals[style] + agree[style] for style in ours}
+        print(f"| {abbr} | {len(reference)} | {agree['opencompass']} | {agree['lm-eval']} |")
+    print(f"| all | {n} | {totals['opencompass']} ({100 * totals['opencompass'] / n:.1f}%) | "
+          f"{totals['lm-eval']} ({100 * totals['lm-eval'] / n:.1f}%) |")
+
+
+def run_opencompass(python: str, work: Path, subjects: dict[str, list[str]]) -> tuple[dict[str, list[str]], float]:
     opencompass_data(work)
     opencompass_config(work / "config.py", work / "model", subjects)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("DATASET_SOURCE", None)
-    runner = Path(args.opencompass_python).parent / "opencompass"
+    runner = Path(python).parent / "opencompass"
     start = time.perf_counter()
     result = subprocess.run([str(runner), "config.py", "-w", "outputs", "--debug"], cwd=work, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"opencompass failed (rc {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    seconds = time.perf_counter() - start
-    theirs = opencompass_predictions(work)
-    ours = our_predictions(model, tokenizer, subjects)
-
-    print(f"\n## OpenCompass vs `--prompt-style opencompass`, ppl mode 5-shot ({datetime.date.today()})\n")
-    print(f"Random-weight Llama (hidden 64, 2 layers, vocab {len(tokenizer)}, context {CONTEXT}), the shared fixtures; "
-          f"OpenCompass ran in {seconds:.0f} s. Work folder: {work}\n")
-    print("| dataset | questions | same prediction |")
-    print("|---|---|---|")
-    total = same = 0
-    for abbr in sorted(ours):
-        a, b = ours[abbr], theirs.get(abbr, [])
-        agree = sum(x == y for x, y in zip(a, b)) if len(a) == len(b) else 0
-        total, same = total + len(a), same + agree
-        print(f"| {abbr} | {len(a)} | {agree} |" + ("" if len(a) == len(b) else f" (OpenCompass has {len(b)})"))
-    print(f"\nAll: {same} of {total} predictions equal ({100 * same / total:.1f}%).")
+    return opencompass_predictions(work), time.perf_counter() - start
 
 
 if __name__ == "__main__":
