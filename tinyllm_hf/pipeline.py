@@ -79,7 +79,7 @@ def launch_flags(flags: dict) -> list[str]:
     return switches + as_flags({key: value for key, value in flags.items() if not isinstance(value, bool)})
 
 
-BENCHMARK_KEYS = ("run", "source", "ceval_dir", "cmmlu_dir", "base_shots", "chat_shots", "limit")
+BENCHMARK_KEYS = ("run", "source", "ceval_dir", "cmmlu_dir", "base_shots", "chat_shots", "limit", "prompt_style")
 
 
 def benchmark_flags(benchmarks: dict | None, base: bool) -> list[str]:
@@ -100,6 +100,8 @@ def benchmark_flags(benchmarks: dict | None, base: bool) -> list[str]:
             flags += [f"--{name}-dir", str(benchmarks[f"{name}_dir"])]
     if benchmarks.get("limit"):
         flags += ["--limit", str(benchmarks["limit"])]
+    if benchmarks.get("prompt_style"):
+        flags += ["--prompt-style", benchmarks["prompt_style"]]
     return flags
 
 
