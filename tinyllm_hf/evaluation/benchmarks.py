@@ -176,8 +176,13 @@ def _hub_splits(benchmark: str, subject: str, splits: tuple[str, ...]):
 def _modelscope_splits(benchmark: str, subject: str, splits: tuple[str, ...]):
     """{split: rows} of one subject from ModelScope (OpenCompass's copies, as `DATASET_SOURCE=ModelScope` reads them)."""
     if importlib.util.find_spec("modelscope") is None:
-        raise DatasetUnavailableError('the modelscope package is not installed (pip install modelscope)')
-    from modelscope import MsDataset
+        raise DatasetUnavailableError('the modelscope package is not installed (pip install "modelscope[datasets]")')
+    try:
+        from modelscope import MsDataset
+    except (ImportError, RuntimeError) as err:  # the SDK without its datasets extra raises RuntimeError here
+        reason = " ".join(str(err).split())  # the SDK's message spans lines
+        raise DatasetUnavailableError(f'modelscope cannot load datasets ({reason}); pip install "modelscope[datasets]"'
+                                      ) from None
 
     return MsDataset.load(dataset_name=MODELSCOPE_NAMES[benchmark], subset_name=subject)
 
@@ -206,7 +211,8 @@ def load_remote(benchmark: str, source: str = "hub", split: str | None = None,
             raise DatasetUnavailableError(f"could not load {names[benchmark]} from {source}: {err}") from None
         except Exception as err:  # offline, unknown subject, a repo the installed `datasets` cannot read
             raise DatasetUnavailableError(
-                f"could not load {names[benchmark]} ({subject}) from {source}: {type(err).__name__}: {err}. "
+                f"could not load {names[benchmark]} ({subject}) from {source}: {type(err).__name__}: "
+                f"{' '.join(str(err).split())}. "
                 f"Download the dataset and pass its folder with --{benchmark}-dir instead."
             ) from None
         for name, target in ((split, questions), ("dev", dev)):
