@@ -313,13 +313,13 @@ def test_a_wrong_key_is_refused_before_the_body_is_read(backend):
                             413, "request_too_large")
 
 
-@pytest.mark.parametrize("path, body", [
-    (CHAT, {"messages": [{"role": "user", "content": "这本书" * 50_000}]}),  # ~450 KB of JSON: under the limit
-    ("/v1/completions", {"prompt": "这本书", "max_tokens": 2}),
+@pytest.mark.parametrize("path, body, tokenizer", [
+    (CHAT, {"messages": [{"role": "user", "content": "这本书" * 50_000}]}, "encode_chat"),  # ~450 KB: under the limit
+    ("/v1/completions", {"prompt": "这本书", "max_tokens": 2}, "encode"),
 ])
-def test_tokenizing_runs_off_the_event_loop(backend, path, body):
+def test_tokenizing_runs_off_the_event_loop(backend, path, body, tokenizer):
     """While a prompt is being tokenized (here: held at a gate), /health and the event loop still answer."""
-    gated = GatedRuntime(backend, "encode")
+    gated = GatedRuntime(backend, tokenizer)
     with serving(gated) as (url, _):
         answers = []
         request = threading.Thread(target=lambda: answers.append(post(url + path, body)))
