@@ -23,19 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from tinyllm_hf.errors import MissingFileError, PipelineError, UsageError
+from tinyllm_hf.errors import PipelineError, UsageError
+from tinyllm_hf.options import load_yaml_mapping
 from tinyllm_hf.runs import ALIGNED_STAGES, STAGES, TRAINER_STATE_FILE, TRAINING_STAGES, RunLayout, write_json
 
 
 def load_pipeline_recipe(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"pipeline recipe not found: {path}")
-    recipe = yaml.safe_load(path.read_text("utf-8")) or {}
-    if not isinstance(recipe, dict):
-        raise UsageError(f"pipeline recipe {path} must be a YAML mapping")
+    recipe = load_yaml_mapping(path, "pipeline recipe")
     unknown = sorted(set(recipe) - set(STAGES) - {"output_dir", "description", "accelerate"})
     if unknown:
         raise UsageError(f"unknown key(s) in {path}: {', '.join(unknown)}; stages are {', '.join(STAGES)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.evaluation.benchmarks import BENCHMARKS, DEFAULT_SPLIT, HUB_NAMES, MODES, load_benchmark
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
-from tinyllm_hf.model_utils import get_model, get_tokenizer
+from tinyllm_hf.model_utils import check_local_path, get_model, get_tokenizer
 from tinyllm_hf.options import comma_list
 
 TASKS = (*BENCHMARKS, "ppl", "tasks")
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    check_local_path(args.model)  # a mistyped model path fails before the data is read
     # Data first: a missing folder or file fails before the model is loaded.
     benchmarks = {
         name: load_benchmark(
