@@ -1,7 +1,8 @@
 """Pieces every training stage shares: recipe parsing, reliable checkpoints, throughput/MFU and loss-curve logging.
 
 - `parse_recipe`: a YAML recipe (`--config`) parsed into dataclasses with `HfArgumentParser`; any key can be
-  overridden on the command line (`--max_steps 10`), unknown keys are an error naming the file.
+  overridden on the command line (`--max_steps 10`), unknown keys are an error naming the file, and every value and
+  path is checked (`recipe_checks`) before the dataclasses are built.
 - `ReliableTrainerMixin`: mix into any `transformers.Trainer` subclass (TRL's included) for atomic checkpoints
   (written into `tmp-checkpoint-N/`, renamed to `checkpoint-N` once complete), a clear stop on a non-finite loss and an
   optional per-step data-order log.

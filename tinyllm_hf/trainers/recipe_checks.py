@@ -195,7 +195,8 @@ def check_recipe_values(dataclass_types, values: dict, origin: Callable[[str], s
 
 
 # Keys naming a model or tokenizer the stage loads (a local folder or a Hub id), and what each holds.
-MODEL_PATH_KEYS = {"model_name_or_path": "model", "tokenizer_name_or_path": "tokenizer", "reward_model_path": "model"}
+MODEL_PATH_KEYS = {"model_name_or_path": "model", "tokenizer_name_or_path": "tokenizer",
+                   "reward_model_path": "reward model"}
 
 
 DATASET_KEYS = ("dataset_name", "eval_dataset_name")  # comma-separated sources (only SFT takes several)
