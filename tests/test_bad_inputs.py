@@ -6,6 +6,7 @@ training) or a run that trains silently wrong (`--beta -1`, `--max_steps 0`), an
 """
 
 import importlib
+import json
 import shutil
 from pathlib import Path
 
@@ -104,7 +105,19 @@ CASES = [
       "{tmp}/rows.jsonl"], ["heldout_eval_sizes", "default"]),
     (["sft", "--model_name_or_path", "{model}", "--max_eval_samples", "0", "--eval_strategy", "steps"],
      ["eval_strategy", "no validation data"]),
+    # Reward-model margins: a negative one teaches the rejected answer may win; one on some pairs only is ambiguous
+    (["reward", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/negative_margin.jsonl"],
+     ["negative_margin.jsonl", "margin must be a number >= 0", "-1"]),
+    (["reward", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/some_margins.jsonl"],
+     ["some_margins.jsonl", "1 of 2 pairs have a margin", "every pair or none"]),
 ]
+
+
+def pair_lines(*margins) -> str:
+    """A preference .jsonl file with one pair per entry of `margins` (None: no margin field)."""
+    rows = [{"prompt": f"问题{i}", "chosen": "好的回答", "rejected": "坏", **({} if m is None else {"margin": m})}
+            for i, m in enumerate(margins)]
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 # Cases that load a model before they can fail (its progress bar may precede the error line on stderr).
 LOADS_A_MODEL = {"{short}", "{trunc}"}
@@ -136,6 +149,8 @@ def test_bad_input_is_one_line_and_exit_code_1_before_training(argv, words, path
         (tmp_path / name).write_text(text)
     (tmp_path / "afile").write_text("not a folder\n")
     (tmp_path / "rows.jsonl").write_text('{"prompt": "你好", "response": "你好！"}\n')
+    (tmp_path / "negative_margin.jsonl").write_text(pair_lines(0.5, -1))
+    (tmp_path / "some_margins.jsonl").write_text(pair_lines(0.5, None))
     out = tmp_path / "out"
     if "--output_dir" not in argv and argv[0] not in ("eval", "run"):
         argv = [*argv, "--output_dir", "{out}"]
@@ -201,3 +216,30 @@ def test_a_bad_value_fails_before_the_stage_starts(monkeypatch, tiny_model_dir, 
     argv = ["dpo", "--model_name_or_path", str(tiny_model_dir), "--beta", "-1", "--output_dir", str(tmp_path / "o")]
     assert cli.main(argv) == 1
     assert "beta must be above 0" in capsys.readouterr().err
+
+
+def test_reward_margins_reach_the_loss_and_other_stages_say_they_ignore_them(paths, tmp_path, monkeypatch, caplog):
+    """Margins in your pairs are trained with by the reward stage (TRL's margin loss), not dropped on the way."""
+    from trl.trainer import reward_trainer
+
+    from tinyllm_hf.trainers.alignment import PreferenceDataArguments, preference_datasets
+
+    data = tmp_path / "margins.jsonl"
+    data.write_text(pair_lines(*[1.0] * 8))
+    batches = []
+    compute_loss = reward_trainer.RewardTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        batches.append(inputs.get("margin"))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(reward_trainer.RewardTrainer, "compute_loss", recording)
+    argv = ["reward", "--model_name_or_path", paths["model"], "--dataset_name", str(data), "--output_dir",
+            str(tmp_path / "rm"), "--max_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "true"]
+    assert cli.main(argv) == 0
+    assert batches and batches[0].tolist() == [1.0] * 4
+
+    train, _ = preference_datasets(PreferenceDataArguments(dataset_name=str(data)), seed=0)
+    assert "margin" not in train.column_names
+    assert "margin column is not used by this stage" in caplog.text
