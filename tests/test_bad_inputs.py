@@ -47,6 +47,7 @@ CASES = [
     (["sft", "--model_name_or_path", "{model}", "--warmup_steps", "-1"], ["warmup_steps", "-1"]),
     (["sft", "--model_name_or_path", "{model}", "--max_grad_norm", "-1"], ["max_grad_norm", "clipping off"]),
     (["sft", "--model_name_or_path", "{model}", "--max_length", "-5"], ["max_length", "-5"]),
+    (["sft", "--model_name_or_path", "{model}", "--save_steps", "0"], ["save_steps", "no checkpoint"]),
     (["sft", "--model_name_or_path", "{model}", "--use_peft", "--lora_r", "0"], ["lora_r", "at least 1"]),
     (["sft", "--model_name_or_path", "{model}", "--use_peft", "--lora_alpha", "-16"], ["lora_alpha", "-16"]),
     (["sft", "--model_name_or_path", "{model}", "--use_peft", "--lora_dropout", "1.5"], ["lora_dropout", "1.5"]),

@@ -116,21 +116,15 @@ VALUE_RULES: dict[str, Rule] = {
     "per_device_eval_batch_size": at_least(1),
     "gradient_accumulation_steps": at_least(1),
     "warmup_steps": at_least(0, "a step count, or a fraction of the run below 1"),
-    "warmup_ratio": within(0, 1),
     "weight_decay": at_least(0),
     "max_grad_norm": at_least(0, "0 turns gradient clipping off"),
     "adam_beta1": within(0, 1, high_open=True),
     "adam_beta2": within(0, 1, high_open=True),
     "adam_epsilon": above(0),
     "label_smoothing_factor": within(0, 1, high_open=True),
-    "logging_steps": above(0),
-    "save_steps": above(0),
-    "eval_steps": above(0),
     "dataloader_num_workers": at_least(0),
     # TRL's configs
     "max_length": LENGTH,
-    "max_seq_length": LENGTH,
-    "max_prompt_length": LENGTH,
     "max_completion_length": LENGTH,
     "beta": above(0, "beta weighs the preference term: 0 learns nothing from the pairs, a negative beta learns to "
                      "prefer the rejected answers; e.g. 0.1"),
@@ -191,6 +185,11 @@ def check_recipe_values(dataclass_types, values: dict, origin: Callable[[str], s
     if max_steps == -1 and epochs is not None and epochs <= 0:
         raise UsageError(f"num_train_epochs must be above 0 when max_steps is not set, not {epochs} "
                          f"({origin('num_train_epochs')}); give a number of epochs or max_steps")
+    save_steps = values.get("save_steps")
+    if values.get("save_strategy") == "steps" and save_steps is not None and save_steps <= 0:
+        raise UsageError(f"save_steps must be above 0 with save_strategy 'steps', not {save_steps} "
+                         f"({origin('save_steps')}): no checkpoint would ever be written; use save_strategy 'no' for "
+                         "none")
     check_paths(values, origin)
 
 
