@@ -106,6 +106,7 @@ CASES = [
       "{tmp}/rows.jsonl"], ["heldout_eval_sizes", "default"]),
     (["sft", "--model_name_or_path", "{model}", "--max_eval_samples", "0", "--eval_strategy", "steps"],
      ["eval_strategy", "no validation data"]),
+    (["merge", "--adapter", "{tmp}/adapter", "--output", "{tmp}/afile"], ["afile", "is not a directory"]),
     # Reward-model margins: a negative one teaches the rejected answer may win; one on some pairs only is ambiguous
     (["reward", "--model_name_or_path", "{model}", "--dataset_name", "{tmp}/negative_margin.jsonl"],
      ["negative_margin.jsonl", "margin must be a number >= 0", "-1"]),
@@ -152,8 +153,10 @@ def test_bad_input_is_one_line_and_exit_code_1_before_training(argv, words, path
     (tmp_path / "rows.jsonl").write_text('{"prompt": "你好", "response": "你好！"}\n')
     (tmp_path / "negative_margin.jsonl").write_text(pair_lines(0.5, -1))
     (tmp_path / "some_margins.jsonl").write_text(pair_lines(0.5, None))
+    (tmp_path / "adapter").mkdir()  # checked as far as merge reads it before loading the base model
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": paths["model"]}))
     out = tmp_path / "out"
-    if "--output_dir" not in argv and argv[0] not in ("eval", "run"):
+    if "--output_dir" not in argv and argv[0] not in ("eval", "run", "merge"):
         argv = [*argv, "--output_dir", "{out}"]
     filled = [a.format(tmp=tmp_path, out=out, **paths) for a in argv]
 
