@@ -337,7 +337,7 @@ def test_rl_cli_reports_a_missing_reward_model(chat_model_dir, tmp_path, capsys)
                       "--tasks", "sentiment", "--task_sizes", "sentiment=8", "--rewards", "reward_model",
                       "--reward_model_path", str(tmp_path / "missing"), *RL_FLAGS])
     assert code == 1
-    assert "tinyllm grpo: error: reward model not found" in capsys.readouterr().err
+    assert "tinyllm grpo: error: reward_model_path: reward model folder not found" in capsys.readouterr().err
 
 
 
@@ -358,8 +358,8 @@ def test_every_stage_has_a_quickstart_recipe():
 
 
 @pytest.mark.parametrize("stage", ["dpo", "reward", "grpo"])
-def test_data_order_log_is_refused_not_ignored(stage, tmp_path, capsys):
-    code = tinyllm([stage, "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+def test_data_order_log_is_refused_not_ignored(stage, chat_model_dir, tmp_path, capsys):
+    code = tinyllm([stage, "--model_name_or_path", str(chat_model_dir), "--output_dir", str(tmp_path / "out"),
                                "--data_order_log", "true", "--use_cpu", "true", "--report_to", "none"])
     assert code == 1
     assert "data_order_log is supported by pretrain and sft only" in capsys.readouterr().err

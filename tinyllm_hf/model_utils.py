@@ -8,9 +8,10 @@ so a piped "y" would run it.
 
 `get_tokenizer` checks what the stage needs of the tokenizer (a chat template to train on conversations, a pad token
 for TRL's batches); `get_model` loads any Auto class (a causal LM by default), and given the chat tokenizer makes
-generation stop at the end-of-turn token the answers are trained to end with. Both say plainly when a local folder is
-missing. torch and transformers are imported when a loader runs, so importing this module (e.g. for `tinyllm eval
---help`) stays light; nothing here needs TRL.
+generation stop at the end-of-turn token the answers are trained to end with. Both say in one line when a local folder
+is missing, is a file, lacks its files or holds damaged weights, or a Hub id cannot be fetched. torch and transformers
+are imported when a loader runs, so importing this module (e.g. for `tinyllm eval --help`) stays light; nothing here
+needs TRL.
 
 Repo ids come from the Hugging Face Hub, or from ModelScope with `TINYLLM_HUB=modelscope` (`resolve_model_source`,
 the one switch every loader and the demo app go through).
@@ -34,9 +35,60 @@ def add_trust_remote_code_argument(parser) -> None:
 
 
 def check_local_path(name_or_path: str, what: str = "model") -> None:
-    """A path-like name (./x, /x, ~/x) that does not exist is a MissingFileError naming it; Hub ids pass."""
-    if str(name_or_path).startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+    """A name that is neither an existing path nor shaped like a Hub id ('name' or 'org/name') is a MissingFileError
+    naming it: a path-like name (./x, /x, ~/x) or one with two slashes (runs/x/sft) never reaches the Hub, whose
+    lookup would fail with a chain of tracebacks. An existing path, or a Hub id, passes."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name_or_path = str(name_or_path)
+    if Path(name_or_path).expanduser().exists():
+        return
+    if name_or_path.startswith((".", "/", "~")):
         raise MissingFileError(f"{what} folder not found: {name_or_path}")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise MissingFileError(f"{what} folder not found: {name_or_path} (and it is not a Hub id like 'org/name'); "
+                               "check the path") from None
+
+
+# A local folder holds a tokenizer if it has one of these (fast, config-only, or a slow tokenizer's vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def check_local_folder(name_or_path: str, what: str = "model") -> None:
+    """`check_local_path`, and an existing path must be a folder holding a `what` ("model": a config.json; "tokenizer":
+    one of TOKENIZER_FILES), not a file or an unrelated folder."""
+    check_local_path(name_or_path, what)
+    path = Path(str(name_or_path)).expanduser()
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UsageError(f"{what} path {name_or_path} is a file; give the folder that holds the {what}")
+    needed = TOKENIZER_FILES if what == "tokenizer" else ("config.json",)
+    if not any((path / name).is_file() for name in needed):
+        raise MissingFileError(f"{name_or_path} holds no {what} (no {' or '.join(needed)}); give a folder written "
+                               "by tinyllm (or save_pretrained)")
+
+
+@contextlib.contextmanager
+def reporting_load_errors(name_or_path: str, what: str = "model"):
+    """A folder or Hub id `from_pretrained` cannot load becomes one line naming it: transformers raises OSError for
+    a folder missing its files or a Hub id that cannot be fetched (offline, no such repository), safetensors raises
+    SafetensorError for damaged weights. The first line of their message is the one that says what is wrong."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise UsageError(f"the {what} weights in {name_or_path} are damaged or truncated ({err}); copy them again "
+                         "or retrain") from None
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if Path(str(name_or_path)).expanduser().is_dir():
+            raise MissingFileError(f"cannot load the {what} in {name_or_path}: {reason}") from None
+        raise MissingFileError(f"{what} {name_or_path} is not a local folder and could not be loaded from the Hub "
+                               f"({reason}); give an existing folder, or a Hub id and network access") from None
 
 
 HUB_ENV = "TINYLLM_HUB"
@@ -78,11 +130,11 @@ def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_c
                   needs_chat_template: bool = False, needs_pad_token: bool = False):
     from transformers import AutoTokenizer
 
-    check_local_path(name_or_path, "tokenizer")
+    check_local_folder(name_or_path, "tokenizer")
     source = resolve_model_source(name_or_path, revision)
     if source != name_or_path:
         revision = None  # the snapshot is that revision
-    with refusing_remote_code(name_or_path):
+    with refusing_remote_code(name_or_path), reporting_load_errors(name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if needs_chat_template and not tokenizer.chat_template:
         raise UsageError(f"the tokenizer in {name_or_path} has no chat template; give a tinyllm tokenizer "
@@ -114,7 +166,7 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
 
     import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 
-    check_local_path(name_or_path)
+    check_local_folder(name_or_path)
     from_pretrained_kwargs["trust_remote_code"] = trust_remote_code
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -123,7 +175,7 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
     source = resolve_model_source(name_or_path, from_pretrained_kwargs.get("revision"))
     if source != name_or_path:
         from_pretrained_kwargs.pop("revision", None)  # the snapshot is that revision
-    with refusing_remote_code(name_or_path):
+    with refusing_remote_code(name_or_path), reporting_load_errors(name_or_path):
         model = (auto_class or AutoModelForCausalLM).from_pretrained(source, **from_pretrained_kwargs)
     if chat_tokenizer is not None:
         model.generation_config.eos_token_id = chat_tokenizer.eos_token_id

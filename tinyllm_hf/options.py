@@ -1,13 +1,42 @@
-"""The compact values recipes and command lines share: `a,b,c` lists and `key=value,...` mappings.
+"""The compact values recipes and command lines share (`a,b,c` lists and `key=value,...` mappings), and the one
+reader of YAML recipe files.
 
     comma_list("sentiment, xiehouyu")                 -> ["sentiment", "xiehouyu"]
     parse_key_values("sentiment=200,xiehouyu=50", "task_sizes", "task=count", count)
                                                       -> {"sentiment": 200, "xiehouyu": 50}
+    load_yaml_mapping("recipes/sft/quickstart.yaml", "recipe file") -> {"model_name_or_path": ..., ...}
 """
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
-from tinyllm_hf.errors import UsageError
+import yaml
+
+from tinyllm_hf.errors import MissingFileError, UsageError
+
+
+def load_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """The YAML mapping in the file at `path` ({} for an empty file). `what` names the file in errors ("recipe file",
+    "pipeline recipe"): a missing file is a MissingFileError, a syntax error or a document that is not a mapping a
+    one-line UsageError giving the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"{what} {path} is not valid YAML{where}: {problem}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise UsageError(f"{what} {path} must be a YAML mapping of names to values, not a {type(document).__name__}")
+    return document
 
 
 def comma_list(text: str | None) -> list[str]:

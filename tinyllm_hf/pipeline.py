@@ -29,10 +29,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-from tinyllm_hf.errors import MissingFileError, PipelineError, UsageError
+from tinyllm_hf.errors import PipelineError, UsageError
 from tinyllm_hf.evaluation.benchmarks import BENCHMARKS
+from tinyllm_hf.options import load_yaml_mapping
 from tinyllm_hf.runs import (
     ALIGNED_STAGES,
     STAGES,
@@ -46,12 +45,7 @@ from tinyllm_hf.runs import (
 
 
 def load_pipeline_recipe(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"pipeline recipe not found: {path}")
-    recipe = yaml.safe_load(path.read_text("utf-8")) or {}
-    if not isinstance(recipe, dict):
-        raise UsageError(f"pipeline recipe {path} must be a YAML mapping")
+    recipe = load_yaml_mapping(path, "pipeline recipe")
     unknown = sorted(set(recipe) - set(STAGES) - {"output_dir", "description", "accelerate"})
     if unknown:
         raise UsageError(f"unknown key(s) in {path}: {', '.join(unknown)}; stages are {', '.join(STAGES)}")

@@ -5,15 +5,20 @@
 - **Preference pairs** (`load_preference_dataset`): a local .jsonl/.json file or folder, or a Hugging Face dataset name,
   with `prompt`, `chosen`, `rejected`, each either a string or a list of chat messages (TRL's standard and
   conversational preference formats). Rows are validated; a malformed row is reported with its line number and either
-  stops the load (`malformed="error"`) or is skipped and counted (`malformed="skip"`), never dropped silently.
+  stops the load (`malformed="error"`) or is skipped and counted (`malformed="skip"`), never dropped silently. An
+  optional `margin` (a number >= 0: how much higher the reward model should score the chosen answer) is kept for the
+  reward stage, which trains with it; it must then be on every pair.
 
 - **RL prompts** (`load_prompt_dataset`): `prompt` (a string or messages ending with the user) and, for the
   correctness reward (`tinyllm_hf.trainers.rewards`), the reference `answer` and the `task` it is scored as.
 """
 
+import math
+
 import datasets
 
 from tinyllm_hf.data import sft
+from tinyllm_hf.errors import UsageError
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -50,14 +55,25 @@ def to_preference(row) -> dict:
     if chosen == rejected:
         raise sft.MalformedRowError("chosen and rejected are identical")
     sft.validate_messages(prompt + chosen)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if "margin" in row:
+        margin = row["margin"]
+        # A negative margin would teach the reward model that the rejected answer may score higher.
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+            raise sft.MalformedRowError(f"margin must be a number >= 0, got {margin!r}")
+        pair["margin"] = float(margin)
+    return pair
 
 
 def load_preference_dataset(source: str, malformed: str = "error", split: str = "train",
                             config: str | None = None) -> datasets.Dataset:
     """Preference pairs from a local .jsonl/.json file or folder, or a Hub dataset, as conversational columns."""
     rows = sft.read_rows(source, split, config, what="preference data")
-    return datasets.Dataset.from_list(sft.convert_rows(rows, to_preference, malformed, source, "preference pairs"))
+    pairs = sft.convert_rows(rows, to_preference, malformed, source, "preference pairs")
+    with_margin = sum("margin" in pair for pair in pairs)
+    if 0 < with_margin < len(pairs):
+        raise UsageError(f"{source}: {with_margin} of {len(pairs)} pairs have a margin; give it on every pair or none")
+    return datasets.Dataset.from_list(pairs)
 
 
 def to_prompt(row) -> dict:

@@ -22,6 +22,7 @@ from tinyllm_hf.trainers.common import (
     build_trainer,
     final_eval_metrics,
     load_policy,
+    logger,
     train_and_save,
 )
 from tinyllm_hf.trainers.rewards import build_rewards
@@ -61,9 +62,12 @@ class PreferenceDataArguments(DatasetArguments):
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what the TRL preference trainers take
 
 
-def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extra_columns: tuple[str, ...] = ()):
-    """(train, eval or None) with prompt/chosen/rejected columns only, plus those of `eval_extra_columns` that the
-    held-out pairs have (the reward stage keeps `task` to report its accuracy per task)."""
+def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extra_columns: tuple[str, ...] = (),
+                        train_extra_columns: tuple[str, ...] = ()):
+    """(train, eval or None) with prompt/chosen/rejected columns only, plus those of `train_extra_columns` the training
+    pairs have (the reward stage keeps `margin`, which it trains with) and those of `eval_extra_columns` the held-out
+    pairs have (the reward stage keeps `task` to report its accuracy per task). Margins a stage does not use are
+    reported, not dropped silently."""
     if data_args.dataset_name == "default":
         tasks, sizes = comma_list(data_args.tasks) or None, parse_task_sizes(data_args.task_sizes)
         train = build_default_preferences("train", tasks, sizes, seed=seed)
@@ -76,7 +80,10 @@ def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extr
         evaluation = load_preference_dataset(data_args.eval_dataset_name, data_args.malformed)
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    train = train.select_columns(PAIR_COLUMNS)
+    if "margin" in train.column_names and "margin" not in train_extra_columns:
+        logger.warning(f"{data_args.dataset_name}: the pairs' margin column is not used by this stage (only `tinyllm "
+                       "reward` trains with margins)")
+    train = train.select_columns(PAIR_COLUMNS + [c for c in train_extra_columns if c in train.column_names])
     if evaluation is not None:
         kept = [c for c in eval_extra_columns if c in evaluation.column_names]
         evaluation = evaluation.select_columns(PAIR_COLUMNS + kept)

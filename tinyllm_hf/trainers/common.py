@@ -1,7 +1,8 @@
 """Pieces every training stage shares: recipe parsing, reliable checkpoints, throughput/MFU and loss-curve logging.
 
 - `parse_recipe`: a YAML recipe (`--config`) parsed into dataclasses with `HfArgumentParser`; any key can be
-  overridden on the command line (`--max_steps 10`), unknown keys are an error naming the file.
+  overridden on the command line (`--max_steps 10`), unknown keys are an error naming the file, and every value and
+  path is checked (`recipe_checks`) before the dataclasses are built.
 - `ReliableTrainerMixin`: mix into any `transformers.Trainer` subclass (TRL's included) for atomic checkpoints
   (written into `tmp-checkpoint-N/`, renamed to `checkpoint-N` once complete), a clear stop on a non-finite loss and an
   optional per-step data-order log.
@@ -25,18 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, get_peft_config
 
 from tinyllm_hf.data.sft import MALFORMED_POLICIES
-from tinyllm_hf.errors import MissingFileError, NonFiniteLossError, TinyllmError, UsageError
+from tinyllm_hf.errors import NonFiniteLossError, TinyllmError, UsageError
 from tinyllm_hf.model_utils import get_model
 from tinyllm_hf.modeling import LORA_TARGET_MODULES
 from tinyllm_hf.modeling.modeling_tinyllm import TinyllmExperts, TinyllmRouter
+from tinyllm_hf.options import load_yaml_mapping
 from tinyllm_hf.runs import LOSS_CURVE_FILE, TRAINER_STATE_FILE, model_damage, publish
+from tinyllm_hf.trainers.recipe_checks import check_recipe_values, coerce_recipe_value, field_types
 from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
 
 logger = logging.get_logger("tinyllm_hf")
@@ -91,17 +93,9 @@ class DatasetArguments:
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
-    """A recipe file as a dict (FileNotFoundError / ValueError naming the file when it is missing or not a mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"recipe file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        recipe = yaml.safe_load(f)
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        raise UsageError(f"recipe {path} must be a YAML mapping of argument names to values")
-    return recipe
+    """A stage's recipe file as a dict (a one-line error naming the file when it is missing, not YAML or not a
+    mapping)."""
+    return load_yaml_mapping(path, "recipe file")
 
 
 def parse_recipe(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None,
@@ -125,16 +119,32 @@ def parse_recipe(dataclass_types, argv: list[str] | None = None, defaults: dict 
     if unknown:
         where = f"recipe {config}" if config else "defaults"
         raise UsageError(f"unknown key(s) in {where}: {', '.join(unknown)} (see --help for the accepted keys)")
+
+    recipe_keys = set(values) - set(defaults or {})
+
+    def origin(name: str) -> str:
+        if any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv):
+            return "command line"
+        return f"recipe {config}" if name in recipe_keys else "the stage's defaults"
+
+    kinds = field_types(dataclass_types)
     for action in parser._actions:
         if action.dest in values:
-            action.default = values[action.dest]
+            kind, accepts_none, default = kinds.get(action.dest, (None, True, None))
+            action.default = coerce_recipe_value(action.dest, values[action.dest], kind, accepts_none, default,
+                                                 origin(action.dest))
             action.required = False
+    # Ranges and paths before the dataclasses are built: their own checks crash on some values (TRL's GRPOConfig
+    # divides by num_generations), and nothing expensive may start on a recipe that cannot work.
+    parsed, _ = parser.parse_known_args(args=argv)
+    check_recipe_values(dataclass_types, vars(parsed), origin)
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except TinyllmError:  # our own argument classes' checks already say what to do
         raise
     except ValueError as err:  # transformers' and TRL's config checks (__post_init__) reject a combination of values
-        raise UsageError(f"{err} (check the recipe and flags)") from err
+        message = " ".join(str(err).split())  # some span several lines; the CLI prints one
+        raise UsageError(f"{message} (check the recipe and flags)") from err
 
 
 def _config_path(argv: list[str]) -> str | None:

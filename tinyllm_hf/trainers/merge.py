@@ -46,11 +46,11 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
         raise MissingFileError(f"{adapter_dir} is not a PEFT adapter folder: no {ADAPTER_CONFIG_FILE}")
     check_local_path(base, "base model")
+    check_output_dir(Path(output_dir), overwrite)  # before the merge, which loads the whole model
     model = get_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = get_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code)
-    check_output_dir(Path(output_dir), overwrite)
     with atomic_output(output_dir) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -7,6 +7,7 @@ The recipe holds the keys of `ModelArguments`, `DataArguments`, `RunArguments` a
 the command line overrides any of them. `--resume` continues from the newest complete checkpoint in `output_dir`.
 """
 
+import dataclasses
 import inspect
 import json
 import math
@@ -106,18 +107,49 @@ def config_value(text: str):
         return yaml.safe_load(text)
 
 
+# Config fields the tokenizer decides: an override of them would disagree with the data the model is trained on.
+TOKENIZER_CONFIG_FIELDS = ("vocab_size", "pad_token_id", "eos_token_id")
+
+
+def check_overrides(overrides: dict, preset: str) -> None:
+    """Every key of config_overrides is a TinyllmConfig field the recipe may set (a misspelt key would otherwise be
+    stored on the config and silently do nothing)."""
+    from_tokenizer = sorted(set(overrides) & set(TOKENIZER_CONFIG_FIELDS))
+    if from_tokenizer:
+        raise UsageError(f"config_overrides: {', '.join(from_tokenizer)} comes from the tokenizer "
+                         "(tokenizer_name_or_path), not from the recipe; remove it from config_overrides")
+    defaults = {f.name: f.default for f in dataclasses.fields(TinyllmConfig) if f.init}
+    defaults["rope_theta"] = 10000.0  # TinyllmConfig's shorthand for rope_parameters' default RoPE
+    defaults.update(PRESETS.get(preset, {}))
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise UsageError(f"config_overrides: unknown TinyllmConfig field(s) {', '.join(unknown)}; see "
+                         "tinyllm_hf/modeling/configuration_tinyllm.py for the fields")
+    for name, value in overrides.items():  # a number where the preset has one (hidden_size=abc would fail obscurely)
+        default = defaults[name]
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            wanted = int if isinstance(default, int) else (int, float)
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                kind = "a whole number" if wanted is int else "a number"
+                raise UsageError(f"config_overrides: {name} must be {kind} (the {preset} preset has {default!r}), "
+                                 f"not {value!r}")
+
+
 def build_model(model_args: ModelArguments, tokenizer):
     if model_args.model_name_or_path:
-        model = get_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
-                          trust_remote_code=model_args.trust_remote_code)
         if model_args.config_overrides:
             raise UsageError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
+        model = get_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
+                          trust_remote_code=model_args.trust_remote_code)
         if len(tokenizer) > model.config.vocab_size:  # e.g. a tokenizer extended with new tokens
             logger.warning(f"resizing embeddings from {model.config.vocab_size} to {len(tokenizer)} tokens")
             model.resize_token_embeddings(len(tokenizer))
         return model
     overrides = parse_overrides(model_args.config_overrides)
-    try:  # the config validates itself with plain ValueErrors (it ships as remote code, free of our errors module)
+    check_overrides(overrides, model_args.model_preset)
+    # The config validates itself with plain ValueErrors (it ships as remote code, free of our errors module); a value
+    # of the wrong type (hidden_size=abc) fails its arithmetic with a TypeError.
+    try:
         config = TinyllmConfig.from_preset(
             model_args.model_preset,
             **overrides,
@@ -125,7 +157,7 @@ def build_model(model_args: ModelArguments, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ConfigError(f"model_preset {model_args.model_preset!r} / config_overrides: {err}") from err
     # from_config (not the constructor) so DeepSpeed ZeRO-3 can partition the weights while they are created.
     return AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)

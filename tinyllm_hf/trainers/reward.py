@@ -3,8 +3,8 @@
     tinyllm reward --config recipes/reward/quickstart.yaml [--model_name_or_path runs/x/sft]
 
 The reward model starts from a chat model (usually the SFT checkpoint) with a fresh scalar head and learns to score
-the chosen answer of a pair above the rejected one. At the end its pairwise accuracy on held-out pairs is measured
-and written to `output_dir/pairwise_accuracy.json`.
+the chosen answer of a pair above the rejected one (by at least the pair's `margin`, when your pairs give one). At the
+end its pairwise accuracy on held-out pairs is measured and written to `output_dir/pairwise_accuracy.json`.
 """
 
 import json
@@ -87,7 +87,8 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     check_run_args(run_args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args, args.trust_remote_code)
-    train_dataset, heldout_pairs = preference_datasets(data_args, args.seed, eval_extra_columns=("task",))
+    train_dataset, heldout_pairs = preference_datasets(data_args, args.seed, eval_extra_columns=("task",),
+                                                       train_extra_columns=("margin",))
     eval_dataset = heldout_pairs.select_columns(PAIR_COLUMNS) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"

@@ -127,6 +127,12 @@ class SFTDataArguments(DatasetArguments):
     def tasks(self) -> list[str] | None:
         return comma_list(self.sft_tasks) or None
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether `build_datasets` will hold conversations out: the default set's held-out split, or eval_fraction of
+        your own data, capped by max_eval_samples."""
+        return self.max_eval_samples > 0 and ("default" in self.sources or self.eval_fraction > 0)
+
 
 class TinyllmSFTTrainer(ReliableTrainerMixin, SFTTrainer):
     """TRL's SFTTrainer with atomic checkpoints and a stop on non-finite loss, that tokenizes conversations itself:
@@ -269,24 +275,47 @@ def encode_conversations(dataset: datasets.Dataset, tokenizer, num_proc: int | N
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: str) -> dict | None:
-    """Held-out task accuracy with the evaluation stage's generic evaluator; written to heldout_results.json."""
-    from tinyllm_hf.evaluation.tasks import evaluate_tasks
-    from tinyllm_hf.inference.runtime import TransformersRuntime
+HELDOUT_MAX_NEW_TOKENS = 64  # the longest held-out answer generated; the model's context must exceed it
 
-    records = heldout_task_records(data_args.tasks)
-    write_task_file(records, Path(output_dir) / HELDOUT_TASKS_FILE)
+
+def heldout_eval_records(data_args: SFTDataArguments) -> list[dict]:
+    """The held-out questions `heldout_eval_sizes` asks to answer after training: the first N of each task, in the
+    task file's fixed order ([] when it is not set). Chosen before training, so that a value that cannot work fails
+    at the start, not after a finished run (which would then fail again on every rerun)."""
     sizes = parse_task_sizes(data_args.heldout_eval_sizes)
     if not sizes:
-        return None
+        return []
+    if "default" not in data_args.sources:
+        raise UsageError("heldout_eval_sizes measures the default set's held-out questions, but dataset_name does not "
+                         "include 'default'; add it, or leave heldout_eval_sizes out")
     chosen, taken = [], dict.fromkeys(sizes, 0)
-    for record in records:  # the first N of each task, in the file's fixed order
+    for record in heldout_task_records(data_args.tasks):
         if taken.get(record["task"], 0) < sizes.get(record["task"], 0):
             taken[record["task"]] += 1
             chosen.append(record)
     if not chosen:
         raise UsageError(f"heldout_eval_sizes names no task of this run ({', '.join(data_args.tasks or TASKS)})")
-    results = evaluate_tasks(TransformersRuntime(model, tokenizer), chosen, max_new_tokens=64, progress=False)
+    return chosen
+
+
+def check_heldout_context(chosen: list[dict], context: int) -> None:
+    if chosen and HELDOUT_MAX_NEW_TOKENS >= context:
+        raise UsageError(f"heldout_eval_sizes: held-out answers are generated up to {HELDOUT_MAX_NEW_TOKENS} tokens, "
+                         f"which needs a model context above that, but the model's is {context}; leave "
+                         "heldout_eval_sizes out and measure with `tinyllm eval --tasks tasks --max-new-tokens N`")
+
+
+def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: str, chosen: list[dict]) -> dict | None:
+    """Write the held-out questions as task records (heldout_tasks.jsonl); with `chosen` (`heldout_eval_records`),
+    answer those with the evaluation stage's generic evaluator and write the accuracy to heldout_results.json."""
+    from tinyllm_hf.evaluation.tasks import evaluate_tasks
+    from tinyllm_hf.inference.runtime import TransformersRuntime
+
+    write_task_file(heldout_task_records(data_args.tasks), Path(output_dir) / HELDOUT_TASKS_FILE)
+    if not chosen:
+        return None
+    results = evaluate_tasks(TransformersRuntime(model, tokenizer), chosen, max_new_tokens=HELDOUT_MAX_NEW_TOKENS,
+                             progress=False)
     path = Path(output_dir) / HELDOUT_RESULTS_FILE
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary = ", ".join(f"{task} {entry['accuracy']:.3f} (n={entry['n']})" for task, entry in results["per_task"].items())
@@ -301,19 +330,22 @@ def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: 
 
 def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig, run_args: RunArguments) -> dict:
     set_seed(args.seed)
+    # Everything that can be checked without the model or the data, first.
+    if not data_args.has_validation and args.eval_strategy != "no":
+        raise UsageError("eval_strategy is set but there is no validation data (max_eval_samples 0, or eval_fraction 0 "
+                         "with your own data); set eval_strategy: 'no' or hold data out")
+    heldout = heldout_eval_records(data_args)
     tokenizer = load_tokenizer(data_args, model_args, args.trust_remote_code)
     if data_args.tool_task_sizes:
         add_tool_tokens(tokenizer)
     model = load_model(model_args, tokenizer, args.trust_remote_code)
     context = model.config.max_position_embeddings
+    check_heldout_context(heldout, context)
     if args.max_length is None or args.max_length > context:
         logger.warning(f"max_length {args.max_length} -> {context} (the model's context)")
         args.max_length = context
     with args.main_process_first(desc="building the SFT data"):
         train_dataset, eval_dataset = build_datasets(data_args, args.data_seed or args.seed)
-    if eval_dataset is None and args.eval_strategy != "no":
-        raise UsageError("eval_strategy is set but there is no validation data (max_eval_samples 0, or eval_fraction 0 "
-                         "with your own data)")
     logger.warning(f"SFT data: {len(train_dataset)} training and {len(eval_dataset or [])} validation conversations")
 
     trainer = build_trainer(TinyllmSFTTrainer, model, args, tokenizer, model_args, run_args,
@@ -327,9 +359,9 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
 
     metrics = train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
     if args.should_save and "default" in data_args.sources:
-        heldout = evaluate_heldout(trainer.model, tokenizer, data_args, args.output_dir)
-        if heldout is not None:
-            metrics.update({f"heldout_accuracy_{task}": e["accuracy"] for task, e in heldout["per_task"].items()})
+        results = evaluate_heldout(trainer.model, tokenizer, data_args, args.output_dir, heldout)
+        if results is not None:
+            metrics.update({f"heldout_accuracy_{task}": e["accuracy"] for task, e in results["per_task"].items()})
     return metrics
 
 
