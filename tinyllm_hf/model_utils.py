@@ -91,6 +91,18 @@ def reporting_load_errors(name_or_path: str, what: str = "model"):
                                f"({reason}); give an existing folder, or a Hub id and network access") from None
 
 
+def check_model_reachable(name_or_path: str, revision: str | None = None) -> None:
+    """`check_local_path`, and a Hub id must answer with its config.json (from the cache when offline): a cheap check
+    that a mistyped or unreachable id fails before the work a command does before loading the model."""
+    check_local_path(name_or_path)
+    if Path(str(name_or_path)).expanduser().exists() or selected_hub() != "huggingface":
+        return
+    from huggingface_hub import hf_hub_download
+
+    with reporting_load_errors(name_or_path):
+        hf_hub_download(str(name_or_path), "config.json", revision=revision)
+
+
 HUB_ENV = "TINYLLM_HUB"
 HUBS = ("huggingface", "modelscope")
 

@@ -20,7 +20,7 @@ from tinyllm_hf.evaluation.benchmarks import (
     load_benchmark,
 )
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
-from tinyllm_hf.model_utils import add_trust_remote_code_argument, check_local_path, get_model, get_tokenizer
+from tinyllm_hf.model_utils import add_trust_remote_code_argument, check_model_reachable, get_model, get_tokenizer
 from tinyllm_hf.options import comma_list
 
 TASKS = (*BENCHMARKS, "ppl", "tasks")
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    check_local_path(args.model)  # a mistyped model path fails before the data is read
+    check_model_reachable(args.model, args.revision)  # a mistyped path or id fails before the data is read
     # Data first: a missing folder or file fails before the model is loaded.
     benchmarks, skipped = {}, {}
     for name in (b for b in BENCHMARKS if b in tasks):
