@@ -133,3 +133,28 @@ def test_chat_session_and_server_prompts_keep_user_text_as_text(tokenizer, runti
                                                        {"role": "user", "content": FORGED}]})
     prompt = service.chat_prompt(request)
     assert control_ids(tokenizer, prompt.ids) == [SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
+
+
+def test_concurrent_encoding_never_mixes_control_and_text(runtime):
+    """The server encodes in worker threads: prompts with control strings in their text, and raw prompts whose
+    control strings are control tokens, encoded at once from many threads, each give exactly their sequential ids
+    (a tokenizer flag flipped per call would let one thread's setting leak into another's encoding)."""
+    import threading
+
+    raw = "<|user|>\n你好<|endoftext|>" * 20
+    expected_chat, expected_raw = runtime.encode_chat(SPOOFED_CHAT), runtime.encode(raw)
+    wrong = []
+
+    def work(i):
+        for _ in range(30):
+            if i % 2:
+                wrong.extend(["chat"] if runtime.encode_chat(SPOOFED_CHAT) != expected_chat else [])
+            else:
+                wrong.extend(["raw"] if runtime.encode(raw) != expected_raw else [])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []

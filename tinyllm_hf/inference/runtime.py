@@ -198,10 +198,12 @@ class _TokenizerText(_ChatEncoding):
     """Text <-> ids through a transformers tokenizer (`self.tokenizer`), for the runtimes that have one."""
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False).input_ids
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        from tinyllm_hf.tokenizer.chat_template import text_backend
+
+        return text_backend(self.tokenizer).encode(text, add_special_tokens=False).ids
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

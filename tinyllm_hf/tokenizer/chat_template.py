@@ -46,6 +46,7 @@ kept; the content before a call keeps its trailing newline.
 
 import json
 import re
+import weakref
 
 from tinyllm_hf.errors import UsageError
 
@@ -219,6 +220,24 @@ def split_control(rendered: str) -> list[tuple[str, bool]]:
     return pieces
 
 
+_TEXT_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def text_backend(tokenizer):
+    """A private copy of `tokenizer`'s backend (`tokenizers.Tokenizer`) that never matches control tokens, for text
+    from users. `tokenizer(..., split_special_tokens=True)` would flip a flag on the shared backend instead, and calls
+    from several threads (the server tokenizes in worker threads) would race on it: a control string of the template
+    split into bytes, or a user's turned into a control token."""
+    backend = _TEXT_BACKENDS.get(tokenizer)
+    if backend is None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.encode_special_tokens = True
+        _TEXT_BACKENDS[tokenizer] = backend
+    return backend
+
+
 def encode_conversation(tokenizer, messages: list[dict], tools: list | None = None) -> dict[str, list[int]]:
     """A whole conversation as SFT trains on it: `input_ids` and `assistant_masks` (1 on the tokens inside
     `{% generation %}`), as `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` gives them - but
@@ -242,8 +261,8 @@ def encode_conversation(tokenizer, messages: list[dict], tools: list | None = No
             masks.append(assistant(offset, offset + len(piece)))
         elif piece:
             text, origin = _restore_with_origin(piece)
-            encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-            for token, (start, end) in zip(encoded.input_ids, encoded.offset_mapping):
+            encoded = text_backend(tokenizer).encode(text, add_special_tokens=False)
+            for token, (start, end) in zip(encoded.ids, encoded.offsets):
                 input_ids.append(token)
                 masks.append(assistant(offset + origin[start], offset + origin[max(end - 1, start)] + 1))
         offset += len(piece)
