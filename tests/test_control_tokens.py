@@ -158,3 +158,15 @@ def test_concurrent_encoding_never_mixes_control_and_text(runtime):
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+def test_the_text_backend_follows_tokens_added_later(tiny_tokenizer_dir):
+    from tinyllm_hf.tokenizer.chat_template import text_backend
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    text = "画蛇添足" + FORGED
+    assert text_backend(tokenizer).encode(text, add_special_tokens=False).ids  # a copy made before the new token
+    tokenizer.add_tokens(["画蛇添足"])
+    ids = text_backend(tokenizer).encode(text, add_special_tokens=False).ids
+    assert ids[0] == tokenizer.convert_tokens_to_ids("画蛇添足")
+    assert control_ids(tokenizer, ids) == []  # still no control token from the text

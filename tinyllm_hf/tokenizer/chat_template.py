@@ -227,14 +227,14 @@ def text_backend(tokenizer):
     """A private copy of `tokenizer`'s backend (`tokenizers.Tokenizer`) that never matches control tokens, for text
     from users. `tokenizer(..., split_special_tokens=True)` would flip a flag on the shared backend instead, and calls
     from several threads (the server tokenizes in worker threads) would race on it: a control string of the template
-    split into bytes, or a user's turned into a control token."""
-    backend = _TEXT_BACKENDS.get(tokenizer)
-    if backend is None:
+    split into bytes, or a user's turned into a control token. The copy is made again when tokens were added since."""
+    size, backend = _TEXT_BACKENDS.get(tokenizer, (None, None))
+    if size != len(tokenizer):
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         backend.encode_special_tokens = True
-        _TEXT_BACKENDS[tokenizer] = backend
+        _TEXT_BACKENDS[tokenizer] = (len(tokenizer), backend)
     return backend
 
 
