@@ -131,14 +131,14 @@ class Recorder:
         self.finished = threading.Event()
         self.reason = self.error = None
 
-    def on_token(self, generated):
+    def on_token(self, generated, logprob):
         self.tokens = list(generated)
         return False
 
     def on_progress(self, generated):
         pass
 
-    def on_finish(self, generated, reason, error):
+    def on_finish(self, generated, reason, error, logprob):
         self.reason, self.error = reason, error
         self.finished.set()
 

@@ -123,7 +123,8 @@ class ChatSession:
         call_start = set(ids) if len(ids := self.runtime.encode(TOOL_CALL_START)) == 1 else set()
         pieces: list[str] = []
         new: list[int] = []
-        text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
+        text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text),
+                          self.runtime.token_bytes)
         shown = True  # False once the round's tool call begins: calls are shown as ToolEvents, not as raw JSON
         done = None
         for event in tool_loop(self.runtime, [self.messages(history)], self.active_toolbox, [self.sampling],
@@ -142,7 +143,8 @@ class ChatSession:
                 arguments = ", ".join(f"{k}={v}" for k, v in event.arguments.items())
                 pieces.append(f"\n[调用 {event.name}({arguments})]\n[结果] {event.result}\n")
                 new, shown = [], True
-                text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text))
+                text = TextStream(self.runtime.decode_text, (), lambda delta: pieces.append(delta.text),
+                          self.runtime.token_bytes)
             elif isinstance(event, DoneEvent):
                 done = event
                 if shown:

@@ -8,10 +8,16 @@ iteration the thread
 1. admits waiting sequences while the batch has room: their prompts are prefilled as a left-padded batch and merged
    into the running batch's KV cache (continuous batching: nobody waits for the longest sequence of a batch to end);
 2. samples one token per row with that row's own temperature / top_p / seed (one `torch.Generator` per sequence, so a
-   seeded request gives the same tokens whatever else shares its batch);
+   seeded request gives the same tokens whatever else shares its batch), and for the rows that asked for logprobs
+   (`SamplingParams.logprobs`) only, the log-softmax of that row's logits;
 3. tells each row's listener of its token, ends rows that hit EOS, a stop (their listener says so: a stop string),
    their token budget, their deadline, or were cancelled (client gone), and drops those rows from the cache;
 4. runs one decode step for the remaining rows.
+
+A sequence that asks for its prompt's logprobs (`SamplingParams.prompt_logprobs`, the completions API's `echo` with
+`logprobs`) is prefilled alone with the logits of every position kept, so the sequences prefilled beside it never pay
+for them; with `max_tokens` 0 it ends ("length") once they are reported. One without prompt logprobs and `max_tokens`
+0 ends without being prefilled.
 
 The queue is bounded: `submit` raises `EngineOverloaded` when it is full, so a server answers 503 instead of hanging.
 
@@ -36,7 +42,7 @@ from collections.abc import Iterator
 import torch
 
 from tinyllm_hf.errors import EngineOverloaded, GenerationError, UsageError
-from tinyllm_hf.inference.runtime import SamplingParams, sample_token
+from tinyllm_hf.inference.runtime import SamplingParams, TokenLogprob, sample_token, token_logprobs
 
 FINISHED_OK = ("stop", "length")  # finish reasons of a normal end; "cancelled", "timeout" and "error" are aborts
 
@@ -47,7 +53,8 @@ class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, listener, deadline: float):
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.listener = listener  # on_token / on_progress / on_finish, e.g. a text_stream.TextStream
+        # on_token / on_progress / on_finish (and on_prompt_logprobs if it asked), e.g. a text_stream.TextStream
+        self.listener = listener
         self.deadline = deadline
         self.generated: list[int] = []
         self.finish_reason: str | None = None
@@ -67,14 +74,18 @@ class Sequence:
             self.cancel()
             return False
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: str, error: str | None = None, logprob: TokenLogprob | None = None) -> None:
         self.finish_reason = reason
-        self.notify("on_finish", reason, error)
+        self.notify("on_finish", reason, error, logprob)
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """The next token from this sequence's (vocab,) `logits`, with its own sampling settings and generator."""
+    def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """The next token from this sequence's (vocab,) `logits`, with its own sampling settings and generator, and
+        its logprobs if the sequence asked for them (None otherwise: only the rows that ask pay for the softmax)."""
         seen = self.prompt_ids + self.generated if self.params.repetition_penalty != 1.0 else None
-        return sample_token(logits, self.params, self.generator, seen)
+        token = sample_token(logits, self.params, self.generator, seen)
+        if self.params.logprobs is None:
+            return token, None
+        return token, token_logprobs(logits[None], [token], self.params.logprobs)[0]
 
 
 class _RowListener:
@@ -83,14 +94,14 @@ class _RowListener:
     def __init__(self, row: int, put):
         self.row, self.put = row, put
 
-    def on_token(self, generated: list[int]) -> bool:
+    def on_token(self, generated: list[int], logprob: TokenLogprob | None) -> bool:
         self.put((self.row, generated[-1], None, None))
         return False  # no stop strings: only EOS or the budget ends the row
 
     def on_progress(self, generated: list[int]) -> None:
         pass
 
-    def on_finish(self, generated: list[int], reason: str, error: str | None) -> None:
+    def on_finish(self, generated: list[int], reason: str, error: str | None, logprob: TokenLogprob | None) -> None:
         self.put((self.row, None, reason, error))
 
 
@@ -113,9 +124,12 @@ class Engine:
     # -- public API ------------------------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, listener) -> Sequence:
-        """Queue a sequence; `listener` hears of its tokens from the engine thread (`on_token(generated) -> stop?`,
-        `on_progress(generated)`, `on_finish(generated, reason, error)`; `text_stream.TextStream` turns them into
-        text). Raises EngineOverloaded when full."""
+        """Queue a sequence; `listener` hears of its tokens from the engine thread (`on_token(generated, logprob) ->
+        stop?`, `on_progress(generated)`, `on_finish(generated, reason, error, logprob)` - logprob: a
+        `runtime.TokenLogprob` if `params.logprobs` asked, else None; on_finish's is the EOS's - and, if
+        `params.prompt_logprobs` asked, `on_prompt_logprobs(generated, logprobs)` once prefilled: None for the first
+        prompt token, then one `TokenLogprob` per token; `text_stream.TextStream` turns them into text). Raises
+        EngineOverloaded when full."""
         if not prompt_ids:
             raise UsageError("the prompt is empty: it needs at least one token")
         if len(prompt_ids) + params.max_tokens > self.runtime.context_length:
@@ -175,9 +189,10 @@ class Engine:
         for seq in self.running:
             self._finish(seq, "cancelled")
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None,
+                logprob: TokenLogprob | None = None) -> None:
         self.finished[reason] += 1
-        seq.finish(reason, error)
+        seq.finish(reason, error, logprob)
 
     def _admit(self, state, logits):
         """Prefill waiting sequences into the batch while it has room (blocks briefly when idle)."""
@@ -191,6 +206,8 @@ class Engine:
                 self._finish(seq, "cancelled")
             elif time.monotonic() > seq.deadline:
                 self._finish(seq, "timeout", error="the request timed out while waiting in the queue")
+            elif seq.params.max_tokens == 0 and seq.params.prompt_logprobs is None:
+                self._finish(seq, "length")  # nothing to generate and nothing to report: no need to prefill
             else:
                 new.append(seq)
         if not new:
@@ -200,8 +217,31 @@ class Engine:
         return self._join(state, logits, new_state, new_logits)
 
     def _prefill(self, new: list[Sequence]):
-        """(the sequences prefilled, their state, their logits) for `new`, prefilled as one batch; if that fails, one at
-        a time, so a prompt that cannot be prefilled (or an out-of-memory batch) fails only the sequences it must."""
+        """(the sequences prefilled, their state, their logits) for `new`: those that asked for prompt logprobs one at a
+        time with every position's logits, the others as one batch with the last position's only."""
+        plain = [seq for seq in new if seq.params.prompt_logprobs is None]
+        admitted, state, logits = self._prefill_batch(plain) if plain else ([], None, None)
+        for seq in new:
+            if seq.params.prompt_logprobs is not None:
+                scored, seq_state, seq_logits = self._prefill_scored(seq)
+                admitted += scored
+                state, logits = self._join(state, logits, seq_state, seq_logits)
+        return admitted, state, logits
+
+    def _prefill_scored(self, seq: Sequence):
+        """`_prefill` for one sequence that asked for its prompt's logprobs: they are reported to its listener."""
+        try:
+            state, every = self.runtime.prefill([seq.prompt_ids], all_logits=True)  # (1, len, vocab)
+            scored = token_logprobs(every[0, :-1], seq.prompt_ids[1:], seq.params.prompt_logprobs)
+        except Exception as exc:
+            self._finish(seq, "error", f"prefill failed: {type(exc).__name__}: {exc}")
+            return [], None, None
+        seq.notify("on_prompt_logprobs", [None, *scored])
+        return [seq], state, every[:, -1]
+
+    def _prefill_batch(self, new: list[Sequence]):
+        """`_prefill` for sequences prefilled as one batch; if that fails, one at a time, so a prompt that cannot be
+        prefilled (or an out-of-memory batch) fails only the sequences it must."""
         try:
             return (new, *self.runtime.prefill([seq.prompt_ids for seq in new]))
         except Exception as exc:
@@ -210,7 +250,7 @@ class Engine:
                 return [], None, None
         admitted, state, logits = [], None, None
         for seq in new:
-            alone, seq_state, seq_logits = self._prefill([seq])
+            alone, seq_state, seq_logits = self._prefill_batch([seq])
             admitted += alone
             state, logits = self._join(state, logits, seq_state, seq_logits)
         return admitted, state, logits
@@ -228,12 +268,15 @@ class Engine:
         """Sample, stream and retire rows, then one decode step for the rows still running."""
         keep, tokens = [], []
         for i, (seq, row) in enumerate(zip(self.running, logits)):
+            if seq.params.max_tokens == 0:  # prefilled for its prompt's logprobs only
+                self._finish(seq, "length")
+                continue
             try:
-                token = seq.sample(row)
+                token, logprob = seq.sample(row)
             except Exception as exc:  # settings or logits this row cannot be sampled with end this row only
                 self._finish(seq, "error", f"sampling failed: {type(exc).__name__}: {exc}")
                 continue
-            if self._advance(seq, token):
+            if self._advance(seq, token, logprob):
                 keep.append(i)
                 tokens.append(token)
         if not keep:
@@ -244,8 +287,9 @@ class Engine:
         self.running = [self.running[i] for i in keep]
         return state, self.runtime.decode(tokens, state)
 
-    def _advance(self, seq: Sequence, token: int) -> bool:
-        """Append `token` to `seq` and tell its listener; False once the sequence has finished."""
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
+        """Append `token` to `seq` and tell its listener (with the token's `logprob`, if asked); False once the
+        sequence has finished."""
         if seq.cancelled.is_set():
             self._finish(seq, "cancelled")
             return False
@@ -254,10 +298,10 @@ class Engine:
             return False
         if token in self.runtime.eos_token_ids:
             seq.eos_token = token
-            self._finish(seq, "stop")
+            self._finish(seq, "stop", logprob=logprob)
             return False
         seq.generated.append(token)
-        if seq.notify("on_token"):  # the layer above saw a stop (e.g. a stop string in the text)
+        if seq.notify("on_token", logprob):  # the layer above saw a stop (e.g. a stop string in the text)
             self._finish(seq, "stop")
             return False
         if len(seq.generated) >= seq.params.max_tokens:

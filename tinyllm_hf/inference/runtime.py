@@ -2,13 +2,17 @@
 
 A runtime works on token ids. Each one has
 
-    context_length, eos_token_ids, max_batch_size
+    context_length, vocab_size, eos_token_ids, max_batch_size, backend (its `tinyllm serve --backend` name),
+    prompt_logits (whether prefill can keep every position's logits)
     encode(text) -> ids (control strings become control tokens: for text the program wrote), encode_text(text) ->
     ids (never control tokens: for text from users), decode_text(ids) -> text (control tokens dropped), decode_raw(ids)
     -> text (kept, for `tokenizer.reply.parse_reply`), render_chat(messages, tools, enable_thinking) -> prompt text,
     encode_chat(messages, tools, enable_thinking) -> prompt ids (what every chat front end feeds the model: the
     messages' text never becomes control tokens)    (each with its own tokenizer)
-    prefill(prompts) -> (state, logits)      logits (batch, vocab): the next token of each prompt
+    prefill(prompts, all_logits=False) -> (state, logits)      logits (batch, vocab): the next token of each
+                                             prompt; with all_logits (runtimes whose `prompt_logits` is True) (batch,
+                                             len, vocab): every position of a batch of one, for prompt logprobs
+    token_bytes(id) -> bytes                 what the token adds to the text (part of a character, possibly)
     decode(tokens, state) -> logits          one new token per row of the batch
     select(state, rows) -> state, merge(a, b) -> state     (batched runtimes only: max_batch_size > 1)
     logits(ids) -> (len, vocab) float tensor of every position, e.g. for perplexity
@@ -25,7 +29,9 @@ batching engine of `tinyllm serve`, where requests join and leave a running batc
 """
 
 import dataclasses
+import functools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +65,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers' rule: logits of tokens already in the sequence shrink
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Not how tokens are picked, but what the engine reports with them (as in vLLM's SamplingParams): None reports
+    # nothing; k >= 0 the log-probability of each sampled (prompt) token and the k most likely tokens in its place.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def generator(self) -> torch.Generator:
         generator = torch.Generator()
@@ -90,6 +100,29 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
         probs = probs.scatter(0, order[drop], 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A token's log-probability under the model and the `top` most likely tokens at its position, as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """For (len, vocab) `logits` and the `tokens` (len) that followed each position: each token's log-probability and
+    the `top` most likely tokens, under the raw model distribution (log-softmax of the logits before temperature,
+    top-p or penalties: what vLLM reports by default and what a log-likelihood is)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    if top:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        tops = [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(token, logprob, row) for token, logprob, row in zip(tokens, chosen, tops)]
 
 
 def stream_batch(runtime, prompts: list[list[int]], params: list[SamplingParams],
@@ -194,6 +227,14 @@ class _ChatEncoding:
         return ids
 
 
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable character -> the byte it stands for (GPT-2's table, as transformers defines it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
 class _TokenizerText(_ChatEncoding):
     """Text <-> ids through a transformers tokenizer (`self.tokenizer`), for the runtimes that have one."""
 
@@ -211,17 +252,34 @@ class _TokenizerText(_ChatEncoding):
     def decode_raw(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for: decoding it alone would turn part of a character into U+FFFD. Byte-level
+        BPE pieces (tinyllm's tokenizers) map back through GPT-2's byte table, byte-fallback pieces `<0xAB>` are
+        their byte; control tokens and other pieces are their decoded text."""
+        from tokenizers import decoders
+
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is not None and token_id not in self.tokenizer.added_tokens_decoder:
+            if isinstance(self.tokenizer.backend_tokenizer.decoder, decoders.ByteLevel):
+                return bytes(_byte_level_table()[char] for char in piece)
+            if re.fullmatch("<0x[0-9A-Fa-f]{2}>", piece):
+                return bytes([int(piece[3:5], 16)])
+        return self.decode_raw([token_id]).encode("utf-8")
+
 
 class TransformersRuntime(_TokenizerText):
     """A transformers causal LM (Tinyllm, a merged LoRA, its Llama export, a quanto variant), batched."""
 
+    backend = "transformers"  # its `tinyllm serve --backend` name
     max_batch_size = 64
+    prompt_logits = True
 
     def __init__(self, model, tokenizer):
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config
         self.context_length = config.max_position_embeddings
+        self.vocab_size = config.vocab_size
         self.eos_token_ids = eos_ids(model.generation_config.eos_token_id, config.eos_token_id, tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.chat_template = tokenizer.chat_template
@@ -267,15 +325,14 @@ class TransformersRuntime(_TokenizerText):
         return self.model(torch.tensor([list(ids)], device=self.device)).logits[0].float().cpu()
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]]) -> tuple[_Batch, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[_Batch, torch.Tensor]:
         from transformers import DynamicCache
 
         ids, mask, position_ids = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1
-        )
-        return _Batch(out.cache, mask, mask.sum(-1)), out.logits[:, -1]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+                         logits_to_keep=0 if all_logits else 1)  # 0: every position
+        return _Batch(out.cache, mask, mask.sum(-1)), out.logits if all_logits else out.logits[:, -1]
 
     @torch.no_grad()
     def decode(self, tokens: list[int], batch: _Batch) -> torch.Tensor:
@@ -346,6 +403,8 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
     `n_ctx=0` takes the context the file states; `all_logits=True` keeps the logits of every position (needed by
     `logits(ids)`, e.g. for perplexity; it costs memory, so serving leaves it off)."""
 
+    backend = "llamacpp"  # its `tinyllm serve --backend` name
+
     def __init__(self, gguf_file: str | Path, n_threads: int | None = None, n_ctx: int = 0, all_logits: bool = False):
         if not importable("llama_cpp"):
             raise MissingDependencyError('running a GGUF file needs llama-cpp-python: pip install "tinyllm-hf[llamacpp]"')
@@ -358,6 +417,8 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
         self.llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                          logits_all=all_logits, verbose=False, **batch)
         self.context_length = self.llm.n_ctx()
+        self.vocab_size = self.llm.n_vocab()
+        self.prompt_logits = all_logits  # without it llama.cpp keeps the last position's logits only
         self.eos_token_ids = {self.llm.token_eos()}
         self.chat_template = self.llm.metadata.get("tokenizer.chat_template")
 
@@ -373,6 +434,9 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
     def decode_raw(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.llm.detokenize([token_id], special=True)
+
     def logits(self, ids: list[int]) -> torch.Tensor:
         self.llm.reset()
         self.llm.eval(list(ids))
@@ -387,10 +451,14 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
         pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy())[None]
 
-    def prefill(self, prompts):
+    def prefill(self, prompts, all_logits: bool = False):
         (prompt,) = prompts
         self.llm.reset()
         self.llm.eval(prompt)
+        if all_logits:
+            if not self.prompt_logits:
+                raise UsageError("the logits of every prompt position need a LlamaCppRuntime with all_logits=True")
+            return None, torch.from_numpy(self.llm.scores[: len(prompt)].copy()).float()[None]
         return None, self._last_logits()
 
     def decode(self, tokens, state):
@@ -400,6 +468,9 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
 
 class ExportedRuntime(_TokenizerText, _SingleSequenceRuntime):
     """ONNX Runtime or OpenVINO prefill + decode graphs written by `tinyllm quantize` (graph runners in `exported_graphs.py`)."""
+
+    backend = "onnx"  # its `tinyllm serve --backend` name
+    prompt_logits = True
 
     def __init__(self, model_dir: str | Path, num_threads: int | None = None, trust_remote_code: bool = False):
         from tinyllm_hf.inference.exported_graphs import OnnxGraphs, OpenVINOGraphs
@@ -414,16 +485,18 @@ class ExportedRuntime(_TokenizerText, _SingleSequenceRuntime):
         self.tokenizer = get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         config = self.graphs.config
         self.context_length = config["max_position_embeddings"]
+        self.vocab_size = config["vocab_size"]
         self.eos_token_ids = eos_ids(config.get("eos_token_id"), self.tokenizer.eos_token_id)
         self.chat_template = self.tokenizer.chat_template
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         return torch.from_numpy(self.graphs.step("prefill", list(ids), 0, None)[0].copy()).float()
 
-    def prefill(self, prompts):
+    def prefill(self, prompts, all_logits: bool = False):
         (prompt,) = prompts
-        logits, cache = self.graphs.step("prefill", prompt, 0, None)
-        return [cache, len(prompt)], torch.from_numpy(logits[-1:].copy())
+        logits, cache = self.graphs.step("prefill", prompt, 0, None)  # the graph gives every position's logits
+        logits = torch.from_numpy(logits.copy())  # (len, vocab)
+        return [cache, len(prompt)], logits[None] if all_logits else logits[-1:]
 
     def decode(self, tokens, state):
         cache, position = state

@@ -21,6 +21,7 @@ client does, and sends the result back as a `tool` message, as with OpenAI.
 
 import argparse
 import asyncio
+import codecs
 import dataclasses
 import functools
 import json
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 MAX_N = 8  # choices per request: each one is a sequence in the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_LOGPROBS = 20  # top logprobs per token: OpenAI's limit for chat (vLLM's default for both endpoints)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 # A prompt that fits a 4k-token context is ~40 KB of JSON even with every character \u-escaped; 1 MiB leaves room for
 # tools and long histories while a body that could only be refused is never read into memory.
@@ -177,7 +179,7 @@ class StreamOptions(_Request):
 
 class _Common(_Request):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # 0 only with echo, on /v1/completions
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # below runtime.GREEDY_BELOW_TEMPERATURE: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -190,7 +192,6 @@ class _Common(_Request):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
-    logprobs: bool | int | None = None
     tools: list | None = None
     functions: list | None = None
 
@@ -200,7 +201,6 @@ class _Common(_Request):
             "presence_penalty": self.presence_penalty != 0,
             "frequency_penalty": self.frequency_penalty != 0,
             "logit_bias": bool(self.logit_bias),
-            "logprobs": self.logprobs not in (None, False, 0),
             "functions": bool(self.functions),
         }
 
@@ -208,6 +208,11 @@ class _Common(_Request):
         for name, used in self.unsupported().items():
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+    def reported_logprobs(self) -> tuple[int | None, int | None]:
+        """(SamplingParams.logprobs, SamplingParams.prompt_logprobs): what to report with the tokens (None: nothing;
+        k: each token's logprob and the k most likely in its place)."""
+        return None, None
 
     def check_seed(self) -> None:
         """The seeds of all n choices (`choice_seeds`) must be seeds torch takes, not only the first."""
@@ -227,6 +232,8 @@ class _Common(_Request):
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients send this instead of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted at its default (several calls in one reply are parsed)
     # The thinking switch, as vLLM and SGLang take it (chat_template_kwargs) and as a plain field.
@@ -235,6 +242,11 @@ class ChatRequest(_Common):
 
     def unsupported(self) -> dict[str, bool]:
         return {**super().unsupported(), "parallel_tool_calls": self.parallel_tool_calls is False}
+
+    def reported_logprobs(self) -> tuple[int | None, int | None]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
     def thinking(self) -> bool:
         kwargs = dict(self.chat_template_kwargs or {})
@@ -252,12 +264,27 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    # Text, or token ids (what lm-eval's local-completions sends): one prompt or a list of them.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the legacy form: how many top logprobs per token
     suffix: str | None = None
 
     def unsupported(self) -> dict[str, bool]:
         return {**super().unsupported(), "tools": bool(self.tools)}  # tools need a chat template
+
+    def reported_logprobs(self) -> tuple[int | None, int | None]:
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "'max_tokens' 0 is allowed only with 'echo': true (to score the prompt)",
+                           param="max_tokens", code="invalid_value")
+        return self.logprobs, self.logprobs if self.echo else None
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or a list of token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,8 +327,36 @@ class Service:
             raise validation_error(exc) from None
         parsed.check_supported()
         parsed.check_seed()
+        self.check_logprobs(parsed)
         self.check_model(parsed.model)
         return parsed
+
+    def check_logprobs(self, request: _Common) -> None:
+        """Prompt logprobs need a runtime that keeps every prompt position's logits (llama.cpp, as served, does not)."""
+        _, prompt_logprobs = request.reported_logprobs()
+        if prompt_logprobs is not None and not self.runtime.prompt_logits:
+            raise APIError(400, f"'echo' with 'logprobs' (the prompt's logprobs) is not available with the "
+                           f"{self.runtime.backend} runtime, which keeps the last position's logits only; serve a "
+                           "checkpoint or an ONNX export for it", param="echo", code="unsupported_parameter")
+
+    def encode_prompts(self, request: CompletionRequest) -> list[list[int]]:
+        """The token ids of each prompt of a completions request (lists of ids are checked against the vocabulary)."""
+        if not request.prompt:
+            raise APIError(400, "'prompt' must be a non-empty string, list of token ids, or list of them",
+                           param="prompt", code="invalid_value")
+        prompts = []
+        for prompt in request.prompts():
+            if not prompt:
+                raise APIError(400, "'prompt' must be a non-empty string, list of token ids, or list of them",
+                               param="prompt", code="invalid_value")
+            if isinstance(prompt, str):
+                prompts.append(self.runtime.encode(prompt))
+            elif not all(0 <= token < self.runtime.vocab_size for token in prompt):
+                raise APIError(400, f"'prompt' holds a token id outside this model's vocabulary (0 to "
+                               f"{self.runtime.vocab_size - 1})", param="prompt", code="invalid_value")
+            else:
+                prompts.append(list(prompt))
+        return prompts
 
     def chat_prompt(self, request: ChatRequest) -> "ChatPrompt":
         from tinyllm_hf.tokenizer.reply import parse_reply
@@ -333,7 +388,8 @@ class Service:
                 400, f"This model's maximum context length is {context} tokens, but the prompt has {prompt_len} tokens",
                 param="messages" if isinstance(request, ChatRequest) else "prompt", code="context_length_exceeded",
             )
-        requested = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        requested = getattr(request, "max_completion_tokens", None)
+        requested = request.max_tokens if requested is None else requested
         if requested is not None and prompt_len + requested > context:
             raise APIError(
                 400,
@@ -341,8 +397,10 @@ class Service:
                 f"({prompt_len} in the prompt, {requested} for the completion)",
                 param="max_tokens", code="context_length_exceeded",
             )
-        max_tokens = requested or min(default_max or context, context - prompt_len)
-        return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(), seed=request.seed)
+        max_tokens = min(default_max or context, context - prompt_len) if requested is None else requested
+        logprobs, prompt_logprobs = request.reported_logprobs()
+        return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(),
+                              seed=request.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def submit_all(self, jobs: list[tuple[list[int], "SamplingParams"]], on_delta, raw: bool = False) -> list:
         """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503. `raw`: decode
@@ -351,7 +409,8 @@ class Service:
         sequences = []
         try:
             for index, (prompt, params) in enumerate(jobs):
-                stream = TextStream(decode, params.stop, lambda delta, i=index: on_delta(i, delta))
+                stream = TextStream(decode, params.stop, lambda delta, i=index: on_delta(i, delta),
+                                    self.runtime.token_bytes)
                 sequences.append(self.engine.submit(prompt, params, stream))
         except EngineOverloaded as exc:
             for seq in sequences:
@@ -501,14 +560,66 @@ def abort_error(delta: Delta) -> APIError:
     return APIError(500, delta.error or "generation failed", type="server_error", code="internal_error")
 
 
+def chat_logprobs(runtime, logprobs: list) -> list[dict]:
+    """Chat's `logprobs.content` for `runtime.TokenLogprob`s: each token's text, logprob and bytes (a token that holds
+    part of a character shows U+FFFD in its text; its bytes are exact), and its `top_logprobs`."""
+    def entry(token: int, logprob: float) -> dict:
+        data = runtime.token_bytes(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+    return [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(*top) for top in lp.top]} for lp in logprobs]
+
+
+def legacy_token(data: bytes) -> str:
+    """A token as the completions API names it: its text, or where it holds part of a character `bytes:\\xe4\\xbd`
+    (OpenAI's spelling), so that the partial tokens in one `top_logprobs` dict do not collide on U+FFFD."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
+
+
+class LegacyLogprobs:
+    """The completions API's `logprobs` of one choice (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`),
+    made chunk by chunk: `text_offset` counts the characters of the choice's text before each token (the echoed
+    prompt included). `top_logprobs` holds the most likely tokens and the token itself, as OpenAI's does; where two
+    share a name, the likelier one's logprob."""
+
+    def __init__(self, runtime):
+        self.runtime, self.offset = runtime, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a character's first bytes
+
+    def format(self, tokens: list[int], logprobs: list) -> dict:
+        """For `tokens` and their logprobs (`runtime.TokenLogprob`, or None for a prompt's first token)."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            data = self.runtime.token_bytes(token)
+            text = legacy_token(data)
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset)
+            self.offset += len(self.decoder.decode(data))
+            if logprob is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top: dict[str, float] = {}
+            for top_token, value in [*logprob.top, (token, logprob.logprob)]:  # most likely first
+                top.setdefault(legacy_token(self.runtime.token_bytes(top_token)), value)
+            out["token_logprobs"].append(logprob.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+
 async def collect(service: Service, request, jobs, disconnect_check: float = 0.5, raw: bool = False):
-    """Run `jobs` to completion: (texts, finish_reasons, completion_tokens). Cancels them if the client goes away."""
+    """Run `jobs` to completion: (texts, finish_reasons, completion_tokens, logprobs, prompt_logprobs), the last two
+    per choice as the engine reported them (empty and None unless asked). Cancels them if the client goes away."""
     from tinyllm_hf.inference.engine import FINISHED_OK
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)), raw)
     texts, reasons, tokens = [""] * len(jobs), [None] * len(jobs), [0] * len(jobs)
+    logprobs, prompt_logprobs = [[] for _ in jobs], [None] * len(jobs)
     next_check = time.monotonic() + disconnect_check
     try:
         while None in reasons:
@@ -522,6 +633,9 @@ async def collect(service: Service, request, jobs, disconnect_check: float = 0.5
             except asyncio.TimeoutError:
                 continue
             texts[index] += delta.text
+            logprobs[index] += delta.logprobs
+            if delta.prompt_logprobs is not None:
+                prompt_logprobs[index] = delta.prompt_logprobs
             if delta.finish_reason:
                 if delta.finish_reason not in FINISHED_OK:
                     raise abort_error(delta)
@@ -529,13 +643,13 @@ async def collect(service: Service, request, jobs, disconnect_check: float = 0.5
     finally:
         for seq in sequences:
             seq.cancel()  # no-op for finished sequences; stops the rest (disconnect, error in a sibling choice)
-    return texts, reasons, tokens
+    return texts, reasons, tokens, logprobs, prompt_logprobs
 
 
 async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bool = False):
-    """SSE lines for `jobs`: one chunk per delta (`make_chunk` may answer None: nothing to send yet), then usage (if
-    asked) and `data: [DONE]`. Cancelling the generator (Starlette does when the client disconnects) cancels the
-    sequences."""
+    """SSE lines for `jobs`: one chunk per delta (`make_chunk(index, delta)`, delta None for each choice's first; it
+    may answer None: nothing to send yet), then usage (if asked) and `data: [DONE]`. Cancelling the generator
+    (Starlette does when the client disconnects) cancels the sequences."""
     from tinyllm_hf.inference.engine import FINISHED_OK
 
     loop = asyncio.get_running_loop()
@@ -550,7 +664,7 @@ async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bo
         remaining, tokens = len(jobs), [0] * len(jobs)
         try:
             for index in range(len(jobs)):
-                first = make_chunk(index, None, None, first=True)
+                first = make_chunk(index, None)
                 if first is not None:
                     yield sse(first)
             while remaining:
@@ -558,8 +672,8 @@ async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bo
                 if delta.finish_reason and delta.finish_reason not in FINISHED_OK:
                     yield sse(abort_error(delta).body())
                     break
-                if delta.text or delta.finish_reason:
-                    chunk = make_chunk(index, delta.text, delta.finish_reason)
+                if delta.text or delta.finish_reason or delta.logprobs or delta.prompt_logprobs is not None:
+                    chunk = make_chunk(index, delta)
                     if chunk is not None:
                         yield sse(chunk)
                 if delta.finish_reason:
@@ -671,13 +785,19 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None,
                                            for k, call in enumerate(calls)]
                 return delta
 
-            def make_chunk(index, text, finish_reason, first=False):
-                delta = {"role": "assistant", "content": ""} if first else message_delta(index, text, finish_reason)
-                if not first and not delta and not finish_reason:
-                    return None
+            def make_chunk(index, event):
+                if event is None:
+                    delta, finish_reason = {"role": "assistant", "content": ""}, None
+                else:
+                    finish_reason = event.finish_reason
+                    delta = message_delta(index, event.text, finish_reason)
+                    if not (delta or finish_reason or event.logprobs):
+                        return None
                 if finish_reason and raw and replies[index].calls_sent:
                     finish_reason = "tool_calls"
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                scored = event is not None and body.logprobs
+                logprobs = {"content": chat_logprobs(service.runtime, event.logprobs)} if scored else None
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
                 return {"id": response_id, "object": "chat.completion.chunk", "created": created,
                         "model": model_id, "choices": [choice]}
 
@@ -689,11 +809,12 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None,
             events = await stream_events(service, jobs, make_chunk, usage_chunk if include_usage else None, raw)
             return StreamingResponse(events, media_type="text/event-stream")
 
-        texts, reasons, tokens = await collect(service, request, jobs, raw=raw)
+        texts, reasons, tokens, logprobs, _ = await collect(service, request, jobs, raw=raw)
         choices = []
         for i, (text, reason) in enumerate(zip(texts, reasons)):
             message = reply_message(chat.parse(chat.prefix + text)) if raw else {"role": "assistant", "content": text}
-            choices.append({"index": i, "message": message, "logprobs": None,
+            choice_logprobs = {"content": chat_logprobs(service.runtime, logprobs[i])} if body.logprobs else None
+            choices.append({"index": i, "message": message, "logprobs": choice_logprobs,
                             "finish_reason": "tool_calls" if message.get("tool_calls") else reason})
         return {"id": response_id, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": choices, "usage": usage(len(prompt), sum(tokens))}
@@ -703,25 +824,36 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None,
         body = await parse(request, CompletionRequest)
         if body.suffix:
             raise APIError(400, "'suffix' is not supported by this server", param="suffix", code="unsupported_parameter")
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not texts or any(not text for text in texts):
-            raise APIError(400, "'prompt' must be a non-empty string or list of non-empty strings", param="prompt",
-                           code="invalid_value")
-        prompts = await asyncio.to_thread(lambda: [service.runtime.encode(text) for text in texts])
+        prompts = await asyncio.to_thread(service.encode_prompts, body)
+        texts = [prompt if isinstance(prompt, str) else service.runtime.decode_raw(ids)
+                 for prompt, ids in zip(body.prompts(), prompts)] if body.echo else None
         jobs = []
         for prompt in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them
             params = service.sampling(body, len(prompt), default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
             jobs += [(prompt, _with_seed(params, seed)) for seed in choice_seeds(body.seed, body.n)]
         prompt_tokens = sum(map(len, prompts))
         echoes = [texts[i // body.n] if body.echo else "" for i in range(len(jobs))]
+        scored = body.logprobs is not None
+        legacy = [LegacyLogprobs(service.runtime) for _ in jobs]
+
+        def generated_logprobs(index: int, logprobs: list) -> dict | None:
+            return legacy[index].format([lp.token for lp in logprobs], logprobs) if scored else None
+
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
-            def make_chunk(index, text, finish_reason, first=False):
-                if first and not echoes[index]:
-                    return None
-                choice = {"index": index, "text": echoes[index] if first else text, "logprobs": None,
-                          "finish_reason": finish_reason}
+            def make_chunk(index, event):
+                if event is None:  # the echo comes first: at once, or with the prompt's logprobs once computed
+                    if not echoes[index] or (scored and body.echo):
+                        return None
+                    text, finish_reason, logprobs = echoes[index], None, None
+                elif event.prompt_logprobs is not None:
+                    text, finish_reason = echoes[index], None
+                    logprobs = legacy[index].format(jobs[index][0], event.prompt_logprobs)
+                else:
+                    text, finish_reason = event.text, event.finish_reason
+                    logprobs = generated_logprobs(index, event.logprobs)
+                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
                 return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
                         "choices": [choice]}
 
@@ -733,11 +865,16 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None,
             events = await stream_events(service, jobs, make_chunk, usage_chunk if include_usage else None)
             return StreamingResponse(events, media_type="text/event-stream")
 
-        outputs, reasons, tokens = await collect(service, request, jobs)
-        choices = [
-            {"index": i, "text": echoes[i] + text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(zip(outputs, reasons))
-        ]
+        outputs, reasons, tokens, logprobs, prompt_logprobs = await collect(service, request, jobs)
+        choices = []
+        for i, (text, reason) in enumerate(zip(outputs, reasons)):
+            choice_logprobs = None
+            if scored:
+                prompt_part = legacy[i].format(jobs[i][0], prompt_logprobs[i]) if body.echo else None
+                choice_logprobs = generated_logprobs(i, logprobs[i])
+                if prompt_part is not None:
+                    choice_logprobs = {key: prompt_part[key] + part for key, part in choice_logprobs.items()}
+            choices.append({"index": i, "text": echoes[i] + text, "logprobs": choice_logprobs, "finish_reason": reason})
         return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
                 "choices": choices, "usage": usage(prompt_tokens, sum(tokens))}
 

@@ -3,13 +3,22 @@
 The engine (`engine.py`) and the runtimes know token ids only. A `TextStream` listens to one sequence's tokens and
 hands its sink `Delta`s of new text: never the beginning of a stop string before it is known not to complete, never
 half a UTF-8 character, and on the last delta the finish reason. A stop string found in the text ends the sequence.
+A reply that ends inside a character (cut by max_tokens) ends without it, as vLLM's detokenizer ends it: the text
+never ends in a U+FFFD the model did not write, and the incomplete bytes stay in the last token's logprob `bytes`.
+A sequence that asked for logprobs gets them on the delta that carries its tokens' text (held back with it).
 
 A front end that streams a reply with tool calls or reasoning puts a `ReplyStream` above those deltas (their text
 decoded with the control tokens kept, `runtime.decode_raw`): it turns them into deltas of the parsed message's fields.
 """
 
+from __future__ import annotations
+
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # runtime.py imports torch, which `tinyllm serve --help` must not load
+    from tinyllm_hf.inference.runtime import TokenLogprob
 
 
 @dataclasses.dataclass
@@ -20,6 +29,18 @@ class Delta:
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # of the tokens this delta's text ends
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, before any text, if the sequence asked
+
+
+def incomplete_utf8_tail(data: bytes) -> int:
+    """How many trailing bytes of `data` begin a UTF-8 character that is not complete (0 if none)."""
+    for size in range(1, min(4, len(data)) + 1):
+        byte = data[-size]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: the character's first byte says its length
+            length = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+            return size if size < length else 0
+    return 0
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -36,31 +57,50 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 class TextStream:
     """The engine's listener for one sequence: `on_token` after each new token (True: a stop string ended the text),
-    `on_progress` when the sequence goes on, `on_finish` once at the end."""
+    `on_progress` when the sequence goes on, `on_finish` once at the end, `on_prompt_logprobs` if it asked for them.
+    `token_bytes(id) -> bytes` is the runtime's: it tells an incomplete character at the end from a U+FFFD the model
+    wrote."""
 
-    def __init__(self, decode_text: Callable[[list[int]], str], stops: tuple[str, ...], sink: Callable[[Delta], None]):
-        self.decode_text, self.stops, self.sink = decode_text, tuple(stops), sink
+    def __init__(self, decode_text: Callable[[list[int]], str], stops: tuple[str, ...], sink: Callable[[Delta], None],
+                 token_bytes: Callable[[int], bytes]):
+        self.decode_text, self.stops, self.sink, self.token_bytes = decode_text, tuple(stops), sink, token_bytes
         self.text = ""
         self.sent = 0  # characters of `text` already streamed
+        self.stopped = False  # a stop string cut the text
+        self.logprobs: list[TokenLogprob] = []  # of the tokens whose text is not streamed yet
 
-    def on_token(self, generated: list[int]) -> bool:
+    def on_token(self, generated: list[int], logprob: TokenLogprob | None = None) -> bool:
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.text = self.decode_text(generated)
         stop_at = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
         if stop_at >= 0:
-            self.text = self.text[:stop_at]
+            self.text, self.stopped = self.text[:stop_at], True
             return True
         return False
 
     def on_progress(self, generated: list[int]) -> None:
         ready = len(self.text) - held_back(self.text, self.stops)
         if ready > self.sent:
-            self.sink(Delta(self.text[self.sent:ready], None, len(generated)))
-            self.sent = ready
+            self.sink(Delta(self.text[self.sent:ready], None, len(generated), logprobs=self.logprobs))
+            self.sent, self.logprobs = ready, []
 
-    def on_finish(self, generated: list[int], reason: str, error: str | None) -> None:
-        # A normal end sends the rest of the text; an abort (cancelled, timeout, error) only says why.
-        rest = self.text[self.sent:] if reason in ("stop", "length") else ""
-        self.sink(Delta(rest, reason, len(generated), error))
+    def on_prompt_logprobs(self, generated: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        self.sink(Delta("", None, 0, prompt_logprobs=logprobs))
+
+    def on_finish(self, generated: list[int], reason: str, error: str | None,
+                  logprob: TokenLogprob | None = None) -> None:
+        # A normal end sends the rest of the text, less a character the last tokens left incomplete (decoded as one
+        # U+FFFD); an abort (cancelled, timeout, error) only says why.
+        if reason not in ("stop", "length"):
+            self.sink(Delta("", reason, len(generated), error))
+            return
+        text = self.text
+        if not self.stopped and text.endswith("\ufffd"):
+            if incomplete_utf8_tail(b"".join(map(self.token_bytes, generated[-4:]))):
+                text = text[:-1]
+        logprobs = self.logprobs + ([logprob] if logprob is not None else [])
+        self.sink(Delta(text[self.sent:], reason, len(generated), error, logprobs=logprobs))
 
 
 def _growth(sent: str, value: str) -> str:
