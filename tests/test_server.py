@@ -584,3 +584,28 @@ def test_other_backends_serve_the_same_greedy_reply(make_backend, checkpoint, cl
         stream = other.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=16, temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.choices[0].message.content
         assert engine.max_batch_size == 1  # these runtimes decode one sequence at a time: requests queue
+
+
+@pytest.mark.parametrize("make_backend", [_llamacpp_backend, _onnx_backend], ids=["llamacpp", "onnx"])
+def test_other_backends_give_logprobs_and_llamacpp_refuses_prompt_logprobs(make_backend, checkpoint, client, tmp_path):
+    """Generated tokens' logprobs on every backend (llama.cpp's f16 weights round them); the prompt's where the
+    runtime keeps every position's logits (onnx), a one-line 400 naming the backend where it does not (llamacpp)."""
+    expected = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    scored = {"prompt": "这本书很好", "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    reference = post(f"{client.base_url}completions", scored).json()["choices"][0]["logprobs"]["token_logprobs"]
+    with serving(make_backend(checkpoint, tmp_path)) as (url, engine):
+        other = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        content = other.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=6, temperature=0,
+                                                logprobs=True, top_logprobs=2).choices[0].logprobs.content
+        tolerance = 5e-2 if engine.runtime.backend == "llamacpp" else 1e-3
+        assert [entry.bytes for entry in content] == [entry.bytes for entry in expected]
+        assert [entry.logprob for entry in content] == pytest.approx([entry.logprob for entry in expected], abs=tolerance)
+        assert [len(entry.top_logprobs) for entry in content] == [2] * len(content)
+        response = post(url + "/v1/completions", scored)
+        if engine.runtime.backend == "llamacpp":
+            assert_openai_error(response, 400, "unsupported_parameter", "echo")
+            assert "llamacpp" in response.json()["error"]["message"]
+        else:
+            token_logprobs = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+            assert token_logprobs[0] is None and token_logprobs[1:] == pytest.approx(reference[1:], abs=1e-3)
