@@ -13,6 +13,10 @@ A request is checked in order of cost: the API key (before the body is read), th
 else while it streams in: 413 past `--max-body-bytes`), then, in a worker thread so the event loop keeps answering,
 its JSON, its fields (strictly typed: `"3"` or `true` is no `max_tokens`), the chat template and the tokenizer.
 
+Logprobs (chat's `logprobs` / `top_logprobs`, completions' legacy `logprobs`, with `echo` the prompt's too, and
+`max_tokens: 0` with `echo` to score a prompt only, as lm-eval's local-completions model does) are the raw model
+log-softmax, as vLLM reports them by default: docs/serving.md#logprobs.
+
 Chat completions take OpenAI's `tools` / `tool_choice` and `tool` messages, and the thinking switch
 (`chat_template_kwargs: {"enable_thinking": true}`, as vLLM and SGLang take it, or `enable_thinking`). The reply is
 parsed by `tokenizer.reply` into `content`, `reasoning_content` and `tool_calls`; the server never runs a tool: the
