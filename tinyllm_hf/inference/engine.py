@@ -8,9 +8,10 @@ iteration the thread
 1. admits waiting sequences while the batch has room: their prompts are prefilled as a left-padded batch and merged
    into the running batch's KV cache (continuous batching: nobody waits for the longest sequence of a batch to end);
 2. samples one token per row with that row's own temperature / top_p / seed (one `torch.Generator` per sequence, so a
-   seeded request gives the same tokens whatever else shares its batch);
+   seeded request gives the same tokens whatever else shares its batch) and, for a row with a grammar
+   (`response_format`, `grammar.py`), only among the tokens its grammar allows next: the other rows pay nothing;
 3. tells each row's listener of its token, ends rows that hit EOS, a stop (their listener says so: a stop string),
-   their token budget, their deadline, or were cancelled (client gone), and drops those rows from the cache;
+   the end of their grammar, their token budget, their deadline, or were cancelled (client gone), and drops those rows from the cache;
 4. runs one decode step for the remaining rows.
 
 The queue is bounded: `submit` raises `EngineOverloaded` when it is full, so a server answers 503 instead of hanging.
@@ -54,6 +55,7 @@ class Sequence:
         self.eos_token: int | None = None  # the EOS that ended it (not in `generated`, as the server counts tokens)
         self.cancelled = threading.Event()
         self.generator = params.generator()
+        self.mask = params.token_mask()  # its grammar's state (response_format), None when unconstrained
 
     def cancel(self) -> None:
         """Ask the engine to stop this sequence at its next step (safe from any thread)."""
@@ -72,9 +74,10 @@ class Sequence:
         self.notify("on_finish", reason, error)
 
     def sample(self, logits: torch.Tensor) -> int:
-        """The next token from this sequence's (vocab,) `logits`, with its own sampling settings and generator."""
+        """The next token from this sequence's (vocab,) `logits`, with its own sampling settings, generator and
+        grammar (which the token advances)."""
         seen = self.prompt_ids + self.generated if self.params.repetition_penalty != 1.0 else None
-        return sample_token(logits, self.params, self.generator, seen)
+        return sample_token(logits, self.params, self.generator, seen, self.mask)
 
 
 class _RowListener:
@@ -258,6 +261,9 @@ class Engine:
             return False
         seq.generated.append(token)
         if seq.notify("on_token"):  # the layer above saw a stop (e.g. a stop string in the text)
+            self._finish(seq, "stop")
+            return False
+        if seq.mask is not None and seq.mask.complete:  # the grammar's text is whole (a JSON value closed)
             self._finish(seq, "stop")
             return False
         if len(seq.generated) >= seq.params.max_tokens:

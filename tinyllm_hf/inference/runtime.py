@@ -12,6 +12,8 @@ A runtime works on token ids. Each one has
     decode(tokens, state) -> logits          one new token per row of the batch
     select(state, rows) -> state, merge(a, b) -> state     (batched runtimes only: max_batch_size > 1)
     logits(ids) -> (len, vocab) float tensor of every position, e.g. for perplexity
+    vocab_size, grammar_tokenizer            the logits' width, and llguidance's view of the tokenizer for
+                                             constrained decoding (`grammar.py`), built on first use, once per model
 
 Runtimes: `TransformersRuntime` (any checkpoint `AutoModelForCausalLM` loads, a quanto variant, or a model object
 already in memory; batched), `LlamaCppRuntime` (a GGUF file through llama-cpp-python) and `ExportedRuntime` (the ONNX
@@ -25,14 +27,19 @@ batching engine of `tinyllm serve`, where requests join and leave a running batc
 """
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
 from tinyllm_hf.inference.model_files import BACKENDS, importable, model_kind, quantize_method
+
+if TYPE_CHECKING:
+    from tinyllm_hf.inference.grammar import Grammar, TokenMask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -59,6 +66,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers' rule: logits of tokens already in the sequence shrink
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    grammar: "Grammar | None" = None  # constrained decoding (grammar.py): each sequence takes its own matcher
+
+    def token_mask(self) -> "TokenMask | None":
+        return self.grammar.matcher() if self.grammar is not None else None
 
     def generator(self) -> torch.Generator:
         generator = torch.Generator()
@@ -70,9 +81,15 @@ class SamplingParams:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-                 seen: list[int] | None = None) -> int:
-    """One token from the (vocab,) `logits` of one sequence; `seen` are its tokens so far (for the repetition penalty)."""
+                 seen: list[int] | None = None, mask: "TokenMask | None" = None) -> int:
+    """One token from the (vocab,) `logits` of one sequence; `seen` are its tokens so far (for the repetition penalty);
+    `mask`: the sequence's grammar (`params.token_mask()`), which only tokens it allows pass and which the token
+    sampled advances."""
     logits = logits.float().cpu()  # where the (CPU) generator draws
+    if mask is not None:
+        token = sample_token(mask.apply(logits), params, generator, seen)
+        mask.advance(token)
+        return token
     if params.repetition_penalty != 1.0 and seen:
         index = torch.tensor(sorted(set(seen)))
         score = logits[index]
@@ -96,7 +113,8 @@ def stream_batch(runtime, prompts: list[list[int]], params: list[SamplingParams]
                  eos_token_ids=None) -> Iterator[tuple[int, int]]:
     """Generate for several prompts as one batch (at most `runtime.max_batch_size`), each with its own `params` and
     generator: yield `(row, token)` for each new token as it is sampled, rows in prompt order within a step. A row
-    ends at an EOS token (yielded too, as transformers' `generate` returns it) or at its budget, and leaves the batch
+    ends at an EOS token (yielded too, as transformers' `generate` returns it), at its budget, or where its grammar
+    (`params.grammar`) is complete, and leaves the batch
     (`runtime.select`) while the others go on. `eos_token_ids`: the tokens that end a sequence (default: the
     runtime's; `()` runs the whole budget)."""
     if len(prompts) > runtime.max_batch_size:
@@ -109,16 +127,18 @@ def stream_batch(runtime, prompts: list[list[int]], params: list[SamplingParams]
                              f"model's context of {runtime.context_length} tokens")
     eos = runtime.eos_token_ids if eos_token_ids is None else set(eos_token_ids)
     generators = [row_params.generator() for row_params in params]
+    masks = [row_params.token_mask() for row_params in params]
     seen = [list(prompt_ids) for prompt_ids in prompts]
     state, logits = runtime.prefill(seen)
     running = list(range(len(prompts)))  # the prompt index of each row of the batch
     while True:
         keep, tokens = [], []
         for j, row in enumerate(running):
-            token = sample_token(logits[j], params[row], generators[row], seen[row])
+            token = sample_token(logits[j], params[row], generators[row], seen[row], masks[row])
             seen[row].append(token)
             yield row, token
-            if token not in eos and len(seen[row]) - len(prompts[row]) < params[row].max_tokens:
+            complete = masks[row] is not None and masks[row].complete
+            if token not in eos and not complete and len(seen[row]) - len(prompts[row]) < params[row].max_tokens:
                 keep.append(j)
                 tokens.append(token)
         if not keep:
@@ -211,6 +231,12 @@ class _TokenizerText(_ChatEncoding):
     def decode_raw(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        from tinyllm_hf.inference.grammar import hf_grammar_tokenizer
+
+        return hf_grammar_tokenizer(self.tokenizer, self.vocab_size, self.eos_token_ids)
+
 
 class TransformersRuntime(_TokenizerText):
     """A transformers causal LM (Tinyllm, a merged LoRA, its Llama export, a quanto variant), batched."""
@@ -222,6 +248,7 @@ class TransformersRuntime(_TokenizerText):
         self.tokenizer = tokenizer
         config = model.config
         self.context_length = config.max_position_embeddings
+        self.vocab_size = config.vocab_size
         self.eos_token_ids = eos_ids(model.generation_config.eos_token_id, config.eos_token_id, tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.chat_template = tokenizer.chat_template
@@ -358,6 +385,7 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
         self.llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                          logits_all=all_logits, verbose=False, **batch)
         self.context_length = self.llm.n_ctx()
+        self.vocab_size = self.llm.n_vocab()
         self.eos_token_ids = {self.llm.token_eos()}
         self.chat_template = self.llm.metadata.get("tokenizer.chat_template")
 
@@ -372,6 +400,12 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
 
     def decode_raw(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        from tinyllm_hf.inference.grammar import llama_cpp_grammar_tokenizer
+
+        return llama_cpp_grammar_tokenizer(self.llm)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         self.llm.reset()
@@ -414,6 +448,7 @@ class ExportedRuntime(_TokenizerText, _SingleSequenceRuntime):
         self.tokenizer = get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         config = self.graphs.config
         self.context_length = config["max_position_embeddings"]
+        self.vocab_size = config["vocab_size"]
         self.eos_token_ids = eos_ids(config.get("eos_token_id"), self.tokenizer.eos_token_id)
         self.chat_template = self.tokenizer.chat_template
 

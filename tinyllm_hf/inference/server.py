@@ -34,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from tinyllm_hf.errors import APIError, EngineOverloaded, UsageError
+from tinyllm_hf.errors import APIError, EngineOverloaded, MissingDependencyError, UsageError
 from tinyllm_hf.inference.model_files import LOOPBACK_HOSTS, add_runtime_arguments, positive_int
 from tinyllm_hf.inference.text_stream import Delta, ReplyStream, TextStream
 
@@ -175,6 +175,27 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
+    schema_: dict = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema(self) -> dict | None:
+        """The JSON schema the reply must follow; None for plain text."""
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs a 'json_schema' object",
+                               param="response_format.json_schema", code="invalid_value")
+            return self.json_schema.schema_
+        return {"type": "object"} if self.type == "json_object" else None
+
+
 class _Common(_Request):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -193,6 +214,8 @@ class _Common(_Request):
     logprobs: bool | int | None = None
     tools: list | None = None
     functions: list | None = None
+    response_format: ResponseFormat | None = None  # constrained decoding (grammar.py); vLLM takes it on completions
+    _grammar = PrivateAttr(None)  # response_format compiled for the model (Service.compile_response_format)
 
     def unsupported(self) -> dict[str, bool]:
         """Each field this server cannot honour: whether the request uses it."""
@@ -301,6 +324,7 @@ class Service:
         parsed.check_supported()
         parsed.check_seed()
         self.check_model(parsed.model)
+        self.compile_response_format(parsed)
         return parsed
 
     def chat_prompt(self, request: ChatRequest) -> "ChatPrompt":
@@ -342,7 +366,30 @@ class Service:
                 param="max_tokens", code="context_length_exceeded",
             )
         max_tokens = requested or min(default_max or context, context - prompt_len)
-        return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(), seed=request.seed)
+        return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(), seed=request.seed,
+                              grammar=request._grammar)
+
+    def compile_response_format(self, request: _Common) -> None:
+        """Check `request.response_format` and compile it for this model's tokenizer into `request._grammar`."""
+        from tinyllm_hf.inference.grammar import Grammar, json_grammar
+
+        schema = request.response_format.schema() if request.response_format is not None else None
+        if schema is None:
+            return
+        if isinstance(request, ChatRequest) and request.tools and request.tool_choice != "none":
+            raise APIError(400, "response_format cannot be combined with tools on this server (the grammar would rule "
+                           "out tool calls): send one or the other", param="response_format", code="unsupported_parameter")
+        if isinstance(request, ChatRequest) and request.thinking():
+            raise APIError(400, "response_format cannot be combined with enable_thinking (the grammar would rule out "
+                           "the reasoning)", param="response_format", code="unsupported_parameter")
+        param = "response_format.json_schema.schema" if request.response_format.type == "json_schema" else "response_format"
+        try:
+            request._grammar = Grammar(self.runtime.grammar_tokenizer, json_grammar(schema))
+        except MissingDependencyError as exc:
+            raise APIError(400, f"response_format cannot be honoured: {exc}", param="response_format",
+                           code="unsupported_parameter") from None
+        except UsageError as exc:
+            raise APIError(400, f"Invalid '{param}': {exc}", param=param, code="invalid_value") from None
 
     def submit_all(self, jobs: list[tuple[list[int], "SamplingParams"]], on_delta, raw: bool = False) -> list:
         """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503. `raw`: decode
