@@ -5,7 +5,8 @@
     tinyllm serve --model out/onnx-int8 --backend onnx             # an ONNX Runtime / OpenVINO export
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (OpenAI's request and response shapes,
-`stream: true` as server-sent events ending with `data: [DONE]`), GET /health. Every error is a 4xx/5xx with OpenAI's
+`stream: true` as server-sent events ending with `data: [DONE]`), POST /v1/responses (the Responses API, translated
+onto chat completions: responses.py), GET /health. Every error is a 4xx/5xx with OpenAI's
 body `{"error": {"message", "type", "param", "code"}}`. Why this is our own server and not `transformers serve`:
 docs/serving.md.
 
@@ -304,6 +305,21 @@ class Service:
 
     def parse(self, raw: bytes, model_class: type[_Common]) -> _Common:
         """The request `raw` (the body's bytes) holds, checked: JSON, text UTF-8 can encode, its fields, this model."""
+        return self.check(self.load(raw), model_class)
+
+    def parse_responses(self, raw: bytes):
+        """(the /v1/responses request `raw` holds, the same as a ChatRequest), both checked (`responses.py`)."""
+        from tinyllm_hf.inference.responses import ResponsesRequest
+
+        try:
+            request = ResponsesRequest.model_validate(self.load(raw))
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        request.check_supported()
+        return request, self.check(request.chat_body(), ChatRequest)
+
+    def load(self, raw: bytes) -> dict:
+        """The JSON object the body `raw` holds, its text checked to be text UTF-8 can encode."""
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -317,6 +333,10 @@ class Service:
             raise APIError(400, f"Invalid value for '{param}': a string holds a lone UTF-16 surrogate (a \\ud800-"
                            "\\udfff escape without its pair), which is no Unicode text", param=param,
                            code="invalid_value")
+        return body
+
+    def check(self, body: dict, model_class: type[_Common]) -> _Common:
+        """`body` as a `model_class` request, checked: its fields, this model, its response_format."""
         try:
             parsed = model_class.model_validate(body)
         except ValidationError as exc:
@@ -579,27 +599,32 @@ async def collect(service: Service, request, jobs, disconnect_check: float = 0.5
     return texts, reasons, tokens
 
 
-async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bool = False):
-    """SSE lines for `jobs`: one chunk per delta (`make_chunk` may answer None: nothing to send yet), then usage (if
-    asked) and `data: [DONE]`. Cancelling the generator (Starlette does when the client disconnects) cancels the
-    sequences."""
+def sse_data(payload: dict) -> str:
+    # ASCII-escaped JSON: a raw U+2028 or U+0085 in generated text would end the line for some SSE readers.
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bool = False, sse=sse_data,
+                        done: str = "data: [DONE]\n\n"):
+    """SSE lines for `jobs`: the chunks of each delta (`make_chunk` answers a chunk, a list of them, or None: nothing
+    to send yet), then those of `usage_chunk` (if given) and `done`. `sse` writes one chunk. Cancelling the generator
+    (Starlette does when the client disconnects) cancels the sequences."""
     from tinyllm_hf.inference.engine import FINISHED_OK
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)), raw)
 
-    def sse(payload) -> str:
-        # ASCII-escaped JSON: a raw U+2028 or U+0085 in generated text would end the line for some SSE readers.
-        return f"data: {json.dumps(payload)}\n\n"
+    def lines(chunks) -> str:
+        return "".join(map(sse, chunks if isinstance(chunks, list) else [chunks]))
 
     async def generate():
         remaining, tokens = len(jobs), [0] * len(jobs)
         try:
             for index in range(len(jobs)):
                 first = make_chunk(index, None, None, first=True)
-                if first is not None:
-                    yield sse(first)
+                if first:
+                    yield lines(first)
             while remaining:
                 index, delta = await events.get()
                 if delta.finish_reason and delta.finish_reason not in FINISHED_OK:
@@ -607,15 +632,16 @@ async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bo
                     break
                 if delta.text or delta.finish_reason:
                     chunk = make_chunk(index, delta.text, delta.finish_reason)
-                    if chunk is not None:
-                        yield sse(chunk)
+                    if chunk:
+                        yield lines(chunk)
                 if delta.finish_reason:
                     remaining -= 1
                     tokens[index] = delta.completion_tokens
             else:
                 if usage_chunk is not None:
-                    yield sse(usage_chunk(sum(tokens)))
-            yield "data: [DONE]\n\n"
+                    yield lines(usage_chunk(sum(tokens)))
+            if done:
+                yield done
         finally:
             for seq in sequences:
                 seq.cancel()
@@ -787,6 +813,42 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None,
         ]
         return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
                 "choices": choices, "usage": usage(prompt_tokens, sum(tokens))}
+
+    @v1.post("/responses")
+    async def responses(request: Request):
+        from tinyllm_hf.inference.responses import ResponseBuilder, sse_event
+
+        body, chat_body = await asyncio.to_thread(service.parse_responses, await read_body(request, max_body_bytes))
+        chat = await asyncio.to_thread(service.chat_prompt, chat_body)
+        params = service.sampling(chat_body, len(chat.ids), default_max=None)
+        jobs, raw = [(chat.ids, params)], chat.parse is not None
+        builder = ResponseBuilder(body, model_id)
+
+        if body.stream:
+            reply = ReplyStream(chat.parse, chat.prefix, chat.tool_calls) if raw else None
+            finish = []
+
+            def make_events(index, text, finish_reason, first=False):
+                if first:
+                    return builder.start()
+                if finish_reason:
+                    finish.append(finish_reason)
+                if reply is None:
+                    return builder.add(text, [])
+                fields, calls = reply.feed(text, final=finish_reason is not None)
+                return builder.add(fields.get("content", ""), [openai_tool_call(call) for call in calls])
+
+            def final_events(completion_tokens):
+                return builder.finish(finish[0], len(chat.ids), completion_tokens)
+
+            events = await stream_events(service, jobs, make_events, final_events, raw, sse=sse_event, done="")
+            return StreamingResponse(events, media_type="text/event-stream")
+
+        (text,), (reason,), (tokens,) = await collect(service, request, jobs, raw=raw)
+        message = reply_message(chat.parse(chat.prefix + text)) if raw else {"content": text}
+        builder.add(message["content"] or "", message.get("tool_calls", []))
+        builder.finish(reason, len(chat.ids), tokens)
+        return builder.response()
 
     app.include_router(v1)
     return app
