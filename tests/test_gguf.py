@@ -357,3 +357,17 @@ def test_llama_cpp_runtime_keeps_user_text_as_text(llama_runtime):
     assert controls == ["<|system|>", "<|user|>", "<|assistant|>"]
     assert llama_runtime.decode_raw(ids) == llama_runtime.render_chat(messages)
 
+
+
+def test_llama_cpp_runtime_honours_a_json_schema(llama_runtime):
+    """response_format on --backend llamacpp: llguidance reads the GGUF file's vocabulary, the engine masks."""
+    pytest.importorskip("llguidance", reason='constrained decoding needs llguidance: pip install "tinyllm-hf[serve]"')
+    from tinyllm_hf.inference.grammar import Grammar, json_grammar
+    from tinyllm_hf.inference.runtime import generate
+
+    schema = {"type": "object", "properties": {"sentiment": {"enum": ["正面", "负面"]}}, "required": ["sentiment"],
+              "additionalProperties": False}
+    grammar = Grammar(llama_runtime.grammar_tokenizer, json_grammar(schema))
+    ids = llama_runtime.encode_chat([{"role": "user", "content": "这本书怎么样？"}])
+    tokens = generate(llama_runtime, ids, SamplingParams(40, temperature=0.0, grammar=grammar))
+    assert json.loads(llama_runtime.decode_text(tokens))["sentiment"] in ("正面", "负面")

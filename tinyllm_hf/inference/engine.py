@@ -8,10 +8,11 @@ iteration the thread
 1. admits waiting sequences while the batch has room: their prompts are prefilled as a left-padded batch and merged
    into the running batch's KV cache (continuous batching: nobody waits for the longest sequence of a batch to end);
 2. samples one token per row with that row's own temperature / top_p / seed (one `torch.Generator` per sequence, so a
-   seeded request gives the same tokens whatever else shares its batch), and for the rows that asked for logprobs
-   (`SamplingParams.logprobs`) only, the log-softmax of that row's logits;
+   seeded request gives the same tokens whatever else shares its batch), for a row with a grammar
+   (`response_format`, `grammar.py`) only among the tokens its grammar allows next, and for the rows that asked for
+   logprobs (`SamplingParams.logprobs`) the log-softmax of that row's raw logits: the other rows pay for neither;
 3. tells each row's listener of its token, ends rows that hit EOS, a stop (their listener says so: a stop string),
-   their token budget, their deadline, or were cancelled (client gone), and drops those rows from the cache;
+   the end of their grammar, their token budget, their deadline, or were cancelled (client gone), and drops those rows from the cache;
 4. runs one decode step for the remaining rows.
 
 A sequence that asks for its prompt's logprobs (`SamplingParams.prompt_logprobs`, the completions API's `echo` with
@@ -61,6 +62,7 @@ class Sequence:
         self.eos_token: int | None = None  # the EOS that ended it (not in `generated`, as the server counts tokens)
         self.cancelled = threading.Event()
         self.generator = params.generator()
+        self.mask = params.token_mask()  # its grammar's state (response_format), None when unconstrained
 
     def cancel(self) -> None:
         """Ask the engine to stop this sequence at its next step (safe from any thread)."""
@@ -79,10 +81,11 @@ class Sequence:
         self.notify("on_finish", reason, error, logprob)
 
     def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """The next token from this sequence's (vocab,) `logits`, with its own sampling settings and generator, and
-        its logprobs if the sequence asked for them (None otherwise: only the rows that ask pay for the softmax)."""
+        """The next token from this sequence's (vocab,) `logits`, with its own sampling settings, generator and
+        grammar (which the token advances), and its logprobs if the sequence asked for them (None otherwise: only
+        the rows that ask pay for the softmax)."""
         seen = self.prompt_ids + self.generated if self.params.repetition_penalty != 1.0 else None
-        token = sample_token(logits, self.params, self.generator, seen)
+        token = sample_token(logits, self.params, self.generator, seen, self.mask)
         if self.params.logprobs is None:
             return token, None
         return token, token_logprobs(logits[None], [token], self.params.logprobs)[0]
@@ -302,6 +305,9 @@ class Engine:
             return False
         seq.generated.append(token)
         if seq.notify("on_token", logprob):  # the layer above saw a stop (e.g. a stop string in the text)
+            self._finish(seq, "stop")
+            return False
+        if seq.mask is not None and seq.mask.complete:  # the grammar's text is whole (a JSON value closed)
             self._finish(seq, "stop")
             return False
         if len(seq.generated) >= seq.params.max_tokens:

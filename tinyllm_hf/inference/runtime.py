@@ -16,6 +16,8 @@ A runtime works on token ids. Each one has
     decode(tokens, state) -> logits          one new token per row of the batch
     select(state, rows) -> state, merge(a, b) -> state     (batched runtimes only: max_batch_size > 1)
     logits(ids) -> (len, vocab) float tensor of every position, e.g. for perplexity
+    vocab_size, grammar_tokenizer            the logits' width, and llguidance's view of the tokenizer for
+                                             constrained decoding (`grammar.py`), built on first use, once per model
 
 Runtimes: `TransformersRuntime` (any checkpoint `AutoModelForCausalLM` loads, a quanto variant, or a model object
 already in memory; batched), `LlamaCppRuntime` (a GGUF file through llama-cpp-python) and `ExportedRuntime` (the ONNX
@@ -34,11 +36,15 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
 from tinyllm_hf.inference.model_files import BACKENDS, importable, model_kind, quantize_method
+
+if TYPE_CHECKING:
+    from tinyllm_hf.inference.grammar import Grammar, TokenMask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -69,6 +75,10 @@ class SamplingParams:
     # nothing; k >= 0 the log-probability of each sampled (prompt) token and the k most likely tokens in its place.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: "Grammar | None" = None  # constrained decoding (grammar.py): each sequence takes its own matcher
+
+    def token_mask(self) -> "TokenMask | None":
+        return self.grammar.matcher() if self.grammar is not None else None
 
     def generator(self) -> torch.Generator:
         generator = torch.Generator()
@@ -80,9 +90,15 @@ class SamplingParams:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-                 seen: list[int] | None = None) -> int:
-    """One token from the (vocab,) `logits` of one sequence; `seen` are its tokens so far (for the repetition penalty)."""
+                 seen: list[int] | None = None, mask: "TokenMask | None" = None) -> int:
+    """One token from the (vocab,) `logits` of one sequence; `seen` are its tokens so far (for the repetition penalty);
+    `mask`: the sequence's grammar (`params.token_mask()`), which only tokens it allows pass and which the token
+    sampled advances."""
     logits = logits.float().cpu()  # where the (CPU) generator draws
+    if mask is not None:
+        token = sample_token(mask.apply(logits), params, generator, seen)
+        mask.advance(token)
+        return token
     if params.repetition_penalty != 1.0 and seen:
         index = torch.tensor(sorted(set(seen)))
         score = logits[index]
@@ -129,7 +145,8 @@ def stream_batch(runtime, prompts: list[list[int]], params: list[SamplingParams]
                  eos_token_ids=None) -> Iterator[tuple[int, int]]:
     """Generate for several prompts as one batch (at most `runtime.max_batch_size`), each with its own `params` and
     generator: yield `(row, token)` for each new token as it is sampled, rows in prompt order within a step. A row
-    ends at an EOS token (yielded too, as transformers' `generate` returns it) or at its budget, and leaves the batch
+    ends at an EOS token (yielded too, as transformers' `generate` returns it), at its budget, or where its grammar
+    (`params.grammar`) is complete, and leaves the batch
     (`runtime.select`) while the others go on. `eos_token_ids`: the tokens that end a sequence (default: the
     runtime's; `()` runs the whole budget)."""
     if len(prompts) > runtime.max_batch_size:
@@ -142,16 +159,18 @@ def stream_batch(runtime, prompts: list[list[int]], params: list[SamplingParams]
                              f"model's context of {runtime.context_length} tokens")
     eos = runtime.eos_token_ids if eos_token_ids is None else set(eos_token_ids)
     generators = [row_params.generator() for row_params in params]
+    masks = [row_params.token_mask() for row_params in params]
     seen = [list(prompt_ids) for prompt_ids in prompts]
     state, logits = runtime.prefill(seen)
     running = list(range(len(prompts)))  # the prompt index of each row of the batch
     while True:
         keep, tokens = [], []
         for j, row in enumerate(running):
-            token = sample_token(logits[j], params[row], generators[row], seen[row])
+            token = sample_token(logits[j], params[row], generators[row], seen[row], masks[row])
             seen[row].append(token)
             yield row, token
-            if token not in eos and len(seen[row]) - len(prompts[row]) < params[row].max_tokens:
+            complete = masks[row] is not None and masks[row].complete
+            if token not in eos and not complete and len(seen[row]) - len(prompts[row]) < params[row].max_tokens:
                 keep.append(j)
                 tokens.append(token)
         if not keep:
@@ -265,6 +284,12 @@ class _TokenizerText(_ChatEncoding):
             if re.fullmatch("<0x[0-9A-Fa-f]{2}>", piece):
                 return bytes([int(piece[3:5], 16)])
         return self.decode_raw([token_id]).encode("utf-8")
+
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        from tinyllm_hf.inference.grammar import hf_grammar_tokenizer
+
+        return hf_grammar_tokenizer(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
 
 class TransformersRuntime(_TokenizerText):
@@ -436,6 +461,12 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.llm.detokenize([token_id], special=True)
+
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        from tinyllm_hf.inference.grammar import llama_cpp_grammar_tokenizer
+
+        return llama_cpp_grammar_tokenizer(self.llm)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         self.llm.reset()

@@ -5,7 +5,8 @@
     tinyllm serve --model out/onnx-int8 --backend onnx             # an ONNX Runtime / OpenVINO export
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (OpenAI's request and response shapes,
-`stream: true` as server-sent events ending with `data: [DONE]`), GET /health. Every error is a 4xx/5xx with OpenAI's
+`stream: true` as server-sent events ending with `data: [DONE]`), POST /v1/responses (the Responses API, translated
+onto chat completions: responses.py), GET /health. Every error is a 4xx/5xx with OpenAI's
 body `{"error": {"message", "type", "param", "code"}}`. Why this is our own server and not `transformers serve`:
 docs/serving.md.
 
@@ -39,9 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from tinyllm_hf.errors import APIError, EngineOverloaded, UsageError
+from tinyllm_hf.errors import APIError, EngineOverloaded, MissingDependencyError, UsageError
 from tinyllm_hf.inference.model_files import LOOPBACK_HOSTS, add_runtime_arguments, positive_int
 from tinyllm_hf.inference.text_stream import Delta, ReplyStream, TextStream
 
@@ -181,6 +182,27 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
+    schema_: dict = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema(self) -> dict | None:
+        """The JSON schema the reply must follow; None for plain text."""
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs a 'json_schema' object",
+                               param="response_format.json_schema", code="invalid_value")
+            return self.json_schema.schema_
+        return {"type": "object"} if self.type == "json_object" else None
+
+
 class _Common(_Request):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)  # 0 only with echo, on /v1/completions
@@ -198,6 +220,8 @@ class _Common(_Request):
     logit_bias: dict | None = None
     tools: list | None = None
     functions: list | None = None
+    response_format: ResponseFormat | None = None  # constrained decoding (grammar.py); vLLM takes it on completions
+    _grammar = PrivateAttr(None)  # response_format compiled for the model (Service.compile_response_format)
 
     def unsupported(self) -> dict[str, bool]:
         """Each field this server cannot honour: whether the request uses it."""
@@ -312,6 +336,21 @@ class Service:
 
     def parse(self, raw: bytes, model_class: type[_Common]) -> _Common:
         """The request `raw` (the body's bytes) holds, checked: JSON, text UTF-8 can encode, its fields, this model."""
+        return self.check(self.load(raw), model_class)
+
+    def parse_responses(self, raw: bytes):
+        """(the /v1/responses request `raw` holds, the same as a ChatRequest), both checked (`responses.py`)."""
+        from tinyllm_hf.inference.responses import ResponsesRequest
+
+        try:
+            request = ResponsesRequest.model_validate(self.load(raw))
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        request.check_supported()
+        return request, self.check(request.chat_body(), ChatRequest)
+
+    def load(self, raw: bytes) -> dict:
+        """The JSON object the body `raw` holds, its text checked to be text UTF-8 can encode."""
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -325,6 +364,10 @@ class Service:
             raise APIError(400, f"Invalid value for '{param}': a string holds a lone UTF-16 surrogate (a \\ud800-"
                            "\\udfff escape without its pair), which is no Unicode text", param=param,
                            code="invalid_value")
+        return body
+
+    def check(self, body: dict, model_class: type[_Common]) -> _Common:
+        """`body` as a `model_class` request, checked: its fields, this model, its response_format."""
         try:
             parsed = model_class.model_validate(body)
         except ValidationError as exc:
@@ -333,6 +376,7 @@ class Service:
         parsed.check_seed()
         self.check_logprobs(parsed)
         self.check_model(parsed.model)
+        self.compile_response_format(parsed)
         return parsed
 
     def check_logprobs(self, request: _Common) -> None:
@@ -404,7 +448,30 @@ class Service:
         max_tokens = min(default_max or context, context - prompt_len) if requested is None else requested
         logprobs, prompt_logprobs = request.reported_logprobs()
         return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(),
-                              seed=request.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              seed=request.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              grammar=request._grammar)
+
+    def compile_response_format(self, request: _Common) -> None:
+        """Check `request.response_format` and compile it for this model's tokenizer into `request._grammar`."""
+        from tinyllm_hf.inference.grammar import Grammar, json_grammar
+
+        schema = request.response_format.schema() if request.response_format is not None else None
+        if schema is None:
+            return
+        if isinstance(request, ChatRequest) and request.tools and request.tool_choice != "none":
+            raise APIError(400, "response_format cannot be combined with tools on this server (the grammar would rule "
+                           "out tool calls): send one or the other", param="response_format", code="unsupported_parameter")
+        if isinstance(request, ChatRequest) and request.thinking():
+            raise APIError(400, "response_format cannot be combined with enable_thinking (the grammar would rule out "
+                           "the reasoning)", param="response_format", code="unsupported_parameter")
+        param = "response_format.json_schema.schema" if request.response_format.type == "json_schema" else "response_format"
+        try:
+            request._grammar = Grammar(self.runtime.grammar_tokenizer, json_grammar(schema))
+        except MissingDependencyError as exc:
+            raise APIError(400, f"response_format cannot be honoured: {exc}", param="response_format",
+                           code="unsupported_parameter") from None
+        except UsageError as exc:
+            raise APIError(400, f"Invalid '{param}': {exc}", param=param, code="invalid_value") from None
 
     def submit_all(self, jobs: list[tuple[list[int], "SamplingParams"]], on_delta, raw: bool = False) -> list:
         """Submit every choice; if the queue fills midway, cancel what was submitted and answer 503. `raw`: decode
@@ -650,9 +717,16 @@ async def collect(service: Service, request, jobs, disconnect_check: float = 0.5
     return texts, reasons, tokens, logprobs, prompt_logprobs
 
 
-async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bool = False):
-    """SSE lines for `jobs`: one chunk per delta (`make_chunk(index, delta)`, delta None for each choice's first; it
-    may answer None: nothing to send yet), then usage (if asked) and `data: [DONE]`. Cancelling the generator
+def sse_data(payload: dict) -> str:
+    # ASCII-escaped JSON: a raw U+2028 or U+0085 in generated text would end the line for some SSE readers.
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bool = False, sse=sse_data,
+                        done: str = "data: [DONE]\n\n"):
+    """SSE lines for `jobs`: the chunks of each delta (`make_chunk(index, delta)`, delta None for each choice's first;
+    it answers a chunk, a list of them, or None: nothing to send yet), then those of `usage_chunk` (if given) and
+    `done`. `sse` writes one chunk. Cancelling the generator
     (Starlette does when the client disconnects) cancels the sequences."""
     from tinyllm_hf.inference.engine import FINISHED_OK
 
@@ -660,17 +734,16 @@ async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bo
     events: asyncio.Queue = asyncio.Queue()
     sequences = service.submit_all(jobs, lambda i, d: loop.call_soon_threadsafe(events.put_nowait, (i, d)), raw)
 
-    def sse(payload) -> str:
-        # ASCII-escaped JSON: a raw U+2028 or U+0085 in generated text would end the line for some SSE readers.
-        return f"data: {json.dumps(payload)}\n\n"
+    def lines(chunks) -> str:
+        return "".join(map(sse, chunks if isinstance(chunks, list) else [chunks]))
 
     async def generate():
         remaining, tokens = len(jobs), [0] * len(jobs)
         try:
             for index in range(len(jobs)):
                 first = make_chunk(index, None)
-                if first is not None:
-                    yield sse(first)
+                if first:
+                    yield lines(first)
             while remaining:
                 index, delta = await events.get()
                 if delta.finish_reason and delta.finish_reason not in FINISHED_OK:
@@ -678,15 +751,16 @@ async def stream_events(service: Service, jobs, make_chunk, usage_chunk, raw: bo
                     break
                 if delta.text or delta.finish_reason or delta.logprobs or delta.prompt_logprobs is not None:
                     chunk = make_chunk(index, delta)
-                    if chunk is not None:
-                        yield sse(chunk)
+                    if chunk:
+                        yield lines(chunk)
                 if delta.finish_reason:
                     remaining -= 1
                     tokens[index] = delta.completion_tokens
             else:
                 if usage_chunk is not None:
-                    yield sse(usage_chunk(sum(tokens)))
-            yield "data: [DONE]\n\n"
+                    yield lines(usage_chunk(sum(tokens)))
+            if done:
+                yield done
         finally:
             for seq in sequences:
                 seq.cancel()
@@ -881,6 +955,43 @@ def build_app(engine: "Engine", model_id: str, api_key: str | None = None,
             choices.append({"index": i, "text": echoes[i] + text, "logprobs": choice_logprobs, "finish_reason": reason})
         return {"id": response_id, "object": "text_completion", "created": created, "model": model_id,
                 "choices": choices, "usage": usage(prompt_tokens, sum(tokens))}
+
+    @v1.post("/responses")
+    async def responses(request: Request):
+        from tinyllm_hf.inference.responses import ResponseBuilder, sse_event
+
+        body, chat_body = await asyncio.to_thread(service.parse_responses, await read_body(request, max_body_bytes))
+        chat = await asyncio.to_thread(service.chat_prompt, chat_body)
+        params = service.sampling(chat_body, len(chat.ids), default_max=None)
+        jobs, raw = [(chat.ids, params)], chat.parse is not None
+        builder = ResponseBuilder(body, model_id)
+
+        if body.stream:
+            reply = ReplyStream(chat.parse, chat.prefix, chat.tool_calls) if raw else None
+            finish = []
+
+            def make_events(index, event):
+                if event is None:
+                    return builder.start()
+                text, finish_reason = event.text, event.finish_reason
+                if finish_reason:
+                    finish.append(finish_reason)
+                if reply is None:
+                    return builder.add(text, [])
+                fields, calls = reply.feed(text, final=finish_reason is not None)
+                return builder.add(fields.get("content", ""), [openai_tool_call(call) for call in calls])
+
+            def final_events(completion_tokens):
+                return builder.finish(finish[0], len(chat.ids), completion_tokens)
+
+            events = await stream_events(service, jobs, make_events, final_events, raw, sse=sse_event, done="")
+            return StreamingResponse(events, media_type="text/event-stream")
+
+        (text,), (reason,), (tokens,), _, _ = await collect(service, request, jobs, raw=raw)
+        message = reply_message(chat.parse(chat.prefix + text)) if raw else {"content": text}
+        builder.add(message["content"] or "", message.get("tool_calls", []))
+        builder.finish(reason, len(chat.ids), tokens)
+        return builder.response()
 
     app.include_router(v1)
     return app
