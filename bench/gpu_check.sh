@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one script for a short GPU lease (results go to $OUT, default /tmp/gpu-check):
-#   bench/gpu_check.sh [throughput] [moe] [deepspeed] [sft]        (no argument: all four)
+#   bench/gpu_check.sh [throughput] [moe] [deepspeed] [sft] [speedrun]        (no argument: all five)
 #   throughput  pretraining tokens/s and MFU of Tinyllm vs Llama (bf16, plain and torch.compile), 92m and 210m presets
 #               (bench/pretrain_throughput.py --device cuda)
 #   moe         the same for the moe-92m preset (no Llama twin)
@@ -8,13 +8,16 @@
 #               torch.compile) and ZeRO-3, with the Trainer's tokens/s and MFU logs; the ZeRO-2 model is kept for sft
 #   sft         `accelerate launch` of recipes/sft/92m.yaml from that model, on a local JSONL sample of the embedded set
 #               (the recipe's Hub dataset and flash-attn are unavailable offline: sdpa, no packing)
+#   speedrun    bench/speedrun.py on one GPU: the quickstart pretraining recipe in bf16 to the fixed validation
+#               bits per character (docs/speedrun.md's one-GPU row)
 # Prepared inputs (git-ignored, built on a CPU machine first because the GPU machine has no network):
 #   .whl/          wheels the GPU image lacks (transformers, datasets, trl, deepspeed and their missing dependencies)
-#   .gpu/corpus    the embedded corpus written out as text files; .gpu/tokenizer a trained tokenizer;
+#   .gpu/corpus    the embedded corpus written out as text files; .gpu/tokenizer a trained tokenizer (the
+#                  quickstart's: `tinyllm tokenizer train --corpus default --vocab-size 8192`);
 #   .gpu/sft.jsonl a sample of the embedded SFT set as `messages` rows
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
-SECTIONS=${*:-throughput moe deepspeed sft}
+SECTIONS=${*:-throughput moe deepspeed sft speedrun}
 mkdir -p "$OUT"
 if [[ -d .whl ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -51,4 +54,8 @@ if [[ $SECTIONS == *sft* ]]; then
     --packing false --max_steps 60 --warmup_steps 5 --eval_strategy steps --eval_steps 60 --save_strategy no \
     --logging_steps 10 --report_to none --output_dir /tmp/sft-92m 2>&1 | tee "$OUT/sft.log" | summary 4
   grep -o "'eval_loss': '[0-9.]*'" "$OUT/sft.log" | tail -1
+fi
+if [[ $SECTIONS == *speedrun* ]]; then
+  timeout 120 python3 bench/speedrun.py --tokenizer .gpu/tokenizer --json "$OUT/speedrun.json" \
+    -- --use_cpu false --bf16 true 2>&1 | grep -v Warning | tee "$OUT/speedrun.txt" | tail -3
 fi

@@ -561,3 +561,56 @@ def test_deepspeed_config_with_mixed_precision_is_rejected(tmp_path, monkeypatch
     bad.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="When using `deepspeed_config_file`, the following accelerate config"):
         launcher_settings(bad, monkeypatch)
+
+
+def load_speedrun():
+    """bench/speedrun.py as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speedrun", Path(__file__).resolve().parents[1] / "bench/speedrun.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def speedrun_setup(corpus_file, tokenizer_dir, tmp_path, monkeypatch):
+    """The speedrun script on a tiny recipe, with the corpus' last documents standing in for the validation text."""
+    speedrun = load_speedrun()
+    texts = corpus_file.read_text(encoding="utf-8").splitlines()[-40:]
+    monkeypatch.setattr(speedrun, "load_texts", lambda source: texts)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model_preset": "tiny", "dataset_name": str(corpus_file), "block_size": 32, "max_steps": 40,
+        "config_overrides": "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,max_position_embeddings=32",
+        "per_device_train_batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 2, "peak_flops": 1e11,
+        "use_cpu": True, "dataloader_num_workers": 0, "seed": 0}), encoding="utf-8")
+    return speedrun, ["--tokenizer", str(tokenizer_dir), "--recipe", str(recipe), "--check-every", "10"]
+
+
+def test_speedrun_stops_at_the_first_check_that_reaches_the_target(speedrun_setup, tmp_path, capsys):
+    speedrun, argv = speedrun_setup
+    first = tmp_path / "first.json"
+    assert speedrun.main([*argv, "--target", "0.01", "--json", str(first)]) == 1  # out of reach: all 40 steps
+    checks = json.loads(first.read_text())["checks"]
+    assert [c["step"] for c in checks] == [10, 20, 30, 40] and "NOT reached" in capsys.readouterr().out
+    assert checks[-1]["bits_per_char"] < checks[0]["bits_per_char"]  # it learns
+    assert all(later["seconds"] > earlier["seconds"] for earlier, later in zip(checks, checks[1:]))
+    # A target between the second and the third check's scores is reached at the third check, where training stops.
+    target = (checks[1]["bits_per_char"] + checks[2]["bits_per_char"]) / 2
+    result_file = tmp_path / "result.json"
+    assert speedrun.main([*argv, "--target", str(target), "--json", str(result_file), "--", "--max_steps", "40"]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["reached"] and result["step"] == 30 and [c["step"] for c in result["checks"]] == [10, 20, 30]
+    assert result["bits_per_char"] == pytest.approx(checks[2]["bits_per_char"], abs=2e-3)  # the same run again
+    assert result["tokens"] == 30 * 4 * 32 and result["flags"] == "--max_steps 40"
+    assert f"| {result['step']} | " in capsys.readouterr().out  # the table row
+
+
+def test_speedrun_refuses_bad_arguments(speedrun_setup, capsys):
+    speedrun, argv = speedrun_setup
+    for bad, message in ((["--check-every", "0"], "--check-every must be at least 1"),
+                         (["--target", "-1"], "--target must be a positive number")):
+        with pytest.raises(SystemExit) as exit_info:
+            speedrun.main([*argv, *bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -182,7 +182,9 @@ def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: i
     return train, validation
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, run_args: RunArguments) -> dict:
+def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, run_args: RunArguments,
+          callbacks: list | None = None) -> dict:
+    """Pretrain and save; `callbacks` are extra `TrainerCallback`s (bench/speedrun.py's clock)."""
     set_seed(args.seed)
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path, model_args.trust_remote_code)
     model = build_model(model_args, tokenizer)
@@ -208,7 +210,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
         eval_dataset=eval_dataset,
         data_collator=collate_blocks,
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback({"validation unigram entropy": entropy})] if run_args.loss_curve else None,
+        callbacks=[*([LossCurveCallback({"validation unigram entropy": entropy})] if run_args.loss_curve else []),
+                   *(callbacks or [])],
     )
     tokens_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size * block_size
     add_callback_first(
