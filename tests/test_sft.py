@@ -227,7 +227,8 @@ def test_lora_sft_saves_a_peft_adapter_that_merges_to_the_same_outputs(tiny_mode
     results = json.loads((adapter / "heldout_results.json").read_text())
     assert results["per_task"]["sentiment"]["n"] == 2
     assert (adapter / "heldout_tasks.jsonl").is_file()
-    # The measured sampling defaults (docs/sft.md) ship with the adapter, beside the end-of-turn token generation stops at.
+    # The measured sampling defaults (docs/sft.md) ship with the adapter, beside the end-of-turn token that stops
+    # generation.
     eos = AutoTokenizer.from_pretrained(adapter).eos_token_id
     generation = json.loads((adapter / "generation_config.json").read_text())
     assert GENERATION_DEFAULTS and {key: generation.get(key) for key in GENERATION_DEFAULTS} == GENERATION_DEFAULTS

@@ -82,13 +82,15 @@ REPETITION_HEADER = ["loops", "distinct-2", "repeated 4-grams"]
 
 
 def format_repetition(metrics: dict | None) -> list[str]:
-    """The cells under REPETITION_HEADER: loop share (with the count), distinct-2, repeated 4-gram rate; "–" where not measured."""
+    """The cells under REPETITION_HEADER: loop share (with the count), distinct-2, repeated 4-gram rate; "–" where
+    not measured."""
     if not metrics:
         return ["–"] * 3
 
     def percent(value):
         return "–" if value is None else f"{100 * value:.1f}%"
 
-    loops = "–" if metrics["loop_share"] is None else f"{percent(metrics['loop_share'])} ({metrics['loops']}/{metrics['replies']})"
+    loops = "–" if metrics["loop_share"] is None else (
+        f"{percent(metrics['loop_share'])} ({metrics['loops']}/{metrics['replies']})")
     return [loops, "–" if metrics["distinct_2"] is None else f"{metrics['distinct_2']:.3f}",
             percent(metrics[f"repeated_{REPEATED_NGRAM}gram_rate"])]

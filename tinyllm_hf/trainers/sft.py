@@ -14,9 +14,9 @@ conversations are tokenized by `TinyllmSFTTrainer`, their text as plain text: a 
 never becomes a control token.
 
 Output: the full model (or, with `use_peft`, the adapter in PEFT format; `tinyllm merge` folds it into the base) with
-its tokenizer and a generation_config.json holding the measured sampling defaults (`GENERATION_DEFAULTS`); with the default set, `heldout_tasks.jsonl` (the held-out questions as task records for
-`tinyllm eval --tasks tasks`), and with `heldout_eval_sizes` the held-out accuracy of those tasks in
-`heldout_results.json`.
+its tokenizer and a generation_config.json holding the measured sampling defaults (`GENERATION_DEFAULTS`); with the
+default set, `heldout_tasks.jsonl` (the held-out questions as task records for `tinyllm eval --tasks tasks`), and with
+`heldout_eval_sizes` the held-out accuracy of those tasks in `heldout_results.json`.
 """
 
 import copy
