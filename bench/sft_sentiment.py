@@ -31,8 +31,10 @@ def stopped_at_eos(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     for start in range(0, len(prompts), batch_size):
         rows = [tokenizer(p).input_ids for p in prompts[start : start + batch_size]]
         input_ids, mask, _ = left_pad(rows, pad_id(tokenizer))
+        # repetition_penalty 1.0: plain greedy, not the SFT model's sampling defaults from its generation_config.json
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
+                             repetition_penalty=1.0, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad_id(tokenizer))
         stops += [(row[input_ids.shape[1]:] == tokenizer.eos_token_id).any().item() for row in out]
     return stops
 

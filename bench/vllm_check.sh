@@ -81,7 +81,9 @@ def hf_greedy(prompt_ids):
     """transformers' greedy continuation and the log-probability of each chosen token (raw logits, as vLLM reports)."""
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
+        # repetition_penalty 1.0 here and in the requests: plain greedy on both sides, not an SFT model's sampling
+        # defaults (generation_config.json), which transformers and vLLM would otherwise both apply
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, repetition_penalty=1.0,
                              pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
     new = out.sequences[0, ids.shape[1]:].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, new)]
@@ -89,8 +91,8 @@ def hf_greedy(prompt_ids):
 
 
 def post(route, body):
-    body = {"model": "under-test", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "skip_special_tokens": False, "return_token_ids": True, **body}
+    body = {"model": "under-test", "max_tokens": max_tokens, "temperature": 0, "repetition_penalty": 1.0,
+            "ignore_eos": True, "skip_special_tokens": False, "return_token_ids": True, **body}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/{route}", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(request, timeout=120))

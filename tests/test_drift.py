@@ -69,6 +69,8 @@ def test_an_fp32_copy_does_not_drift(run):
     assert copy["greedy_match_min"] == 8 and copy["greedy_match_mean"] == 8.0
     assert copy["same_answer_as_fp32"] == copy["task_n"] == 4
     assert copy["task_correct"] == fp32["task_correct"]
+    # The same answers repeat themselves alike: the repetition columns are measured on every variant's replies.
+    assert copy["repetition"] == fp32["repetition"] and fp32["repetition"]["replies"] == 4
     assert copy["size_mib"] == pytest.approx(fp32["size_mib"])
     assert result["questions_per_task"] == {"sentiment": 2, "xiehouyu": 1, "raw": 1}
 
@@ -106,6 +108,9 @@ def test_markdown_and_json_hold_the_same_numbers(run):
         if not row["skipped"]:
             assert table[row["name"]][2] == f"{row['perplexity']:.3f}"
             assert table[row["name"]][4].endswith(f"({row['task_correct']}/{row['task_n']})")
+            loops = table[row["name"]][drift.HEADER.index("loops")]
+            assert loops.endswith(f"({row['repetition']['loops']}/{row['task_n']})")
+    assert "| loops | distinct-2 | repeated 4-grams |" in markdown
 
 
 def test_bad_variants_fail_with_one_line(tmp_path, capsys):

@@ -601,6 +601,26 @@ def test_task_accuracy_with_exact_and_contains_checkers(tokenizer):
         evaluate_tasks(runtime, [{"prompt": "x", "answer": "y", "checker": "regex"}])
 
 
+def test_task_results_report_the_repetition_of_the_replies(tokenizer):
+    # One reply loops until its budget runs out (the last copy cut short), the other answers and stops.
+    replies = {"这句话的情感是？": "正面", "“画蛇添足”是什么意思？": "多余的事，" * 30}
+
+    class Replier(FakeChatLM):
+        def reply_to(self, prompt):
+            return next(r for q, r in replies.items() if q in prompt)
+
+    examples = [
+        {"task": "sentiment", "messages": [{"role": "user", "content": "这句话的情感是？"}], "answer": "正面"},
+        {"task": "idiom", "messages": [{"role": "user", "content": "“画蛇添足”是什么意思？"}], "answer": "多余"},
+    ]
+    result = evaluate_tasks(TransformersRuntime(Replier(tokenizer, []), tokenizer), examples, max_new_tokens=90,
+                            progress=False)
+    repetition = result["repetition"]
+    assert repetition["replies"] == 2 and repetition["loops"] == 1 and repetition["loop_share"] == 0.5
+    assert repetition["repeated_4gram_rate"] > 0.5  # the looping reply's 4-grams are mostly repeats
+    assert 0 < repetition["distinct_2"] < 1
+
+
 # ---------------------------------------------------------------- results, CLI, lm-eval
 
 

@@ -214,9 +214,10 @@ def lora_run(model_dir, output_dir) -> int:
 
 def test_lora_sft_saves_a_peft_adapter_that_merges_to_the_same_outputs(tiny_model_dir, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinyllm_hf.trainers import merge
+    from tinyllm_hf.trainers.sft import GENERATION_DEFAULTS
 
     adapter = tmp_path / "adapter"
     assert lora_run(tiny_model_dir, adapter) == 0
@@ -226,10 +227,19 @@ def test_lora_sft_saves_a_peft_adapter_that_merges_to_the_same_outputs(tiny_mode
     results = json.loads((adapter / "heldout_results.json").read_text())
     assert results["per_task"]["sentiment"]["n"] == 2
     assert (adapter / "heldout_tasks.jsonl").is_file()
+    # The measured sampling defaults (docs/sft.md) ship with the adapter, beside the end-of-turn token that stops
+    # generation.
+    eos = AutoTokenizer.from_pretrained(adapter).eos_token_id
+    generation = json.loads((adapter / "generation_config.json").read_text())
+    assert GENERATION_DEFAULTS and {key: generation.get(key) for key in GENERATION_DEFAULTS} == GENERATION_DEFAULTS
+    assert generation["eos_token_id"] == eos
 
     merged_dir = tmp_path / "merged"
     assert merge.main(["--adapter", str(adapter), "--output", str(merged_dir), "--base", str(tiny_model_dir)]) == 0
     assert not (merged_dir / "adapter_config.json").exists()
+    merged_generation = json.loads((merged_dir / "generation_config.json").read_text())  # the adapter's, not the base's
+    assert {key: merged_generation.get(key) for key in GENERATION_DEFAULTS} == GENERATION_DEFAULTS
+    assert merged_generation["eos_token_id"] == eos
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_hf.evaluation.repetition import REPETITION_HEADER, format_repetition
 from tinyllm_hf.evaluation.results import BENCHMARK_TITLES, benchmark_table, category_table, skipped_benchmarks
 from tinyllm_hf.runs import STAGES, TRAINING_STAGES, RunLayout
 from tinyllm_hf.tasks import sample_prompt
@@ -53,7 +54,8 @@ def stage_table(run: RunLayout, stages) -> str:
 
 def eval_table(run: RunLayout, model_stages) -> str:
     """One row per evaluated model (and one more per model evaluated with the built-in tools): perplexity, held-out
-    task accuracy (overall and per task), tool-call validity. C-Eval and CMMLU have their own tables
+    task accuracy (overall and per task), tool-call validity, and the repetition of the replies (loops, distinct-2,
+    repeated 4-grams: `evaluation/repetition.py`). C-Eval and CMMLU have their own tables
     (`benchmark_section`)."""
     results = {s: _read_json(run.eval_results(s)) for s in model_stages}
     results = {s: r for s, r in results.items() if r}
@@ -62,7 +64,8 @@ def eval_table(run: RunLayout, model_stages) -> str:
     held_keys = ("tasks", "tasks_tools")
     task_names = sorted({t for r in results.values() for key in held_keys
                          for t in r["tasks"].get(key, {}).get("per_task", {})})
-    header = ["model", "tools", "bits/char", "perplexity", "held-out tasks", *task_names, "valid tool calls"]
+    header = ["model", "tools", "bits/char", "perplexity", "held-out tasks", *task_names, "valid tool calls",
+              *REPETITION_HEADER]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def accuracy(entry):
@@ -78,7 +81,8 @@ def eval_table(run: RunLayout, model_stages) -> str:
             validity = f"{100 * calls['validity']:.1f}% of {calls['n']}" if calls and calls.get("n") else "–"
             cells = [stage, "on" if key == "tasks_tools" else "off", _fmt(ppl.get("bits_per_char"), "{:.3f}"),
                      _fmt(ppl.get("perplexity"), "{:.2f}"), accuracy(held) + (f" ({held.get('mode')})" if held else ""),
-                     *[accuracy(per_task.get(t)) for t in task_names], validity]
+                     *[accuracy(per_task.get(t)) for t in task_names], validity,
+                     *format_repetition(held.get("repetition"))]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -13,7 +13,8 @@
                  (or, when its data could not be read: {"skipped": why, "mode", "shots", "split", "command"})
         "cmmlu": {…},
         "ppl":   {"n_texts", "n_tokens", "n_chars", "nll_per_token", "perplexity", "bits_per_char", "bits_per_byte", …},
-        "tasks": {"mode", "shots", "tools", "accuracy", "n", "correct", "per_task": {…}},
+        "tasks": {"mode", "shots", "tools", "accuracy", "n", "correct", "per_task": {…},
+                  "repetition": {"replies", "distinct_1", "distinct_2", "repeated_4gram_rate", "loops", "loop_share"}},
         "tasks_tools": {… as "tasks", with the built-in tools (--tools on|both), "tool_calls": {"n", "valid",
                         "validity", "called", "malformed"}}
       }

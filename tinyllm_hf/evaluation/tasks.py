@@ -15,6 +15,8 @@ The model answers each record greedily; results are reported per task and overal
 calls run, and the final answer is judged. Tool-call validity is then reported too: of the records with a
 `tool_call`, the share whose first reply makes exactly one call that parses, names that tool and passes those
 arguments.
+Repetition is reported too (`repetition`: distinct-n, the repeated 4-gram rate and the share of replies in a loop, as
+`evaluation/repetition.py` defines them), over the final replies.
 """
 
 import json
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.evaluation.engine import greedy_generate
+from tinyllm_hf.evaluation.repetition import repetition_metrics
 from tinyllm_hf.tasks import CHECKERS
 
 
@@ -94,6 +97,7 @@ def evaluate_tasks(
         "n": n,
         "correct": correct,
         "per_task": dict(sorted(per_task.items())),
+        "repetition": repetition_metrics(replies),
     }
     if toolbox is not None:
         results["tool_calls"] = tool_call_validity(examples, first_replies)

@@ -12,6 +12,8 @@ through llama-cpp-python) or another checkpoint — are measured the same way, t
     perplexity      on held-out text, and its drift against fp32 in percent
     task accuracy   greedy answers to held-out checkable questions (the SFT tasks' held-out split, scored by
                     tinyllm_hf.evaluation.tasks), and how many answers are exactly fp32's answers
+    repetition      of those answers: the share in a loop, distinct-2 and the repeated 4-gram rate
+                    (tinyllm_hf.evaluation.repetition), so a variant that starts looping shows it
     greedy match    how many of the first N greedy tokens equal fp32's, min and mean over fixed prompts
     decode tok/s    N new tokens after a short prompt, batch 1, the same thread count for every variant
 
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.evaluation.repetition import REPETITION_HEADER, format_repetition, repetition_metrics
 from tinyllm_hf.inference.model_files import missing_runtime, model_kind
 from tinyllm_hf.model_utils import add_trust_remote_code_argument
 
@@ -207,6 +210,7 @@ def compare(raw: dict, reference: dict, questions) -> dict:
         "task_n": len(questions),
         "task_accuracy": correct / len(questions) if questions else None,
         "same_answer_as_fp32": sum(a == b for a, b in zip(raw["replies"], reference["replies"])),
+        "repetition": repetition_metrics(raw["replies"]),
         "greedy_match_min": min(matches),
         "greedy_match_mean": float(np.mean(matches)),
         "decode_tokens_per_s": raw["decode_tokens_per_s"],
@@ -292,7 +296,7 @@ def measure_drift(model_dir: str | Path, variants: list[str | Path], settings: D
 # ---------------------------------------------------------------------------------------------------------------------
 
 HEADER = ["variant", "size (MiB)", "perplexity", "drift vs fp32", "task accuracy", "same answer as fp32",
-          "greedy match (min / mean)", "decode tok/s"]
+          *REPETITION_HEADER, "greedy match (min / mean)", "decode tok/s"]
 
 
 def table_row(row: dict) -> list[str]:
@@ -301,6 +305,7 @@ def table_row(row: dict) -> list[str]:
     accuracy = "–" if row["task_accuracy"] is None else f"{100 * row['task_accuracy']:.1f}%"
     return [row["name"], f"{row['size_mib']:.2f}", f"{row['perplexity']:.3f}", f"{row['drift_pct']:+.2f}%",
             f"{accuracy} ({row['task_correct']}/{row['task_n']})", f"{row['same_answer_as_fp32']}/{row['task_n']}",
+            *format_repetition(row["repetition"]),
             f"{row['greedy_match_min']} / {row['greedy_match_mean']:.1f}", f"{row['decode_tokens_per_s']:.0f}"]
 
 
@@ -311,7 +316,9 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"Reference: `{result['model']}` in fp32 (transformers). Perplexity on {s['eval_chunks']} x {s['chunk_len']} "
         f"tokens of `{Path(s['eval_text']).name}`; task accuracy: greedy answers (at most {s['task_tokens']} new "
-        f"tokens) to {sum(result['questions_per_task'].values())} held-out questions from {source} ({tasks}); "
+        f"tokens) to {sum(result['questions_per_task'].values())} held-out questions from {source} ({tasks}), and "
+        f"their repetition (replies in a loop, distinct-2, repeated 4-grams; characters as tokens, "
+        f"docs/evaluation.md); "
         f"greedy match over the first {s['gen_tokens']} tokens of {len(s['prompts'])} prompts; decode speed: "
         f"{s['speed_tokens']} new tokens, batch 1, {s['threads']} threads. Measured {machine['date']} on "
         f"{machine['processor']} with {machine['cpu_count']} cores, load average {machine['load_average']} at the end "

@@ -3,7 +3,8 @@
     tinyllm merge --adapter outputs/sft-lora --output outputs/sft-merged [--base outputs/pretrain]
 
 The merged folder loads like any Tinyllm checkpoint (no peft needed), with the adapter folder's tokenizer (the one SFT
-trained with) or else the base model's. `--base` defaults to the base model the adapter was trained on, as recorded in
+trained with) or else the base model's, and likewise the adapter folder's generation_config.json (SFT's sampling
+defaults). `--base` defaults to the base model the adapter was trained on, as recorded in
 its adapter_config.json.
 """
 
@@ -36,6 +37,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
 
     Merging runs in `dtype` (float32 by default: merging in half precision rounds the sum of base and update)."""
     from peft import PeftModel
+    from transformers import GenerationConfig
+    from transformers.utils import GENERATION_CONFIG_NAME
 
     # Here, not at the top: the tokenizer package loads transformers' AutoTokenizer, which imports torch, and
     # `tinyllm merge --help` (and `tinyllm chat`, for `adapter_base`) should not wait for it.
@@ -49,6 +52,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     check_output_dir(Path(output_dir), overwrite)  # before the merge, which loads the whole model
     model = get_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    if (adapter_dir / GENERATION_CONFIG_NAME).is_file():  # the sampling defaults SFT wrote, not the base model's
+        merged.generation_config = GenerationConfig.from_pretrained(adapter_dir)
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = get_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code)
     with atomic_output(output_dir) as staging:

@@ -14,11 +14,12 @@ conversations are tokenized by `TinyllmSFTTrainer`, their text as plain text: a 
 never becomes a control token.
 
 Output: the full model (or, with `use_peft`, the adapter in PEFT format; `tinyllm merge` folds it into the base) with
-its tokenizer; with the default set, `heldout_tasks.jsonl` (the held-out questions as task records for
-`tinyllm eval --tasks tasks`), and with `heldout_eval_sizes` the held-out accuracy of those tasks in
-`heldout_results.json`.
+its tokenizer and a generation_config.json holding the measured sampling defaults (`GENERATION_DEFAULTS`); with the
+default set, `heldout_tasks.jsonl` (the held-out questions as task records for `tinyllm eval --tasks tasks`), and with
+`heldout_eval_sizes` the held-out accuracy of those tasks in `heldout_results.json`.
 """
 
+import copy
 import importlib.util
 import json
 import sys
@@ -324,6 +325,26 @@ def evaluate_heldout(model, tokenizer, data_args: SFTDataArguments, output_dir: 
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Generation defaults
+# --------------------------------------------------------------------------------------------------------------------
+
+# What transformers' `generate`, vLLM and the Ollama export use when a request sets nothing else: chosen by measurement
+# (bench/generation_defaults.py on the quickstart SFT model's held-out questions; the table and the reasons are in
+# docs/sft.md, "Generation defaults"). Evaluation is greedy and unaffected.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.2}
+
+
+def write_generation_config(model, output_dir: str) -> None:
+    """The model's generation config (its end-of-turn and padding tokens) with `GENERATION_DEFAULTS`, as
+    output_dir/generation_config.json; written for an adapter folder too, so that `tinyllm merge` passes it on."""
+    config = copy.deepcopy(model.generation_config)
+    config.update(**GENERATION_DEFAULTS)
+    config._from_model_config = False  # written on purpose: transformers must not rebuild it from config.json
+    config.validate(strict=True)
+    config.save_pretrained(output_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -358,6 +379,8 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
         trainer.model.print_trainable_parameters()
 
     metrics = train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
+    if args.should_save:
+        write_generation_config(base, args.output_dir)
     if args.should_save and "default" in data_args.sources:
         results = evaluate_heldout(trainer.model, tokenizer, data_args, args.output_dir, heldout)
         if results is not None:
