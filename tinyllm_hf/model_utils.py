@@ -168,11 +168,13 @@ def get_config(name_or_path: str, revision: str | None = None, trust_remote_code
 
 
 def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=None, trust_remote_code: bool = False,
-              **from_pretrained_kwargs):
+              rope_scaling: str | None = None, **from_pretrained_kwargs):
     """`auto_class.from_pretrained` (default AutoModelForCausalLM) with the Tinyllm classes registered.
 
     dtype: a torch dtype, its name ("float32", "bfloat16", ...), "auto", or None for transformers' default. With
-    `chat_tokenizer`, generation (RL rollouts, evaluation, the saved model's default) stops at its end-of-turn token."""
+    `chat_tokenizer`, generation (RL rollouts, evaluation, the saved model's default) stops at its end-of-turn token.
+    rope_scaling: a `TYPE:FACTOR` spec such as "yarn:4" (`tinyllm_hf/rope_scaling.py`) applied to the config before the
+    weights load, so the model runs beyond its trained context without retraining."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -187,6 +189,12 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
     source = resolve_model_source(name_or_path, from_pretrained_kwargs.get("revision"))
     if source != name_or_path:
         from_pretrained_kwargs.pop("revision", None)  # the snapshot is that revision
+    if rope_scaling:
+        from tinyllm_hf.rope_scaling import parse_rope_scaling, with_rope_scaling
+
+        parse_rope_scaling(rope_scaling)  # a bad spec fails before the config is read
+        config = get_config(source, revision=from_pretrained_kwargs.get("revision"), trust_remote_code=trust_remote_code)
+        from_pretrained_kwargs["config"] = with_rope_scaling(config, rope_scaling)
     with refusing_remote_code(name_or_path), reporting_load_errors(name_or_path):
         model = (auto_class or AutoModelForCausalLM).from_pretrained(source, **from_pretrained_kwargs)
     if chat_tokenizer is not None:

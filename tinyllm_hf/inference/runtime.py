@@ -42,6 +42,7 @@ import torch
 
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
 from tinyllm_hf.inference.model_files import BACKENDS, importable, model_kind, quantize_method
+from tinyllm_hf.rope_scaling import model_context
 
 if TYPE_CHECKING:
     from tinyllm_hf.inference.grammar import Grammar, TokenMask
@@ -303,7 +304,7 @@ class TransformersRuntime(_TokenizerText):
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config
-        self.context_length = config.max_position_embeddings
+        self.context_length = model_context(config)  # dynamic NTK runs past max_position_embeddings
         self.vocab_size = config.vocab_size
         self.eos_token_ids = eos_ids(model.generation_config.eos_token_id, config.eos_token_id, tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
