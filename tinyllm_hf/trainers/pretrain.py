@@ -24,7 +24,7 @@ from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entrop
 from tinyllm_hf.errors import ConfigError, UsageError
 from tinyllm_hf.model_utils import TRUST_REMOTE_CODE_HELP, get_model, get_tokenizer
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
-from tinyllm_hf.rope_scaling import model_context, parse_rope_scaling, with_rope_scaling
+from tinyllm_hf.rope_scaling import model_context, with_rope_scaling
 from tinyllm_hf.options import parse_key_values
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
@@ -192,8 +192,6 @@ def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: i
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, run_args: RunArguments) -> dict:
     set_seed(args.seed)
-    if model_args.rope_scaling:
-        parse_rope_scaling(model_args.rope_scaling)  # a bad spec fails before anything loads
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path, model_args.trust_remote_code)
     model = build_model(model_args, tokenizer)
     context = model_context(model.config)
