@@ -268,3 +268,29 @@ def test_eval_and_chat_run_the_scaled_model_at_the_longer_context(tiny_model_dir
     ppl = results["tasks"]["ppl"]
     assert results["settings"]["rope_scaling"] == "yarn:2"
     assert ppl["max_length"] == 512 and math.isfinite(ppl["perplexity"])
+
+
+def test_a_hand_edited_config_with_an_unknown_rope_type_is_one_line(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "ntk", "factor": 4.0, "rope_theta": 10000.0}
+    (broken / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert tinyllm(["eval", "--model", str(broken), "--tasks", "ppl"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"the config.json of {broken} is invalid" in err and "unknown rope_type 'ntk'" in err and "\n" not in err
+
+
+def test_serve_and_demo_backends_take_the_scaling_on_checkpoints_only(tiny_model_dir, tmp_path, capsys):
+    from tinyllm_hf.inference.runtime import load_backend
+
+    assert load_backend("transformers", tiny_model_dir, rope_scaling="yarn:2").context_length == 512
+    with pytest.raises(UsageError, match="--rope-scaling needs the transformers backend"):
+        load_backend("llamacpp", tmp_path / "model.gguf", rope_scaling="yarn:2")
+    capsys.readouterr()  # the loading progress bar above
+    assert tinyllm(["serve", "--model", str(tiny_model_dir), "--rope-scaling", "yarn:0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tinyllm serve: error: rope scaling 'yarn:0'") and "\n" not in err
