@@ -25,6 +25,7 @@ from tinyllm_hf.cli import main as tinyllm
 from tinyllm_hf.data import packing
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, packing_stats, unigram_entropy
 from tinyllm_hf.errors import NonFiniteLossError
+from tinyllm_hf.rope_scaling import model_context, with_rope_scaling
 from tinyllm_hf.tokenizer.train import train_tokenizer
 from tinyllm_hf.trainers import pretrain
 from tinyllm_hf.trainers.common import (
@@ -301,6 +302,25 @@ def test_pretrain_end_to_end(corpus_file, tokenizer_dir, tmp_path):
     assert PreTrainedTokenizerFast.from_pretrained(out).eos_token == "<|endoftext|>"
 
 
+def test_continued_pretraining_extends_the_context_with_yarn(corpus_file, tokenizer_dir, tmp_path):
+    """rope_scaling on a checkpoint (recipes/pretrain/long-context.yaml's path): the run trains and evaluates on blocks
+    twice the trained context and saves a YaRN config that reloads as such."""
+    base = tmp_path / "base"
+    short = dict(max_steps=2, eval_strategy="no", report_to="none", loss_curve=False)
+    assert tinyllm(["pretrain", *recipe_args(corpus_file, tokenizer_dir, base, **short)]) == 0
+    out = tmp_path / "long"
+    argv = recipe_args(corpus_file, tokenizer_dir, out, config_overrides=None, model_name_or_path=base,
+                       rope_scaling="yarn:2", block_size=64, **{**short, "eval_strategy": "steps", "eval_steps": 2})
+    assert tinyllm(["pretrain", *argv]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64
+    assert config["rope_parameters"] == {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                         "original_max_position_embeddings": 32}
+    assert math.isfinite(json.loads((out / "eval_results.json").read_text())["eval_loss"])
+    reloaded = TinyllmForCausalLM.from_pretrained(out)
+    assert reloaded.model.rotary_emb.rope_type == "yarn" and reloaded.model.rotary_emb.attention_scaling > 1
+
+
 def test_cpu_training_steps_skip_logits_and_evaluation_keeps_them(tmp_path, monkeypatch):
     """On a CPU the Trainer's training forwards ask Tinyllm for the loss without logits; evaluation, which returns
     the outputs, does not; a model whose forward lacks the argument (Llama) is called as before."""
@@ -380,7 +400,7 @@ def test_bad_recipe_input_gives_one_line_errors(corpus_file, tokenizer_dir, tmp_
     assert tinyllm(["pretrain", *recipe_args(corpus_file, tmp_path / "nope", tmp_path / "o")]) == 1
     assert "tokenizer folder not found" in capsys.readouterr().err
     assert tinyllm(["pretrain", *recipe_args(corpus_file, tokenizer_dir, tmp_path / "o", block_size=64)]) == 1
-    assert "block_size 64 exceeds the model's max_position_embeddings 32" in capsys.readouterr().err
+    assert "block_size 64 exceeds the model's context of 32 tokens" in capsys.readouterr().err
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(corpus_file, tokenizer_dir, tmp_path, caplog):
@@ -492,10 +512,12 @@ def test_pretrain_recipes_parse_and_fit_their_preset(recipe):
         defaults=pretrain.DEFAULTS,
     )
     config = TinyllmConfig.from_preset(model_args.model_preset, **pretrain.parse_overrides(model_args.config_overrides))
-    assert (data_args.block_size or config.max_position_embeddings) <= config.max_position_embeddings
+    if model_args.rope_scaling:  # a context-extension recipe: the preset's context, scaled
+        config = with_rope_scaling(config, model_args.rope_scaling)
+    assert (data_args.block_size or model_context(config)) <= model_context(config)
     assert args.lr_scheduler_type in ("cosine", "warmup_stable_decay")
     assert args.report_to == ["tensorboard"] and args.max_steps > 0
-    if recipe.stem != "quickstart":  # GPU recipes train in bf16
+    if recipe.stem not in ("quickstart", "long-context"):  # GPU recipes train in bf16
         assert values.get("bf16") is True and model_args.model_preset == recipe.stem
 
 

@@ -21,7 +21,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from tinyllm_hf.errors import MissingFileError, UsageError
+from tinyllm_hf.errors import ConfigError, MissingFileError, UsageError
 
 TRUST_REMOTE_CODE_HELP = ("run the Python code a model folder or Hub repo ships (auto_map in its config); read it "
                           "first. Tinyllm and transformers' own models need none")
@@ -138,6 +138,18 @@ def refusing_remote_code(name_or_path: str):
                          "--trust-remote-code") from None
 
 
+@contextlib.contextmanager
+def reporting_config_errors(name_or_path: str):
+    """A Tinyllm config.json the config class refuses (its own checks raise ValueError "TinyllmConfig.<field> ...",
+    e.g. an unknown rope_type written by hand) becomes one line naming the folder."""
+    try:
+        yield
+    except ValueError as err:
+        if not str(err).startswith("TinyllmConfig."):
+            raise
+        raise ConfigError(f"the config.json of {name_or_path} is invalid: {err}; fix it there") from None
+
+
 def get_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
                   needs_chat_template: bool = False, needs_pad_token: bool = False):
     from transformers import AutoTokenizer
@@ -163,16 +175,18 @@ def get_config(name_or_path: str, revision: str | None = None, trust_remote_code
     import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 
     check_local_path(name_or_path)
-    with refusing_remote_code(name_or_path):
+    with refusing_remote_code(name_or_path), reporting_config_errors(name_or_path):
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=None, trust_remote_code: bool = False,
-              **from_pretrained_kwargs):
+              rope_scaling: str | None = None, **from_pretrained_kwargs):
     """`auto_class.from_pretrained` (default AutoModelForCausalLM) with the Tinyllm classes registered.
 
     dtype: a torch dtype, its name ("float32", "bfloat16", ...), "auto", or None for transformers' default. With
-    `chat_tokenizer`, generation (RL rollouts, evaluation, the saved model's default) stops at its end-of-turn token."""
+    `chat_tokenizer`, generation (RL rollouts, evaluation, the saved model's default) stops at its end-of-turn token.
+    rope_scaling: a `TYPE:FACTOR` spec such as "yarn:4" (`tinyllm_hf/rope_scaling.py`) applied to the config before the
+    weights load, so the model runs beyond its trained context without retraining."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -187,7 +201,13 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
     source = resolve_model_source(name_or_path, from_pretrained_kwargs.get("revision"))
     if source != name_or_path:
         from_pretrained_kwargs.pop("revision", None)  # the snapshot is that revision
-    with refusing_remote_code(name_or_path), reporting_load_errors(name_or_path):
+    if rope_scaling:
+        from tinyllm_hf.rope_scaling import parse_rope_scaling, with_rope_scaling
+
+        parse_rope_scaling(rope_scaling)  # a bad spec fails before the config is read
+        config = get_config(source, revision=from_pretrained_kwargs.get("revision"), trust_remote_code=trust_remote_code)
+        from_pretrained_kwargs["config"] = with_rope_scaling(config, rope_scaling)
+    with refusing_remote_code(name_or_path), reporting_config_errors(name_or_path), reporting_load_errors(name_or_path):
         model = (auto_class or AutoModelForCausalLM).from_pretrained(source, **from_pretrained_kwargs)
     if chat_tokenizer is not None:
         model.generation_config.eos_token_id = chat_tokenizer.eos_token_id

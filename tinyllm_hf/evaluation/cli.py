@@ -21,6 +21,7 @@ from tinyllm_hf.evaluation.benchmarks import (
 )
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
 from tinyllm_hf.model_utils import add_trust_remote_code_argument, check_model_reachable, get_model, get_tokenizer
+from tinyllm_hf.rope_scaling import SPEC_HELP, parse_rope_scaling
 from tinyllm_hf.options import comma_list
 
 TASKS = (*BENCHMARKS, "ppl", "tasks")
@@ -68,14 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-sizes", default=None, help="with the embedded tasks: records per task, e.g. sentiment=200,xiehouyu=50")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR", help=SPEC_HELP + " (checkpoints only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, rope_scaling: str | None = None):
     """Model and tokenizer for any causal LM; Tinyllm checkpoints resolve through the Auto classes, so code shipped
-    in a model folder runs only with `trust_remote_code`."""
+    in a model folder runs only with `trust_remote_code`. `rope_scaling` ("yarn:4", ...) rescales its RoPE."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,20 +85,24 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
         # bf16 halves memory and time on GPUs; CPU matmuls are fastest (and exact) in fp32.
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     tokenizer = get_tokenizer(name, revision=revision, trust_remote_code=trust_remote_code)
-    model = get_model(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = get_model(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+                      rope_scaling=rope_scaling)
     return model.to(device).eval(), tokenizer
 
 
 def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
-                      trust_remote_code: bool = False):
+                      trust_remote_code: bool = False, rope_scaling: str | None = None):
     """The runtime (`inference/runtime.py`) evaluated: a checkpoint folder or Hub id through `load_model`; a `tinyllm
     quantize` output or a .gguf file through `load_runtime`, as `tinyllm serve` runs it."""
     from tinyllm_hf.inference.model_files import model_kind
     from tinyllm_hf.inference.runtime import TransformersRuntime, load_runtime
 
     if Path(name).exists() and model_kind(name) != "checkpoint":
+        if rope_scaling:
+            raise UsageError(f"--rope-scaling applies to checkpoint folders; {name} is a {model_kind(name)} export "
+                             "(export the checkpoint again after extending it, or evaluate the checkpoint)")
         return load_runtime(name, trust_remote_code=trust_remote_code)
-    return TransformersRuntime(*load_model(name, revision, dtype, device, trust_remote_code))
+    return TransformersRuntime(*load_model(name, revision, dtype, device, trust_remote_code, rope_scaling))
 
 
 def skipped_benchmark(name: str, args: argparse.Namespace, reason: str) -> dict:
@@ -117,6 +123,8 @@ def run(args: argparse.Namespace) -> dict:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if args.rope_scaling:
+        parse_rope_scaling(args.rope_scaling)  # a bad spec fails before anything is read
     check_model_reachable(args.model, args.revision)  # a mistyped path or id fails before the data is read
     # Data first: a missing folder or file fails before the model is loaded.
     benchmarks, skipped = {}, {}
@@ -147,7 +155,8 @@ def run(args: argparse.Namespace) -> dict:
         from tinyllm_hf.tasks import heldout_task_records
 
         examples = heldout_task_records(sizes=args.task_sizes)
-    runtime = load_eval_runtime(args.model, args.revision, args.dtype, args.device, args.trust_remote_code)
+    runtime = load_eval_runtime(args.model, args.revision, args.dtype, args.device, args.trust_remote_code,
+                                args.rope_scaling)
     if "ppl" in tasks or (benchmarks and args.mode == "ppl"):
         transformers_model(runtime, "--tasks ppl" if "ppl" in tasks else "--mode ppl")  # fails before any task runs
     progress = not args.no_progress

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.inference.runtime import SamplingParams, TransformersRuntime, left_pad, stream_batch
+from tinyllm_hf.rope_scaling import model_context
 
 # Used when neither the model config nor the tokenizer states a context length.
 FALLBACK_CONTEXT = 2048
@@ -20,7 +21,9 @@ FALLBACK_CONTEXT = 2048
 
 def context_length(model, tokenizer=None) -> int:
     """The longest input the model takes: its config's position limit, or a smaller tokenizer limit."""
-    limits = [getattr(model.config, name, None) for name in ("max_position_embeddings", "n_positions", "seq_length")]
+    config = model.config
+    limits = [model_context(config) if getattr(config, "max_position_embeddings", None) else None]
+    limits += [getattr(config, name, None) for name in ("n_positions", "seq_length")]
     # Tokenizers without a stated limit report a huge sentinel (int(1e30)); ignore anything absurd.
     tok_limit = getattr(tokenizer, "model_max_length", None)
     limits.append(tok_limit if tok_limit and tok_limit < 1_000_000 else None)

@@ -97,14 +97,33 @@ def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def rope_settings(config: dict) -> tuple[float, str, float]:
-    """(theta, scaling type, scaling factor) from transformers 5 `rope_parameters` or the older flat fields."""
+# YaRN keys of transformers' rope_parameters that llama.cpp's GGUF can carry (as its convert_hf_to_gguf.py writes them).
+YARN_GGUF_KEYS = {"attention_factor": "add_rope_scaling_yarn_attn_factor", "beta_fast": "add_rope_scaling_yarn_beta_fast",
+                  "beta_slow": "add_rope_scaling_yarn_beta_slow"}
+# YaRN keys llama.cpp has no equivalent of (DeepSeek's mscale pair; `truncate=False` keeps a fractional ramp).
+YARN_UNSUPPORTED_KEYS = ("mscale", "mscale_all_dim", "truncate")
+
+
+def rope_settings(config: dict) -> dict:
+    """The RoPE of a checkpoint's config.json (transformers 5 `rope_parameters` or the older flat fields) as
+    {"theta", "type", "factor", and for YaRN "original_context" and any of YARN_GGUF_KEYS}. Dynamic NTK is refused:
+    llama.cpp has no dynamic RoPE, and a GGUF without it would silently run a different model past the trained
+    context."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise ConversionError(f"rope_type {rope_type!r} has no GGUF export here (supported: default, linear)")
-    return float(theta), rope_type, float(params.get("factor", 1.0))
+    if rope_type not in ("default", "linear", "yarn"):
+        hint = " (run it with --rope-scaling yarn:FACTOR instead, which llama.cpp supports)" if rope_type == "dynamic" else ""
+        raise ConversionError(f"rope_type {rope_type!r} has no GGUF export here (supported: default, linear, yarn){hint}")
+    settings = {"theta": float(theta), "type": rope_type, "factor": float(params.get("factor", 1.0))}
+    if rope_type == "yarn":
+        unsupported = [key for key in YARN_UNSUPPORTED_KEYS if params.get(key) not in (None, True)]
+        if unsupported:
+            raise ConversionError(f"YaRN with {', '.join(unsupported)} set has no llama.cpp equivalent; remove it from "
+                                  "rope_parameters to export")
+        settings["original_context"] = int(params.get("original_max_position_embeddings") or config["max_position_embeddings"])
+        settings.update({key: float(params[key]) for key in YARN_GGUF_KEYS if params.get(key) is not None})
+    return settings
 
 
 def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -148,7 +167,7 @@ def write_hparams(writer, config: dict, name: str) -> None:
     gguf = require_gguf()
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    theta, rope_type, factor = rope_settings(config)
+    rope = rope_settings(config)
     writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -157,14 +176,21 @@ def write_hparams(writer, config: dict, name: str) -> None:
     writer.add_head_count(n_head)
     writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_rope_freq_base(theta)
+    writer.add_rope_freq_base(rope["theta"])
     writer.add_rope_dimension_count(head_dim)
     if head_dim * n_head != config["hidden_size"]:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if rope_type == "linear":
+    if rope["type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif rope["type"] == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_context"])
+        for key, add in YARN_GGUF_KEYS.items():
+            if key in rope:
+                getattr(writer, add)(rope[key])
     writer.add_vocab_size(config["vocab_size"])
 
 

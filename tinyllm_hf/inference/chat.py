@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.inference.text_stream import TextStream
 from tinyllm_hf.model_utils import add_trust_remote_code_argument
+from tinyllm_hf.rope_scaling import SPEC_HELP
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE
 from tinyllm_hf.trainers.merge import adapter_base
 
@@ -32,9 +33,10 @@ HELP = ("commands: /reset (new conversation), /system TEXT (new system prompt, n
 
 
 def load_chat_model(path: str, device: str | None = None, dtype: str = "float32",
-                    trust_remote_code: bool = False) -> "TransformersRuntime":
+                    trust_remote_code: bool = False, rope_scaling: str | None = None) -> "TransformersRuntime":
     """The runtime of a model folder, a LoRA adapter folder (applied to its base) or a Hub id; code shipped in the
-    folder (or the adapter's base) runs only with `trust_remote_code`."""
+    folder (or the adapter's base) runs only with `trust_remote_code`. `rope_scaling` ("yarn:4", ...) rescales the
+    model's RoPE for a longer conversation."""
     import torch
 
     from tinyllm_hf.inference.runtime import TransformersRuntime
@@ -46,10 +48,11 @@ def load_chat_model(path: str, device: str | None = None, dtype: str = "float32"
     if (Path(path) / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
-        base = get_model(adapter_base(Path(path)), dtype=dtype, trust_remote_code=trust_remote_code)
+        base = get_model(adapter_base(Path(path)), dtype=dtype, trust_remote_code=trust_remote_code,
+                         rope_scaling=rope_scaling)
         model = PeftModel.from_pretrained(base, path)
     else:
-        model = get_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = get_model(path, dtype=dtype, trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
     return TransformersRuntime(model.to(device), tokenizer)
 
 
@@ -226,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true", help="start with thinking on (the model reasons before answering)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR", help=SPEC_HELP)
     add_trust_remote_code_argument(p)
     return p
 
@@ -242,7 +246,7 @@ def sampling_params(args: argparse.Namespace) -> "SamplingParams":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runtime = load_chat_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    runtime = load_chat_model(args.model, args.device, args.dtype, args.trust_remote_code, args.rope_scaling)
     from tinyllm_hf.inference.tool_loop import Toolbox
 
     toolbox = Toolbox.builtin() if args.tools == "on" else None

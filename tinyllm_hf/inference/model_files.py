@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tinyllm_hf.errors import MissingFileError, UsageError
 from tinyllm_hf.model_utils import add_trust_remote_code_argument
+from tinyllm_hf.rope_scaling import SPEC_HELP
 
 
 QUANT_FILE = "tinyllm_quant.json"  # written by `tinyllm quantize` into every variant: {"method": ..., "source": ...}
@@ -43,6 +44,8 @@ def add_runtime_arguments(parser, what: str) -> None:
     parser.add_argument("--threads", type=positive_int, help="CPU threads per decode step (default: the runtime's; 1 "
                         "suits small models on busy machines, see docs/serving.md)")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
+    parser.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
+                        help=SPEC_HELP + " (transformers backend)")
     add_trust_remote_code_argument(parser)
 
 

@@ -42,6 +42,7 @@ import torch
 
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
 from tinyllm_hf.inference.model_files import BACKENDS, importable, model_kind, quantize_method
+from tinyllm_hf.rope_scaling import model_context, parse_rope_scaling
 
 if TYPE_CHECKING:
     from tinyllm_hf.inference.grammar import Grammar, TokenMask
@@ -303,7 +304,7 @@ class TransformersRuntime(_TokenizerText):
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config
-        self.context_length = config.max_position_embeddings
+        self.context_length = model_context(config)  # dynamic NTK runs past max_position_embeddings
         self.vocab_size = config.vocab_size
         self.eos_token_ids = eos_ids(model.generation_config.eos_token_id, config.eos_token_id, tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -312,13 +313,13 @@ class TransformersRuntime(_TokenizerText):
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", device: str | None = None,
-                        trust_remote_code: bool = False):
+                        trust_remote_code: bool = False, rope_scaling: str | None = None):
         from tinyllm_hf.model_utils import get_model, get_tokenizer
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise MissingFileError(f"{model_dir / 'config.json'} not found: --model must be a checkpoint directory")
-        model = get_model(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = get_model(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
         tokenizer = get_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         return cls(model if device is None else model.to(device), tokenizer)
 
@@ -557,18 +558,24 @@ def load_runtime(path: str | Path, threads: int | None = None, dtype: str = "flo
 
 
 def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: int | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, rope_scaling: str | None = None):
     """The runtime `name` (`tinyllm serve --backend`) for `model`: a checkpoint directory, a .gguf file, or a `tinyllm
-    quantize` output.
+    quantize` output. `rope_scaling` ("yarn:4", ...) rescales a checkpoint's RoPE (transformers backend only).
 
     `threads` sets the CPU threads of one decode step (None: the runtime's default). A small model gains nothing from
     more than one at batch sizes this small, and on an oversubscribed machine each multi-threaded op can wait ~20 ms
     for a descheduled thread (docs/serving.md), so `--threads 1` is the safe choice for small models on shared CPUs.
     """
+    if rope_scaling:
+        parse_rope_scaling(rope_scaling)
+        if name != "transformers":
+            raise UsageError(f"--rope-scaling needs the transformers backend (a checkpoint folder), not {name}: export "
+                             "the rescaled checkpoint instead (tinyllm export gguf keeps YaRN)")
     if threads is not None:
         torch.set_num_threads(threads)
     if name == "transformers":
-        return TransformersRuntime.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        return TransformersRuntime.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                   rope_scaling=rope_scaling)
     if name == "llamacpp":
         return LlamaCppRuntime(model, n_threads=threads)
     if name == "onnx":

@@ -1028,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllm_hf.inference.runtime import load_backend
 
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, rope_scaling=args.rope_scaling)
     if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     engine = Engine(runtime, args.max_batch_size, args.max_queue, args.request_timeout)

@@ -23,6 +23,11 @@ PRESETS = {
                     num_experts=16, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=464),
 }
 ROUTER_SCORINGS = ("softmax", "sigmoid")
+# RoPE types this model builds: "default" and the scaled types of transformers' ROPE_INIT_FUNCTIONS that Llama uses
+# ("llama3" and "longrope" arrive with converted Llama checkpoints). "dynamic" (NTK) keeps max_position_embeddings as
+# the trained context and rescales beyond it; "yarn" and "linear" set max_position_embeddings to the extended one.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+FACTOR_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")  # scaled by one `factor` (longrope: per dimension)
 
 
 class TinyllmConfig(PretrainedConfig):
@@ -40,8 +45,11 @@ class TinyllmConfig(PretrainedConfig):
         max_position_embeddings: context length the model is trained for.
         rms_norm_eps: epsilon of every RMSNorm.
         rope_parameters: RoPE settings as transformers defines them, e.g. `{"rope_type": "default", "rope_theta": 1e4}`
-            or a scaled type such as `{"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}`. `rope_theta=` is
-            accepted as a shortcut.
+            or a scaled type (ROPE_TYPES) such as `{"rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 256, "rope_theta": 1e4}` with `max_position_embeddings=1024`, or
+            `{"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}` (dynamic NTK: max_position_embeddings stays
+            the trained context). `rope_theta=` is accepted as a shortcut. `tinyllm_hf.rope_scaling` builds
+            these from a `yarn:4`-style spec.
         tie_word_embeddings: share the input embedding with the output projection (saves `vocab * hidden` weights).
         attention_bias: bias on q/k/v/o projections (Llama's flag). qkv_bias: bias on q/k/v only (Qwen2 style).
         initializer_range: standard deviation of the normal weight initialisation.
@@ -142,6 +150,7 @@ class TinyllmConfig(PretrainedConfig):
             raise ValueError(
                 f"TinyllmConfig.head_dim must be a positive even integer for RoPE, got {self.head_dim!r}"
             )
+        self.validate_rope_parameters()
         if self.hidden_act != "silu":
             raise ValueError(f"TinyllmConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         if not self.rms_norm_eps > 0:
@@ -150,6 +159,26 @@ class TinyllmConfig(PretrainedConfig):
             raise ValueError(f"TinyllmConfig.num_experts must be 0 (dense) or a positive integer, got {self.num_experts!r}")
         if self.num_experts:
             self.validate_moe()
+
+    def validate_rope_parameters(self):
+        """Reject a RoPE type this model cannot build or a scaling factor that does not extend the context
+        (transformers only logs a warning for both)."""
+        rope = self.rope_parameters or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"TinyllmConfig.rope_parameters: unknown rope_type {rope_type!r}; choose one of "
+                             f"{', '.join(ROPE_TYPES)}")
+        if rope_type not in FACTOR_ROPE_TYPES:
+            return
+        factor = rope.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+            raise ValueError(f"TinyllmConfig.rope_parameters: {rope_type} RoPE needs a factor > 1 (how many times the "
+                             f"trained context to extend to), got {factor!r}")
+        if rope_type == "yarn":
+            original = rope.get("original_max_position_embeddings")
+            if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+                raise ValueError("TinyllmConfig.rope_parameters: yarn RoPE needs original_max_position_embeddings, "
+                                 f"the context the model was pretrained with, as a positive integer; got {original!r}")
 
     def validate_moe(self):
         """Reject Mixture-of-Experts settings that cannot be built or cannot train, naming the fields involved."""
@@ -202,4 +231,4 @@ class TinyllmConfig(PretrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["TinyllmConfig", "PRESETS"]
+__all__ = ["TinyllmConfig", "PRESETS", "ROPE_TYPES"]

@@ -24,6 +24,7 @@ from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entrop
 from tinyllm_hf.errors import ConfigError, UsageError
 from tinyllm_hf.model_utils import TRUST_REMOTE_CODE_HELP, get_model, get_tokenizer
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
+from tinyllm_hf.rope_scaling import model_context, with_rope_scaling
 from tinyllm_hf.options import parse_key_values
 from tinyllm_hf.trainers.common import (
     LossCurveCallback,
@@ -55,6 +56,11 @@ class ModelArguments:
         metadata={"help": "preset fields to change, e.g. 'hidden_size=64,num_hidden_layers=2,max_position_embeddings=128'"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    rope_scaling: str | None = field(
+        default=None,
+        metadata={"help": "extend the context by RoPE scaling, TYPE:FACTOR (e.g. yarn:4 continues a 256-token "
+                          "checkpoint at 1,024 tokens; see recipes/pretrain/long-context.yaml and docs/long_context.md)"},
+    )
     # TRL's configs (the other stages) have this field; transformers' TrainingArguments has not.
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
@@ -140,7 +146,7 @@ def build_model(model_args: ModelArguments, tokenizer):
         if model_args.config_overrides:
             raise UsageError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
         model = get_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation,
-                          trust_remote_code=model_args.trust_remote_code)
+                          trust_remote_code=model_args.trust_remote_code, rope_scaling=model_args.rope_scaling)
         if len(tokenizer) > model.config.vocab_size:  # e.g. a tokenizer extended with new tokens
             logger.warning(f"resizing embeddings from {model.config.vocab_size} to {len(tokenizer)} tokens")
             model.resize_token_embeddings(len(tokenizer))
@@ -159,6 +165,8 @@ def build_model(model_args: ModelArguments, tokenizer):
         )
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model_preset {model_args.model_preset!r} / config_overrides: {err}") from err
+    if model_args.rope_scaling:
+        config = with_rope_scaling(config, model_args.rope_scaling)
     # from_config (not the constructor) so DeepSpeed ZeRO-3 can partition the weights while they are created.
     return AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
 
@@ -188,11 +196,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     set_seed(args.seed)
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path, model_args.trust_remote_code)
     model = build_model(model_args, tokenizer)
-    block_size = data_args.block_size or model.config.max_position_embeddings
-    if block_size > model.config.max_position_embeddings:
-        raise UsageError(
-            f"block_size {block_size} exceeds the model's max_position_embeddings {model.config.max_position_embeddings}"
-        )
+    context = model_context(model.config)
+    block_size = data_args.block_size or context
+    if block_size > context:
+        raise UsageError(f"block_size {block_size} exceeds the model's context of {context} tokens "
+                         "(max_position_embeddings; extend it with rope_scaling, e.g. yarn:4)")
     with args.main_process_first(desc="tokenizing and packing"):
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, block_size, args.seed if args.data_seed is None else args.data_seed)
     entropy = unigram_entropy(eval_dataset, len(tokenizer))

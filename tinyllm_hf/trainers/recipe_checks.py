@@ -26,6 +26,7 @@ from tinyllm_hf.data.corpus import is_local_source
 from tinyllm_hf.errors import MissingFileError, OutputExistsError, TinyllmError, UsageError
 from tinyllm_hf.model_utils import check_local_folder
 from tinyllm_hf.options import comma_list
+from tinyllm_hf.rope_scaling import parse_rope_scaling
 
 # --------------------------------------------------------------------------------------------------------------------
 # Types: what a recipe value must be for the field it sets
@@ -190,6 +191,11 @@ def check_recipe_values(dataclass_types, values: dict, origin: Callable[[str], s
         raise UsageError(f"save_steps must be above 0 with save_strategy 'steps', not {save_steps} "
                          f"({origin('save_steps')}): no checkpoint would ever be written; use save_strategy 'no' for "
                          "none")
+    if values.get("rope_scaling"):
+        try:
+            parse_rope_scaling(values["rope_scaling"])
+        except UsageError as err:
+            raise UsageError(f"{err} ({origin('rope_scaling')})") from None
     check_paths(values, origin)
 
 
