@@ -59,7 +59,7 @@ class SpeedrunClock(TrainerCallback):
         model.eval()
         score = perplexity(model, self.tokenizer, self.texts, batch_size=64, progress=False)
         model.train(was_training)
-        check = {"step": state.global_step, "seconds": round(seconds, 1), "bits_per_char": round(score["bits_per_char"], 4),
+        check = {"step": state.global_step, "seconds": round(seconds, 3), "bits_per_char": round(score["bits_per_char"], 4),
                  "tokens": state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
                  * self.block_size}
         self.checks.append(check)
