@@ -73,6 +73,21 @@ CASES = [
      ["hidden_size", "positive integer"]),
     (["pretrain", "--tokenizer_name_or_path", "{tok}", "--model_name_or_path", "{model}", "--config_overrides",
       "num_hidden_layers=1"], ["config_overrides", "model_name_or_path"]),
+    # Distillation: the divergence and its mixture weight, the sampling temperature, the on-policy share
+    (["distill", "--teacher_model_name_or_path", "{model}", "--divergence", "kl"],
+     ["divergence", "forward_kl, reverse_kl, jsd", "'kl'"]),
+    (["distill", "--teacher_model_name_or_path", "{model}", "--divergence", "jsd", "--beta", "1.5"],
+     ["beta", "in [0, 1]", "1.5"]),
+    (["distill", "--teacher_model_name_or_path", "{model}", "--beta", "0.3"], ["beta", "divergence jsd", "forward_kl"]),
+    (["distill", "--teacher_model_name_or_path", "{model}", "--temperature", "0"], ["temperature", "above 0"]),
+    (["distill", "--teacher_model_name_or_path", "{model}", "--lmbda", "1.5"], ["lmbda", "in [0, 1]"]),
+    (["distill", "--teacher_model_name_or_path", "{model}", "--lmbda", "0.5"], ["lmbda", "data: corpus", "prompts"]),
+    (["distill", "--teacher_model_name_or_path", "{model}", "--data", "sft", "--block_size", "64"],
+     ["block_size", "data: corpus"]),
+    (["distill", "--teacher_model_name_or_path", "{model}", "--task_sizes", "sentiment=8"],
+     ["task_sizes", "data: sft"]),
+    (["distill", "--model_preset", "tiny"], ["teacher_model_name_or_path", "not set"]),
+    (["distill", "--teacher_model_name_or_path", "{tmp}/no/teacher"], ["teacher_model_name_or_path", "not found"]),
     # Recipe values of the wrong type, and recipe files that are not YAML
     (["sft", "--model_name_or_path", "{model}", "--config", "{tmp}/list.yaml"], ["max_steps", "[1, 2]", "list.yaml"]),
     (["sft", "--model_name_or_path", "{model}", "--config", "{tmp}/null.yaml"], ["learning_rate", "null", "null.yaml"]),
@@ -174,13 +189,14 @@ def test_bad_input_is_one_line_and_exit_code_1_before_training(argv, words, path
 
 @pytest.mark.parametrize("stage, recipe", [
     (path.parent.name, path) for path in sorted((REPO / "recipes").glob("*/*.yaml"))
-    if path.parent.name in ("pretrain", "sft", "dpo", "reward", "grpo", "rloo", "kto", "orpo")
+    if path.parent.name in ("pretrain", "distill", "sft", "dpo", "reward", "grpo", "rloo", "kto", "orpo")
 ], ids=lambda v: v.name if isinstance(v, Path) else v)
 def test_every_shipped_recipe_passes_the_checks(stage, recipe, paths, tmp_path):
     """The checks refuse only what is wrong: each recipe in recipes/ parses (its model paths pointed at the tiny
     model, bf16 off for this CPU)."""
     module = importlib.import_module(f"tinyllm_hf.trainers.{stage}")
     path_flags = (["--tokenizer_name_or_path", paths["tok"]] if stage == "pretrain"
+                  else ["--teacher_model_name_or_path", paths["model"]] if stage == "distill"
                   else ["--model_name_or_path", paths["model"]])
     if stage in ("grpo", "rloo"):
         path_flags += ["--reward_model_path", paths["model"]]

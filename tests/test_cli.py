@@ -30,6 +30,7 @@ HELP_IMPORTS_TORCH = {
     "pretrain": "TrainingArguments (transformers.training_args imports torch)",
     "sft": "trl.SFTConfig", "dpo": "trl.DPOConfig", "reward": "trl.RewardConfig", "grpo": "trl.GRPOConfig",
     "rloo": "trl.RLOOConfig", "kto": "trl.KTOConfig", "orpo": "trl.experimental ORPOConfig",
+    "distill": "trl.experimental GKDConfig",
 }
 HELP_ARGV = [[]] + [[name] for name in cli.COMMANDS] + [
     ["tokenizer", "train"], ["tokenizer", "extend"], ["export", "llama"], ["export", "qwen2-moe"], ["export", "gguf"],

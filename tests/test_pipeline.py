@@ -48,7 +48,8 @@ def test_quickstart_pipeline_runs_every_stage_and_resumes(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["--config", str(recipe), "--output_dir", str(run_dir)]) == 0
     configured = [s for s in STAGES if s in yaml.safe_load(recipe.read_text("utf-8"))]
-    assert len(configured) == len(STAGES) - 1  # the quickstart runs every stage but GRPO (GPU recipes add it)
+    # The quickstart runs every stage but GRPO (GPU recipes add it) and distillation (it needs a larger teacher).
+    assert set(STAGES) - set(configured) == {"grpo", "distill"}
     for stage in configured:
         assert (run_dir / stage / "stage.json").exists(), f"stage {stage} did not finish"
     report = (run_dir / "report" / "report.md").read_text("utf-8")

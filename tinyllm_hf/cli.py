@@ -25,6 +25,7 @@ COMMANDS = {
     "tokenizer": (None, "train a BPE tokenizer or extend an existing one with Chinese"),
     "pretrain": ("tinyllm_hf.trainers.pretrain", "pretrain a model on a packed corpus"),
     "sft": ("tinyllm_hf.trainers.sft", "supervised fine-tuning (full or LoRA) with TRL"),
+    "distill": ("tinyllm_hf.trainers.distill", "knowledge distillation from a teacher sharing the tokenizer (TRL GKD)"),
     "dpo": ("tinyllm_hf.trainers.dpo", "direct preference optimisation with TRL"),
     "reward": ("tinyllm_hf.trainers.reward", "train a reward model with TRL"),
     "grpo": ("tinyllm_hf.trainers.grpo", "on-policy RL with GRPO"),

@@ -278,6 +278,16 @@ class Pipeline:
     def pretrain(self):
         self.run_training("pretrain", tokenizer_name_or_path=self.layout.tokenizer)
 
+    def distill(self):
+        # Optional, beside the main line: a student distilled from the model this run pretrained (with the run's
+        # tokenizer), written to RUN/distill. The stage's `args:` name another teacher or tokenizer (they come last).
+        paths = {}
+        if self.configured("pretrain"):
+            paths["teacher_model_name_or_path"] = self.layout.stage_dir("pretrain")
+        if self.configured("tokenizer"):
+            paths["tokenizer_name_or_path"] = self.layout.tokenizer
+        self.run_training("distill", **paths)
+
     def sft(self):
         self.run_training("sft", model_name_or_path=self.layout.stage_dir("pretrain"))
 

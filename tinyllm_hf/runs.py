@@ -32,8 +32,8 @@ from pathlib import Path
 logger = logging.getLogger("tinyllm_hf")
 
 # gguf runs before quantize: the quantize stage ends by measuring every variant, GGUF files included, against fp32.
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "eval", "gguf", "quantize", "release", "report")
-TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
+STAGES = ("tokenizer", "pretrain", "distill", "sft", "reward", "dpo", "grpo", "eval", "gguf", "quantize", "release", "report")
+TRAINING_STAGES = ("pretrain", "distill", "sft", "reward", "dpo", "grpo")
 ALIGNED_STAGES = ("grpo", "dpo")  # the chat model released is the last of these that ran, else the SFT model
 
 # Files a stage writes into its own output folder.

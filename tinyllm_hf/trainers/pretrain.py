@@ -141,7 +141,9 @@ def check_overrides(overrides: dict, preset: str) -> None:
                                  f"not {value!r}")
 
 
-def build_model(model_args: ModelArguments, tokenizer):
+def build_model(model_args: ModelArguments, tokenizer, vocab_size: int | None = None):
+    """The model to train: `model_name_or_path` loaded, or a new one from `model_preset` with `vocab_size` token rows
+    (default `len(tokenizer)`; a distillation student takes its teacher's, which may be padded beyond the tokenizer)."""
     if model_args.model_name_or_path:
         if model_args.config_overrides:
             raise UsageError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
@@ -159,7 +161,7 @@ def build_model(model_args: ModelArguments, tokenizer):
         config = TinyllmConfig.from_preset(
             model_args.model_preset,
             **overrides,
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size or len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )

@@ -143,6 +143,7 @@ VALUE_RULES: dict[str, Rule] = {
     "epsilon": above(0, "the PPO-style clipping range"),
     "epsilon_high": above(0),
     "center_rewards_coefficient": at_least(0),
+    "lmbda": within(0, 1, "the share of steps trained on the student's own generations (GKD's on-policy share)"),
     # TRL's ModelConfig (LoRA)
     "lora_r": at_least(1, "the adapter's rank"),
     "lora_alpha": above(0),
@@ -161,10 +162,31 @@ KL_BETA = at_least(0, "beta weighs the KL penalty towards the reference model: 0
                       "the policy away from it")
 
 
-def rule_for(name: str, dataclass_types) -> Rule | None:
+# In distillation beta chooses the divergence itself (GKD's generalised Jensen-Shannon divergence): 0 is the forward
+# KL, 1 the reverse KL, in between the JSD of the teacher and student mixed in that proportion.
+JSD_BETA = within(0, 1, "beta is the JSD's mixture weight: 0 is the forward KL, 1 the reverse KL")
+# The divergences a distillation recipe names, and the GKD beta of each (None: the recipe's beta, in [0, 1]).
+DIVERGENCES = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": None}
+
+
+def rule_for(name: str, dataclass_types, values: dict) -> Rule | None:
+    if name == "beta" and "divergence" in values:
+        return JSD_BETA
     if name == "beta" and any(issubclass(cls, KL_BETA_CONFIGS) for cls in dataclass_types):
         return KL_BETA
     return VALUE_RULES.get(name)
+
+
+def check_divergence(values: dict, origin: Callable[[str], str]) -> None:
+    """The distillation stage's `divergence` is one of DIVERGENCES, and `beta`, the JSD's mixture weight, is set only
+    with `jsd` (forward_kl and reverse_kl fix it; a beta set beside them would be silently replaced)."""
+    divergence = values["divergence"]
+    if divergence not in DIVERGENCES:
+        raise UsageError(f"divergence must be one of {', '.join(DIVERGENCES)}, not {divergence!r} "
+                         f"({origin('divergence')})")
+    if DIVERGENCES[divergence] is not None and origin("beta") != "the stage's defaults":
+        raise UsageError(f"beta is the mixture weight of divergence jsd, but divergence is {divergence} (beta "
+                         f"{DIVERGENCES[divergence]:g}); remove beta ({origin('beta')}) or set divergence: jsd")
 
 
 def check_recipe_values(dataclass_types, values: dict, origin: Callable[[str], str]) -> None:
@@ -172,7 +194,7 @@ def check_recipe_values(dataclass_types, values: dict, origin: Callable[[str], s
     refuses, for a run that would train nothing, or for a path the stage cannot use. `origin(name)` says where a key
     was set ("command line", "recipe r.yaml")."""
     for name, value in values.items():
-        rule = rule_for(name, dataclass_types)
+        rule = rule_for(name, dataclass_types, values)
         if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not rule.accepts(value):
@@ -196,12 +218,14 @@ def check_recipe_values(dataclass_types, values: dict, origin: Callable[[str], s
             parse_rope_scaling(values["rope_scaling"])
         except UsageError as err:
             raise UsageError(f"{err} ({origin('rope_scaling')})") from None
+    if "divergence" in values:
+        check_divergence(values, origin)
     check_paths(values, origin)
 
 
 # Keys naming a model or tokenizer the stage loads (a local folder or a Hub id), and what each holds.
 MODEL_PATH_KEYS = {"model_name_or_path": "model", "tokenizer_name_or_path": "tokenizer",
-                   "reward_model_path": "reward model"}
+                   "reward_model_path": "reward model", "teacher_model_name_or_path": "teacher model"}
 
 
 DATASET_KEYS = ("dataset_name", "eval_dataset_name")  # comma-separated sources (only SFT takes several)
