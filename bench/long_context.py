@@ -15,7 +15,6 @@ perplexity per position bucket) and writes the plot.
 import argparse
 import datetime
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.data.packing import pack_dataset
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.model_utils import get_model, get_tokenizer
+from tinyllm_hf.report import cpu_name
 from tinyllm_hf.rope_scaling import parse_rope_scaling, trained_context
 
 
@@ -45,15 +45,6 @@ def bucket_means(losses: torch.Tensor, edges: list[int]) -> list[float]:
     """Mean loss of the predicted positions in each [edges[i], edges[i+1]) (position p predicts token p)."""
     positions = torch.arange(1, len(losses) + 1)
     return [float(losses[(positions >= lo) & (positions < hi)].mean()) for lo, hi in zip(edges, edges[1:])]
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def plot(curves: dict[str, torch.Tensor], trained: int, path: Path, smooth: int) -> None:

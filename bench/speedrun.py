@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from tinyllm_hf.evaluation.perplexity import load_texts, perplexity
+from tinyllm_hf.report import cpu_name
 from tinyllm_hf.trainers import pretrain
 from tinyllm_hf.trainers.common import parse_recipe
 
@@ -77,14 +77,7 @@ class SpeedrunClock(TrainerCallback):
 def machine() -> str:
     if torch.cuda.is_available():
         return f"1x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{torch.get_num_threads()} CPU threads ({cpu})"
+    return f"{torch.get_num_threads()} CPU threads ({cpu_name()})"
 
 
 def main(argv: list[str] | None = None) -> int:
