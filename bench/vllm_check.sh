@@ -47,7 +47,7 @@ if [[ "$MODEL_TYPE" == "tinyllm" && "$MODE" != "--native" ]]; then
   "$HF_PYTHON" -m tinyllm_hf.cli export "$FORMAT" "$MODEL_DIR" "$WORK/export"
   SERVE_DIR=$WORK/export
 fi
-MAX_LEN=$("$HF_PYTHON" -c 'import json,sys; print(min(512, json.load(open(sys.argv[1] + "/config.json"))["max_position_embeddings"]))' "$SERVE_DIR")
+MAX_LEN=$("$HF_PYTHON" -c 'import json,sys; print(min(1024, json.load(open(sys.argv[1] + "/config.json"))["max_position_embeddings"]))' "$SERVE_DIR")
 
 echo "serving $SERVE_DIR ($MODEL_TYPE, mode $MODE) with $("$VLLM_PYTHON" -c 'import vllm; print("vllm", vllm.__version__)')"
 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
@@ -63,7 +63,7 @@ for _ in $(seq 1 180); do
 done
 grep -o "Resolved architecture: .*" "$WORK/server.log" | head -1 | sed 's/^/vllm: /'
 
-"$HF_PYTHON" - "$MODEL_DIR" "$PORT" "$MAX_TOKENS" "$LOGPROB_TOL" <<'PY'
+"$HF_PYTHON" - "$MODEL_DIR" "$PORT" "$MAX_TOKENS" "$LOGPROB_TOL" "$MAX_LEN" <<'PY'
 import json, platform, subprocess, sys, urllib.request
 
 import torch
@@ -71,10 +71,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tinyllm_hf  # noqa: F401  (registers model_type "tinyllm")
 
-model_dir, port, max_tokens, tol = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+model_dir, port, max_tokens, tol, max_len = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 PROMPTS = ["我正在写这本书的心得", "这本书太好了，", "人际关系的交际技巧"]
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+original_context = (getattr(model.config, "rope_parameters", None) or {}).get("original_max_position_embeddings")
+if original_context and max_len > original_context:
+    # A RoPE-scaled model (docs/long_context.md): one prompt that runs past the context it was first trained with.
+    from tinyllm_hf.data.corpus import load_corpus
+
+    text = "".join(load_corpus("default", split="validation")["text"][:300])
+    PROMPTS.append(tokenizer.decode(tokenizer(text).input_ids[: max_len - max_tokens - 16]))
+    print(f"long prompt: {len(tokenizer(PROMPTS[-1]).input_ids)} tokens (trained context {original_context})")
 
 
 def hf_greedy(prompt_ids):
@@ -125,7 +133,7 @@ for kind, prompt, prompt_ids, ask_vllm in cases:
     same_prompt, same = vllm_prompt_ids == prompt_ids, got == expected
     ok = same_prompt and same and diff <= tol
     failures += not ok
-    print(f"{'OK  ' if ok else 'DIFF'} {kind:10} {prompt!r}: prompt ids {'equal' if same_prompt else 'DIFFER'}, "
+    print(f"{'OK  ' if ok else 'DIFF'} {kind:10} {prompt[:24]!r}{'...' if len(prompt) > 24 else ''} ({len(prompt_ids)} ids): prompt ids {'equal' if same_prompt else 'DIFFER'}, "
           f"{sum(a == b for a, b in zip(got, expected))}/{len(expected)} tokens equal, max |dlogprob| {diff:.1e}\n"
           f"     vllm: {text!r}\n     hf:   {tokenizer.decode(expected)!r}")
 try:
