@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from tinyllm_hf.evaluation.perplexity import load_texts, perplexity
 from tinyllm_hf.report import cpu_name
+from tinyllm_hf.rope_scaling import model_context
 from tinyllm_hf.trainers import pretrain
 from tinyllm_hf.trainers.common import parse_recipe
 
@@ -42,22 +43,22 @@ class SpeedrunClock(TrainerCallback):
     """Scores the validation text every `check_every` optimizer steps (and at the last one) with the clock stopped,
     and ends training at the first score at or below `target`."""
 
-    def __init__(self, texts: list[str], tokenizer, target: float, check_every: int, block_size: int | None):
-        self.texts, self.tokenizer, self.target, self.check_every = texts, tokenizer, target, check_every
+    def __init__(self, texts: list[str], target: float, check_every: int, block_size: int | None):
+        self.texts, self.target, self.check_every = texts, target, check_every
         self.started = None
-        self.block_size = block_size  # None: the model's context, as the pretraining stage packs it
+        self.block_size = block_size  # None: the model's context
         self.paused = 0.0  # seconds spent in checks
         self.checks: list[dict] = []
         self.reached: dict | None = None
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step % self.check_every and state.global_step < state.max_steps:
             return
         pause = time.perf_counter()
         seconds = pause - self.started - self.paused
         was_training = model.training
         model.eval()
-        score = perplexity(model, self.tokenizer, self.texts, batch_size=64, progress=False)
+        score = perplexity(model, processing_class, self.texts, batch_size=64, progress=False)
         model.train(was_training)
         check = {"step": state.global_step, "seconds": round(seconds, 3), "bits_per_char": round(score["bits_per_char"], 4),
                  "tokens": state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -70,7 +71,7 @@ class SpeedrunClock(TrainerCallback):
         self.paused += time.perf_counter() - pause
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.block_size = self.block_size or model.config.max_position_embeddings
+        self.block_size = self.block_size or model_context(model.config)  # as the pretraining stage packs it
         self.started = time.perf_counter()
 
 
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
              "--disable_tqdm", "true", *flags],
             defaults=pretrain.DEFAULTS, prog="speedrun",
         )
-        tokenizer = pretrain.load_tokenizer(data_args.tokenizer_name_or_path)
-        clock = SpeedrunClock(texts, tokenizer, args.target, args.check_every, data_args.block_size)
+        clock = SpeedrunClock(texts, args.target, args.check_every, data_args.block_size)
         pretrain.train(model_args, data_args, training_args, run_args, callbacks=[clock])
     result = {
         "target_bits_per_char": args.target,
