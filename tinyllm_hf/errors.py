@@ -87,6 +87,13 @@ class PipelineError(TinyllmError, RuntimeError):
     """
 
 
+class PreflightError(TinyllmError, RuntimeError):
+    """`tinyllm run`'s checks before stage 1 found something missing; the message lists each with its fix.
+
+    >>> raise PreflightError("preflight: 1 check(s) failed ...: [FAIL] sft: extra flash-attn (...): not installed: ...")
+    """
+
+
 class NonFiniteLossError(TinyllmError, RuntimeError):
     """Training produced a NaN or infinite loss; lower the learning rate or check the data."""
 

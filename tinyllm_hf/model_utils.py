@@ -179,6 +179,32 @@ def get_config(name_or_path: str, revision: str | None = None, trust_remote_code
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
+# attn_implementation -> (the module transformers looks for, what installs it). When it is missing, transformers 5 does
+# not fail: with the `kernels` package installed it downloads a kernel from the Hub instead, which an offline GPU node
+# cannot, and without it fails deep in model loading. `check_attn_implementation` (and `tinyllm run`'s preflight) say
+# so first.
+FLASH_ATTENTION_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash_attn_interface", "build FlashAttention-3 (hopper/) from "
+                          "https://github.com/Dao-AILab/flash-attention"),
+}
+
+
+def check_attn_implementation(attn_implementation: str | None) -> None:
+    """A clear error when a flash attention implementation is asked for but its package is not installed."""
+    if attn_implementation not in FLASH_ATTENTION_PACKAGES:
+        return
+    import importlib.util
+
+    module, install = FLASH_ATTENTION_PACKAGES[attn_implementation]
+    if importlib.util.find_spec(module) is None:
+        from tinyllm_hf.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"attn_implementation {attn_implementation} needs the {module} package, which is "
+                                     f"not installed: {install}, or set attn_implementation: sdpa (packed rows stay "
+                                     "per-conversation there too: docs/sft.md)")
+
+
 def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=None, trust_remote_code: bool = False,
               rope_scaling: str | None = None, **from_pretrained_kwargs):
     """`auto_class.from_pretrained` (default AutoModelForCausalLM) with the Tinyllm classes registered.
@@ -193,6 +219,7 @@ def get_model(name_or_path: str, chat_tokenizer=None, auto_class=None, dtype=Non
     import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 
     check_local_folder(name_or_path)
+    check_attn_implementation(from_pretrained_kwargs.get("attn_implementation"))
     from_pretrained_kwargs["trust_remote_code"] = trust_remote_code
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)

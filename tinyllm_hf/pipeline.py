@@ -1,6 +1,7 @@
 """`tinyllm run`: every stage of a recipe in order, from raw text to a staged Hub release and a report.
 
     tinyllm run --config recipes/quickstart.yaml [--output_dir runs/NAME] [--only sft] [--from-stage eval]
+    tinyllm run --config recipes/92m.yaml --check     # only check what the stages need (tinyllm_hf.preflight)
 
 Each stage runs its own command (`tinyllm tokenizer`, `tinyllm pretrain`, ...) in a subprocess with the same recipe
 entries, writes into `OUTPUT_DIR/<stage>/` and, when it succeeds, a `stage.json` summary. A stage whose summary exists
@@ -380,6 +381,8 @@ class Pipeline:
         # push finds the chat model's results in the run (eval/<stage>.json) itself.
         args = ["push", "--model", str(self.chat_model()), "--repo-id", entry.get("repo_id", "your-name/tinyllm-zh"),
                 "--run-dir", str(self.layout.root), "--dry-run", str(staged)]
+        if entry.get("license"):  # else the card derives it from the datasets the stages trained on
+            args += ["--license", str(entry["license"])]
         ggufs = sorted(self.layout.stage_dir("gguf").glob("*.gguf"))
         if ggufs:
             args += ["--include-gguf", *map(str, ggufs)]
@@ -443,13 +446,28 @@ class Pipeline:
                    for s in TRAINING_STAGES if self.layout.done(s)]
         write_json(self.layout.stage_records, records)
 
-    def run(self, only: list[str] | None = None, from_stage: str | None = None) -> None:
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+    def selected_stages(self, only: list[str] | None = None, from_stage: str | None = None) -> list[str]:
         stages = [s for s in STAGES if self.configured(s)]
         if from_stage:
             stages = stages[stages.index(from_stage):]
         if only:
             stages = [s for s in stages if s in only]
+        return stages
+
+    def preflight(self, stages: list[str]) -> list:
+        """The checks of `tinyllm_hf.preflight` for `stages`: what each will need, found or not."""
+        from tinyllm_hf.preflight import Preflight
+
+        return Preflight(self.recipe, self.launcher).run(stages)
+
+    def run(self, only: list[str] | None = None, from_stage: str | None = None, check: bool = True) -> None:
+        stages = self.selected_stages(only, from_stage)
+        if check:
+            from tinyllm_hf.preflight import raise_on_failures
+
+            # Stages that finished are skipped below: what they needed no longer matters.
+            raise_on_failures(self.preflight([s for s in stages if only or not self.layout.done(s)]))
+        self.layout.root.mkdir(parents=True, exist_ok=True)
         for stage in stages:
             damage = self.output_damage(stage) if self.layout.done(stage) else None
             if damage is not None:
@@ -476,11 +494,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", "--output-dir", help="run folder (default: the recipe's output_dir)")
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run just these stages (again, if done)")
     parser.add_argument("--from-stage", choices=STAGES, help="start at this stage")
+    parser.add_argument("--check", action="store_true",
+                        help="only check what the stages need (datasets, extras, launchers), list the verdicts and "
+                             "exit 0 when all pass, else 1; every run does these checks first")
+    parser.add_argument("--skip-check", action="store_true", help="run without the checks before stage 1")
     args = parser.parse_args(argv)
     recipe = load_pipeline_recipe(args.config)
     output_dir = Path(args.output_dir or recipe.get("output_dir") or "runs/" + Path(args.config).stem)
+    pipeline = Pipeline(recipe, output_dir, Path(args.config))
+    if args.check:
+        from tinyllm_hf.preflight import failures, format_checks
+
+        checks = pipeline.preflight(pipeline.selected_stages(args.only, args.from_stage))
+        print(format_checks(checks), flush=True)
+        return 1 if failures(checks) else 0
     with signals_as_exit():
-        Pipeline(recipe, output_dir, Path(args.config)).run(args.only, args.from_stage)
+        pipeline.run(args.only, args.from_stage, check=not args.skip_check)
     return 0
 
 

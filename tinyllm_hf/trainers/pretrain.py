@@ -22,7 +22,7 @@ import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto
 from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entropy
 from tinyllm_hf.errors import ConfigError, UsageError
-from tinyllm_hf.model_utils import TRUST_REMOTE_CODE_HELP, get_model, get_tokenizer
+from tinyllm_hf.model_utils import TRUST_REMOTE_CODE_HELP, check_attn_implementation, get_model, get_tokenizer
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
 from tinyllm_hf.rope_scaling import model_context, with_rope_scaling
 from tinyllm_hf.options import parse_key_values
@@ -144,6 +144,7 @@ def check_overrides(overrides: dict, preset: str) -> None:
 def build_model(model_args: ModelArguments, tokenizer, vocab_size: int | None = None):
     """The model to train: `model_name_or_path` loaded, or a new one from `model_preset` with `vocab_size` token rows
     (default `len(tokenizer)`; a distillation student takes its teacher's, which may be padded beyond the tokenizer)."""
+    check_attn_implementation(model_args.attn_implementation)
     if model_args.model_name_or_path:
         if model_args.config_overrides:
             raise UsageError("config_overrides applies to a new model from model_preset, not to model_name_or_path")
