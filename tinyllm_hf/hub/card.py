@@ -23,11 +23,13 @@ from safetensors import safe_open
 # One definition of where records come from: record kind -> embedded source -> (package, files).
 from tinyllm_hf.data.corpus import SOURCE_FILES
 from tinyllm_hf.data.corpus import EMBEDDED_SOURCES
+from tinyllm_hf.data.corpus import OPTIONAL_SOURCES, is_installed, is_local_source
 from tinyllm_hf.data.records import KIND_SOURCE
 from tinyllm_hf.data.records import RECORD_KINDS
 from tinyllm_hf.errors import MissingFileError
 from tinyllm_hf.evaluation.results import BENCHMARK_TITLES, benchmark_table, load_results, results_table
 from tinyllm_hf.model_utils import get_tokenizer
+from tinyllm_hf.options import comma_list
 from tinyllm_hf.runs import ADAPTER_CONFIG_FILE, RELEASE_RESULTS_FILE, STAGE_RECORDS_FILE, RunLayout
 
 TEMPLATE = Path(__file__).with_name("model_card.md.jinja")
@@ -40,7 +42,22 @@ HUB_LICENCES = {
     "mit": "mit", "mit license": "mit",
     "apache-2.0": "apache-2.0", "apache license 2.0": "apache-2.0", "apache software license": "apache-2.0",
 }
-LICENSE = "apache-2.0"
+PROJECT_LICENCE = "apache-2.0"  # tinyllm-hf's own code and text (pyproject.toml): the demo app, identity answers
+# Data under these may go into a model released under PROJECT_LICENCE, with their notices kept (the card lists them).
+PERMISSIVE_LICENCES = {"mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause"}
+UNKNOWN_LICENCE = "other"  # the Hub's id for a licence it has no id for; the card's notes say what to check
+# Hub datasets whose terms are known here: repo id, or "owner/*" for all of an owner's -> (the Hub's licence ids, what a
+# release must say). Any other Hub or local dataset is UNKNOWN_LICENCE, with a note asking for its licence.
+DATASET_TERMS = {
+    "BelleGroup/*": (["gpl-3.0"], "BELLE's data is GPL-3.0 and, by its authors' terms, for research use only: a model "
+                                  "trained on it must not be used commercially"),
+    "wikimedia/wikipedia": (["cc-by-sa-3.0", "cc-by-sa-4.0", "gfdl"],
+                            "Wikipedia's text is dual-licensed CC BY-SA (3.0/4.0) and GFDL: attribution and share-alike "
+                            "apply to text the model reproduces"),
+}
+# What `tinyllm run` records as the dataset of a stage trained on the embedded data (Pipeline.summarize).
+EMBEDDED_LABELS = ("default", "default (embedded)")
+CORPUS_STAGES = ("pretrain", "distill")  # stages whose "default" is the embedded corpus, not the task set
 
 # How each results task appears in model-index: dataset id on the Hub, display name, metric.
 BENCHMARKS = {
@@ -154,6 +171,74 @@ def gather_facts(model_dir, results_file=None, run_dir=None, gguf_files=()) -> R
     )
 
 
+@dataclass
+class DataLicence:
+    """The terms of one dataset a model was trained on, as the card states them."""
+
+    dataset: str  # as the run named it, or the embedded source's package
+    licences: list[str]  # the Hub's licence ids; [UNKNOWN_LICENCE] when not known here
+    note: str
+    stages: list[str] = field(default_factory=list)
+
+
+def _package_licence(package: str, stage: str) -> DataLicence:
+    """An embedded source's package, with the licence its installed metadata states (as the dataset cards do)."""
+    try:
+        version, stated = importlib.metadata.version(package), _stated_licence(package)
+    except importlib.metadata.PackageNotFoundError:
+        version, stated = "not installed", "not stated"
+    hub = HUB_LICENCES.get(stated.lower(), UNKNOWN_LICENCE)
+    note = f"embedded data files of `{package}` {version}, licence as the package states it: {stated}"
+    if hub == UNKNOWN_LICENCE:
+        note += " (no Hub licence id: check the package's terms)"
+    return DataLicence(f"{package} (embedded)", [hub], note, [stage])
+
+
+def _dataset_licences(name: str, stage: str) -> list[DataLicence]:
+    if name in EMBEDDED_LABELS or name in EMBEDDED_SOURCES:
+        sources = [name] if name in EMBEDDED_SOURCES else [
+            s for s in EMBEDDED_SOURCES if s not in OPTIONAL_SOURCES or is_installed(s)]
+        packages = list(dict.fromkeys(SOURCE_FILES[s][0] for s in sources))
+        if name in EMBEDDED_LABELS and stage not in CORPUS_STAGES:
+            packages.append(PROJECT_PACKAGE)  # the task set's identity answers are written by tinyllm-hf
+        return [_package_licence(package, stage) for package in packages]
+    terms = DATASET_TERMS.get(name) or DATASET_TERMS.get(name.split("/", 1)[0] + "/*")
+    if terms and not is_local_source(name):
+        return [DataLicence(name, list(terms[0]), terms[1], [stage])]
+    kind = "local data" if is_local_source(name) else "Hub dataset"
+    return [DataLicence(name, [UNKNOWN_LICENCE], f"{kind} whose licence tinyllm-hf does not know: check its terms and "
+                        "set the model's licence (`release: {license: ID}` in the pipeline recipe, or "
+                        "`tinyllm push --license ID`)", [stage])]
+
+
+def data_licences(stages: list[dict]) -> list[DataLicence]:
+    """The terms of every dataset the run's training stages (tinyllm_stages.json records) name, in first-use order;
+    one entry per dataset, listing the stages that used it."""
+    found: dict[str, DataLicence] = {}
+    for record in stages:
+        for name in comma_list(record.get("dataset")):
+            for terms in _dataset_licences(name, record["stage"]):
+                if terms.dataset in found:
+                    found[terms.dataset].stages += [s for s in terms.stages if s not in found[terms.dataset].stages]
+                else:
+                    found[terms.dataset] = terms
+    return list(found.values())
+
+
+def model_licence(data: list[DataLicence], override: str | None = None) -> tuple[str, str | None]:
+    """(the card's `license`, its `license_name` when that is "other"): `override` when given; else the one licence
+    of all the training data; else tinyllm-hf's own when every data licence is permissive (the card keeps their
+    notices); else "other": the data's licences differ (copyleft, research-only, ...) or one is not known."""
+    if override:
+        return override, None
+    ids = list(dict.fromkeys(licence for terms in data for licence in terms.licences))
+    if len(ids) == 1 and ids[0] != UNKNOWN_LICENCE:
+        return ids[0], None
+    if ids and set(ids) <= PERMISSIVE_LICENCES:
+        return PROJECT_LICENCE, None
+    return UNKNOWN_LICENCE, "mixed-data-licences" if len(ids) > 1 else "unknown"
+
+
 def eval_results(results: dict) -> list[EvalResult]:
     """model-index entries: one per scored benchmark in the results file (perplexity as its own metric)."""
     entries = []
@@ -178,8 +263,15 @@ def eval_results(results: dict) -> list[EvalResult]:
 
 
 def build_model_card(facts: ReleaseFacts, repo_id: str, base_model: str | None = None,
-                     datasets: list[str] | None = None) -> ModelCard:
+                     datasets: list[str] | None = None, license: str | None = None) -> ModelCard:
+    """The model card. Its licence is `license` when given, else derived from the training data the run recorded
+    (`data_licences`), whose terms the card lists either way."""
     config = facts.config
+    data = data_licences(facts.stages)
+    licence, licence_name = model_licence(data, license)
+    named = [name for record in facts.stages for name in comma_list(record.get("dataset"))]
+    hub_datasets = list(dict.fromkeys(name for name in named if name not in EMBEDDED_LABELS
+                                      and name not in EMBEDDED_SOURCES and not is_local_source(name)))
     model_name = repo_id.split("/")[-1]
     base_model = base_model or (facts.adapter or {}).get("base_model_name_or_path")
     tags = ["tinyllm", "llama-compatible", "chinese", "text-generation"]
@@ -187,11 +279,12 @@ def build_model_card(facts: ReleaseFacts, repo_id: str, base_model: str | None =
         tags += ["peft", "lora"]
     card_data = ModelCardData(
         language="zh",
-        license=LICENSE,
+        license=licence,
+        license_name=licence_name,
         library_name="peft" if facts.adapter else "transformers",
         pipeline_tag="text-generation",
         base_model=base_model,
-        datasets=datasets,
+        datasets=datasets or hub_datasets or None,
         tags=tags,
         model_name=model_name,
         eval_results=eval_results(facts.results) if facts.results else None,
@@ -235,6 +328,9 @@ def build_model_card(facts: ReleaseFacts, repo_id: str, base_model: str | None =
         results_date=facts.results["date"] if facts.results else None,
         results_file=facts.results_file,
         gguf_files=gguf,
+        licence=licence,
+        licence_set=bool(license),
+        data_licences=data,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from tinyllm_hf.errors import MissingDependencyError, ReleaseError
+from tinyllm_hf.hub.card import PROJECT_LICENCE
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"  # the SDK's own variable; https://modelscope.cn/my/myaccesstoken
 CONFIGURATION_FILE = "configuration.json"
@@ -80,7 +81,7 @@ def stage_studio(model_repo_id: str, out_dir, studio_repo_id: str) -> None:
         "---\n"
         "domain:\n- nlp\n"
         f"models:\n- {model_repo_id}\n"
-        "license: apache-2.0\n"
+        f"license: {PROJECT_LICENCE}\n"  # the Studio is tinyllm-hf's demo app; the model's card has the model's
         "tags:\n- tinyllm\n- chinese\n"
         "---\n\n"
         f"# {studio_repo_id.split('/')[-1]}\n\n"

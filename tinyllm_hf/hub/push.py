@@ -55,7 +55,7 @@ SPACE_APP = Path(__file__).resolve().parents[1] / "inference" / "app.py"
 EMBEDDED_DATASETS = {"sft": TASKS, "preferences": PREFERENCE_TASKS}
 # Our held-out split is published as "test", the split name the Hub's viewer and `load_dataset` users expect.
 HUB_SPLITS = {"train": "train", "heldout": "test"}
-MODEL_ONLY_OPTIONS = ("include_gguf", "results", "run_dir", "base_model", "datasets", "space")
+MODEL_ONLY_OPTIONS = ("include_gguf", "results", "run_dir", "base_model", "datasets", "license", "space")
 DATASET_ONLY_OPTIONS = ("tasks", "task_sizes", "heldout_sizes")
 HUBS = ("huggingface", "modelscope")
 
@@ -71,7 +71,7 @@ def finish_staging(out_dir: Path) -> list[Path]:
 
 
 def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None, run_dir=None, base_model=None,
-                datasets=None) -> list[Path]:
+                datasets=None, license=None) -> list[Path]:
     """Write the release of `model_dir` into `out_dir` and return the staged files (relative paths)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     facts = gather_facts(model_dir, results_file=results_file, run_dir=run_dir, gguf_files=include_gguf)
@@ -100,7 +100,7 @@ def stage_model(model_dir, out_dir, repo_id, include_gguf=(), results_file=None,
         (out_dir / RELEASE_RESULTS_FILE).write_text(results, "utf-8")
     for gguf in facts.gguf_files:
         shutil.copy2(gguf, out_dir / gguf.name)
-    card = build_model_card(facts, repo_id, base_model=base_model, datasets=datasets)
+    card = build_model_card(facts, repo_id, base_model=base_model, datasets=datasets, license=license)
     card.save(out_dir / "README.md")
     return finish_staging(out_dir)
 
@@ -216,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                         "RUN_DIR/eval/STAGE.json when MODEL is the run's folder RUN_DIR/STAGE)")
     parser.add_argument("--run-dir", help="the `tinyllm run` output folder, for stage summaries and plots")
     parser.add_argument("--base-model", help="base model repo id for a fine-tune's card metadata")
-    parser.add_argument("--datasets", nargs="*", help="dataset repo ids for the card metadata")
+    parser.add_argument("--datasets", nargs="*", help="dataset repo ids for the card metadata (default: the Hub "
+                        "datasets the run's stages trained on)")
+    parser.add_argument("--license", help="the model's licence (a Hub licence id); default: derived from the "
+                        "training data the run recorded (its terms are listed in the card either way)")
     parser.add_argument("--space", action="store_true", help="release the web demo as a Gradio Space")
     parser.add_argument("--tasks", help="--dataset: tasks to include, comma-separated (default: all)")
     parser.add_argument("--task-sizes", help="--dataset: train rows per task, e.g. sentiment=4000,xiehouyu=400 "
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             files = stage_model(args.model, staging, args.repo_id, include_gguf=args.include_gguf,
                                 results_file=args.results, run_dir=args.run_dir, base_model=args.base_model,
-                                datasets=args.datasets)
+                                datasets=args.datasets, license=args.license)
         if args.hub == "modelscope":
             from tinyllm_hf.hub import modelscope
 
