@@ -3,7 +3,9 @@
 TRL packs conversations (best-fit decreasing) and, padding-free, flattens a batch into one row whose `position_ids`
 restart at every conversation, with no attention mask. transformers 5's masking (`find_packed_sequence_indices`)
 turns restarting positions into a block-diagonal causal mask for SDPA; these tests show Tinyllm's logits and loss on
-such a batch equal those of each conversation run alone, in training and in evaluation mode.
+such a batch equal those of each conversation run alone, in training and in evaluation mode (where TRL's
+`SFTTrainer.compute_loss` passes `use_cache=False`: a cache would switch the packed-row detection off), and that the
+SFT stage's trainer reports the same validation loss packed as unpacked.
 """
 
 import datasets
@@ -43,11 +45,13 @@ def packed_batch(conversations):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_packed_logits_and_loss_equal_each_conversation_alone(model, conversations, training):
-    model.train(training)  # dropout is 0: train mode differs only in what the model builds (no cache)
+    model.train(training)  # dropout is 0: the modes differ only in whether the model would build a cache
     batch = packed_batch(conversations)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+        # As SFTTrainer.compute_loss calls it, in training and evaluation alike.
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                       use_cache=False)
         alone = {tuple(ids): model(input_ids=torch.tensor([ids])).logits[0] for ids in conversations}
 
     # Cut the packed row back into conversations at the restarting positions; each slice must match its original.
@@ -74,7 +78,36 @@ def test_without_restarting_positions_the_conversations_would_mix(model, convers
     batch = packed_batch(conversations)
     plain = torch.arange(batch["input_ids"].shape[1])[None]
     with torch.no_grad():
-        restarted = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        restarted = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         mixed = model(input_ids=batch["input_ids"], position_ids=plain).logits
     first = (batch["position_ids"][0] == 0).nonzero().flatten()[1]  # the second conversation of the row
     assert not torch.allclose(restarted[0, first:], mixed[0, first:], atol=1e-3)
+
+
+CHATS = [[{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+         for question, answer in [("你好", "你好！"), ("这句话是正面还是负面：服务很好，房间也干净。", "正面"),
+                                  ("画蛇添足是什么意思？", "比喻做了多余的事，反而不恰当。"), ("一加一等于几？", "二"),
+                                  ("外甥打灯笼", "照旧（舅）"), ("请把“今天天气很好”分词。", "今天 / 天气 / 很 / 好")]]
+
+
+def test_sft_validation_loss_is_the_same_packed_and_unpacked(tiny_model_dir, tmp_path):
+    """The SFT stage's trainer on SDPA: one validation batch of these conversations, packed (one padding-free row)
+    or not (padded rows with an attention mask), gives the same loss over the same answer tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from tinyllm_hf.trainers.sft import TinyllmSFTTrainer
+
+    conversations = datasets.Dataset.from_dict({"messages": CHATS})
+    losses = {}
+    for packing in (True, False):
+        args = SFTConfig(output_dir=str(tmp_path / str(packing)), assistant_only_loss=True, max_length=256,
+                         packing=packing, bf16=False, use_cpu=True, report_to=[], per_device_eval_batch_size=len(CHATS),
+                         activation_checkpointing=False, dataloader_num_workers=0, save_strategy="no")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+        trainer = TinyllmSFTTrainer(model=model, args=args, train_dataset=conversations, eval_dataset=conversations,
+                                    processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+        if packing:
+            assert len(trainer.eval_dataset) < len(CHATS)  # several conversations share a packed row
+        losses[packing] = trainer.evaluate()["eval_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -179,3 +179,21 @@ def test_92m_recipe_names_every_extra_it_needs(monkeypatch):
     assert ("extra llama-cpp-python (llama.cpp's quantizer)", "gguf.outtypes: q4_k_m") in failed
     assert ("extra openvino, nncf", "quantize.methods: openvino-int8") in failed
     assert not any("flash" in what for what, _ in failed)  # the SFT recipe runs on sdpa
+
+
+def test_a_stage_asked_for_flash_attention_without_flash_attn_stops_at_once(tiny_model_dir):
+    """Run alone (not through `tinyllm run`), a stage still says what is missing before loading anything, instead of
+    transformers fetching a kernel from the Hub."""
+    import importlib.util
+
+    from tinyllm_hf.errors import MissingDependencyError
+    from tinyllm_hf.model_utils import get_model
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(MissingDependencyError) as error:
+        get_model(str(tiny_model_dir), attn_implementation="flash_attention_2")
+    assert str(error.value) == (
+        "attn_implementation flash_attention_2 needs the flash_attn package, which is not installed: pip install "
+        "flash-attn --no-build-isolation, or set attn_implementation: sdpa (packed rows stay per-conversation there "
+        "too: docs/sft.md)")

@@ -530,10 +530,6 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
                 for router in self.routers():
                     router.update_bias()
             kwargs["output_router_logits"] = output_router_logits
-        if labels is not None and use_cache is None:
-            # A forward that scores labels needs no cache, and an empty one would switch off transformers' packed-row
-            # masks (it looks for restarting position_ids only without a cache): packed eval rows would mix.
-            use_cache = False
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
