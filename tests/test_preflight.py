@@ -197,3 +197,36 @@ def test_a_stage_asked_for_flash_attention_without_flash_attn_stops_at_once(tiny
         "attn_implementation flash_attention_2 needs the flash_attn package, which is not installed: pip install "
         "flash-attn --no-build-isolation, or set attn_implementation: sdpa (packed rows stay per-conversation there "
         "too: docs/sft.md)")
+
+
+def test_hub_dataset_online_checks_name_configuration_and_reachability(monkeypatch, offline_hub):
+    """With the Hub answering (its metadata only), a missing name or configuration is named; an unreachable Hub
+    falls back to datasets' cache, as `load_dataset` does."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    wikipedia = SimpleNamespace(gated=False, card_data=None, siblings=[
+        SimpleNamespace(rfilename=f) for f in ("README.md", "20231101.zh/train-00000-of-00003.parquet",
+                                               "20231101.en/train-00000-of-00041.parquet")])
+
+    def dataset_info(self, repo_id, **kwargs):
+        if repo_id == "wikimedia/wikipedia":
+            return wikipedia
+        if repo_id == "nobody/nothing":
+            response = SimpleNamespace(headers={}, request=None, status_code=404)  # what the error reads of it
+            raise RepositoryNotFoundError("404 Client Error", response=response)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "dataset_info", dataset_info)
+    check = preflight.hub_dataset_check
+    assert check("pretrain", "k", "wikimedia/wikipedia", "20231101.zh").detail == "on the Hub"
+    assert check("pretrain", "k", "wikimedia/wikipedia", "20231101.xx").detail == (
+        "the dataset has no configuration '20231101.xx' (20231101.en, 20231101.zh)")
+    assert check("sft", "k", "nobody/nothing").detail == (
+        "no such dataset on the Hub (or it is private: `hf auth login`); check the name")
+    unreachable = check("sft", "k", "BelleGroup/train_0.5M_CN")
+    assert unreachable.verdict == preflight.FAIL
+    assert unreachable.detail.startswith("the Hub is unreachable (ConnectionError) and there is no local copy: ")

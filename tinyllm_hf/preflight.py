@@ -90,7 +90,7 @@ def hub_dataset_check(stage: str, needed_by: str, repo_id: str, config: str | No
                       verdict_if_missing: str = FAIL, fix: str | None = None) -> Check:
     """Whether Hub dataset `repo_id` (and `config`) can be read: on the Hub (metadata only), else in a local cache."""
     from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     what = f"dataset {repo_id}" + (f" ({config})" if config else "")
     fix = fix or hub_download_hint(repo_id, config)
@@ -105,7 +105,8 @@ def hub_dataset_check(stage: str, needed_by: str, repo_id: str, config: str | No
         except RepositoryNotFoundError:
             return Check(stage, what, needed_by, verdict_if_missing,
                          "no such dataset on the Hub (or it is private: `hf auth login`); check the name")
-        except (HfHubHTTPError, OSError) as err:  # connection refused, DNS, timeout, 5xx: try the caches
+        except Exception as err:  # refused, DNS, timeout, 5xx (whose classes depend on huggingface_hub's HTTP
+            # client: httpx, httpx2): whatever stops the metadata call, the local copy may still do
             reason = f"the Hub is unreachable ({type(err).__name__})"
         else:
             if info.gated and get_token() is None:
