@@ -101,6 +101,20 @@ def test_json_list_files_and_folders_load(tmp_path):
     assert dataset.column_names == ["messages"] and len(dataset) == 2
 
 
+def test_json_lines_in_a_json_file_load_as_belle_publishes_them(tmp_path):
+    """BelleGroup/train_0.5M_CN's Belle_open_source_0.5M.json is JSON lines (instruction, input, output) despite
+    its suffix; a folder downloaded from the Hub loads as the Hub dataset does, bad lines named by line number."""
+    rows = [{"instruction": "把这句话翻译成英文", "input": "你好", "output": "Hello"},
+            {"instruction": "写一个成语", "input": "", "output": "画蛇添足"}]
+    path = tmp_path / "Belle_open_source_0.5M.json"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows) + "{broken\n", encoding="utf-8")
+    with pytest.raises(MalformedRowError, match=r"Belle_open_source_0\.5M\.json:3: not valid JSON"):
+        load_sft_dataset(str(tmp_path))
+    dataset = load_sft_dataset(str(tmp_path), malformed="skip")
+    assert [m["content"] for m in dataset[1]["messages"]] == ["写一个成语", "画蛇添足"]
+    assert dataset[0]["messages"][0]["content"].startswith("把这句话翻译成英文") and len(dataset) == 2
+
+
 def test_missing_file_and_unknown_hub_name_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="instruction data not found"):
         load_sft_dataset(str(tmp_path / "missing.jsonl"))

@@ -171,10 +171,20 @@ def to_messages(row, fmt: str = "auto") -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _starts_with_list(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped.startswith("[")
+    return True  # an empty file: the list reader names it
+
+
 def read_local_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, parsed row or the MalformedRowError of a line that is not JSON) for each record of a .jsonl file, or
-    (where, row) for each element of a .json list; `where` is `file:line` or `file[index]`, for error messages."""
-    if path.suffix == ".jsonl":
+    """(where, parsed row or the MalformedRowError of a line that is not JSON) for each record of a JSON-lines file, or
+    (where, row) for each element of a .json list; `where` is `file:line` or `file[index]`, for error messages.
+    A .json file that does not start with `[` is JSON lines, as `datasets` reads it: BelleGroup/train_0.5M_CN
+    publishes Belle_open_source_0.5M.json that way."""
+    if path.suffix == ".jsonl" or not _starts_with_list(path):
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
