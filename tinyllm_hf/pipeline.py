@@ -279,9 +279,12 @@ class Pipeline:
         paths = {"tokenizer_name_or_path": self.layout.tokenizer}
         if self.stage_setting("pretrain", "tokenized_dataset"):
             # Tokenized once, by one plain process, before the training processes start (launched, they would all
-            # wait for rank 0 meanwhile). The folder is the run's: one made with another tokenizer is rebuilt.
+            # wait for rank 0 meanwhile). In the run's own folder (unless `args:` names another), where blocks made
+            # with an earlier tokenizer are rebuilt.
             paths["tokenized_dataset"] = self.layout.pretokenized
-            self.run_command("pretrain", ["pretokenize", *self.training_args("pretrain", **paths), "--overwrite"])
+            own = "tokenized_dataset" not in (self.recipe["pretrain"].get("args") or {})
+            self.run_command("pretrain", ["pretokenize", *self.training_args("pretrain", **paths),
+                                          *(["--overwrite"] if own else [])])
         self.run_training("pretrain", **paths)
 
     def stage_setting(self, stage: str, key: str):
