@@ -2,7 +2,7 @@
 its first step, early and late in the same run, for docs/training.md and docs/benchmarks.md.
 
     python bench/pretokenize_speed.py --tokenizer runs/tok32k [--corpus default] [--num-proc 1,2] \
-        [--resume-steps 20,2000] [--json out.json]
+        [--resume-steps 10,1000] [--json out.json]
 
 1. Tokenize + pack: `pack_dataset` (what `tinyllm pretokenize` runs) over the corpus's train split with each
    `--num-proc`, datasets' cache off (nothing reused); tokens/s and tokens/s per process.
@@ -113,22 +113,25 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--corpus", default="default")
     parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--num-proc", default="1,2")
-    parser.add_argument("--resume-steps", default="20,2000")
+    parser.add_argument("--num-proc", default="1,2", help="tokenize with each of these process counts ('': skip)")
+    parser.add_argument("--resume-steps", default="10,1000", help="checkpoint steps to resume from ('': skip)")
     parser.add_argument("--skip-streaming", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     corpus = load_corpus(args.corpus)
-    result = {"tokenizer": args.tokenizer, "vocab_size": len(tokenizer), "block_size": args.block_size,
-              "tokenize": [tokenize_rate(corpus, tokenizer, args.block_size, int(n)) for n in args.num_proc.split(",")]}
-    print(json.dumps(result["tokenize"], indent=1), flush=True)
+    result = {"tokenizer": args.tokenizer, "vocab_size": len(tokenizer), "block_size": args.block_size}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pretokenize(args.corpus, tokenizer, args.block_size, work / "blocks")
-        result["read"] = read_rate(work / "blocks")
-        print(json.dumps(result["read"]), flush=True)
+        if args.num_proc:
+            result["tokenize"] = [tokenize_rate(corpus, tokenizer, args.block_size, int(n))
+                                  for n in args.num_proc.split(",")]
+            pretokenize(args.corpus, tokenizer, args.block_size, work / "blocks")
+            result["read"] = read_rate(work / "blocks")
+            print(json.dumps({key: result[key] for key in ("tokenize", "read")}, indent=1), flush=True)
+        if not args.resume_steps:
+            return print_json(result, args.json)
         steps = [int(s) for s in args.resume_steps.split(",")]
         result["resume_seconds"] = {
             "pretokenized": resume_times(args.tokenizer, args.corpus, work, steps, "blocks",
@@ -137,9 +140,13 @@ def main() -> None:
             result["resume_seconds"]["streaming"] = resume_times(args.tokenizer, args.corpus, work, steps, "stream",
                                                                  streaming="true", shuffle_buffer_size=1000,
                                                                  block_size=64)
-        print(json.dumps(result["resume_seconds"]), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print_json(result, args.json)
+
+
+def print_json(result: dict, path: str | None) -> None:
+    print(json.dumps(result, indent=1), flush=True)
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
