@@ -796,3 +796,39 @@ def test_ddp_two_processes_read_their_own_pretokenized_blocks(corpus_file, token
     for rank in (0, 1):
         loaders = {json.loads(line)["loader"] for line in (out / "data_order" / f"rank{rank}.jsonl").open()}
         assert loaders == {"DataLoaderShard"}
+
+
+def test_pretokenize_a_hub_corpus_in_its_published_schema(corpus_file, tokenizer_dir, tokenizer, tmp_path, monkeypatch):
+    """The Hub branch (`wikimedia/wikipedia`, `20231101.zh`: parquet with id, url, title, text) through a
+    `datasets.load_dataset` shim pointing at local files: the blocks are those of the same documents read locally."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tinyllm_hf.data.corpus import load_corpus
+
+    texts = corpus_file.read_text(encoding="utf-8").splitlines()
+    folder = tmp_path / "wikipedia" / "20231101.zh"
+    folder.mkdir(parents=True)
+    for part, rows in enumerate((texts[:300], texts[300:])):
+        pq.write_table(pa.table({"id": [str(i) for i in range(len(rows))], "url": ["https://zh.wikipedia.org/"] * len(rows),
+                                 "title": ["标题"] * len(rows), "text": rows}),
+                       folder / f"train-{part:05d}-of-00002.parquet")
+    load_dataset = datasets.load_dataset
+
+    def hub_shim(name, config=None, **kwargs):
+        assert (name, config) == ("wikimedia/wikipedia", "20231101.zh")
+        return load_dataset("parquet", data_files=sorted(map(str, folder.glob("*.parquet"))), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_shim)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    blocks = tmp_path / "blocks"
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=16,
+                                    dataset_name="wikimedia/wikipedia", dataset_config="20231101.zh")) == 0
+    manifest = json.loads((blocks / "tinyllm_pretokenized.json").read_text())
+    assert manifest["inputs"]["corpus"] | {"fingerprint": None} == {
+        "dataset_name": "wikimedia/wikipedia", "dataset_config": "20231101.zh", "text_field": "text", "fingerprint": None}
+    local = load_corpus(str(corpus_file))
+    saved = datasets.load_from_disk(str(blocks))
+    for split in ("train", "validation"):
+        assert manifest["splits"][split]["documents"] == len(local[split])
+        assert saved[split]["input_ids"] == pack_dataset(local[split], tokenizer, 16)["input_ids"]
