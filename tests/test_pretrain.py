@@ -832,3 +832,17 @@ def test_pretokenize_a_hub_corpus_in_its_published_schema(corpus_file, tokenizer
     for split in ("train", "validation"):
         assert manifest["splits"][split]["documents"] == len(local[split])
         assert saved[split]["input_ids"] == pack_dataset(local[split], tokenizer, 16)["input_ids"]
+
+
+def test_blocks_of_a_corpus_changed_since_are_refused(corpus_file, tokenizer_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(corpus_file, corpus)
+    blocks = tmp_path / "blocks"
+    assert tinyllm(pretokenize_args(corpus, tokenizer_dir, blocks, block_size=16)) == 0
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("新的一行：小明在北京看见大海。\n")
+    run = recipe_args(corpus, tokenizer_dir, tmp_path / "run", tokenized_dataset=blocks, block_size=16, max_steps=1)
+    assert tinyllm(["pretrain", *run]) == 1
+    assert (f"tinyllm pretrain: error: tokenized_dataset {blocks} was made from other inputs: the corpus changed since "
+            "(its files, package versions or the cleaning code); rebuild it with `tinyllm pretokenize --config RECIPE "
+            "--overwrite` or point tokenized_dataset elsewhere") in capsys.readouterr().err
