@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # installed); eval's parser module imports the scoring code at its top.
 HELP_IMPORTS_TORCH = {
     "pretrain": "TrainingArguments (transformers.training_args imports torch)",
+    "pretokenize": "the pretrain recipe's TrainingArguments (it reads the same recipe)",
     "sft": "trl.SFTConfig", "dpo": "trl.DPOConfig", "reward": "trl.RewardConfig", "grpo": "trl.GRPOConfig",
     "rloo": "trl.RLOOConfig", "kto": "trl.KTOConfig", "orpo": "trl.experimental ORPOConfig",
     "distill": "trl.experimental GKDConfig",

@@ -115,13 +115,18 @@ def test_training_stages_run_under_accelerate_launch(tmp_path):
     recipe = {"accelerate": {"cpu": True, "num_processes": 1, "num_machines": 1, "mixed_precision": "no",
                              "dynamo_backend": "no"},
               "tokenizer": recipe["tokenizer"], "pretrain": recipe["pretrain"]}
+    blocks = tmp_path / "blocks"
+    recipe["pretrain"]["args"]["tokenized_dataset"] = str(blocks)  # tokenized before the launch, then read
     path = tmp_path / "accelerate.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True), "utf-8")
     run_dir = tmp_path / "run"
     assert main(["--config", str(path), "--output_dir", str(run_dir)]) == 0
-    command = (run_dir / "pretrain" / "stage.log").read_text("utf-8").splitlines()[0]
+    log = (run_dir / "pretrain" / "stage.log").read_text("utf-8")
+    command = next(line for line in log.splitlines() if line.startswith("$ accelerate"))
     assert command.startswith("$ accelerate launch --cpu ") and " --num_processes 1 " in command
-    assert " -m tinyllm_hf.trainers.pretrain --config " in command
+    assert " -m tinyllm_hf.trainers.pretrain --config " in command and f" --tokenized_dataset {blocks} " in command
+    assert log.index("$ tinyllm pretokenize --config ") < log.index("$ accelerate launch")
+    assert (blocks / "tinyllm_pretokenized.json").is_file()
     assert (run_dir / "tokenizer" / "stage.log").read_text("utf-8").startswith("$ tinyllm tokenizer train")
     summary = json.loads((run_dir / "pretrain" / "stage.json").read_text())
     assert summary["steps"] == 3 and summary["dataset"] == "reviews"
@@ -168,3 +173,28 @@ def test_run_layout_knows_which_stage_a_model_folder_is(tmp_path):
     assert run.eval_results(run.stage_of(tmp_path / "run" / "sft")) == tmp_path / "run" / "eval" / "sft.json"
     assert run.stage_of(tmp_path / "elsewhere" / "sft") is None
     assert run.stage_of(tmp_path / "run" / "checkpoint-3") is None
+
+
+def test_pretrain_tokenizes_once_in_one_process_before_the_launch(tmp_path, monkeypatch):
+    """A pretrain recipe with tokenized_dataset (the 92m one): `tinyllm pretokenize` runs first as a plain process,
+    writing into the run folder, then the launched training reads the same folder."""
+    from tinyllm_hf import pipeline
+
+    monkeypatch.chdir(ROOT)  # the recipe names its stage recipes relative to the repository root
+    recipe = load_pipeline_recipe(ROOT / "recipes" / "92m.yaml")
+    commands = []
+    monkeypatch.setattr(pipeline.Pipeline, "run_command",
+                        lambda self, stage, args, accelerate=None: commands.append((stage, args, accelerate)))
+    run = pipeline.Pipeline(recipe, tmp_path / "run", ROOT / "recipes" / "92m.yaml")
+    run.pretrain()
+    (stage, tokenize, plain), (_, train, launched) = commands
+    blocks = str(RunLayout(tmp_path / "run").pretokenized)
+    assert stage == "pretrain" and tokenize[0] == "pretokenize" and plain is None and tokenize[-1] == "--overwrite"
+    assert train[0] == "pretrain" and launched == recipe["accelerate"]
+    for args in (tokenize, train):
+        assert args[args.index("--tokenized_dataset") + 1] == blocks
+        assert args[args.index("--config") + 1] == recipe["pretrain"]["recipe"]
+    commands.clear()  # the quickstart's pretrain recipe tokenizes at the start of training, in the launched stage
+    quickstart = load_pipeline_recipe(ROOT / "recipes" / "quickstart.yaml")
+    pipeline.Pipeline(quickstart, tmp_path / "quick", ROOT / "recipes" / "quickstart.yaml").pretrain()
+    assert [args[0] for _, args, _ in commands] == ["pretrain"] and "--tokenized_dataset" not in commands[0][1]

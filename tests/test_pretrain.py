@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -636,3 +637,212 @@ def test_speedrun_refuses_bad_arguments(speedrun_setup, capsys):
         with pytest.raises(SystemExit) as exit_info:
             speedrun.main([*argv, *bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pre-tokenized shards (tinyllm pretokenize)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Calls:
+    """Counts the calls of a function it replaces, passing them through."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+def pretokenize_args(corpus_file, tokenizer_dir, blocks, **overrides) -> list[str]:
+    return ["pretokenize", *recipe_args(corpus_file, tokenizer_dir, blocks.parent / "unused", tokenized_dataset=blocks,
+                                        **overrides)]
+
+
+def test_pretokenize_writes_shards_and_a_manifest_then_reuses_them(corpus_file, tokenizer_dir, tokenizer, tmp_path,
+                                                                      monkeypatch, capsys):
+    from tinyllm_hf.data import pretokenized
+    from tinyllm_hf.data.corpus import load_corpus
+
+    blocks = tmp_path / "blocks"
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=16, num_shards=3)) == 0
+    manifest = json.loads((blocks / pretokenized.MANIFEST_FILE).read_text())
+    corpus = load_corpus(str(corpus_file))
+    saved = datasets.load_from_disk(str(blocks))
+    for split in ("train", "validation"):  # the same documents and blocks as the tokenize-at-start path
+        expected = pack_dataset(corpus[split], tokenizer, 16)
+        assert saved[split]["input_ids"] == expected["input_ids"]
+        assert manifest["splits"][split] | {"packing_seconds": 0} == {
+            "documents": len(corpus[split]), "blocks": len(expected), "tokens": 16 * len(expected), "packing_seconds": 0}
+    assert len(list((blocks / "train").glob("*.arrow"))) == 3
+    assert manifest["inputs"]["block_size"] == 16 and manifest["inputs"]["corpus"]["dataset_name"] == str(corpus_file)
+    assert f"{blocks}: train {len(corpus['train']):,} documents" in capsys.readouterr().out
+
+    # Again with the same inputs: nothing read or tokenized.
+    loads, packs = Calls(pretokenized.load_corpus), Calls(packing.pack_batch)
+    monkeypatch.setattr(pretokenized, "load_corpus", loads)
+    monkeypatch.setattr(packing, "pack_batch", packs)
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=16)) == 0
+    assert loads.calls == packs.calls == 0
+    # Other inputs: refused with what differs, rebuilt only when asked to.
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=8)) == 1
+    assert (f"tinyllm pretokenize: error: {blocks} holds blocks made from other inputs: block_size 16 (asked: 8); "
+            "point tokenized_dataset elsewhere, or pass --overwrite to rebuild it") in capsys.readouterr().err
+    assert tinyllm([*pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=8), "--overwrite"]) == 0
+    assert loads.calls == 1 and json.loads((blocks / pretokenized.MANIFEST_FILE).read_text())["inputs"]["block_size"] == 8
+    other_tokenizer = tmp_path / "tok2"
+    train_tokenizer(corpus_file.read_text(encoding="utf-8").splitlines(), vocab_size=300, output_dir=other_tokenizer)
+    assert tinyllm(pretokenize_args(corpus_file, other_tokenizer, blocks, block_size=8)) == 1
+    assert "made from other inputs: another tokenizer" in capsys.readouterr().err
+
+
+def test_a_half_written_or_damaged_pretokenized_folder_is_not_trusted(corpus_file, tokenizer_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    from tinyllm_hf.data import pretokenized
+
+    blocks = tmp_path / "blocks"
+    # Killed while saving: nothing under the final name.
+    def killed(self, path, **kwargs):
+        (Path(path) / "train").mkdir(parents=True)
+        (Path(path) / "train" / "data-00000-of-00001.arrow").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.DatasetDict, "save_to_disk", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=16))
+    assert not blocks.exists() and not list(tmp_path.glob(".blocks.tmp-*"))
+
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=16)) == 0
+    shard = next((blocks / "train").glob("*.arrow"))
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size // 2)
+    run = recipe_args(corpus_file, tokenizer_dir, tmp_path / "run", tokenized_dataset=blocks, block_size=16)
+    assert tinyllm(["pretrain", *run]) == 1
+    assert (f"tinyllm pretrain: error: tokenized_dataset {blocks}: train/{shard.name} has {size // 2} bytes, {size} "
+            "when written; build it with `tinyllm pretokenize --config RECIPE` (it replaces a damaged one)"
+            ) in capsys.readouterr().err
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=16)) == 0  # rebuilt
+    assert pretokenized.pretokenized_damage(blocks) is None and shard.stat().st_size == size
+    # A folder that is not ours is never replaced silently.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, tmp_path / "mine", block_size=16)) == 1
+    assert "exists and is not a pre-tokenized dataset" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert tinyllm(["pretrain", *run, "--streaming", "true"]) == 1
+    assert "tokenized_dataset and streaming exclude each other" in capsys.readouterr().err
+
+
+def test_resume_on_pretokenized_blocks_seeks_instead_of_reading(corpus_file, tokenizer_dir, tmp_path, monkeypatch):
+    """A run resumed late (step 120 of 130, in its second epoch) trains on the same batches as the uninterrupted run,
+    reads only the blocks of the 10 steps left and tokenizes nothing."""
+    blocks = tmp_path / "blocks"
+    common = dict(tokenized_dataset=blocks, max_steps=130, save_steps=120, eval_strategy="no", report_to="none",
+                  loss_curve=False, data_order_log=True)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert pretrain.main(recipe_args(corpus_file, tokenizer_dir, reference, **common)) == 0  # builds the blocks
+    train_blocks = json.loads((blocks / "tinyllm_pretokenized.json").read_text())["splits"]["train"]["blocks"]
+    assert 120 * 4 > train_blocks  # the checkpoint is past the first epoch
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-120", resumed / "checkpoint-120")
+    rows_read, read_rows = [], datasets.Dataset.__getitems__
+
+    def counting_reads(self, keys):  # what the DataLoader calls for every batch of a map-style dataset
+        rows_read.append(len(keys))
+        return read_rows(self, keys)
+
+    packs = Calls(packing.pack_batch)
+    monkeypatch.setattr(datasets.Dataset, "__getitems__", counting_reads)
+    monkeypatch.setattr(packing, "pack_batch", packs)
+    assert pretrain.main(recipe_args(corpus_file, tokenizer_dir, resumed, resume=True, **common)) == 0
+    # The 10 batches left and the one accelerate's loader reads ahead (to know which batch is the last): nothing of
+    # the 120 batches trained before the checkpoint is read again.
+    assert packs.calls == 0 and rows_read == [4] * 11
+    expected = {step: sha for step, sha in data_order(reference).items() if step > 120}
+    assert data_order(resumed) == expected and len(expected) == 10
+    assert {json.loads(line)["loader"] for line in (resumed / "data_order" / "rank0.jsonl").open()} == {"DataLoaderShard"}
+
+
+def data_rows(output_dir, rank=0) -> dict[int, list[str]]:
+    lines = (Path(output_dir) / "data_order" / f"rank{rank}.jsonl").read_text().splitlines()
+    return {record["step"]: record["rows"] for record in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_read_their_own_pretokenized_blocks(corpus_file, tokenizer_dir, tmp_path):
+    """2 processes x 4 blocks read, each itself (no batches sent from rank 0), disjoint blocks at every step whose union
+    is what one process with 8 blocks per step trains on."""
+    blocks = tmp_path / "blocks"
+    common = dict(tokenized_dataset=blocks, max_steps=3, save_steps=3, eval_strategy="no", data_order_log=True,
+                  report_to="none", loss_curve=False)
+    single = tmp_path / "single"
+    assert pretrain.main(recipe_args(corpus_file, tokenizer_dir, single, per_device_train_batch_size=8, **common)) == 0
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(free_port()), "-m", "tinyllm_hf.trainers.pretrain"]
+    result = subprocess.run(launch + recipe_args(corpus_file, tokenizer_dir, out, **common), cwd=REPO,
+                            env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1, one = data_rows(out, 0), data_rows(out, 1), data_rows(single)
+    assert sorted(rank0) == sorted(rank1) == sorted(one) == [1, 2, 3]
+    for step in one:
+        assert len(rank0[step]) == len(rank1[step]) == 4 and not set(rank0[step]) & set(rank1[step])
+        assert sorted(rank0[step] + rank1[step]) == sorted(one[step])
+    for rank in (0, 1):
+        loaders = {json.loads(line)["loader"] for line in (out / "data_order" / f"rank{rank}.jsonl").open()}
+        assert loaders == {"DataLoaderShard"}
+
+
+def test_pretokenize_a_hub_corpus_in_its_published_schema(corpus_file, tokenizer_dir, tokenizer, tmp_path, monkeypatch):
+    """The Hub branch (`wikimedia/wikipedia`, `20231101.zh`: parquet with id, url, title, text) through a
+    `datasets.load_dataset` shim pointing at local files: the blocks are those of the same documents read locally."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tinyllm_hf.data.corpus import load_corpus
+
+    texts = corpus_file.read_text(encoding="utf-8").splitlines()
+    folder = tmp_path / "wikipedia" / "20231101.zh"
+    folder.mkdir(parents=True)
+    for part, rows in enumerate((texts[:300], texts[300:])):
+        pq.write_table(pa.table({"id": [str(i) for i in range(len(rows))], "url": ["https://zh.wikipedia.org/"] * len(rows),
+                                 "title": ["标题"] * len(rows), "text": rows}),
+                       folder / f"train-{part:05d}-of-00002.parquet")
+    load_dataset = datasets.load_dataset
+
+    def hub_shim(name, config=None, **kwargs):
+        assert (name, config) == ("wikimedia/wikipedia", "20231101.zh")
+        return load_dataset("parquet", data_files=sorted(map(str, folder.glob("*.parquet"))), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_shim)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    blocks = tmp_path / "blocks"
+    assert tinyllm(pretokenize_args(corpus_file, tokenizer_dir, blocks, block_size=16,
+                                    dataset_name="wikimedia/wikipedia", dataset_config="20231101.zh")) == 0
+    manifest = json.loads((blocks / "tinyllm_pretokenized.json").read_text())
+    assert manifest["inputs"]["corpus"] | {"fingerprint": None} == {
+        "dataset_name": "wikimedia/wikipedia", "dataset_config": "20231101.zh", "text_field": "text", "fingerprint": None}
+    local = load_corpus(str(corpus_file))
+    saved = datasets.load_from_disk(str(blocks))
+    for split in ("train", "validation"):
+        assert manifest["splits"][split]["documents"] == len(local[split])
+        assert saved[split]["input_ids"] == pack_dataset(local[split], tokenizer, 16)["input_ids"]
+
+
+def test_blocks_of_a_corpus_changed_since_are_refused(corpus_file, tokenizer_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(corpus_file, corpus)
+    blocks = tmp_path / "blocks"
+    assert tinyllm(pretokenize_args(corpus, tokenizer_dir, blocks, block_size=16)) == 0
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("新的一行：小明在北京看见大海。\n")
+    run = recipe_args(corpus, tokenizer_dir, tmp_path / "run", tokenized_dataset=blocks, block_size=16, max_steps=1)
+    assert tinyllm(["pretrain", *run]) == 1
+    assert (f"tinyllm pretrain: error: tokenized_dataset {blocks} was made from other inputs: the corpus changed since "
+            "(its files, package versions or the cleaning code); rebuild it with `tinyllm pretokenize --config RECIPE "
+            "--overwrite` or point tokenized_dataset elsewhere") in capsys.readouterr().err

@@ -23,6 +23,7 @@ from tinyllm_hf.model_utils import add_trust_remote_code_argument
 COMMANDS = {
     "run": ("tinyllm_hf.pipeline", "run every stage of a recipe in order, skipping finished ones"),
     "tokenizer": (None, "train a BPE tokenizer or extend an existing one with Chinese"),
+    "pretokenize": ("tinyllm_hf.trainers.pretokenize", "tokenize and pack a pretraining corpus once into shards on disk"),
     "pretrain": ("tinyllm_hf.trainers.pretrain", "pretrain a model on a packed corpus"),
     "sft": ("tinyllm_hf.trainers.sft", "supervised fine-tuning (full or LoRA) with TRL"),
     "distill": ("tinyllm_hf.trainers.distill", "knowledge distillation from a teacher sharing the tokenizer (TRL GKD)"),

@@ -277,7 +277,23 @@ class Pipeline:
         self.run_command("tokenizer", args)
 
     def pretrain(self):
-        self.run_training("pretrain", tokenizer_name_or_path=self.layout.tokenizer)
+        paths = {"tokenizer_name_or_path": self.layout.tokenizer}
+        if self.stage_setting("pretrain", "tokenized_dataset"):
+            # Tokenized once, by one plain process, before the training processes start (launched, they would all
+            # wait for rank 0 meanwhile). In the run's own folder (unless `args:` names another), where blocks made
+            # with an earlier tokenizer are rebuilt.
+            paths["tokenized_dataset"] = self.layout.pretokenized
+            own = "tokenized_dataset" not in (self.recipe["pretrain"].get("args") or {})
+            self.run_command("pretrain", ["pretokenize", *self.training_args("pretrain", **paths),
+                                          *(["--overwrite"] if own else [])])
+        self.run_training("pretrain", **paths)
+
+    def stage_setting(self, stage: str, key: str):
+        """A key of a training stage as the stage will see it: its `args:` entry, else its own recipe's."""
+        entry = self.recipe[stage] or {}
+        if key in (entry.get("args") or {}):
+            return entry["args"][key]
+        return load_yaml_mapping(entry["recipe"], "recipe file").get(key) if entry.get("recipe") else None
 
     def distill(self):
         # Optional, beside the main line: a student distilled from the model this run pretrained (with the run's

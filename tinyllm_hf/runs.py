@@ -4,6 +4,7 @@
     RUN/<stage>/stage.json  written last, when the stage finished: a stage without it runs again
     RUN/eval/<stage>.json   `tinyllm eval` results of the model in RUN/<stage>
     RUN/tinyllm_stages.json the training stages' summaries, for the model card
+    RUN/pretokenized/       the pretraining blocks, when the pretrain recipe sets tokenized_dataset
 
 `RunLayout` names every path in such a folder; the file-name constants are the names stages write inside their own
 output folder, so a stage run alone (`tinyllm sft --output_dir X`) writes what the pipeline and the card then read.
@@ -84,6 +85,11 @@ class RunLayout:
     @property
     def tokenizer(self) -> Path:
         return self.stage_dir("tokenizer") / "tokenizer"
+
+    @property
+    def pretokenized(self) -> Path:
+        """The pretraining blocks, tokenized once before the training processes start (`tinyllm pretokenize`)."""
+        return self.root / "pretokenized"
 
     @property
     def eval_tasks(self) -> Path:

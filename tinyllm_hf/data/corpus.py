@@ -521,22 +521,36 @@ def _build(spec: dict, fingerprint: str, streaming: bool):
     )
 
 
-def _embedded(names: list[str]) -> datasets.DatasetDict:
-    # The embedded corpus is small: always prepared (and cached) on disk, keyed by the packages' versions and files.
-    spec = {"kind": "embedded", "target": ",".join(names), "text_field": "text", "config": None}
-    return _build(spec, "embedded\n" + "\n".join(source_signature(name) for name in names), streaming=False)
+def _corpus_spec(source: str | list[str], text_field: str, config: str | None) -> tuple[dict, str]:
+    """What `source` reads (the generator's arguments) and what a build of it depends on: the embedded sources'
+    package versions and files, a local path's files (size and mtime), or a Hub dataset's name, config and field."""
+    names = _resolve_sources(source)
+    if names is not None:
+        spec = {"kind": "embedded", "target": ",".join(names), "text_field": "text", "config": None}
+        return spec, "embedded\n" + "\n".join(source_signature(name) for name in names)
+    if is_local_source(source):
+        path = Path(source).expanduser()
+        files = local_files(path)
+        spec = {"kind": "local", "target": str(path), "text_field": text_field, "config": None}
+        return spec, f"local|{path}|{text_field}|{_files_signature(files)}"
+    return _hub_spec(source, config, text_field)
 
 
-def _local(path: Path, text_field: str, streaming: bool):
-    files = local_files(path)
-    spec = {"kind": "local", "target": str(path), "text_field": text_field, "config": None}
-    return _build(spec, f"local|{path}|{text_field}|{_files_signature(files)}", streaming)
+def _hub_spec(name: str, config: str | None, text_field: str) -> tuple[dict, str]:
+    return {"kind": "hub", "target": name, "text_field": text_field, "config": config}, f"hub|{name}|{config}|{text_field}"
+
+
+def corpus_fingerprint(source: str | list[str] = "default", text_field: str = "text", config: str | None = None) -> str:
+    """A hash of everything `load_corpus(source, ...)` depends on, the cleaning code included (cheap: no document is
+    read). Outputs built from a corpus (pre-tokenized blocks) record it, so a changed corpus is never taken for the
+    old one. A Hub dataset is known by name, config and field only."""
+    return cache_fingerprint(_corpus_spec(source, text_field, config)[1])
 
 
 def _hub(name: str, config: str | None, text_field: str, streaming: bool):
-    spec = {"kind": "hub", "target": name, "text_field": text_field, "config": config}
+    spec, signature = _hub_spec(name, config, text_field)
     try:
-        return _build(spec, f"hub|{name}|{config}|{text_field}", streaming)
+        return _build(spec, signature, streaming)
     except ValueError:
         raise
     except Exception as err:  # offline, unknown name, gated repository...: say what the argument could have meant
@@ -580,13 +594,14 @@ def load_corpus(
     """
     if split is not None and split not in SPLITS:
         raise UsageError(f"split must be None, 'train' or 'validation', not {split!r}")
-    names = _resolve_sources(source)
-    if names is not None:
-        corpus = _embedded(names)
+    spec, signature = _corpus_spec(source, text_field, config)
+    if spec["kind"] == "embedded":
+        # The embedded corpus is small: always prepared (and cached) on disk, keyed by the packages' versions and files.
+        corpus = _build(spec, signature, streaming=False)
         if streaming:
             corpus = datasets.IterableDatasetDict({name: ds.to_iterable_dataset() for name, ds in corpus.items()})
-    elif is_local_source(source):
-        corpus = _local(Path(source).expanduser(), text_field, streaming)
+    elif spec["kind"] == "local":
+        corpus = _build(spec, signature, streaming)
     else:
         corpus = _hub(source, config, text_field, streaming)
     return corpus if split is None else corpus[split]

@@ -67,7 +67,8 @@ class RunArguments:
     loss_curve: bool = field(default=True, metadata={"help": "write loss_curve.png into output_dir at the end"})
     data_order_log: bool = field(
         default=False,
-        metadata={"help": "append every micro-batch's step, rank and token hash to output_dir/data_order/rank<N>.jsonl"},
+        metadata={"help": "append every micro-batch's step, rank, token hashes (whole batch and per row) and data "
+                          "loader type to output_dir/data_order/rank<N>.jsonl"},
     )
 
 
@@ -332,6 +333,9 @@ class ReliableTrainerMixin:
             "rank": self.args.process_index,
             "first_ids": ids[:, :8].tolist(),
             "sha1": hashlib.sha1(ids.numpy().tobytes()).hexdigest(),
+            "rows": [hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16] for row in ids],
+            # DataLoaderShard: this process read its rows itself; DataLoaderDispatcher: process 0 sent them.
+            "loader": type(self.callback_handler.train_dataloader).__name__,
         }
         path = Path(self.args.output_dir) / "data_order" / f"rank{self.args.process_index}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

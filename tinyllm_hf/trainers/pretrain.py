@@ -13,14 +13,16 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import yaml
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.data.packing import collate_blocks, pack_dataset, unigram_entropy
+from tinyllm_hf.data.pretokenized import load_pretokenized, pretokenize, pretokenized_inputs
 from tinyllm_hf.errors import ConfigError, UsageError
 from tinyllm_hf.model_utils import TRUST_REMOTE_CODE_HELP, check_attn_implementation, get_model, get_tokenizer
 from tinyllm_hf.modeling import PRESETS, TinyllmConfig
@@ -75,6 +77,11 @@ class DataArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
     text_field: str = field(default="text", metadata={"help": "column (or JSON field) holding the documents"})
     block_size: int | None = field(default=None, metadata={"help": "tokens per block; default: the model's context"})
+    tokenized_dataset: str | None = field(
+        default=None,
+        metadata={"help": "folder of blocks pre-tokenized from the corpus keys by `tinyllm pretokenize` (built here "
+                          "when missing): each process reads its own blocks, resuming skips trained ones unread"},
+    )
     streaming: bool = field(default=False, metadata={"help": "tokenize on the fly (corpora larger than memory)"})
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "blocks in the streaming shuffle buffer"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
@@ -154,6 +161,13 @@ def build_model(model_args: ModelArguments, tokenizer, vocab_size: int | None = 
             logger.warning(f"resizing embeddings from {model.config.vocab_size} to {len(tokenizer)} tokens")
             model.resize_token_embeddings(len(tokenizer))
         return model
+    # from_config (not the constructor) so DeepSpeed ZeRO-3 can partition the weights while they are created.
+    return AutoModelForCausalLM.from_config(new_model_config(model_args, tokenizer, vocab_size),
+                                            attn_implementation=model_args.attn_implementation)
+
+
+def new_model_config(model_args: ModelArguments, tokenizer, vocab_size: int | None = None) -> TinyllmConfig:
+    """The config of a new model from `model_preset` and `config_overrides` (see `build_model`)."""
     overrides = parse_overrides(model_args.config_overrides)
     check_overrides(overrides, model_args.model_preset)
     # The config validates itself with plain ValueErrors (it ships as remote code, free of our errors module); a value
@@ -170,12 +184,26 @@ def build_model(model_args: ModelArguments, tokenizer, vocab_size: int | None = 
         raise ConfigError(f"model_preset {model_args.model_preset!r} / config_overrides: {err}") from err
     if model_args.rope_scaling:
         config = with_rope_scaling(config, model_args.rope_scaling)
-    # from_config (not the constructor) so DeepSpeed ZeRO-3 can partition the weights while they are created.
-    return AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+    return config
+
+
+def recipe_block_size(model_args: ModelArguments, data_args: DataArguments, tokenizer) -> int:
+    """`block_size`, else the context of the model the recipe trains (read from its config, no weights built)."""
+    if data_args.block_size:
+        return data_args.block_size
+    if model_args.model_name_or_path:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        if model_args.rope_scaling:
+            config = with_rope_scaling(config, model_args.rope_scaling)
+        return model_context(config)
+    return model_context(new_model_config(model_args, tokenizer))
 
 
 def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: int):
     """(train, validation) packed datasets; validation is always map-style, so it can be measured and reused."""
+    if data_args.tokenized_dataset:
+        blocks = pretokenized_blocks(data_args, tokenizer, block_size)
+        return blocks["train"], capped_validation(blocks["validation"], data_args.max_eval_samples, seed)
     corpus = load_corpus(data_args.dataset_name, streaming=data_args.streaming, text_field=data_args.text_field,
                          config=data_args.dataset_config)
     pack = dict(tokenizer=tokenizer, block_size=block_size, num_proc=data_args.preprocessing_num_workers, seed=seed,
@@ -185,12 +213,34 @@ def build_datasets(data_args: DataArguments, tokenizer, block_size: int, seed: i
     if data_args.streaming:
         n = data_args.max_eval_samples or STREAMING_EVAL_BLOCKS
         validation = datasets.Dataset.from_list(list(validation.take(n)), features=validation.features)
-    elif data_args.max_eval_samples is not None and data_args.max_eval_samples < len(validation):
-        # A random subset: the corpus is ordered by source, so the first blocks would be from a few sources only.
-        validation = validation.shuffle(seed=seed).select(range(data_args.max_eval_samples))
+    else:
+        validation = capped_validation(validation, data_args.max_eval_samples, seed)
     if len(validation) == 0:
         raise UsageError(f"the validation split of {data_args.dataset_name!r} holds less than one block of {block_size} tokens")
     return train, validation
+
+
+def capped_validation(validation: datasets.Dataset, max_eval_samples: int | None, seed: int) -> datasets.Dataset:
+    """At most `max_eval_samples` validation blocks: a seeded random subset (the corpus is ordered by source, so the
+    first blocks would be from a few sources only), the same at every start and resume."""
+    if max_eval_samples is None or max_eval_samples >= len(validation):
+        return validation
+    return validation.shuffle(seed=seed).select(range(max_eval_samples))
+
+
+def pretokenized_blocks(data_args: DataArguments, tokenizer, block_size: int) -> datasets.DatasetDict:
+    """The blocks of `tokenized_dataset`, built there first from the corpus keys when the folder does not exist yet
+    (for a large corpus run `tinyllm pretokenize` before launching several processes, which would wait meanwhile)."""
+    if data_args.streaming:
+        raise UsageError("tokenized_dataset and streaming exclude each other: pre-tokenized blocks are read from disk; "
+                         "remove streaming: true")
+    inputs = pretokenized_inputs(data_args.dataset_name, tokenizer, block_size, data_args.text_field,
+                                 data_args.dataset_config)
+    if not Path(data_args.tokenized_dataset).exists():
+        pretokenize(data_args.dataset_name, tokenizer, block_size, data_args.tokenized_dataset,
+                    text_field=data_args.text_field, dataset_config=data_args.dataset_config,
+                    num_proc=data_args.preprocessing_num_workers)
+    return load_pretokenized(data_args.tokenized_dataset, inputs)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, run_args: RunArguments,
@@ -204,6 +254,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     if block_size > context:
         raise UsageError(f"block_size {block_size} exceeds the model's context of {context} tokens "
                          "(max_position_embeddings; extend it with rope_scaling, e.g. yarn:4)")
+    if data_args.tokenized_dataset and args.accelerator_config.dispatch_batches:
+        raise UsageError("accelerator_config dispatch_batches: true would send every batch from process 0; with "
+                         "tokenized_dataset each process reads its own blocks: leave dispatch_batches unset")
     with args.main_process_first(desc="tokenizing and packing"):
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, block_size, args.seed if args.data_seed is None else args.data_seed)
     entropy = unigram_entropy(eval_dataset, len(tokenizer))
