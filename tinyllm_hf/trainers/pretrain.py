@@ -33,6 +33,7 @@ from tinyllm_hf.trainers.common import (
     ThroughputCallback,
     add_callback_first,
     final_eval_metrics,
+    fit_global_batch,
     logger,
     matmul_flops_per_token,
     peak_dtype,
@@ -203,6 +204,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     if block_size > context:
         raise UsageError(f"block_size {block_size} exceeds the model's context of {context} tokens "
                          "(max_position_embeddings; extend it with rope_scaling, e.g. yarn:4)")
+    fit_global_batch(args, run_args, block_size)
     with args.main_process_first(desc="tokenizing and packing"):
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, block_size, args.seed if args.data_seed is None else args.data_seed)
     entropy = unigram_entropy(eval_dataset, len(tokenizer))
