@@ -289,7 +289,8 @@ def fit_global_batch(args: TrainingArguments, run_args: RunArguments, tokens_per
     tokens = f" x {tokens_per_sequence} tokens = {per_step * tokens_per_sequence:,} tokens" if tokens_per_sequence else ""
     budget = ""
     if tokens_per_sequence and args.max_steps > 0:
-        budget = f"; {args.max_steps} steps: {per_step * tokens_per_sequence * args.max_steps / 1e6:,.1f}M tokens"
+        total = per_step * tokens_per_sequence * args.max_steps
+        budget = f"; {args.max_steps} steps: " + (f"{total / 1e6:,.1f}M tokens" if total >= 1e6 else f"{total:,} tokens")
     if args.should_log:
         logger.warning(f"global batch: {per_step} sequences{tokens} per optimizer step = {world} "
                        f"process{'es' if world > 1 else ''} x "
