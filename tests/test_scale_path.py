@@ -40,10 +40,12 @@ def free_port() -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def fitted(monkeypatch, world: int, per_device: int, global_batch: int | None, accumulation: int = 1):
+def fitted(monkeypatch, world: int, per_device: int, global_batch: int | None, accumulation: int = 1,
+           deepspeed: str | None = None):
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: world))
     args = TrainingArguments(output_dir="unused", use_cpu=True, per_device_train_batch_size=per_device,
                              gradient_accumulation_steps=accumulation, max_steps=15000, report_to="none")
+    args.deepspeed = deepspeed  # as --deepspeed ds.json leaves it (building that needs deepspeed installed)
     fit_global_batch(args, RunArguments(global_batch_size=global_batch), tokens_per_sequence=1024)
     return args.per_device_train_batch_size, args.gradient_accumulation_steps
 
@@ -69,6 +71,8 @@ def test_a_global_batch_that_does_not_split_is_refused(monkeypatch):
         fitted(monkeypatch, 3, 32, 64)
     with pytest.raises(UsageError, match="global_batch_size 64 and gradient_accumulation_steps 2 are both set"):
         fitted(monkeypatch, 1, 32, 64, accumulation=2)
+    with pytest.raises(UsageError, match="global_batch_size does not reach a DeepSpeed JSON given as --deepspeed"):
+        fitted(monkeypatch, 8, 32, 64, deepspeed="recipes/accelerate/deepspeed/zero3.json")
 
 
 def test_gpu_recipes_state_their_global_batch_and_the_documented_budget():

@@ -277,6 +277,9 @@ def fit_global_batch(args: TrainingArguments, run_args: RunArguments, tokens_per
             raise UsageError(f"global_batch_size {total} and gradient_accumulation_steps "
                              f"{args.gradient_accumulation_steps} are both set: give one (with global_batch_size the "
                              "accumulation is derived from the number of processes)")
+        if args.deepspeed:  # its JSON's "auto" batch sizes were filled in when `args` was built, before this
+            raise UsageError("global_batch_size does not reach a DeepSpeed JSON given as --deepspeed: launch with a "
+                             "DeepSpeed config from recipes/accelerate/ (accelerate launch --config_file ...) instead")
         if total % world:
             raise UsageError(f"global_batch_size {total} is not divisible by the {world} processes of this launch: "
                              f"give a multiple of {world} (e.g. {-(-total // world) * world}) or launch a number of "
