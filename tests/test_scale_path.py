@@ -77,14 +77,14 @@ def test_a_global_batch_that_does_not_split_is_refused(monkeypatch):
 
 def test_gpu_recipes_state_their_global_batch_and_the_documented_budget():
     """The budgets docs/training.md gives: global batch x block x steps, on any number of GPUs."""
-    budgets = {"92m": (64, 983_040_000), "210m": (128, 2_621_440_000), "440m": (128, 5_242_880_000),
+    budgets = {"16m": (32, 65_536_000), "42m": (64, 393_216_000), "92m": (64, 983_040_000), "210m": (128, 2_621_440_000), "440m": (128, 5_242_880_000),
                "1.5b": (256, 15_728_640_000)}
     for name, (batch, tokens) in budgets.items():
         recipe = yaml.safe_load((REPO / "recipes" / "pretrain" / f"{name}.yaml").read_text("utf-8"))
         assert "gradient_accumulation_steps" not in recipe, name
         assert recipe["global_batch_size"] == batch and batch * recipe["block_size"] * recipe["max_steps"] == tokens
         assert batch % 8 == 0 and (batch // 8) % min(recipe["per_device_train_batch_size"], batch // 8) == 0
-        launcher = "multi_gpu" if name in ("92m", "210m") else "deepspeed_zero3"
+        launcher = "deepspeed_zero3" if name in ("440m", "1.5b") else "multi_gpu"
         assert f"--config_file recipes/accelerate/{launcher}.yaml" in (REPO / "recipes" / "pretrain" / f"{name}.yaml").read_text()
         assert recipe.get("ddp_find_unused_parameters") is (False if launcher == "multi_gpu" else None)
     sft_recipe = yaml.safe_load((REPO / "recipes" / "sft" / "92m.yaml").read_text("utf-8"))
