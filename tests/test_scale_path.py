@@ -234,7 +234,8 @@ def test_a_worker_node_stops_when_node_0_reports_the_stage_failed(tmp_path, monk
 
 @pytest.mark.parametrize("argv, message", [
     (["--num-nodes", "2", "--node-rank", "1"], "--num-nodes 2 needs --main-process-ip"),
-    (["--num-nodes", "2", "--node-rank", "2", "--main-process-ip", "h"], "--node-rank 2 is not one of the 2 node(s)"),
+    (["--num-nodes", "2", "--node-rank", "2", "--main-process-ip", "h"], "--node-rank 2 is not one of the 2 nodes: give 0 to 1"),
+    (["--node-rank", "1"], "--node-rank 1 (or NODE_RANK / SLURM_NODEID) needs several nodes"),
     (["--num-nodes", "2", "--main-process-ip", "h", "--only", "eval"], "--only runs finished stages again"),
 ])
 def test_bad_node_settings_are_named(argv, message, tmp_path, capsys, monkeypatch):

@@ -243,9 +243,11 @@ class Nodes:
     def __post_init__(self):
         if self.count < 1:
             raise UsageError(f"--num-nodes must be at least 1, not {self.count}")
+        if self.count == 1 and self.rank != 0:
+            raise UsageError(f"--node-rank {self.rank} (or NODE_RANK / SLURM_NODEID) needs several nodes: give "
+                             "--num-nodes, or node rank 0 on a single machine")
         if not 0 <= self.rank < self.count:
-            raise UsageError(f"--node-rank {self.rank} is not one of the {self.count} node(s): give 0 to "
-                             f"{self.count - 1} (and --num-nodes for several machines)")
+            raise UsageError(f"--node-rank {self.rank} is not one of the {self.count} nodes: give 0 to {self.count - 1}")
         if self.count > 1 and not self.main_process_ip:
             raise UsageError(f"--num-nodes {self.count} needs --main-process-ip: the address of node 0, which every "
                              "node's training processes connect to (or set MASTER_ADDR)")
