@@ -2,6 +2,7 @@
 master weights under bf16 autocast, `tinyllm run` on several nodes, and the whole `recipes/92m.yaml` pipeline shape
 run with 2 processes (gloo on the CPU) on local files in the published schemas of its Hub datasets."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -274,9 +275,10 @@ def write_hub_files(root: Path) -> dict:
     }), wiki)
     belle = root / "belle" / "Belle_open_source_0.5M.json"
     belle.parent.mkdir(parents=True)
-    rows = [{"instruction": "判断下面这条评论的情感是正面还是负面。", "input": line,
-             "output": "正面。" if i % 2 == 0 else "负面。"} for i, line in enumerate(lines[:40])]
-    rows += [{"instruction": f"请复述这句话：{line}", "input": "", "output": line} for line in lines[40:60]]
+    half = len(lines) // 2  # review_lines: the positive reviews, then the negative ones
+    rows = [{"instruction": "判断下面这条评论的情感是正面还是负面。", "input": line, "output": label}
+            for label, part in (("正面。", lines[:20]), ("负面。", lines[half:half + 20])) for line in part]
+    rows += [{"instruction": f"请复述这句话：{line}", "input": "", "output": line} for line in lines[20:40]]
     belle.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
     return {WIKIPEDIA: {"config": "20231101.zh", "builder": "parquet", "data_files": [str(wiki)]},
             BELLE: {"config": None, "builder": "json", "data_files": [str(belle)]}}
@@ -310,6 +312,8 @@ def scale_path_recipe(tmp_path: Path, port: int) -> Path:
                               "task_sizes": "sentiment=8"}
     recipe["eval"].update(task_sizes="sentiment=2,xiehouyu=1", args={"max-new-tokens": 4})
     recipe["eval"]["benchmarks"].update(ceval_dir=str(FIXTURES / "ceval"), cmmlu_dir=str(FIXTURES / "cmmlu"), limit=1)
+    if importlib.util.find_spec("llama_cpp") is None:  # q4_k_m needs llama.cpp's quantizer (llama-cpp-python)
+        recipe["gguf"]["outtypes"] = [t for t in recipe["gguf"]["outtypes"] if t != "q4_k_m"]
     recipe["quantize"] = {"methods": ["quanto-int8"],  # the cheapest; tests/test_quantize.py covers the others
                           "drift": {"tasks": 2, "task_tokens": 4, "eval_chunks": 2, "chunk_len": 32, "gen_tokens": 4,
                                     "speed_tokens": 8}}
