@@ -15,6 +15,13 @@ missing from the recipe is not run. Training stages take `recipe:` (their own YA
 A top-level `accelerate:` mapping runs the training stages under `accelerate launch` with those flags (for example
 `{config_file: recipes/accelerate/deepspeed_zero2.yaml, num_processes: 8}`); a stage's own `accelerate:` replaces it
 for that stage, and `accelerate: false` runs that stage as a plain process.
+
+Several machines sharing the run folder (a shared filesystem) run the same `tinyllm run` command, each with its own
+`--node-rank` (`--num-nodes`, `--main-process-ip`, `--main-process-port`; by default from NODE_RANK / SLURM_NODEID,
+SLURM_JOB_NUM_NODES, MASTER_ADDR, MASTER_PORT). A training stage under `accelerate launch` runs on every machine,
+with that machine's `--machine_rank`; every other stage (and a training stage whose `accelerate:` says
+`num_machines: 1`, or is false) runs on node 0 alone while the others wait for its `stage.json`. Only node 0 writes
+the run's records; node R > 0 logs into `<stage>/stage.node<R>.log`.
 """
 
 import argparse
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm_hf.errors import PipelineError, UsageError
@@ -202,11 +210,65 @@ def signals_as_exit():
             signal.signal(sig, handler)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Several machines: which stages each runs, and how the others wait for node 0
+# ---------------------------------------------------------------------------------------------------------------------
+
+NODE_RANK_ENV = ("NODE_RANK", "SLURM_NODEID")  # what torchrun-style launchers and SLURM set on each machine
+NUM_NODES_ENV = ("NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
+NODE_POLL_SECONDS = 2  # how often a waiting node looks for node 0's stage.json
+NODE_WAIT_REPORT_SECONDS = 300  # how often it says that it is still waiting
+STAGE_FAILED_FILE = "stage.failed"  # node 0 writes it into a stage's folder when the stage fails
+
+
+def env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise UsageError(f"environment variable {name}={value!r} must be a whole number") from None
+    return default
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """The machines running one pipeline together on a shared run folder, and which of them this process is."""
+
+    count: int = 1
+    rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int = 29500
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise UsageError(f"--num-nodes must be at least 1, not {self.count}")
+        if self.count == 1 and self.rank != 0:
+            raise UsageError(f"--node-rank {self.rank} (or NODE_RANK / SLURM_NODEID) needs several nodes: give "
+                             "--num-nodes, or node rank 0 on a single machine")
+        if not 0 <= self.rank < self.count:
+            raise UsageError(f"--node-rank {self.rank} is not one of the {self.count} nodes: give 0 to {self.count - 1}")
+        if self.count > 1 and not self.main_process_ip:
+            raise UsageError(f"--num-nodes {self.count} needs --main-process-ip: the address of node 0, which every "
+                             "node's training processes connect to (or set MASTER_ADDR)")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def launch_flags(self) -> dict:
+        """The `accelerate launch` flags that place this machine's processes in a job over all nodes."""
+        return {"num_machines": self.count, "machine_rank": self.rank, "main_process_ip": self.main_process_ip,
+                "main_process_port": self.main_process_port}
+
+
 class Pipeline:
-    def __init__(self, recipe: dict, output_dir: Path, recipe_path: Path):
+    def __init__(self, recipe: dict, output_dir: Path, recipe_path: Path, nodes: Nodes = Nodes()):
         self.recipe = recipe
         self.layout = RunLayout(output_dir)
         self.recipe_path = recipe_path
+        self.nodes = nodes
 
     # ---------------------------------------------------------------- helpers
 
@@ -219,16 +281,54 @@ class Pipeline:
                 return self.layout.stage_dir(stage)
         return self.layout.stage_dir("sft") if self.configured("sft") else self.layout.stage_dir("pretrain")
 
-    def launcher(self, stage: str) -> dict | None:
-        """The `accelerate launch` flags for a training stage: its own `accelerate:` entry, else the recipe's."""
+    def launch_entry(self, stage: str):
+        """The stage's own `accelerate:` entry, else the recipe's (None when there is neither)."""
         entry = self.recipe[stage] or {}
-        flags = entry["accelerate"] if "accelerate" in entry else self.recipe.get("accelerate")
+        return entry["accelerate"] if "accelerate" in entry else self.recipe.get("accelerate")
+
+    def launcher(self, stage: str) -> dict | None:
+        """The `accelerate launch` flags for a training stage: its own `accelerate:` entry, else the recipe's, with
+        this node's place among several (`Nodes.launch_flags`) when the stage spans them."""
+        flags = self.launch_entry(stage)
         if flags is None or flags is False:
             return None
         if not isinstance(flags, dict):
             raise UsageError(f"accelerate: for {stage} must be a mapping of `accelerate launch` flags or false, "
                              f"not {flags!r}")
+        if self.spans_nodes(stage, flags):
+            if flags.get("num_machines", self.nodes.count) != self.nodes.count:
+                raise UsageError(f"accelerate: for {stage} sets num_machines {flags['num_machines']}, but "
+                                 f"--num-nodes is {self.nodes.count}: give 1 (node 0 alone) or leave it out")
+            flags = {**flags, **self.nodes.launch_flags()}
         return flags
+
+    def spans_nodes(self, stage: str, flags: dict | None) -> bool:
+        """Whether every node runs this stage: a training stage under `accelerate launch` that does not ask for one
+        machine (`num_machines: 1`), when there are several nodes."""
+        return (self.nodes.count > 1 and stage in TRAINING_STAGES and isinstance(flags, dict)
+                and flags.get("num_machines") != 1)
+
+    def runs_here(self, stage: str) -> bool:
+        """Whether this node runs `stage` (node 0 runs every stage; the others only those spanning the nodes)."""
+        return self.nodes.is_main or self.spans_nodes(stage, self.launch_entry(stage))
+
+    def wait_for_main_node(self, stage: str, started: float) -> None:
+        """On a node other than 0: wait until node 0 has finished `stage` (its stage.json, with whole outputs), or
+        stop when node 0 reports the stage failed (its stage.failed, written after `started`, this node's start time
+        on the run folder's clock)."""
+        summary, failed = self.layout.summary(stage), self.layout.stage_dir(stage) / STAGE_FAILED_FILE
+        print(f"[{stage}] node {self.nodes.rank}: waiting for node 0 to finish it ({summary})", flush=True)
+        waited, reported = time.monotonic(), time.monotonic()
+        while not (self.layout.done(stage) and self.output_damage(stage) is None):
+            with contextlib.suppress(FileNotFoundError):
+                if failed.stat().st_mtime >= started:
+                    error = json.loads(failed.read_text("utf-8"))["error"]
+                    raise PipelineError(f"stage {stage} failed on node 0 ({error}); see node 0's output")
+            if time.monotonic() - reported > NODE_WAIT_REPORT_SECONDS:
+                print(f"[{stage}] node {self.nodes.rank}: still waiting for node 0 "
+                      f"({time.monotonic() - waited:.0f} s)", flush=True)
+                reported = time.monotonic()
+            time.sleep(NODE_POLL_SECONDS)
 
     def run_command(self, stage: str, args: list[str], accelerate: dict | None = None) -> None:
         """Run `tinyllm <args>` for a stage, or with `accelerate` flags `accelerate launch <flags> -m
@@ -241,6 +341,8 @@ class Pipeline:
             command = [sys.executable, "-m", "accelerate.commands.launch", *launch]
             printable = " ".join(["accelerate", "launch", *launch])
         log_path = self.layout.log(stage)
+        if not self.nodes.is_main:  # the same stage runs on every node: one log each
+            log_path = log_path.with_name(f"{log_path.stem}.node{self.nodes.rank}{log_path.suffix}")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{stage}] $ {printable}", flush=True)
         with log_path.open("a", encoding="utf-8") as log:
@@ -284,8 +386,11 @@ class Pipeline:
             # with an earlier tokenizer are rebuilt.
             paths["tokenized_dataset"] = self.layout.pretokenized
             own = "tokenized_dataset" not in (self.recipe["pretrain"].get("args") or {})
-            self.run_command("pretrain", ["pretokenize", *self.training_args("pretrain", **paths),
-                                          *(["--overwrite"] if own else [])])
+            # On several nodes only node 0 builds the shared folder; the other nodes' training processes wait for
+            # it in the launch's rendezvous, and read it once node 0's processes have opened it.
+            if self.nodes.is_main:
+                self.run_command("pretrain", ["pretokenize", *self.training_args("pretrain", **paths),
+                                              *(["--overwrite"] if own else [])])
         self.run_training("pretrain", **paths)
 
     def stage_setting(self, stage: str, key: str):
@@ -477,6 +582,9 @@ class Pipeline:
         return Preflight(self.recipe, self.launcher).run(stages)
 
     def run(self, only: list[str] | None = None, from_stage: str | None = None, check: bool = True) -> None:
+        if only and self.nodes.count > 1:
+            raise UsageError("--only runs finished stages again, which several nodes cannot agree on: delete the "
+                             "stage's stage.json in the run folder and run without --only")
         stages = self.selected_stages(only, from_stage)
         if check:
             from tinyllm_hf.preflight import raise_on_failures
@@ -484,6 +592,9 @@ class Pipeline:
             # Stages that finished are skipped below: what they needed no longer matters.
             raise_on_failures(self.preflight([s for s in stages if only or not self.layout.done(s)]))
         self.layout.root.mkdir(parents=True, exist_ok=True)
+        if not self.nodes.is_main:
+            self.run_as_worker_node(stages)
+            return
         for stage in stages:
             damage = self.output_damage(stage) if self.layout.done(stage) else None
             if damage is not None:
@@ -496,11 +607,33 @@ class Pipeline:
                 self.layout.summary(stage).unlink()
             print(f"[{stage}] starting", flush=True)
             start = time.perf_counter()
-            getattr(self, stage)()
+            failed = self.layout.stage_dir(stage) / STAGE_FAILED_FILE
+            failed.unlink(missing_ok=True)
+            try:
+                getattr(self, stage)()
+            except BaseException as err:
+                if self.nodes.count > 1:  # the other nodes wait for this stage: tell them it will not finish
+                    write_json(failed, {"error": str(err) or type(err).__name__})
+                raise
             summary = self.summarize(stage, time.perf_counter() - start)
             # Written last and atomically: a stage without stage.json did not finish and runs again next time.
             write_json(self.layout.summary(stage), summary)
             print(f"[{stage}] finished in {summary['wall_time_s']:.0f} s", flush=True)
+
+    def run_as_worker_node(self, stages: list[str]) -> None:
+        """Node R > 0: run its share of each training stage that spans the nodes (node 0 writes the records), wait
+        for node 0 to finish every stage before the next, since the next reads what it wrote."""
+        started_file = self.layout.root / f".node{self.nodes.rank}.started"
+        started_file.write_text(f"{os.getpid()}\n", "utf-8")
+        started = started_file.stat().st_mtime  # the run folder's clock, which node 0's files are stamped by
+        for stage in stages:
+            if self.layout.done(stage) and self.output_damage(stage) is None:
+                print(f"[{stage}] done already ({self.layout.summary(stage)}), skipped", flush=True)
+                continue
+            if self.runs_here(stage):
+                print(f"[{stage}] starting on node {self.nodes.rank}", flush=True)
+                getattr(self, stage)()
+            self.wait_for_main_node(stage, started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,10 +647,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="only check what the stages need (datasets, extras, launchers), list the verdicts and "
                              "exit 0 when all pass, else 1; every run does these checks first")
     parser.add_argument("--skip-check", action="store_true", help="run without the checks before stage 1")
+    parser.add_argument("--num-nodes", type=int, default=None,
+                        help="machines running this pipeline together on a shared run folder (default: "
+                             f"{' / '.join(NUM_NODES_ENV)}, else 1)")
+    parser.add_argument("--node-rank", type=int, default=None,
+                        help=f"this machine's rank, 0 to num-nodes - 1 (default: {' / '.join(NODE_RANK_ENV)}, else 0)")
+    parser.add_argument("--main-process-ip", default=None, help="address of node 0 (default: MASTER_ADDR)")
+    parser.add_argument("--main-process-port", type=int, default=None,
+                        help="port on node 0 for the training processes (default: MASTER_PORT, else 29500)")
     args = parser.parse_args(argv)
+    nodes = Nodes(
+        count=args.num_nodes if args.num_nodes is not None else env_int(NUM_NODES_ENV, 1),
+        rank=args.node_rank if args.node_rank is not None else env_int(NODE_RANK_ENV, 0),
+        main_process_ip=args.main_process_ip or os.environ.get("MASTER_ADDR"),
+        main_process_port=(args.main_process_port if args.main_process_port is not None
+                           else env_int(("MASTER_PORT",), 29500)),
+    )
     recipe = load_pipeline_recipe(args.config)
     output_dir = Path(args.output_dir or recipe.get("output_dir") or "runs/" + Path(args.config).stem)
-    pipeline = Pipeline(recipe, output_dir, Path(args.config))
+    pipeline = Pipeline(recipe, output_dir, Path(args.config), nodes)
     if args.check:
         from tinyllm_hf.preflight import failures, format_checks
 

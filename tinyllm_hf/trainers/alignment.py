@@ -21,8 +21,10 @@ from tinyllm_hf.trainers.common import (
     RunArguments,
     build_trainer,
     final_eval_metrics,
+    fit_global_batch,
     load_policy,
     logger,
+    refuse_global_batch,
     train_and_save,
 )
 from tinyllm_hf.trainers.rewards import build_rewards
@@ -155,7 +157,8 @@ def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args:
     train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
     if eval_dataset is None:
         args.eval_strategy = "no"
-    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer, trust_remote_code=args.trust_remote_code), args, tokenizer, model_args, run_args,
+    fit_global_batch(args, run_args)
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer, args, trust_remote_code=args.trust_remote_code), args, tokenizer, model_args, run_args,
                             train_dataset=train_dataset, eval_dataset=eval_dataset)
     return train_and_save(trainer, run_args, evaluate=final_eval_metrics if eval_dataset is not None else None)
 
@@ -166,6 +169,9 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
     weighted reward functions, update the policy; save the final model into output_dir. With `toolbox` (GRPO only)
     the prompts offer its tools and TRL runs the calls the policy makes during generation."""
     check_run_args(run_args)
+    # Their generation batch (per_device_train_batch_size x processes x steps_per_generation) is fixed when the
+    # config is built, before the world size could change the accumulation.
+    refuse_global_batch(run_args, "the on-policy stages (grpo, rloo)")
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args, args.trust_remote_code)
     tools = {}
@@ -179,7 +185,7 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
     train_dataset = prompt_dataset(data_args, args.seed)
     if "correctness" in reward_args.names and not any(train_dataset["answer"]):
         raise UsageError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
-    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer, trust_remote_code=args.trust_remote_code), args, tokenizer, model_args, run_args,
+    trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer, args, trust_remote_code=args.trust_remote_code), args, tokenizer, model_args, run_args,
                             reward_funcs=reward_funcs, train_dataset=train_dataset,
                             reward_processing_classes=reward_tokenizers, **tools)
     return train_and_save(trainer, run_args)

@@ -70,6 +70,14 @@ class RunArguments:
         metadata={"help": "append every micro-batch's step, rank, token hashes (whole batch and per row) and data "
                           "loader type to output_dir/data_order/rank<N>.jsonl"},
     )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "sequences (or pairs) per optimizer step over all processes (pretrain, sft, reward, "
+                          "dpo, kto, orpo): at launch "
+                          "gradient_accumulation_steps is derived from it and the number of processes, with "
+                          "per_device_train_batch_size as the most one process takes at once, so the token budget "
+                          "is the same on 1 or 8 GPUs (see `fit_global_batch`)"},
+    )
 
 
 @dataclass
@@ -251,6 +259,54 @@ def resume_checkpoint(args: TrainingArguments, run_args: RunArguments) -> str | 
     if checkpoint is None:
         logger.warning(f"--resume: no whole checkpoint in {args.output_dir}, starting from step 0")
     return checkpoint
+
+
+def fit_global_batch(args: TrainingArguments, run_args: RunArguments, tokens_per_sequence: int | None = None) -> None:
+    """Make one optimizer step hold `run_args.global_batch_size` sequences on however many processes run, so that a
+    recipe's token budget (global batch x max_steps) does not grow with the GPU count. With W processes and
+    per_device_train_batch_size P (the most one process takes at once), the fewest accumulation steps A whose
+    micro-batch B / (W x A) is a whole number no larger than P are set in `args` (gradient_accumulation_steps = A,
+    per_device_train_batch_size = B / (W x A)), and the split is logged. Without global_batch_size, `args` is left
+    as the recipe set it (global batch = P x accumulation x W). Call it before the Trainer is built: its accelerator
+    and DeepSpeed's "auto" batch sizes read these values then."""
+    world = args.world_size
+    if run_args.global_batch_size is not None:
+        total, most = run_args.global_batch_size, args.per_device_train_batch_size
+        if total < 1:
+            raise UsageError(f"global_batch_size must be at least 1, not {total}")
+        if args.gradient_accumulation_steps != 1:
+            raise UsageError(f"global_batch_size {total} and gradient_accumulation_steps "
+                             f"{args.gradient_accumulation_steps} are both set: give one (with global_batch_size the "
+                             "accumulation is derived from the number of processes)")
+        if args.deepspeed:  # its JSON's "auto" batch sizes were filled in when `args` was built, before this
+            raise UsageError("global_batch_size does not reach a DeepSpeed JSON given as --deepspeed: launch with a "
+                             "DeepSpeed config from recipes/accelerate/ (accelerate launch --config_file ...) instead")
+        if total % world:
+            raise UsageError(f"global_batch_size {total} is not divisible by the {world} processes of this launch: "
+                             f"give a multiple of {world} (e.g. {-(-total // world) * world}) or launch a number of "
+                             f"processes that divides {total}")
+        share = total // world  # sequences per process and optimizer step
+        accumulation = next(a for a in range(-(-share // most), share + 1) if share % a == 0)
+        args.gradient_accumulation_steps = accumulation
+        args.per_device_train_batch_size = share // accumulation
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    tokens = f" x {tokens_per_sequence} tokens = {per_step * tokens_per_sequence:,} tokens" if tokens_per_sequence else ""
+    budget = ""
+    if tokens_per_sequence and args.max_steps > 0:
+        total = per_step * tokens_per_sequence * args.max_steps
+        budget = f"; {args.max_steps} steps: " + (f"{total / 1e6:,.1f}M tokens" if total >= 1e6 else f"{total:,} tokens")
+    if args.should_log:
+        logger.warning(f"global batch: {per_step} sequences{tokens} per optimizer step = {world} "
+                       f"process{'es' if world > 1 else ''} x "
+                       f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
+                       f"accumulation steps{budget}")
+
+
+def refuse_global_batch(run_args: RunArguments, stage: str) -> None:
+    """The stages that do not fit their batch to the world size say so instead of ignoring global_batch_size."""
+    if run_args.global_batch_size is not None:
+        raise UsageError(f"global_batch_size is not supported by {stage}: set "
+                         "per_device_train_batch_size and gradient_accumulation_steps instead")
 
 
 def remove_staging_dirs(output_dir: str | os.PathLike) -> None:
@@ -562,11 +618,31 @@ def peft_config(model_args: ModelConfig):
     return get_peft_config(model_args)
 
 
-def load_policy(model_args: ModelConfig, tokenizer, **from_pretrained_kwargs):
-    """The causal LM a fine-tuning stage trains, as TRL's `ModelConfig` describes it (path, revision, dtype,
-    attention), generating up to the chat tokenizer's end-of-turn token."""
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def training_dtype(model_args: ModelConfig, args: TrainingArguments) -> str | None:
+    """The dtype to load a model that is about to be trained in. Mixed precision (bf16/fp16: true) means float32
+    weights, which the optimizer updates, with the matmuls autocast to half precision: a model whose trained weights
+    load in half precision would be updated in bf16 with no float32 master copy, rounding small updates away. So
+    full-weight training under mixed precision loads in float32 (also when the checkpoint itself is stored in half
+    precision), and an explicit half-precision `dtype` is refused. With LoRA (`use_peft`) the frozen base may stay in
+    half precision (PEFT keeps the adapters in float32); without mixed precision `dtype` is used as given."""
+    if not (args.bf16 or args.fp16) or model_args.use_peft:
+        return model_args.dtype
+    if str(model_args.dtype).removeprefix("torch.") in HALF_DTYPES:
+        mixed = "bf16" if args.bf16 else "fp16"
+        raise UsageError(f"dtype: {model_args.dtype} with {mixed}: true would train {model_args.dtype} weights "
+                         f"without a float32 master copy: remove dtype (the weights load in float32 and {mixed} "
+                         "autocast computes in half precision), or train LoRA adapters (use_peft: true)")
+    return "float32"
+
+
+def load_policy(model_args: ModelConfig, tokenizer, args: TrainingArguments, **from_pretrained_kwargs):
+    """The causal LM a fine-tuning stage trains with `args`, as TRL's `ModelConfig` describes it (path, revision,
+    dtype as `training_dtype` decides, attention), generating up to the chat tokenizer's end-of-turn token."""
     return get_model(model_args.model_name_or_path, chat_tokenizer=tokenizer, revision=model_args.model_revision,
-                     dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+                     dtype=training_dtype(model_args, args), attn_implementation=model_args.attn_implementation,
                      **from_pretrained_kwargs)
 
 

@@ -56,6 +56,7 @@ from tinyllm_hf.trainers.common import (
     logger,
     matmul_flops_per_token,
     peak_dtype,
+    refuse_global_batch,
     run_stage,
     train_and_save,
 )
@@ -393,6 +394,7 @@ def check_settings(data_args: DistillDataArguments, args: GKDConfig, student_arg
     if run_args.data_order_log and data_args.data == "sft" and args.lmbda > 0:
         raise UsageError("data_order_log records the data's batches, but with lmbda > 0 steps train on generated "
                          "answers instead; turn one of them off")
+    refuse_global_batch(run_args, "distill")
     args.beta = DIVERGENCES[student_args.divergence] if DIVERGENCES[student_args.divergence] is not None else args.beta
 
 

@@ -35,6 +35,7 @@ from tinyllm_hf.trainers.common import (
     ThroughputCallback,
     add_callback_first,
     final_eval_metrics,
+    fit_global_batch,
     logger,
     matmul_flops_per_token,
     peak_dtype,
@@ -257,6 +258,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     if data_args.tokenized_dataset and args.accelerator_config.dispatch_batches:
         raise UsageError("accelerator_config dispatch_batches: true would send every batch from process 0; with "
                          "tokenized_dataset each process reads its own blocks: leave dispatch_batches unset")
+    fit_global_batch(args, run_args, block_size)
     with args.main_process_first(desc="tokenizing and packing"):
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, block_size, args.seed if args.data_seed is None else args.data_seed)
     entropy = unigram_entropy(eval_dataset, len(tokenizer))

@@ -30,8 +30,10 @@ from tinyllm_hf.trainers.common import (
     ReliableTrainerMixin,
     RunArguments,
     build_trainer,
+    fit_global_batch,
     run_stage,
     train_and_save,
+    training_dtype,
 )
 
 # The recipe's sections, in the order `parse_recipe` returns them.
@@ -92,9 +94,10 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     eval_dataset = heldout_pairs.select_columns(PAIR_COLUMNS) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"
+    fit_global_batch(args, run_args)
     model = get_model(model_args.model_name_or_path, auto_class=AutoModelForSequenceClassification, num_labels=1,
                       pad_token_id=tokenizer.pad_token_id, attn_implementation=model_args.attn_implementation or "sdpa",
-                      trust_remote_code=args.trust_remote_code)
+                      dtype=training_dtype(model_args, args), trust_remote_code=args.trust_remote_code)
     trainer = build_trainer(TinyllmRewardTrainer, model, args, tokenizer, model_args, run_args,
                             train_dataset=train_dataset, eval_dataset=eval_dataset)
     evaluate = None if heldout_pairs is None else partial(heldout_accuracy, tokenizer=tokenizer, pairs=heldout_pairs)

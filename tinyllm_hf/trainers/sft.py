@@ -55,6 +55,7 @@ from tinyllm_hf.trainers.common import (
     add_callback_first,
     build_trainer,
     final_eval_metrics,
+    fit_global_batch,
     load_policy,
     logger,
     matmul_flops_per_token,
@@ -185,7 +186,7 @@ def add_tool_tokens(tokenizer) -> list[str]:
     return []
 
 
-def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool = False):
+def load_model(model_args: ModelConfig, tokenizer, args: SFTConfig):
     if not model_args.model_name_or_path:
         raise UsageError("model_name_or_path is not set: give the pretrained model's folder (or a Hub id)")
     quantization_config = None
@@ -195,7 +196,7 @@ def load_model(model_args: ModelConfig, tokenizer, trust_remote_code: bool = Fal
         check_quantization_support()
         quantization_config = get_quantization_config(model_args)
     model = load_policy(
-        model_args, tokenizer, trust_remote_code=trust_remote_code, quantization_config=quantization_config,
+        model_args, tokenizer, args, trust_remote_code=args.trust_remote_code, quantization_config=quantization_config,
         # bitsandbytes layers must be placed on the GPU while loading, one full copy per process.
         device_map={"": torch.cuda.current_device()} if quantization_config is not None else None,
     )
@@ -359,12 +360,13 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
     tokenizer = load_tokenizer(data_args, model_args, args.trust_remote_code)
     if data_args.tool_task_sizes:
         add_tool_tokens(tokenizer)
-    model = load_model(model_args, tokenizer, args.trust_remote_code)
+    model = load_model(model_args, tokenizer, args)
     context = model.config.max_position_embeddings
     check_heldout_context(heldout, context)
     if args.max_length is None or args.max_length > context:
         logger.warning(f"max_length {args.max_length} -> {context} (the model's context)")
         args.max_length = context
+    fit_global_batch(args, run_args, args.max_length if args.packing else None)
     with args.main_process_first(desc="building the SFT data"):
         train_dataset, eval_dataset = build_datasets(data_args, args.data_seed or args.seed)
     logger.warning(f"SFT data: {len(train_dataset)} training and {len(eval_dataset or [])} validation conversations")
