@@ -396,6 +396,8 @@ def test_the_training_sample_is_capped_deterministic_and_spread_over_the_whole_c
     quarters = [sum(position[text] * 4 // len(documents) == q for text in sample) for q in range(4)]
     assert all(abs(count - len(sample) / 4) < len(sample) * 0.06 for count in quarters), quarters
     assert sample_texts(batches, total, {}) == documents  # a corpus within the cap is used whole, in order
+    # A document longer than the cap is left out instead of emptying the sample.
+    assert sample_texts(batches + [["长" * (total // 4 + 1)]], total // 4, {}) == sample
 
 
 def test_cli_caps_the_training_text(tmp_path, caplog):

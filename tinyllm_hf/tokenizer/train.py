@@ -84,12 +84,15 @@ def _priority(text: str) -> int:
 def sample_texts(batches: Iterable[list[str]], max_chars: int, seen: dict) -> list[str]:
     """At most `max_chars` characters of the documents in `batches`, read in one pass with memory bounded by the cap:
     the documents of lowest `_priority` (a bottom-k sample by hash), i.e. a deterministic uniform sample of the whole
-    corpus, not its head; all of them, in order, when the corpus fits. `seen["sampled_chars"]` counts what is kept."""
+    corpus, not its head; all of them, in order, when the corpus fits (a document longer than the cap never is).
+    `seen["sampled_chars"]` counts what is kept."""
     heap: list[tuple[int, int, str]] = []  # (-priority, index, text): the root is the document dropped first
     kept_chars, index = 0, 0
     for batch in batches:
         for text in batch:
             index += 1
+            if len(text) > max_chars:
+                continue  # longer than the whole sample may be: it would push out everything else
             if kept_chars + len(text) > max_chars:
                 priority = _priority(text)
                 if not heap or priority >= -heap[0][0]:
