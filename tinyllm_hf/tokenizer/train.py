@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_VOCAB_SIZE = 8192
 # Training text beyond this many characters is sampled down to it (`sample_texts`). The trainer's memory grows by
 # ~167 bytes per character of text (GPT-2's regex keeps a whole Chinese clause as one pre-token, so nearly every
-# clause is a new entry in its word counts): ~100 GB at 1B characters. At this cap the peak RSS stays a few GB
+# clause is a new entry in its word counts): ~100 GB at 1B characters. At this cap the peak RSS stays ~4 GiB
 # whatever the corpus size (measured: docs/tokenizer.md, "Training text cap").
 DEFAULT_MAX_TRAIN_CHARS = 20_000_000
 # The longest context of the standard presets; trainers take their sequence length from the model config.
