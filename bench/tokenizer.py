@@ -9,6 +9,8 @@
         tokenizer of a smaller size is exactly its first merges (checked by `--check-prefix`).
     python bench/tokenizer.py pretokenizers
         our GPT-2 regex pre-tokenizer against CJK-splitting variants: training time and chars/token.
+    python bench/tokenizer.py cap [--caps 4000000,2000000,1000000]
+        held-out chars/token when training on a `--max-train-chars` sample of the train split vs on all of it.
 
 SentencePiece runs with identity normalisation (its default nmt_nfkc rewrites full-width forms and whitespace, so it
 would tokenize different text), byte fallback (lossless like ours), no dummy prefix, whitespace kept, character
@@ -30,7 +32,7 @@ from tokenizers import Regex, Tokenizer, pre_tokenizers, trainers
 
 from tinyllm_hf.data.corpus import load_corpus
 from tinyllm_hf.tokenizer.chat_template import SPECIAL_TOKENS
-from tinyllm_hf.tokenizer.train import MIN_VOCAB_SIZE, new_byte_level_bpe, train_tokenizer
+from tinyllm_hf.tokenizer.train import MIN_VOCAB_SIZE, new_byte_level_bpe, sample_texts, train_tokenizer
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -222,16 +224,39 @@ def pretokenizers(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cap(args) -> str:
+    """Held-out chars/token of tokenizers trained on the whole train split and on `sample_texts` samples of it (what
+    `tinyllm tokenizer train --max-train-chars` trains on), at one vocabulary size."""
+    train, validation, description = corpus_texts(None)
+    caps = [None] + sorted((int(c) for c in args.caps.split(",")), reverse=True)
+    lines = [f"Text: {description}; vocabulary {args.vocab_size:,}.", "",
+             "| max_train_chars | chars trained on | train CPU s | held-out chars/token | tokens vs uncapped |",
+             "|---|---|---|---|---|"]
+    uncapped = None
+    for max_chars in caps:
+        seen = {"chars": 0}
+        trained_on = sum(map(len, sample_texts([train], max_chars, seen))) if max_chars else sum(map(len, train))
+        with Timer() as timer:
+            backend = train_tokenizer(train, vocab_size=args.vocab_size, max_train_chars=max_chars).backend_tokenizer
+        cpt = chars_per_token(validation, ours_counts(backend, validation))
+        uncapped = uncapped or cpt
+        lines.append(f"| {f'{max_chars:,}' if max_chars else 'none (whole split)'} | {trained_on:,} | "
+                     f"{timer.cpu:.1f} | {cpt:.3f} | {uncapped / cpt:.3f}x |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["compare", "sweep", "pretokenizers"])
+    parser.add_argument("mode", choices=["compare", "sweep", "pretokenizers", "cap"])
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--sizes", default="4096,6144,8192,12288,16384,32768")
     parser.add_argument("--max-train-chars", type=int, default=None, help="cap the train text (strided subset)")
+    parser.add_argument("--caps", default="4000000,2000000,1000000", help="cap: the max_train_chars to compare")
     parser.add_argument("--check-prefix", action="store_true", help="sweep: also train the smallest size directly")
     parser.add_argument("--trained", help="sweep: a tokenizer.json already trained at the largest size on this text")
     args = parser.parse_args()
-    print({"compare": compare, "sweep": sweep, "pretokenizers": pretokenizers}[args.mode](args))
+    print({"compare": compare, "sweep": sweep, "pretokenizers": pretokenizers, "cap": cap}[args.mode](args))
 
 
 if __name__ == "__main__":

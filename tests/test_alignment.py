@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 
@@ -242,6 +243,69 @@ def test_preference_training_raises_the_margin_and_keeps_the_chat_format(stage, 
         new = out[0, prompt["input_ids"].shape[1]:].tolist()
         assert new[-1] == tokenizer.eos_token_id and len(new) < max_new_tokens, tokenizer.decode(new)
         assert tokenizer.decode(new, skip_special_tokens=True).strip() in SENTIMENT_LABELS.values()
+
+
+# Runs `tinyllm dpo` in each process of an `accelerate launch`, recording the reference log-probs each rank trains
+# with (the dataset TRL's precompute returns) and the files they come from.
+RECORDING_DPO = """
+import json, os, sys
+from trl import DPOTrainer
+from tinyllm_hf.trainers import dpo
+
+precompute = DPOTrainer._precompute_ref_logps
+
+def recording(self, dataset, name, batch_size):
+    out = precompute(self, dataset, name, batch_size)
+    record = {"chosen": list(out["ref_chosen_logps"]), "rejected": list(out["ref_rejected_logps"]),
+              "files": sorted(f["filename"] for f in out.cache_files)}
+    with open(os.path.join(os.environ["RECORD_DIR"], f"{name}-rank{self.accelerator.process_index}.json"), "w") as f:
+        json.dump(record, f)
+    return out
+
+DPOTrainer._precompute_ref_logps = recording
+sys.exit(dpo.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_dpo_with_precomputed_reference_runs_on_two_processes(chat_model_dir, pairs_file, tmp_path):
+    """2-process DDP (gloo): the pairs are saved once under output_dir/datasets, so TRL's reference log-probs are one
+    file both ranks open (an in-memory dataset put it in a per-process temp dir, and rank 1 crashed)."""
+    from serve_fixtures import free_port
+
+    script, records, output = tmp_path / "recording_dpo.py", tmp_path / "records", tmp_path / "dpo"
+    script.write_text(RECORDING_DPO)
+    records.mkdir()
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(script)]
+    argv = ["--model_name_or_path", str(chat_model_dir), "--dataset_name", str(pairs_file), "--eval_dataset_name",
+            str(pairs_file), "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
+            "--precompute_ref_log_probs", "true", *COMMON_FLAGS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "RECORD_DIR": str(records),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(launch + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
+
+    shared = output / "datasets"
+    for name in ("train", "eval"):
+        rank0, rank1 = (json.loads((records / f"{name}-rank{r}.json").read_text()) for r in (0, 1))
+        assert rank0["chosen"] == rank1["chosen"] and rank0["rejected"] == rank1["rejected"]
+        assert all(Path(f).is_relative_to(shared) for f in rank0["files"] + rank1["files"])
+        # Both read them from one file (each rank's tokenized pairs may be its own cache file beside it).
+        common = [f for f in set(rank0["files"]) & set(rank1["files"])
+                  if "ref_chosen_logps" in datasets.Dataset.from_file(f).column_names]
+        assert len(common) == 1, (rank0["files"], rank1["files"])
+        # ... and they are the reference model's: log p(answer and end-of-turn | prompt) of each pair, in file order.
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(chat_model_dir).eval(), AutoTokenizer.from_pretrained(
+            chat_model_dir)
+        pairs = preference_rows()
+        expected_chosen = [completion_logprob(model, tokenizer, p["prompt"], p["chosen"]) for p in pairs]
+        expected_rejected = [completion_logprob(model, tokenizer, p["prompt"], p["rejected"]) for p in pairs]
+        assert rank0["chosen"] == pytest.approx(expected_chosen, abs=1e-4)
+        assert rank0["rejected"] == pytest.approx(expected_rejected, abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -137,10 +137,11 @@ def test_help_lists_every_command(capsys):
 
 
 def test_tokenizer_help_defaults_match_the_trainer():
-    from tinyllm_hf.tokenizer.train import DEFAULT_MODEL_MAX_LENGTH, DEFAULT_VOCAB_SIZE
+    from tinyllm_hf.tokenizer.train import DEFAULT_MAX_TRAIN_CHARS, DEFAULT_MODEL_MAX_LENGTH, DEFAULT_VOCAB_SIZE
 
     args = cli.tokenizer_parser().parse_args(["train", "--output", "x"])
-    assert (args.vocab_size, args.model_max_length) == (DEFAULT_VOCAB_SIZE, DEFAULT_MODEL_MAX_LENGTH)
+    assert (args.vocab_size, args.model_max_length, args.max_train_chars) == (
+        DEFAULT_VOCAB_SIZE, DEFAULT_MODEL_MAX_LENGTH, DEFAULT_MAX_TRAIN_CHARS)
 
 
 def test_module_entry_points_print_the_same_one_line_error(tmp_path):

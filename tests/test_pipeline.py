@@ -104,6 +104,18 @@ def test_bad_recipes_give_clear_errors(tmp_path, capsys):
     assert "pretrian" in capsys.readouterr().err
 
 
+def test_the_tokenizer_stage_passes_on_its_training_text_cap(tmp_path, monkeypatch):
+    from tinyllm_hf import pipeline
+
+    commands = []
+    monkeypatch.setattr(pipeline.Pipeline, "run_command", lambda self, stage, args, accelerate=None: commands.append(args))
+    for cap in (5000, 0, None):
+        entry = {"corpus": "reviews", **({"max_train_chars": cap} if cap is not None else {})}
+        pipeline.Pipeline({"tokenizer": entry}, tmp_path / "run", tmp_path / "r.yaml").tokenizer()
+    assert [args[args.index("--max-train-chars") + 1] if "--max-train-chars" in args else None
+            for args in commands] == ["5000", "0", None]  # None: the command's default cap
+
+
 def test_recipe_args_become_flags():
     assert as_flags({"max_steps": 3, "report_to": ["none"], "resume": True}) == [
         "--max_steps", "3", "--report_to", "none", "--resume", "true"]

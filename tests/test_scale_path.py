@@ -325,9 +325,6 @@ def scale_path_recipe(tmp_path: Path, port: int) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.xfail(strict=True, reason="DPO with precompute_ref_log_probs under 2 processes: rank 1 cannot open the "
-                   "reference log-prob cache rank 0 wrote into its own temp dir (issue #21 item 2, branch wt-ondisk); "
-                   "every other stage passes")
 def test_the_92m_pipeline_shape_runs_every_stage_with_two_processes(tmp_path, monkeypatch):
     from tinyllm_hf.pipeline import main
 

@@ -214,6 +214,62 @@ def test_packed_conversations_keep_their_labels_and_do_not_see_each_other(tiny_m
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def belle_rows(count: int) -> list[dict]:
+    """Rows in the schema of BelleGroup/train_0.5M_CN as the Hub publishes it (JSON lines: instruction, input, output)."""
+    from conftest import review_lines
+
+    lines = review_lines(600)
+    return [{"instruction": "这条评论是正面的还是负面的？", "input": lines[i][:40], "output": "正面" if i < 300 else "负面"}
+            for i in range(0, 600, 600 // count)]
+
+
+def test_sft_data_is_built_and_tokenized_once_then_loaded_on_restart(tiny_model_dir, tmp_path, monkeypatch):
+    """The second start (a restart, or any rank after the main process) neither converts the rows nor tokenizes the
+    conversations again, and trains on the same token ids; changed data builds again."""
+    import datasets
+
+    from tinyllm_hf.data.on_disk import CACHE_DIR
+    from tinyllm_hf.trainers import sft
+
+    calls = {"build": 0, "encode": 0}
+    build, encode = sft.build_datasets, sft.encode_conversations
+
+    def counting_build(*args, **kwargs):
+        calls["build"] += 1
+        return build(*args, **kwargs)
+
+    def counting_encode(*args, **kwargs):
+        calls["encode"] += 1
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "build_datasets", counting_build)
+    monkeypatch.setattr(sft, "encode_conversations", counting_encode)
+    data = write_jsonl(tmp_path / "belle.jsonl", belle_rows(20))
+    output = tmp_path / "sft"
+
+    def run() -> list[list[int]]:
+        assert sft.main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output), "--dataset_name",
+                         str(data), "--eval_fraction", "0.2", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                         "--max_length", "128", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
+                         "--loss_curve", "false", "--peak_flops", "1e11"]) == 0
+        folders = sorted((output / CACHE_DIR).glob("sft-tokens-train-*"))
+        return [datasets.load_from_disk(str(f))["input_ids"] for f in folders]
+
+    first = run()
+    assert calls == {"build": 1, "encode": 2}  # the conversations once; tokens for train and validation
+    second = run()
+    assert calls == {"build": 1, "encode": 2} and second == first and len(first) == 1
+    # The saved tokens are what the conversations encode to.
+    from transformers import AutoTokenizer
+
+    conversations = datasets.load_from_disk(str(next((output / CACHE_DIR).glob("sft-conversations-*"))))["train"]
+    assert first[0] == encode(conversations, AutoTokenizer.from_pretrained(tiny_model_dir), None)["input_ids"]
+
+    write_jsonl(data, belle_rows(30))  # new inputs: built and tokenized again
+    run()
+    assert calls == {"build": 2, "encode": 4}
+
+
 def lora_run(model_dir, output_dir) -> int:
     from tinyllm_hf.trainers import sft
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -372,3 +373,55 @@ def test_tokenizer_doc_matches_the_code():
         for preset in ("tiny", "16m", "92m"):
             total, embedding = counts[preset]
             assert f"{total / 1e6:.2f}M ({100 * embedding / total:.0f}%)" in row.replace("*", "")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training text cap
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_training_sample_is_capped_deterministic_and_spread_over_the_whole_corpus():
+    from tinyllm_hf.tokenizer.train import sample_texts
+
+    documents = [f"第{i}篇" + "文" * (i % 7) for i in range(4000)]  # 3-10 characters each, all different
+    total = sum(map(len, documents))
+    batches = [documents[i:i + 100] for i in range(0, len(documents), 100)]
+    seen = {}
+    sample = sample_texts(batches, total // 4, seen)
+    assert sum(map(len, sample)) == seen["sampled_chars"] <= total // 4
+    assert seen["sampled_chars"] > total // 4 - 10  # filled up to the last document that fits
+    assert sample == sample_texts(batches, total // 4, {})  # the same sample on every run
+    # Every quarter of the corpus gives about a quarter of the sample, not just its head.
+    position = {text: i for i, text in enumerate(documents)}
+    quarters = [sum(position[text] * 4 // len(documents) == q for text in sample) for q in range(4)]
+    assert all(abs(count - len(sample) / 4) < len(sample) * 0.06 for count in quarters), quarters
+    assert sample_texts(batches, total, {}) == documents  # a corpus within the cap is used whole, in order
+    # A document longer than the cap is left out instead of emptying the sample.
+    assert sample_texts(batches + [["长" * (total // 4 + 1)]], total // 4, {}) == sample
+
+
+def test_cli_caps_the_training_text(tmp_path, caplog):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(review_lines(600)), encoding="utf-8")
+    cap = sum(len(line) for line in review_lines(600)) // 3
+    with caplog.at_level("WARNING"):
+        assert tinyllm(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "400", "--max-train-chars",
+                        str(cap), "--tool-format", "0", "--output", str(tmp_path / "tok")]) == 0
+    message = next(r.getMessage() for r in caplog.records if "training the tokenizer on" in r.getMessage())
+    sampled, read = (int(n.replace(",", "")) for n in re.search(r"on ([\d,]+) of the corpus's ([\d,]+)", message).groups())
+    assert sampled <= cap < read
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 400
+
+
+def test_extra_texts_are_learnt_from_whole_outside_the_cap():
+    """The CLI's tool-use conversations go in as `extra_texts`: a small cap on the corpus must not sample them away."""
+    extra = ["qxzqxzqxzqxz"] * 40
+    tokenizer = train_tokenizer(review_lines(100), vocab_size=320, max_train_chars=200, extra_texts=extra)
+    assert tokenizer.tokenize(extra[0]) == ["qxzqxzqxzqxz"]
+
+
+def test_a_bad_training_text_cap_is_refused(tmp_path, capsys):
+    assert tinyllm(["tokenizer", "train", "--max-train-chars", "-1", "--output", str(tmp_path / "tok")]) == 1
+    assert "--max-train-chars must be 0 (no cap) or a number of characters, not -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_train_chars must be a positive number"):
+        train_tokenizer(["你好"], vocab_size=300, max_train_chars=0)

@@ -11,7 +11,6 @@ Exit codes: 0 on success; 1 when the command raises a `TinyllmError`, printed as
 
 import argparse
 import importlib
-import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -95,6 +94,9 @@ def tokenizer_parser() -> argparse.ArgumentParser:
     train.add_argument("--tool-format", type=int, default=2000, metavar="N",
                        help="also learn from N rendered tool-use conversations of the built-in tools, so that the "
                             "tool list and call JSON get tokens of their own (0: the corpus only; default: 2000)")
+    train.add_argument("--max-train-chars", type=int, default=20_000_000, metavar="N",
+                       help="train on at most N characters of the corpus, sampled across all of it, which bounds the "
+                            "memory (~167 bytes per character trained on); 0: the whole corpus (default: 20,000,000)")
     train.add_argument("--output", required=True, help="directory to save the tokenizer to")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
@@ -127,14 +129,18 @@ def tokenizer_command(argv: list[str]) -> int:
 
         if args.tool_format < 0:
             raise UsageError(f"--tool-format must be 0 or more conversations, not {args.tool_format}")
+        if args.max_train_chars < 0:
+            raise UsageError(f"--max-train-chars must be 0 (no cap) or a number of characters, not {args.max_train_chars}")
+        tool_texts = []
         if args.tool_format:
             from tinyllm_hf.tasks.tool_use import tool_format_texts
 
-            texts = itertools.chain(texts, [tool_format_texts(args.tool_format)])
+            tool_texts = tool_format_texts(args.tool_format)  # always learnt from: outside the cap
 
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, output_dir=args.output,
                                     min_frequency=args.min_frequency, model_max_length=args.model_max_length,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, max_train_chars=args.max_train_chars or None,
+                                    extra_texts=tool_texts)
         print(f"trained a {len(tokenizer)}-token tokenizer in {time.perf_counter() - start:.1f}s -> {args.output}")
         return 0
     from tinyllm_hf.tokenizer.extend import extend_tokenizer_and_model

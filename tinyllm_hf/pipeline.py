@@ -374,6 +374,8 @@ class Pipeline:
             args += ["--corpus-config", str(entry["corpus_config"])]
         if entry.get("vocab_size"):
             args += ["--vocab-size", str(entry["vocab_size"])]
+        if entry.get("max_train_chars") is not None:  # 0: the whole corpus
+            args += ["--max-train-chars", str(entry["max_train_chars"])]
         if output.exists():
             args.append("--overwrite")  # a tokenizer without stage.json is incomplete: train it again
         self.run_command("tokenizer", args)

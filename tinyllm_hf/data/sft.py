@@ -15,6 +15,7 @@ first one; `malformed="skip"` drops them and logs how many and where. Rows are n
 readers (`read_rows`, `convert_rows`) serve the preference and RL-prompt loaders (`tinyllm_hf.data.preference`).
 """
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 import datasets
 
 from tinyllm_hf.data.corpus import is_local_source, local_files
+from tinyllm_hf.data.on_disk import embedded_signature, files_signature
 from tinyllm_hf.errors import MalformedRowError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -203,16 +205,20 @@ def read_local_rows(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}[{index}]", row
 
 
-def read_hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, object]]:
-    """(where, row) for each row of a split of a Hugging Face dataset; ValueError saying why when it cannot load."""
+def load_hub_split(name: str, config: str | None, split: str) -> datasets.Dataset:
+    """A split of a Hugging Face dataset; UsageError saying why when it cannot load."""
     try:
-        dataset = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, gated repository...: say what the argument could have meant
         raise UsageError(
             f"{name!r} is not 'default' nor an existing local path, and loading it as a Hugging Face dataset failed: "
             f"{type(err).__name__}: {err}"
         ) from err
-    for index, row in enumerate(dataset):
+
+
+def read_hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, object]]:
+    """(where, row) for each row of a split of a Hugging Face dataset; UsageError saying why when it cannot load."""
+    for index, row in enumerate(load_hub_split(name, config, split)):
         yield f"{name} row {index}", row
 
 
@@ -224,6 +230,24 @@ def read_rows(source: str, split: str = "train", config: str | None = None,
         path = Path(source).expanduser()
         return (item for file in local_files(path, LOCAL_SUFFIXES, what) for item in read_local_rows(file))
     return read_hub_rows(source, config, split)
+
+
+def source_signature(source: str, split: str = "train", config: str | None = None) -> list[str] | str:
+    """What the rows `read_rows(source, split, config)` yields depend on, for keying data built from them
+    (`tinyllm_hf.data.on_disk`): a local source's files with their size and mtime; a Hub dataset's name, config,
+    split and the fingerprint `datasets` gives the downloaded files (another revision, another fingerprint)."""
+    if is_local_source(source, LOCAL_SUFFIXES):
+        return files_signature(local_files(Path(source).expanduser(), LOCAL_SUFFIXES, "data"))
+    return f"hub|{source}|{config}|{split}|{load_hub_split(source, config, split)._fingerprint}"
+
+
+def build_inputs(data_args, seed: int, sources: list[str | None]) -> dict:
+    """What a fine-tuning stage's data is built from, for `tinyllm_hf.data.on_disk.built_once`: every data argument
+    (a dataclass), the seed, and each source's `source_signature` (the embedded set: its packages)."""
+    signatures = {source: embedded_signature() if source == "default" else
+                  source_signature(source, data_args.dataset_split, data_args.dataset_config)
+                  for source in sources if source}
+    return {"data_args": dataclasses.asdict(data_args), "seed": seed, "sources": signatures}
 
 
 def convert_rows(rows: Iterable[tuple[str, object]], convert: Callable[[object], dict], malformed: str = "error",

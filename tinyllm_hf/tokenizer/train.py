@@ -8,7 +8,11 @@ pay off (docs/tokenizer.md, `bench/tokenizer.py pretokenizers`). There is no nor
 decode(encode(x)) differ from x.
 """
 
+import hashlib
+import heapq
+import itertools
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,10 +24,17 @@ from tinyllm_hf.errors import OutputExistsError, UsageError
 from tinyllm_hf.runs import atomic_output
 from tinyllm_hf.tokenizer.chat_template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, RESPONSE_TEMPLATE, SPECIAL_TOKENS
 
+logger = logging.getLogger(__name__)
+
 # Chosen by measurement on the default corpus (docs/tokenizer.md, `bench/tokenizer.py sweep`): 4096 needs 11.5% more
 # tokens; beyond 8192 most added tokens are seen < 100 times in training and the embedding table dominates the small
 # presets (already 46% of `16m` at 8192).
 DEFAULT_VOCAB_SIZE = 8192
+# Training text beyond this many characters is sampled down to it (`sample_texts`). The trainer's memory grows by
+# ~167 bytes per character of text (GPT-2's regex keeps a whole Chinese clause as one pre-token, so nearly every
+# clause is a new entry in its word counts): ~100 GB at 1B characters. At this cap the peak RSS stays ~4 GiB
+# whatever the corpus size (measured: docs/tokenizer.md, "Training text cap").
+DEFAULT_MAX_TRAIN_CHARS = 20_000_000
 # The longest context of the standard presets; trainers take their sequence length from the model config.
 DEFAULT_MODEL_MAX_LENGTH = 1024
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -65,6 +76,38 @@ def text_batches(texts: Iterable[str] | Iterable[list[str]], batch_size: int, se
         yield batch
 
 
+def _priority(text: str) -> int:
+    """A pseudo-random rank that depends on the text only (not on its position, the run or the machine)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def sample_texts(batches: Iterable[list[str]], max_chars: int, seen: dict) -> list[str]:
+    """At most `max_chars` characters of the documents in `batches`, read in one pass with memory bounded by the cap:
+    the documents of lowest `_priority` (a bottom-k sample by hash), i.e. a deterministic uniform sample of the whole
+    corpus, not its head; all of them, in order, when the corpus fits (a document longer than the cap never is).
+    `seen["sampled_chars"]` counts what is kept."""
+    heap: list[tuple[int, int, str]] = []  # (-priority, index, text): the root is the document dropped first
+    kept_chars, index = 0, 0
+    for batch in batches:
+        for text in batch:
+            index += 1
+            if len(text) > max_chars:
+                continue  # longer than the whole sample may be: it would push out everything else
+            if kept_chars + len(text) > max_chars:
+                priority = _priority(text)
+                if not heap or priority >= -heap[0][0]:
+                    continue  # ranks after everything kept: it would be the first dropped
+                heapq.heappush(heap, (-priority, index, text))
+                kept_chars += len(text)
+                while kept_chars > max_chars:
+                    kept_chars -= len(heapq.heappop(heap)[2])
+            else:
+                heapq.heappush(heap, (-_priority(text), index, text))
+                kept_chars += len(text)
+    seen["sampled_chars"] = kept_chars
+    return [text for _, _, text in sorted(heap, key=lambda item: item[1])]
+
+
 def train_tokenizer(
     texts: Iterable[str] | Iterable[list[str]],
     vocab_size: int = DEFAULT_VOCAB_SIZE,
@@ -73,6 +116,8 @@ def train_tokenizer(
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
     batch_size: int = 1000,
     overwrite: bool = False,
+    max_train_chars: int | None = DEFAULT_MAX_TRAIN_CHARS,
+    extra_texts: Iterable[str] = (),
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and return it with our special tokens, chat template, EOS and pad set.
 
@@ -85,12 +130,18 @@ def train_tokenizer(
         model_max_length: stored in tokenizer_config.json.
         batch_size: strings per list handed to the Rust trainer.
         overwrite: replace an existing non-empty `output_dir`.
+        max_train_chars: train on a sample of at most this many characters of `texts`, spread over all of them
+            (`sample_texts`), which bounds the trainer's memory; None: all of the text, however large.
+        extra_texts: texts always trained on, outside the cap (the CLI's rendered tool-use conversations).
     """
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise UsageError(
             f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens), "
             f"got {vocab_size!r}"
         )
+    if max_train_chars is not None and (isinstance(max_train_chars, bool) or not isinstance(max_train_chars, int)
+                                        or max_train_chars < 1):
+        raise UsageError(f"max_train_chars must be a positive number of characters or None, got {max_train_chars!r}")
     if output_dir is not None:
         check_output_dir(Path(output_dir), overwrite)
     tokenizer = new_byte_level_bpe()
@@ -102,7 +153,16 @@ def train_tokenizer(
         show_progress=False,
     )
     seen = {"chars": 0}
-    tokenizer.train_from_iterator(text_batches(texts, batch_size, seen), trainer=trainer)
+    batches = text_batches(texts, batch_size, seen)
+    if max_train_chars is not None:
+        sample = sample_texts(batches, max_train_chars, seen)
+        if seen["chars"] > max_train_chars:
+            logger.warning(f"training the tokenizer on {seen['sampled_chars']:,} of the corpus's {seen['chars']:,} "
+                           f"characters (max_train_chars {max_train_chars:,}), sampled across the whole corpus")
+        batches = (sample[i:i + batch_size] for i in range(0, len(sample), batch_size))
+    if extra_texts:
+        batches = itertools.chain(batches, text_batches(extra_texts, batch_size, {"chars": 0}))
+    tokenizer.train_from_iterator(batches, trainer=trainer)
     if seen["chars"] == 0:
         raise UsageError("the training corpus is empty: no characters to learn a tokenizer from")
     fast = wrap_tokenizer(tokenizer, model_max_length)

@@ -4,12 +4,15 @@ sampled completions scored by reward functions). Each stage's module keeps only 
 
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 from transformers import set_seed
 from trl import ModelConfig
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
+from tinyllm_hf.data.on_disk import built_once
 from tinyllm_hf.data.preference import load_preference_dataset, load_prompt_dataset
+from tinyllm_hf.data.sft import build_inputs
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.inference.tool_loop import Toolbox
 from tinyllm_hf.model_utils import get_tokenizer
@@ -64,22 +67,34 @@ class PreferenceDataArguments(DatasetArguments):
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what the TRL preference trainers take
 
 
+def build_preference_splits(data_args: PreferenceDataArguments, seed: int) -> datasets.DatasetDict:
+    """"train" (and "heldout" when there is held-out data) preference pairs, with every column they came with."""
+    if data_args.dataset_name == "default":
+        tasks, sizes = comma_list(data_args.tasks) or None, parse_task_sizes(data_args.task_sizes)
+        splits = {"train": build_default_preferences("train", tasks, sizes, seed=seed),
+                  "heldout": build_default_preferences("heldout", tasks, seed=seed)}
+    else:
+        splits = {"train": load_preference_dataset(data_args.dataset_name, data_args.malformed,
+                                                   data_args.dataset_split, data_args.dataset_config)}
+    if data_args.eval_dataset_name:
+        splits["heldout"] = load_preference_dataset(data_args.eval_dataset_name, data_args.malformed)
+    return datasets.DatasetDict(splits)
+
+
 def preference_datasets(data_args: PreferenceDataArguments, seed: int, eval_extra_columns: tuple[str, ...] = (),
-                        train_extra_columns: tuple[str, ...] = ()):
+                        train_extra_columns: tuple[str, ...] = (), args=None):
     """(train, eval or None) with prompt/chosen/rejected columns only, plus those of `train_extra_columns` the training
     pairs have (the reward stage keeps `margin`, which it trains with) and those of `eval_extra_columns` the held-out
     pairs have (the reward stage keeps `task` to report its accuracy per task). Margins a stage does not use are
-    reported, not dropped silently."""
-    if data_args.dataset_name == "default":
-        tasks, sizes = comma_list(data_args.tasks) or None, parse_task_sizes(data_args.task_sizes)
-        train = build_default_preferences("train", tasks, sizes, seed=seed)
-        evaluation = build_default_preferences("heldout", tasks, seed=seed)
+    reported, not dropped silently. With the stage's `args`, the pairs are built once and loaded from disk by every
+    process (`built_once`): TRL's caches (the precomputed reference log-probs) are then files all ranks share."""
+    if args is None:
+        splits = build_preference_splits(data_args, seed)
     else:
-        train = load_preference_dataset(data_args.dataset_name, data_args.malformed, data_args.dataset_split,
-                                        data_args.dataset_config)
-        evaluation = None
-    if data_args.eval_dataset_name:
-        evaluation = load_preference_dataset(data_args.eval_dataset_name, data_args.malformed)
+        sources = [data_args.dataset_name, data_args.eval_dataset_name]
+        splits = built_once("preferences", lambda: build_inputs(data_args, seed, sources),
+                            lambda: build_preference_splits(data_args, seed), args)
+    train, evaluation = splits["train"], splits.get("heldout")
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
     if "margin" in train.column_names and "margin" not in train_extra_columns:
@@ -103,14 +118,22 @@ class PromptDataArguments(DatasetArguments):
     task_sizes: str | None = field(default=None, metadata={"help": "prompts per embedded task, e.g. 'sentiment=500'"})
 
 
-def prompt_dataset(data_args: PromptDataArguments, seed: int):
-    """Training prompts with the columns the reward functions read (answer, task)."""
+def build_prompts(data_args: PromptDataArguments, seed: int) -> datasets.Dataset:
     if data_args.dataset_name == "default":
         tasks, sizes = comma_list(data_args.tasks) or None, parse_task_sizes(data_args.task_sizes)
         dataset = build_prompt_dataset("train", tasks, sizes, seed=seed)
         return dataset.select_columns(["prompt", "answer", "task"])
     return load_prompt_dataset(data_args.dataset_name, data_args.malformed, data_args.dataset_split,
                                data_args.dataset_config)
+
+
+def prompt_dataset(data_args: PromptDataArguments, seed: int, args=None) -> datasets.Dataset:
+    """Training prompts with the columns the reward functions read (answer, task); with the stage's `args` built once
+    and loaded from disk by every process (`built_once`)."""
+    if args is None:
+        return build_prompts(data_args, seed)
+    return built_once("prompts", lambda: build_inputs(data_args, seed, [data_args.dataset_name]),
+                      lambda: build_prompts(data_args, seed), args)
 
 
 TOOL_SETS = ("builtin",)
@@ -154,7 +177,7 @@ def train_offline(trainer_class, data_args: PreferenceDataArguments, model_args:
     check_run_args(run_args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args, args.trust_remote_code)
-    train_dataset, eval_dataset = preference_datasets(data_args, args.seed)
+    train_dataset, eval_dataset = preference_datasets(data_args, args.seed, args=args)
     if eval_dataset is None:
         args.eval_strategy = "no"
     fit_global_batch(args, run_args)
@@ -182,7 +205,7 @@ def train_online(trainer_class, data_args: PromptDataArguments, reward_args, mod
             tokenizer.response_template = RESPONSE_TEMPLATE
         tools = {"tools": toolbox.as_functions()}
     reward_funcs, reward_tokenizers = build_rewards(reward_args, tokenizer, toolbox, args.trust_remote_code)
-    train_dataset = prompt_dataset(data_args, args.seed)
+    train_dataset = prompt_dataset(data_args, args.seed, args)
     if "correctness" in reward_args.names and not any(train_dataset["answer"]):
         raise UsageError(f"{data_args.dataset_name}: the correctness reward needs an 'answer' column with references")
     trainer = build_trainer(trainer_class, load_policy(model_args, tokenizer, args, trust_remote_code=args.trust_remote_code), args, tokenizer, model_args, run_args,

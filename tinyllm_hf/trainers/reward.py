@@ -90,7 +90,7 @@ def train(data_args: PreferenceDataArguments, model_args: ModelConfig, args: Rew
     set_seed(args.seed)
     tokenizer = load_tokenizer(model_args, args.trust_remote_code)
     train_dataset, heldout_pairs = preference_datasets(data_args, args.seed, eval_extra_columns=("task",),
-                                                       train_extra_columns=("margin",))
+                                                       train_extra_columns=("margin",), args=args)
     eval_dataset = heldout_pairs.select_columns(PAIR_COLUMNS) if heldout_pairs is not None else None
     if eval_dataset is None:
         args.eval_strategy = "no"

@@ -33,7 +33,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 from trl.trainer.utils import get_quantization_config
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
-from tinyllm_hf.data.sft import FORMATS, MESSAGES_FEATURE, load_sft_dataset
+from tinyllm_hf.data.on_disk import built_once, tokenizer_fingerprint
+from tinyllm_hf.data.sft import FORMATS, MESSAGES_FEATURE, build_inputs, load_sft_dataset
 from tinyllm_hf.errors import UsageError
 from tinyllm_hf.model_utils import get_tokenizer
 from tinyllm_hf.options import comma_list
@@ -143,9 +144,18 @@ class TinyllmSFTTrainer(ReliableTrainerMixin, SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if isinstance(dataset, datasets.Dataset) and "messages" in dataset.column_names:
-            with args.main_process_first(desc=f"tokenizing the {dataset_name} conversations"):
-                dataset = encode_conversations(dataset, processing_class, args.dataset_num_proc,
-                                               args.assistant_only_loss)
+            # Tokenized once (by the main process, with dataset_num_proc workers) and saved; every rank, and every
+            # restart with the same conversations and tokenizer, loads the saved tokens instead.
+            conversations = dataset
+            dataset = built_once(
+                f"sft-tokens-{dataset_name}",
+                lambda: {"conversations": conversations._fingerprint, "rows": len(conversations),
+                         "tokenizer": tokenizer_fingerprint(processing_class),
+                         "assistant_only_loss": args.assistant_only_loss},
+                lambda: encode_conversations(conversations, processing_class, args.dataset_num_proc,
+                                             args.assistant_only_loss),
+                args,
+            )
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
 
@@ -245,6 +255,17 @@ def build_datasets(data_args: SFTDataArguments, seed: int) -> tuple[datasets.Dat
         evaluation = _concatenate(eval_parts)
         evaluation = evaluation.shuffle(seed=seed).select(range(min(data_args.max_eval_samples, len(evaluation))))
     return train, evaluation
+
+
+def shared_datasets(data_args: SFTDataArguments, seed: int, args) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """`build_datasets`, built once by the main process and saved under output_dir (`built_once`); every rank, and
+    every restart with the same sources, sizes and seed, loads the saved conversations instead."""
+    def build() -> datasets.DatasetDict:
+        train, evaluation = build_datasets(data_args, seed)
+        return datasets.DatasetDict({"train": train, **({"validation": evaluation} if evaluation is not None else {})})
+
+    splits = built_once("sft-conversations", lambda: build_inputs(data_args, seed, data_args.sources), build, args)
+    return splits["train"], splits.get("validation")
 
 
 def _concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
@@ -367,8 +388,7 @@ def train(model_args: ModelConfig, data_args: SFTDataArguments, args: SFTConfig,
         logger.warning(f"max_length {args.max_length} -> {context} (the model's context)")
         args.max_length = context
     fit_global_batch(args, run_args, args.max_length if args.packing else None)
-    with args.main_process_first(desc="building the SFT data"):
-        train_dataset, eval_dataset = build_datasets(data_args, args.data_seed or args.seed)
+    train_dataset, eval_dataset = shared_datasets(data_args, args.data_seed or args.seed, args)
     logger.warning(f"SFT data: {len(train_dataset)} training and {len(eval_dataset or [])} validation conversations")
 
     trainer = build_trainer(TinyllmSFTTrainer, model, args, tokenizer, model_args, run_args,
