@@ -328,9 +328,24 @@ def scale_path_recipe(tmp_path: Path, port: int) -> Path:
 def test_the_92m_pipeline_shape_runs_every_stage_with_two_processes(tmp_path, monkeypatch):
     from tinyllm_hf.pipeline import main
 
+    from tinyllm_hf import preflight
+
     hub_log = tmp_path / "hub_calls.jsonl"
+    hub_files = write_hub_files(tmp_path / "hub")
+    # The preflight (in this process) asks the Hub, which is offline here; the stages' processes read the shim's
+    # local copies. So the Hub check answers for the shim's names, configuration included, and records what it saw.
+    hub_checked, real_hub_check = [], preflight.hub_dataset_check
+
+    def hub_check(stage, needed_by, repo_id, config=None, **kwargs):
+        if repo_id not in hub_files:
+            return real_hub_check(stage, needed_by, repo_id, config, **kwargs)
+        hub_checked.append((stage, repo_id, config))
+        verdict = preflight.OK if config == hub_files[repo_id]["config"] else preflight.FAIL
+        return preflight.Check(stage, f"dataset {repo_id}", needed_by, verdict, "local copy (test)")
+
+    monkeypatch.setattr(preflight, "hub_dataset_check", hub_check)
     for name, value in {"PYTHONPATH": os.pathsep.join([str(HUB_SHIM), str(REPO), os.environ.get("PYTHONPATH", "")]),
-                        "TINYLLM_TEST_HUB_FILES": json.dumps(write_hub_files(tmp_path / "hub")),
+                        "TINYLLM_TEST_HUB_FILES": json.dumps(hub_files),
                         "TINYLLM_TEST_HUB_LOG": str(hub_log), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
                         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(name, value)
@@ -338,6 +353,8 @@ def test_the_92m_pipeline_shape_runs_every_stage_with_two_processes(tmp_path, mo
     recipe = yaml.safe_load(recipe_path.read_text("utf-8"))
     run_dir = tmp_path / "run"
     assert main(["--config", str(recipe_path), "--output_dir", str(run_dir)]) == 0
+    assert {(stage, repo) for stage, repo, _ in hub_checked} >= {
+        ("tokenizer", "wikimedia/wikipedia"), ("pretrain", "wikimedia/wikipedia"), ("sft", "BelleGroup/train_0.5M_CN")}
     check_scale_path_run(run_dir, recipe, hub_log)
 
 
@@ -347,7 +364,12 @@ def check_scale_path_run(run_dir: Path, recipe: dict, hub_log: Path) -> None:
     for stage in configured:
         assert (run_dir / stage / "stage.json").exists(), f"stage {stage} did not finish"
     for stage in (s for s in configured if s in TRAINING_STAGES):  # two processes each, the global batch as asked
-        command = (run_dir / stage / "stage.log").read_text("utf-8").splitlines()[0]
+        commands = [line for line in (run_dir / stage / "stage.log").read_text("utf-8").splitlines()
+                    if line.startswith("$ ")]
+        if stage == "pretrain":  # the corpus is tokenized once, by one plain process, before the launch
+            assert commands[0].startswith("$ tinyllm pretokenize ")
+            commands = commands[1:]
+        command = commands[0]
         assert command.startswith("$ accelerate launch --config_file recipes/accelerate/multi_gpu.yaml ")
         assert " --num_processes 2 " in command and f" -m tinyllm_hf.trainers.{stage} " in command
         summary = json.loads((run_dir / stage / "stage.json").read_text())
@@ -356,10 +378,17 @@ def check_scale_path_run(run_dir: Path, recipe: dict, hub_log: Path) -> None:
     assert ("global batch: 8 sequences x 64 tokens = 512 tokens per optimizer step = 2 processes x 2 per device x 2 "
             "accumulation steps") in pretrain_log
     assert {p.name for p in (run_dir / "pretrain" / "data_order").iterdir()} == {"rank0.jsonl", "rank1.jsonl"}
-    # The Hub code paths ran on the local copies: the tokenizer and both pretraining ranks streamed Wikipedia, both
-    # SFT ranks read Belle.
+    # The Hub code paths ran on the local copies: the tokenizer and the pre-tokenizing process streamed Wikipedia
+    # (the training ranks read the shards, each its own rows: no batches dispatched from rank 0), both SFT ranks
+    # opened Belle.
     calls = [json.loads(line) for line in hub_log.read_text("utf-8").splitlines()]
-    assert len({c["pid"] for c in calls if c["path"] == WIKIPEDIA and c["streaming"]}) >= 3
+    assert len({c["pid"] for c in calls if c["path"] == WIKIPEDIA and c["streaming"]}) == 2
+    rows = {}
+    for rank in (0, 1):
+        logged = [json.loads(line) for line in (run_dir / "pretrain" / "data_order" / f"rank{rank}.jsonl").open()]
+        assert {entry["loader"] for entry in logged} == {"DataLoaderShard"}
+        rows[rank] = {row for entry in logged for row in entry["rows"]}
+    assert rows[0] and rows[1] and not rows[0] & rows[1]
     assert len({c["pid"] for c in calls if c["path"] == BELLE}) >= 2
     sft_eval = json.loads((run_dir / "eval" / "sft.json").read_text())
     for benchmark in ("ceval", "cmmlu"):
