@@ -392,3 +392,35 @@ def test_scaled_rope_is_used():
                                                              "rope_theta": 10000.0})).eval()
     assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
     torch.testing.assert_close(tinyllm_to_llama_model(scaled)(ids).logits, scaled(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_rope_tables_come_in_the_compute_dtype(model, monkeypatch):
+    """cos/sin are made in fp32 and handed out in the dtype q and k come in: autocast's under autocast (the fp32
+    hidden states would otherwise make every layer upcast q and k), the model's own without it; the bf16 tables move
+    the logits by no more than bf16 rounding."""
+    from tinyllm_hf.modeling import modeling_tinyllm
+
+    tables = []
+    model.model.rotary_emb.register_forward_hook(lambda module, args, out: tables.append((out[0].dtype, out[1].dtype)))
+    ids = torch.randint(2, VOCAB, (2, 40))
+    fp32_logits = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits = model(ids).logits
+    monkeypatch.setattr(modeling_tinyllm, "compute_dtype", lambda x: x.dtype)  # the fp32 tables of before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before_logits = model(ids).logits
+    assert tables == [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32,) * 2]
+    def relative_error(logits, reference):
+        return ((logits.float() - reference.float()).norm() / reference.float().norm()).item()
+
+    assert relative_error(bf16_logits, before_logits) < 0.01
+    # Against fp32, bf16 tables add almost nothing to the error bf16 autocast already has (0.0029 -> 0.0029 here).
+    assert relative_error(bf16_logits, fp32_logits) < 1.2 * relative_error(before_logits, fp32_logits)
+
+
+def test_loss_chunks_are_cache_sized_on_cpus_and_kernel_sized_on_accelerators():
+    from tinyllm_hf.modeling.loss_tinyllm import loss_chunk_rows
+
+    assert loss_chunk_rows(torch.device("cpu"), 32_000) == 2**21 // 32_000 == 65
+    assert loss_chunk_rows(torch.device("cuda"), 32_000) == 2**27 // 32_000 == 4194
+    assert loss_chunk_rows(torch.device("cpu"), 2**22) == 1  # at least one row per chunk
