@@ -335,8 +335,9 @@ class ReliableTrainerMixin:
         # (reading the loss here would make every step wait for the accelerator); `_sync_step_stats` stops the run
         # at the next log, evaluation or save, before anything trained on it is written.
         if self._first_nonfinite is None:
-            self._first_nonfinite = torch.tensor([math.inf, 0.0], dtype=torch.float64, device=loss.device)
-        value = loss.detach().double().mean()
+            dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+            self._first_nonfinite = torch.tensor([math.inf, 0.0], dtype=dtype, device=loss.device)
+        value = loss.detach().to(self._first_nonfinite.dtype).mean()
         is_first = ~torch.isfinite(value) & torch.isinf(self._first_nonfinite[0])
         step = torch.full_like(value, self.state.global_step + 1)  # a fill, not a host-to-device copy
         self._first_nonfinite.copy_(torch.where(is_first, torch.stack([step, value]), self._first_nonfinite))
@@ -363,17 +364,18 @@ class ReliableTrainerMixin:
         if self._unsynced_steps == 0:
             return
         device = self._first_nonfinite.device
-        stats = torch.cat([self._first_nonfinite, torch.as_tensor(self._unsynced_tokens, device=device).double()[None]])
+        tokens = torch.as_tensor(self._unsynced_tokens, device=device).to(self._first_nonfinite.dtype)
+        stats = torch.cat([self._first_nonfinite, tokens[None]])
         rows = self.accelerator.gather(stats).reshape(-1, 3).tolist()  # the one host sync: [step, loss, tokens] each
-        checked = self._unsynced_steps // self.args.gradient_accumulation_steps
         self._unsynced_steps, self._unsynced_tokens, self._first_nonfinite = 0, 0, None
         self.state.num_input_tokens_seen += int(sum(tokens for _, _, tokens in rows))
         bad = [(step, loss) for step, loss, _ in rows if math.isfinite(step)]
         if bad:
             step, loss = min(bad)
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss}) at step {int(step)}: training stopped (the loss is checked at "
-                f"every log, evaluation and save; {checked} step(s) since the last check, none of them saved). "
+                f"non-finite training loss ({loss}) at step {int(step)}: training stopped at step "
+                f"{self.state.global_step} (losses are read at every log, evaluation and save; nothing from step "
+                f"{int(step)} on was saved). "
                 "Lower learning_rate, keep max_grad_norm > 0, or check the data; resume from the last checkpoint "
                 "with --resume."
             )
