@@ -143,14 +143,14 @@ fi
 if [[ $SECTIONS == *" deepspeed "* ]]; then
   for run in zero2 zero3; do
     timeout "$(limit 150)" accelerate launch --config_file "recipes/accelerate/deepspeed_$run.yaml" --num_processes 1 \
-      -m tinyllm_hf.trainers.pretrain --config recipes/pretrain/92m.yaml --tokenizer_name_or_path "$RUN/tokenizer" \
+      -m tinyllm_hf.trainers.pretrain --config recipes/pretrain/92m.yaml --tokenizer_name_or_path "$RUN/tokenizer/tokenizer" \
       --dataset_name .gpu/wikipedia --streaming false --max_steps 50 --warmup_steps 10 --eval_strategy no \
       --save_strategy no --logging_steps 10 --report_to none --output_dir "/tmp/pretrain-$run" 2>&1 \
       | tee "$OUT/deepspeed_$run.log" | grep -E "mfu|Error" | tail -3
   done
 fi
 if [[ $SECTIONS == *" speedrun "* ]]; then
-  timeout "$(limit 120)" "$PYTHON" bench/speedrun.py --tokenizer "$RUN/tokenizer" --json "$OUT/speedrun.json" \
+  timeout "$(limit 120)" "$PYTHON" bench/speedrun.py --tokenizer "$RUN/tokenizer/tokenizer" --json "$OUT/speedrun.json" \
     -- --use_cpu false --bf16 true 2>&1 | grep -v Warning | tee "$OUT/speedrun.txt" | tail -3
 fi
 
