@@ -84,6 +84,7 @@ PY
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import yaml
 
 recipe = yaml.safe_load(open("bench/gpu_check_92m.yaml", encoding="utf-8"))
@@ -93,8 +94,8 @@ cpu = {
     "pretrain": {"model_preset": "tiny", "block_size": 256, "torch_compile": False, "optim": "adamw_torch",
                  "eval_steps": 2, "max_eval_samples": 8, "max_length": None},
     "sft": {"dtype": "float32", "eval_steps": 2, "max_eval_samples": 8, "heldout_eval_sizes": "sentiment=4"},
-    "reward": {"max_eval_samples": 8},
-    "dpo": {},
+    "reward": {"max_eval_samples": 8, "task_sizes": "sentiment=16,idiom_meaning=8"},
+    "dpo": {"task_sizes": "sentiment=16,idiom_meaning=8"},
     "grpo": {"max_steps": 1, "per_device_train_batch_size": 8, "num_generations": 4, "max_length": None},
 }
 recipe["output_dir"] = sys.argv[1]
@@ -105,7 +106,10 @@ for stage, changes in cpu.items():
     recipe[stage]["args"] = {key: value for key, value in args.items() if value is not None}
 recipe["eval"]["task_sizes"] = "sentiment=4,idiom_meaning=2"
 recipe["eval"]["benchmarks"]["limit"] = 1
-recipe["eval"]["args"] = {"max-new-tokens": 8}
+# Perplexity on 20 documents, not the whole validation split (minutes per model on a CPU).
+texts = pq.read_table(".gpu/wikipedia/train-00000-of-00001.parquet", columns=["text"]).column("text").to_pylist()
+open(f"{sys.argv[1]}-ppl.txt", "w", encoding="utf-8").write("\n".join(texts[-20:]) + "\n")
+recipe["eval"]["args"] = {"max-new-tokens": 8, "text-file": f"{sys.argv[1]}-ppl.txt"}
 recipe["quantize"]["drift"] = {"tasks": 4, "eval_chunks": 1, "task_tokens": 8}
 path = f"{sys.argv[1]}.yaml"
 yaml.safe_dump(recipe, open(path, "w", encoding="utf-8"), allow_unicode=True)
@@ -121,10 +125,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PYTHON" -c 'import torch, transformers, trl, datasets; print("torch", torch.__version__, "transformers",
   transformers.__version__, "trl", trl.__version__, "datasets", datasets.__version__)' 2>&1 | tee -a "$OUT/machine.txt"
 
-if [[ $SECTIONS == *" mfu "* ]]; then
-  timeout "$(limit 240)" "$PYTHON" bench/pretrain_throughput.py --device cuda --presets 92m 210m \
-    --variants tinyllm compile compile-cudagraphs --vocab-size 32768 --tokens-per-step 65536 --rounds 1 --steps 12 \
-    --warmup 4 2>&1 | grep -v Warning | tee "$OUT/throughput.txt"
+if [[ $SECTIONS == *" mfu "* ]]; then  # one call per preset, each with its own limit: compiling takes most of it
+  for preset in 92m 210m; do
+    timeout "$(limit 120)" "$PYTHON" bench/pretrain_throughput.py --device cuda --presets $preset \
+      --variants tinyllm compile compile-cudagraphs --vocab-size 32768 --tokens-per-step 65536 --rounds 1 --steps 12 \
+      --warmup 4 2>&1 | grep -v Warning | tee "$OUT/throughput_$preset.txt"
+  done
 fi
 if [[ $SECTIONS == *" pipeline "* ]]; then
   rm -rf "$RUN"
@@ -163,19 +169,22 @@ from pathlib import Path
 out, run = Path(sys.argv[1]), Path(sys.argv[2])
 machine = (out / "machine.txt").read_text().strip().splitlines() if (out / "machine.txt").exists() else []
 print("Machine: " + "; ".join(machine))
-throughput = out / "throughput.txt"
-if throughput.exists():
+for throughput in sorted(out.glob("throughput_*.txt")):
     lines = throughput.read_text().splitlines()
     table = [line for line in lines if line.startswith("|")]
-    print("\nPretraining MFU (bench/pretrain_throughput.py):\n")
-    print("\n".join(table) if table else "no table: the benchmark did not finish (see throughput.txt)")
+    print(f"\nPretraining MFU, {throughput.stem.removeprefix('throughput_')} (bench/pretrain_throughput.py):\n")
+    print("\n".join(table) if table else "\n".join(["stopped before its table; measured:"]
+                                                  + [line for line in lines if line.startswith("  ")]))
 if (out / "pipeline.log").exists():
     print("\nThe 92m pipeline on one GPU (bench/gpu_check_92m.yaml):\n")
     print("| stage | result | wall time (s) | steps | tokens | final loss |")
     print("|---|---|---:|---:|---:|---:|")
+    import yaml
+
     from tinyllm_hf.runs import STAGES
 
-    for stage in STAGES:
+    recipe = yaml.safe_load(open("bench/gpu_check_92m.yaml", encoding="utf-8"))
+    for stage in (s for s in STAGES if recipe.get(s) is not None):
         summary = run / stage / "stage.json"
         if summary.exists():
             s = json.loads(summary.read_text())

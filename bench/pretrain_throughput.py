@@ -156,6 +156,9 @@ def main():
                              for dtype, p in peaks.items())
         print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, matmul peak GFLOP/s, best of {args.rounds}: {measured}",
               flush=True)
+        for row in rows:  # as soon as a preset is done: a run stopped at a time limit keeps what it measured
+            if row[0] == preset:
+                print(f"  {row[2]}: {row[5]:,.0f} tokens/s, MFU {row[6]:.1%} (measured peak)", flush=True)
 
     machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     datasheet = datasheet_peak_flops(machine, torch.bfloat16) if args.device == "cuda" else None
