@@ -332,7 +332,7 @@ def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("case", ["mean", "num_items_tensor", "shift_labels"])
+@pytest.mark.parametrize("case", ["mean", "num_items_tensor", "shift_labels", "ignore_index"])
 def test_loss_without_logits_matches_head_then_loss(autocast, case, monkeypatch):
     """`skip_logits=True` (LinearCrossEntropy) gives the loss and every parameter gradient of the head-then-loss path,
     returns no logits, and makes no gradients under no_grad."""
@@ -344,7 +344,9 @@ def test_loss_without_logits_matches_head_then_loss(autocast, case, monkeypatch)
     labels = ids.clone()
     labels[0, :7] = -100
     kwargs = {"num_items_tensor": {"num_items_in_batch": torch.tensor(50)}, "mean": {},
-              "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}}[case]
+              "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}, "ignore_index": {"ignore_index": -1}}[case]
+    if case == "ignore_index":  # another marker for "no loss here"
+        labels = labels.masked_fill(labels == -100, -1)
     # 500 logits per chunk -> 5 rows: the 60 rows cross chunk boundaries and end in a partial chunk.
     monkeypatch.setattr(loss_tinyllm, "LOSS_CHUNK_LOGITS", 500)
 
