@@ -747,15 +747,14 @@ def test_mfu_against_the_datasheet_and_the_measured_peak(device_name, given, mon
 
     monkeypatch.setattr(common, "accelerator_name", lambda device: device_name)
     monkeypatch.setattr(common, "measure_matmul_peak", lambda device, dtype, repeats=5: 6e14)
-    clock = iter([10.0, 10.5, 11.0, 11.5])  # optimizer steps of 0.5 s
+    clock = iter([10.0, 12.0, 12.0])  # the start, then a log line 4 optimizer steps (2 s) later
     monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
     callback = common.ThroughputCallback(flops_per_token=1e9, tokens_per_step=200_000, peak_flops=given,
                                          peak_dtype=torch.bfloat16)
     args = SimpleNamespace(device=torch.device("cpu"), world_size=2)
-    state = SimpleNamespace(is_world_process_zero=True, num_input_tokens_seen=0, log_history=[], global_step=4)
+    state = SimpleNamespace(is_world_process_zero=True, num_input_tokens_seen=0, log_history=[], global_step=0)
     callback.on_train_begin(args, state, None)
-    for _ in range(4):
-        callback.on_step_end(args, state, None)
+    state.global_step = 4
     logs = {"loss": 1.0}
     callback.on_log(args, state, None, logs=logs)
     per_process = 200_000 / 0.5 * 1e9 / 2  # 2e14 FLOP/s

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -498,7 +497,10 @@ def accelerator_name(device: torch.device) -> str | None:
 
 class ThroughputCallback(TrainerCallback):
     """Adds `tokens_per_second` (whole job), `mfu` and `peak_gflops` (per process) to every training log, from the
-    median optimizer step since the previous log (the median ignores steps that also evaluated or saved).
+    wall time and the optimizer steps since the previous log line, evaluation or save. Those are the points where the
+    host waits for the device (the log reads the loss), so the time is the device's even though training steps never
+    wait for it (timing steps one by one would time the host queuing work). The first log line after the start also
+    counts start-up work such as compilation.
 
     `mfu` is measured against `peak_flops` when it is given, else against the datasheet peak of the GPU in the
     training dtype when `DATASHEET_PEAK_TFLOPS` lists it (the figure peers quote), else against a matmul measured on
@@ -517,9 +519,7 @@ class ThroughputCallback(TrainerCallback):
         self.peak_dtype = peak_dtype
         self.datasheet_peak: float | None = None
         self.measured_peak: float | None = None
-        self._step_times: list[float] = []
-        self._last_end: float | None = None
-        self._tokens_at_log = 0
+        self._anchor: tuple[float, int, int] | None = None  # (time, global step, tokens seen) where timing restarts
         self._measure = peak_flops is None
 
     @property
@@ -545,37 +545,35 @@ class ThroughputCallback(TrainerCallback):
                 f"MFU = tokens/s x {self.flops_per_token:.4g} FLOPs/token / ({args.world_size} x "
                 f"{self.peak_flops / 1e9:.1f} GFLOP/s peak per process, {source})"
             )
-        self._tokens_at_log = state.num_input_tokens_seen
+        self._restart(state)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if self._last_end is not None:
-            self._step_times.append(now - self._last_end)
-        self._last_end = now
+    def _restart(self, state) -> None:
+        self._anchor = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self._pause(args)
+        self._pause(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        self._pause(args)
+        self._pause(args, state)
 
-    def _pause(self, args) -> None:
+    def _pause(self, args, state) -> None:
         # Training is paused anyway: on a machine shared with other jobs the peak measured at the start can be
         # depressed (MFU above 1), so measure again and keep the best value.
         if self._measure:
             self.measured_peak = max(self.measured_peak, measure_matmul_peak(args.device, self.peak_dtype, repeats=2))
-        self._last_end = None  # the next interval includes the evaluation or the save, not a training step
+        self._restart(state)  # the next interval counts training steps only, not the evaluation or the save
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or not self._step_times:
+        if logs is None or "loss" not in logs or self._anchor is None:
             return
-        step_time = statistics.median(self._step_times)
+        start, start_step, start_tokens = self._anchor
+        steps, seconds = state.global_step - start_step, time.perf_counter() - start
+        if steps <= 0 or seconds <= 0:
+            return
         if self.tokens_per_step is not None:
-            tokens_per_step = self.tokens_per_step
+            tokens_per_second = self.tokens_per_step * steps / seconds
         else:
-            tokens_per_step = (state.num_input_tokens_seen - self._tokens_at_log) / max(len(self._step_times), 1)
-            self._tokens_at_log = state.num_input_tokens_seen
-        tokens_per_second = tokens_per_step / step_time
+            tokens_per_second = (state.num_input_tokens_seen - start_tokens) / seconds
         flops_per_process = tokens_per_second * self.flops_per_token / args.world_size
         extra = {
             "tokens_per_second": round(tokens_per_second, 1),
@@ -589,7 +587,7 @@ class ThroughputCallback(TrainerCallback):
         # Trainer.log stored a copy of these logs in log_history before calling the callbacks.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
-        self._step_times.clear()
+        self._restart(state)
 
 
 def add_callback_first(trainer, callback: TrainerCallback) -> None:
