@@ -8,8 +8,10 @@ again before every round (its best value is used).
 The order of the variants rotates every round. Reported: median step time over all rounds (the first `--warmup` steps
 of every round dropped), the median process CPU time per step (all threads; on a busy machine it shows the work done
 when the wall clock shows the wait), tokens/s, and
-MFU = tokens/s x FLOPs/token / peak of the variant's precision (as the Trainer logs it), with FLOPs/token =
-6 x (matmul weights) + 12 x layers x attention width x seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`).
+MFU = tokens/s x FLOPs/token / peak of the variant's precision, with FLOPs/token =
+6 x (matmul weights) + 12 x layers x attention width x seq_len (see `tinyllm_hf.trainers.common.matmul_flops_per_token`);
+on a GPU that the datasheet table lists (`DATASHEET_PEAK_TFLOPS`) a second column gives MFU against its dense bf16
+peak, as the Trainer logs it there.
 
     python bench/pretrain_throughput.py [--presets tiny 16m] [--variants tinyllm llama bf16 compile foreach]
                                         [--rounds 3] [--steps 6] [--tokens-per-step 4096] [--threads 2]
@@ -17,7 +19,9 @@ MFU = tokens/s x FLOPs/token / peak of the variant's precision (as the Trainer l
 On a GPU (`--device cuda`) every variant trains in bf16 autocast and the peak is the best bf16 8192^3 matmul, e.g.
     python bench/pretrain_throughput.py --device cuda --presets 92m 210m --variants tinyllm llama compile \
         --tokens-per-step 65536 --steps 10 --warmup 3
-MoE presets have no Llama twin; their `llama` row is left out.
+`compile-cudagraphs` compiles with mode "reduce-overhead" (CUDA graphs), `compile-autotune` with
+"max-autotune-no-cudagraphs" (Triton matmul autotuning; minutes of compilation). MoE presets have no Llama twin;
+their `llama` row is left out.
 """
 
 import argparse
@@ -37,31 +41,38 @@ from transformers.utils import logging as hf_logging
 from tinyllm_hf import TinyllmConfig, TinyllmForCausalLM
 from tinyllm_hf.data.packing import collate_blocks
 from tinyllm_hf.modeling.convert import tinyllm_to_llama_model
-from tinyllm_hf.trainers.common import matmul_flops_per_token, measure_matmul_peak
+from tinyllm_hf.trainers.common import datasheet_peak_flops, matmul_flops_per_token, measure_matmul_peak
 from tinyllm_hf.trainers.pretrain import PretrainTrainer
 
-VOCAB_SIZE = 8192  # the tokenizer's default vocabulary
+VOCAB_SIZE = 8192  # the tokenizer's default vocabulary (the 92m pipeline's is 32768: --vocab-size)
 # name -> (model to use, TrainingArguments changes)
 VARIANTS = {
     "tinyllm": ("tinyllm", {}),
     "llama": ("llama", {}),
     "bf16": ("tinyllm", {"bf16": True}),  # bf16 autocast, fp32 master weights
     "compile": ("tinyllm", {"torch_compile": True}),
+    "compile-cudagraphs": ("tinyllm", {"torch_compile": True, "torch_compile_mode": "reduce-overhead"}),
+    "compile-autotune": ("tinyllm", {"torch_compile": True, "torch_compile_mode": "max-autotune-no-cudagraphs"}),
     "foreach": ("tinyllm", {"optim": "adamw_torch"}),  # the multi-tensor AdamW instead of the default fused one
 }
 
 
 class StepTimer(TrainerCallback):
+    """(wall, process CPU) time at the end of every step. On a GPU it waits for the device first: training steps do
+    not (no host syncs), so without it a step's time would be the host's, queuing work ahead of the device."""
+
     def __init__(self):
-        self.ends: list[tuple[float, float]] = []  # (wall, process CPU) time at the end of every step
+        self.ends: list[tuple[float, float]] = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
         self.ends.append((time.perf_counter(), time.process_time()))
 
 
-def random_blocks(n_blocks: int, block_size: int, seed: int = 0) -> datasets.Dataset:
+def random_blocks(n_blocks: int, block_size: int, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
-    return datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB_SIZE, (n_blocks, block_size), dtype=np.int32)})
+    return datasets.Dataset.from_dict({"input_ids": rng.integers(0, vocab_size, (n_blocks, block_size), dtype=np.int32)})
 
 
 def training_changes(name: str, device: str) -> dict:
@@ -90,13 +101,15 @@ def step_times(model, blocks, batch_size: int, steps: int, warmup: int, changes:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "16m"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["tinyllm", "llama", "bf16", "compile", "foreach"],
+                        choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every round")
     parser.add_argument("--tokens-per-step", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -105,11 +118,11 @@ def main():
     rows = []
     for preset in args.presets:
         torch.manual_seed(0)
-        config = TinyllmConfig.from_preset(preset, vocab_size=VOCAB_SIZE)
+        config = TinyllmConfig.from_preset(preset, vocab_size=args.vocab_size)
         block_size = config.max_position_embeddings
         batch_size = max(args.tokens_per_step // block_size, 1)
         tokens_per_step = batch_size * block_size
-        blocks = random_blocks(batch_size * (args.steps + args.warmup), block_size)
+        blocks = random_blocks(batch_size * (args.steps + args.warmup), block_size, args.vocab_size)
         tinyllm = TinyllmForCausalLM(config)
         models = {"tinyllm": tinyllm}
         if not config.num_experts:
@@ -142,21 +155,34 @@ def main():
             cpu = statistics.median(cpu for _, cpu in times[name])
             tokens_per_second = tokens_per_step / step
             peak = max(peaks[precision[name]])
-            rows.append((preset, n_params, name, step, cpu, tokens_per_second, tokens_per_second * flops_per_token / peak))
+            rows.append((preset, n_params, name, step, cpu, tokens_per_second, tokens_per_second * flops_per_token / peak,
+                         flops_per_token))
         measured = ", ".join(f"{str(dtype).removeprefix('torch.')} {max(p) / 1e9:.1f} (min {min(p) / 1e9:.1f})"
                              for dtype, p in peaks.items())
         print(f"{preset}: {flops_per_token / 1e6:.2f} MFLOP/token, matmul peak GFLOP/s, best of {args.rounds}: {measured}",
               flush=True)
+        for row in rows:  # as soon as a preset is done: a run stopped at a time limit keeps what it measured
+            if row[0] == preset:
+                print(f"  {row[2]}: {row[5]:,.0f} tokens/s, MFU {row[6]:.1%} (measured peak)", flush=True)
 
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    datasheet = datasheet_peak_flops(machine, torch.bfloat16) if args.device == "cuda" else None
     header = "| preset | params | variant | median step (s) | CPU s/step | tokens/s | MFU | vs llama |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    for preset, n_params, name, step, cpu, tps, mfu in rows:
+    rule = "|---|---|---|---|---|---|---|---|"
+    if datasheet:
+        header += f" MFU vs datasheet ({datasheet / 1e12:.0f} TFLOP/s bf16) |"
+        rule += "---|"
+    lines = [header, rule]
+    for preset, n_params, name, step, cpu, tps, mfu, flops_per_token in rows:
         llama = next((r[5] for r in rows if r[0] == preset and r[2] == "llama"), None)
         ratio = f"{tps / llama:.2f}" if llama else "-"
-        lines.append(f"| {preset} | {n_params / 1e6:.2f}M | {name} | {step:.3f} | {cpu:.3f} | {tps:,.0f} | {mfu:.1%} | {ratio} |")
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+        line = f"| {preset} | {n_params / 1e6:.2f}M | {name} | {step:.3f} | {cpu:.3f} | {tps:,.0f} | {mfu:.1%} | {ratio} |"
+        if datasheet:
+            line += f" {tps * flops_per_token / datasheet:.1%} |"
+        lines.append(line)
     print(f"\n{datetime.date.today()}, {machine}, torch {torch.__version__}, "
-          f"{args.threads} threads, {args.tokens_per_step} tokens/step, {args.rounds} rounds x {args.steps} steps")
+          f"{args.threads} threads, {args.tokens_per_step} tokens/step, vocab {args.vocab_size}, "
+          f"{args.rounds} rounds x {args.steps} steps")
     print("\n".join(lines))
 
 

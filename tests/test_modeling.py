@@ -332,7 +332,7 @@ def test_chunked_loss_matches_transformers_loss(dtype, case, monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("case", ["mean", "num_items_tensor", "shift_labels"])
+@pytest.mark.parametrize("case", ["mean", "num_items_tensor", "shift_labels", "ignore_index"])
 def test_loss_without_logits_matches_head_then_loss(autocast, case, monkeypatch):
     """`skip_logits=True` (LinearCrossEntropy) gives the loss and every parameter gradient of the head-then-loss path,
     returns no logits, and makes no gradients under no_grad."""
@@ -344,7 +344,9 @@ def test_loss_without_logits_matches_head_then_loss(autocast, case, monkeypatch)
     labels = ids.clone()
     labels[0, :7] = -100
     kwargs = {"num_items_tensor": {"num_items_in_batch": torch.tensor(50)}, "mean": {},
-              "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}}[case]
+              "shift_labels": {"shift_labels": labels.roll(-1, dims=1)}, "ignore_index": {"ignore_index": -1}}[case]
+    if case == "ignore_index":  # another marker for "no loss here"
+        labels = labels.masked_fill(labels == -100, -1)
     # 500 logits per chunk -> 5 rows: the 60 rows cross chunk boundaries and end in a partial chunk.
     monkeypatch.setattr(loss_tinyllm, "LOSS_CHUNK_LOGITS", 500)
 
@@ -392,3 +394,35 @@ def test_scaled_rope_is_used():
                                                              "rope_theta": 10000.0})).eval()
     assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
     torch.testing.assert_close(tinyllm_to_llama_model(scaled)(ids).logits, scaled(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_rope_tables_come_in_the_compute_dtype(model, monkeypatch):
+    """cos/sin are made in fp32 and handed out in the dtype q and k come in: autocast's under autocast (the fp32
+    hidden states would otherwise make every layer upcast q and k), the model's own without it; the bf16 tables move
+    the logits by no more than bf16 rounding."""
+    from tinyllm_hf.modeling import modeling_tinyllm
+
+    tables = []
+    model.model.rotary_emb.register_forward_hook(lambda module, args, out: tables.append((out[0].dtype, out[1].dtype)))
+    ids = torch.randint(2, VOCAB, (2, 40))
+    fp32_logits = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits = model(ids).logits
+    monkeypatch.setattr(modeling_tinyllm, "compute_dtype", lambda x: x.dtype)  # the fp32 tables of before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before_logits = model(ids).logits
+    assert tables == [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32,) * 2]
+    def relative_error(logits, reference):
+        return ((logits.float() - reference.float()).norm() / reference.float().norm()).item()
+
+    assert relative_error(bf16_logits, before_logits) < 0.01
+    # Against fp32, bf16 tables add almost nothing to the error bf16 autocast already has (0.0029 -> 0.0029 here).
+    assert relative_error(bf16_logits, fp32_logits) < 1.2 * relative_error(before_logits, fp32_logits)
+
+
+def test_loss_chunks_are_cache_sized_on_cpus_and_kernel_sized_on_accelerators():
+    from tinyllm_hf.modeling.loss_tinyllm import loss_chunk_rows
+
+    assert loss_chunk_rows(torch.device("cpu"), 32_000) == 2**21 // 32_000 == 65
+    assert loss_chunk_rows(torch.device("cuda"), 32_000) == 2**27 // 32_000 == 4194
+    assert loss_chunk_rows(torch.device("cpu"), 2**22) == 1  # at least one row per chunk

@@ -322,9 +322,10 @@ def test_continued_pretraining_extends_the_context_with_yarn(corpus_file, tokeni
     assert reloaded.model.rotary_emb.rope_type == "yarn" and reloaded.model.rotary_emb.attention_scaling > 1
 
 
-def test_cpu_training_steps_skip_logits_and_evaluation_keeps_them(tmp_path, monkeypatch):
-    """On a CPU the Trainer's training forwards ask Tinyllm for the loss without logits; evaluation, which returns
-    the outputs, does not; a model whose forward lacks the argument (Llama) is called as before."""
+def test_training_steps_skip_logits_and_evaluation_keeps_them(tmp_path, monkeypatch):
+    """The Trainer's training forwards (on any device; here a CPU) ask Tinyllm for the loss without logits;
+    evaluation, which returns the outputs, does not; a model whose forward lacks the argument (Llama) is called as
+    before."""
     from tinyllm_hf.modeling.convert import tinyllm_to_llama_model
 
     config = TinyllmConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -846,3 +847,131 @@ def test_blocks_of_a_corpus_changed_since_are_refused(corpus_file, tokenizer_dir
     assert (f"tinyllm pretrain: error: tokenized_dataset {blocks} was made from other inputs: the corpus changed since "
             "(its files, package versions or the cleaning code); rebuild it with `tinyllm pretokenize --config RECIPE "
             "--overwrite` or point tokenized_dataset elsewhere") in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU speed, checked on a CPU: no host syncs between logs, the non-finite check, datasheet MFU
+# --------------------------------------------------------------------------------------------------------------------
+
+# What makes the host wait for the device when called on a GPU tensor.
+SYNC_POINTS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def tiny_pretrain_trainer(tmp_path, callbacks=(), **arguments):
+    config = TinyllmConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    blocks = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 64, (64, 16)).tolist()})
+    values = {**dict(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                     disable_tqdm=True), **arguments}
+    return pretrain.PretrainTrainer(model=TinyllmForCausalLM(config), args=TrainingArguments(**values),
+                                    train_dataset=blocks, data_collator=collate_blocks, callbacks=list(callbacks))
+
+
+def test_training_steps_between_logs_make_no_host_syncs(tmp_path, monkeypatch):
+    """From the start of an optimizer step to its end (the micro-steps' forward, loss, backward, the non-finite check,
+    the token count, clipping, the optimizer), nothing reads a tensor on the host; the reads happen at logging steps,
+    which still log the loss and the exact number of tokens seen."""
+    from transformers import TrainerCallback
+
+    seen = {"window": False, "calls": []}
+    for name in SYNC_POINTS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if seen["window"]:
+                seen["calls"].append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    class Window(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen["window"] = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["window"] = False
+            seen.setdefault("steps", []).append((state.global_step, list(seen["calls"])))
+            seen["calls"].clear()
+
+    trainer = tiny_pretrain_trainer(tmp_path, [Window()], include_num_input_tokens_seen=True, max_grad_norm=1.0)
+    trainer.train()
+    assert [step for step, _ in seen["steps"]] == list(range(1, 9))
+    assert [calls for _, calls in seen["steps"]] == [[]] * 8
+    # The spies work: reading a tensor inside a window is counted.
+    seen["window"] = True
+    torch.ones(1).item()
+    assert seen["calls"] == ["item"]
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [4, 8] and all(math.isfinite(e["loss"]) for e in logged)
+    assert [e["num_input_tokens_seen"] for e in logged] == [4 * 2 * 2 * 16, 8 * 2 * 2 * 16]
+    assert trainer.args.logging_nan_inf_filter is False
+
+
+def test_non_finite_loss_between_logs_stops_at_the_next_check_naming_its_step(tmp_path):
+    """A loss that turns NaN at step 3 is read at the step-4 log (and save): the run stops there naming step 3,
+    before the step-4 checkpoint is written."""
+    from transformers import TrainerCallback
+
+    class PoisonAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.model.layers[0].mlp.down_proj.weight.fill_(float("inf"))
+
+    trainer = tiny_pretrain_trainer(tmp_path, [PoisonAfterStep2()], save_strategy="steps", save_steps=4)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 3: training stopped"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
+    ("NVIDIA H200", torch.bfloat16, 989.4),
+    ("NVIDIA H200", torch.float32, 66.9),
+    ("NVIDIA A100-SXM4-80GB", torch.float16, 312.0),
+    ("NVIDIA A100 80GB PCIe", torch.float32, 19.5),
+    ("NVIDIA L40S", torch.bfloat16, 362.05),
+    ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165.2),
+    ("NVIDIA H200 NVL", torch.bfloat16, None),  # another part with lower clocks: not guessed
+    ("NVIDIA H100 NVL", torch.bfloat16, None),
+    ("Tesla T4", torch.float16, None),
+    (None, torch.bfloat16, None),  # a CPU
+])
+def test_datasheet_peak_by_device_name(name, dtype, tflops):
+    from tinyllm_hf.trainers.common import datasheet_peak_flops
+
+    assert datasheet_peak_flops(name, dtype) == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
+@pytest.mark.parametrize("device_name, given", [("NVIDIA H100 80GB HBM3", None), ("NVIDIA H100 80GB HBM3", 5e14),
+                                                (None, None)])
+def test_mfu_against_the_datasheet_and_the_measured_peak(device_name, given, monkeypatch):
+    """MFU = tokens/s x FLOPs/token / (processes x peak): against a given peak, else the datasheet's (with the
+    measured matmul's MFU beside it), else the measured matmul's."""
+    from types import SimpleNamespace
+
+    from tinyllm_hf.trainers import common
+
+    monkeypatch.setattr(common, "accelerator_name", lambda device: device_name)
+    monkeypatch.setattr(common, "measure_matmul_peak", lambda device, dtype, repeats=5: 6e14)
+    clock = iter([10.0, 12.0, 12.0])  # the start, then a log line 4 optimizer steps (2 s) later
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    callback = common.ThroughputCallback(flops_per_token=1e9, tokens_per_step=200_000, peak_flops=given,
+                                         peak_dtype=torch.bfloat16)
+    args = SimpleNamespace(device=torch.device("cpu"), world_size=2)
+    state = SimpleNamespace(is_world_process_zero=True, num_input_tokens_seen=0, log_history=[], global_step=0)
+    callback.on_train_begin(args, state, None)
+    state.global_step = 4
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, None, logs=logs)
+    per_process = 200_000 / 0.5 * 1e9 / 2  # 2e14 FLOP/s
+    peak = given or (989.4e12 if device_name else 6e14)
+    assert logs["tokens_per_second"] == 400_000 and logs["mfu"] == round(per_process / peak, 4)
+    assert logs["peak_gflops"] == round(peak / 1e9, 1)
+    if device_name and not given:
+        assert logs["mfu_vs_measured"] == round(per_process / 6e14, 4) and logs["measured_peak_gflops"] == 600_000
+    else:
+        assert "mfu_vs_measured" not in logs

@@ -143,7 +143,7 @@ def sft_trainer(model_dir, tmp_path, **config):
 
     args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, max_length=128, bf16=False,
                      activation_checkpointing=False, use_cpu=True, report_to=[], per_device_train_batch_size=2,
-                     max_steps=1, save_strategy="no", dataloader_num_workers=0, **config)
+                     save_strategy="no", dataloader_num_workers=0, **{"max_steps": 1, **config})
     return TinyllmSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,
@@ -207,6 +207,21 @@ def test_packed_conversations_keep_their_labels_and_do_not_see_each_other(tiny_m
             alone = model(input_ids=batch["input_ids"][:, start : start + length]).logits[0]
             torch.testing.assert_close(packed[start : start + length], alone, atol=1e-5, rtol=1e-4)
             start += length
+
+
+def test_training_steps_never_build_the_full_logits(tiny_model_dir, tmp_path):
+    """TRL's fused LM head scores the labelled positions in chunks from the hidden states: no training step runs the
+    (tokens, vocab) head projection of the model (the loss is TRL's, not the model's `skip_logits` path)."""
+    trainer = sft_trainer(tiny_model_dir, tmp_path, max_steps=2, logging_steps=1)
+    head = trainer.model.get_output_embeddings()
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert calls == [] and len(logged) == 2 and all(0 <= e["mean_token_accuracy"] <= 1 for e in logged)
+    trainer.model.eval()
+    ids = torch.tensor([[5, 6, 7]])
+    assert trainer.model(input_ids=ids).logits.shape[-1] == trainer.model.config.vocab_size and calls  # generation path
 
 
 # --------------------------------------------------------------------------------------------------------------------

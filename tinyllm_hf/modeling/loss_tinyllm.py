@@ -1,10 +1,21 @@
-"""The causal-LM loss of Tinyllm on CPUs: cross-entropy in cache-sized chunks, with or without the full logits.
+"""The causal-LM loss of Tinyllm: cross-entropy in chunks, with or without the full logits.
+
+Training steps (on CPUs and accelerators alike) take the loss straight from the hidden states (`LinearCrossEntropy`):
+the (tokens, vocab) logits are never held, and never upcast whole to fp32. The chunk size depends on the device:
+cache-sized on a CPU, a few thousand rows on a GPU, where each chunk costs a few kernel launches.
 
 This file ships as Hub remote code next to `modeling_tinyllm.py`: it imports only torch.
 """
 
 import torch
 from torch import nn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: autocast's dtype when autocast is on for its device, else its own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -56,7 +67,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int,
                 needs_grad: bool) -> torch.Tensor:
         device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        dtype = compute_dtype(hidden)
         has_loss = (targets != -100)[:, None]  # (tokens, 1)
         targets = targets.clamp(min=0)[:, None]  # ignored positions pick any logit; `has_loss` zeroes their terms
         matmul_weight = weight.to(dtype)
@@ -92,7 +103,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
 
 
-LOSS_CHUNK_LOGITS = 2**21  # logits per chunk of the chunked losses: 8 MB in fp32, small enough to stay in cache
+LOSS_CHUNK_LOGITS = 2**21  # logits per chunk of the chunked losses on a CPU: 8 MB in fp32, small enough to stay in cache
+# On accelerators: 128M logits per chunk (512 MB in fp32; e.g. 4,096 rows at a vocab of 32k), so that each chunk's
+# matmuls fill the chip and a step runs a handful of chunks, not thousands.
+LOSS_CHUNK_LOGITS_ACCELERATOR = 2**27
+
+
+def loss_chunk_rows(device: torch.device, vocab_size: int) -> int:
+    """Tokens per chunk of the chunked losses on `device`."""
+    logits = LOSS_CHUNK_LOGITS if device.type == "cpu" else LOSS_CHUNK_LOGITS_ACCELERATOR
+    return max(1, logits // vocab_size)
 
 
 def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None, lm_head_weight=None,
@@ -107,9 +127,9 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100, s
         targets = targets.masked_fill(targets == ignore_index, -100)
     logits = logits.reshape(-1, logits.shape[-1])
     if lm_head_weight is None:
-        loss = ChunkedCrossEntropy.apply(logits, targets, max(1, LOSS_CHUNK_LOGITS // logits.shape[-1]))
+        loss = ChunkedCrossEntropy.apply(logits, targets, loss_chunk_rows(logits.device, logits.shape[-1]))
     else:
-        rows = max(1, LOSS_CHUNK_LOGITS // len(lm_head_weight))
+        rows = loss_chunk_rows(logits.device, len(lm_head_weight))
         # Gradients are made in forward, so it must know whether anyone will ask for them (not under no_grad).
         needs_grad = torch.is_grad_enabled() and (logits.requires_grad or lm_head_weight.requires_grad)
         loss = LinearCrossEntropy.apply(logits, lm_head_weight, targets, rows, needs_grad)

@@ -36,7 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_tinyllm import TinyllmConfig
-from .loss_tinyllm import causal_lm_loss, logits_loss
+from .loss_tinyllm import causal_lm_loss, compute_dtype, logits_loss
 
 
 class TinyllmRMSNorm(nn.Module):
@@ -89,7 +89,10 @@ class TinyllmRotaryEmbedding(nn.Module):
         cos = torch.cat((freqs, freqs), dim=-1).cos() * self.attention_scaling
         # The first half negated: `apply_rotary_pos_emb` rotates by rolling instead of splitting and negating.
         signed_sin = torch.cat((-freqs, freqs), dim=-1).sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), signed_sin.to(dtype=x.dtype)
+        # Computed in fp32, returned in the dtype q and k come in (autocast's under autocast, where the hidden states
+        # stay fp32): fp32 tables would upcast q and k in every layer, and attention would cast them back.
+        dtype = compute_dtype(x)
+        return cos.to(dtype=dtype), signed_sin.to(dtype=dtype)
 
 
 def apply_rotary_pos_emb(q, k, cos, signed_sin):
@@ -442,6 +445,9 @@ class TinyllmModel(TinyllmPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        # Positions the caller gives may describe several sequences packed in a row (padding-free batches); made
+        # here they are one sequence, and the mask need not look (that check reads the device: one sync per step).
+        packed_positions = position_ids
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
@@ -453,7 +459,7 @@ class TinyllmModel(TinyllmPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
-            position_ids=position_ids,
+            position_ids=packed_positions,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
@@ -517,7 +523,7 @@ class TinyllmForCausalLM(TinyllmPreTrainedModel, GenerationMixin):
 
         `skip_logits=True` (with labels) computes the loss from the hidden states chunk by chunk (`LinearCrossEntropy`)
         and returns `logits=None`: the same loss and gradients without the (tokens, vocab) logits in memory. The
-        pretraining Trainer asks for it on CPUs, where it makes steps faster (docs/benchmarks.md).
+        pretraining Trainer asks for it in every training step (docs/training.md).
 
         Mixture of Experts: in training (or with `output_router_logits=True`) the router logits are collected and the
         balancing losses computed; `loss` is then the language-model loss plus the weighted balancing losses."""

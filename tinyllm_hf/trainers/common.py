@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -62,7 +61,8 @@ class RunArguments:
     )
     peak_flops: float | None = field(
         default=None,
-        metadata={"help": "peak FLOP/s per device for MFU; default: measured with a matmul at the start of training"},
+        metadata={"help": "peak FLOP/s per device for MFU; default: the GPU's datasheet peak in the training dtype "
+                          "(DATASHEET_PEAK_TFLOPS) where listed, else measured with a matmul at the start of training"},
     )
     loss_curve: bool = field(default=True, metadata={"help": "write loss_curve.png into output_dir at the end"})
     data_order_log: bool = field(
@@ -328,10 +328,24 @@ class ReliableTrainerMixin:
     checkpoint but is not one. Here the Trainer writes into `tmp-checkpoint-N/checkpoint-N/`; once every process has
     finished writing, the main process renames it to `checkpoint-N` (atomic on POSIX), so a `checkpoint-N` folder is
     always complete.
+
+    No training step waits for the accelerator: the non-finite-loss check and the count of input tokens seen
+    (`include_num_input_tokens_seen`) accumulate on the device and are read once per log, evaluation or save
+    (`_sync_step_stats`), and the Trainer's `logging_nan_inf_filter`, which reads every loss on the host and would
+    hide a NaN, is switched off.
     """
 
     data_order_log: bool = False
     _staging_dir: str | None = None
+    # Since the last `_sync_step_stats`: micro-steps run, [first non-finite step (inf: none), its loss] on the device,
+    # and input tokens counted (an int, or a device tensor for non-padding counts).
+    _unsynced_steps: int = 0
+    _first_nonfinite: torch.Tensor | None = None
+    _unsynced_tokens: "int | torch.Tensor" = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.args.logging_nan_inf_filter = False  # `training_step` stops on a non-finite loss instead
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
@@ -373,14 +387,64 @@ class ReliableTrainerMixin:
             self._log_data_order(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The Trainer's own `logging_nan_inf_filter` silently replaces a NaN loss with the running mean, so the run
-        # would go on training (and checkpointing) NaN weights: stop instead, before the optimizer applies the step.
-        if not torch.isfinite(loss).all():
+        # would go on training (and checkpointing) NaN weights. Record the first non-finite step on the device
+        # (reading the loss here would make every step wait for the accelerator); `_sync_step_stats` stops the run
+        # at the next log, evaluation or save, before anything trained on it is written.
+        if self._first_nonfinite is None:
+            dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+            self._first_nonfinite = torch.tensor([math.inf, 0.0], dtype=dtype, device=loss.device)
+        value = loss.detach().to(self._first_nonfinite.dtype).mean()
+        is_first = ~torch.isfinite(value) & torch.isinf(self._first_nonfinite[0])
+        step = torch.full_like(value, self.state.global_step + 1)  # a fill, not a host-to-device copy
+        self._first_nonfinite.copy_(torch.where(is_first, torch.stack([step, value]), self._first_nonfinite))
+        self._unsynced_steps += 1
+        return loss
+
+    def _track_num_input_tokens(self, inputs):
+        # The Trainer gathers and reads the count at every micro-step; add it up here and gather it once per log.
+        mode = self.args.include_num_input_tokens_seen
+        main_input_name = getattr(self.model, "main_input_name", "input_ids")
+        if mode == "no" or main_input_name not in inputs:
+            return super()._track_num_input_tokens(inputs)  # nothing to count, or the Trainer's own warning
+        if mode == "non_padding":
+            if "attention_mask" not in inputs:
+                return super()._track_num_input_tokens(inputs)  # counting by pad token: the Trainer's own way
+            self._unsynced_tokens = self._unsynced_tokens + inputs["attention_mask"].sum()
+        else:
+            self._unsynced_tokens += inputs[main_input_name].numel()
+
+    def _sync_step_stats(self) -> None:
+        """Read what the training steps since the last call accumulated on the device (one gather over processes, one
+        host sync): add the input tokens to `state.num_input_tokens_seen`, and raise `NonFiniteLossError` naming the
+        first step whose loss was not finite. Every process calls it at the same points (logs, evaluations, saves)."""
+        if self._unsynced_steps == 0:
+            return
+        device = self._first_nonfinite.device
+        tokens = torch.as_tensor(self._unsynced_tokens, device=device).to(self._first_nonfinite.dtype)
+        stats = torch.cat([self._first_nonfinite, tokens[None]])
+        rows = self.accelerator.gather(stats).reshape(-1, 3).tolist()  # the one host sync: [step, loss, tokens] each
+        self._unsynced_steps, self._unsynced_tokens, self._first_nonfinite = 0, 0, None
+        self.state.num_input_tokens_seen += int(sum(tokens for _, _, tokens in rows))
+        bad = [(step, loss) for step, loss, _ in rows if math.isfinite(step)]
+        if bad:
+            step, loss = min(bad)
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}: training stopped. "
+                f"non-finite training loss ({loss}) at step {int(step)}: training stopped at step "
+                f"{self.state.global_step} (losses are read at every log, evaluation and save; nothing from step "
+                f"{int(step)} on was saved). "
                 "Lower learning_rate, keep max_grad_norm > 0, or check the data; resume from the last checkpoint "
                 "with --resume."
             )
-        return loss
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        control = self.control
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self._sync_step_stats()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        self._sync_step_stats()  # the logs carry num_input_tokens_seen (and the throughput callback reads it)
+        return super().log(logs, *args, **kwargs)
 
     def _log_data_order(self, inputs) -> None:
         ids = inputs["input_ids"].detach().cpu().contiguous()
@@ -460,9 +524,48 @@ def peak_dtype(args: TrainingArguments) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
+# Dense (no 2:4 sparsity) peak TFLOP/s of common GPUs by matmul dtype, from NVIDIA's datasheets: bf16/fp16 are the
+# tensor-core rates with fp32 accumulation (what PyTorch's matmuls use), fp32 the plain CUDA-core rate (what fp32
+# matmuls run at unless TF32 is switched on). Keys are searched in `torch.cuda.get_device_name()`; the first match
+# wins. Sources: NVIDIA H100 datasheet (SXM5 / PCIe; its table shows sparsity, dense is half), H200 datasheet (the
+# SXM part has the H100 SXM's tensor cores), A100 datasheet (SXM and PCIe alike), L40S datasheet, and the Ada
+# Lovelace architecture whitepaper (GeForce RTX 4090: 165.2 with fp32 accumulation, 330.3 only with fp16
+# accumulation). Variants not listed (H100/H200 NVL, A100X, ...) get no datasheet MFU rather than a wrong one.
+DATASHEET_PEAK_TFLOPS = {
+    r"H200(?! NVL)": {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9},
+    r"H100 PCIe": {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 51.0},
+    r"H100 (80GB HBM3|SXM)": {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9},
+    r"A100\b": {torch.bfloat16: 312.0, torch.float16: 312.0, torch.float32: 19.5},
+    r"L40S": {torch.bfloat16: 362.05, torch.float16: 362.05, torch.float32: 91.6},
+    r"RTX 4090": {torch.bfloat16: 165.2, torch.float16: 165.2, torch.float32: 82.6},
+}
+
+
+def datasheet_peak_flops(device_name: str | None, dtype: torch.dtype) -> float | None:
+    """The datasheet's dense peak FLOP/s of the GPU named `device_name` for matmuls in `dtype`, or None when the
+    table (`DATASHEET_PEAK_TFLOPS`) does not list it."""
+    for pattern, peaks in DATASHEET_PEAK_TFLOPS.items():
+        if device_name and re.search(pattern, device_name) and dtype in peaks:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def accelerator_name(device: torch.device) -> str | None:
+    """The GPU's name as its driver reports it (e.g. 'NVIDIA H100 80GB HBM3'); None on a CPU."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds `tokens_per_second` (whole job), `mfu` and `peak_gflops` (per process) to every training log, from the
-    median optimizer step since the previous log (the median ignores steps that also evaluated or saved).
+    wall time and the optimizer steps since the previous log line, evaluation or save. Those are the points where the
+    host waits for the device (the log reads the loss), so the time is the device's even though training steps never
+    wait for it (timing steps one by one would time the host queuing work). The first log line after the start also
+    counts start-up work such as compilation.
+
+    `mfu` is measured against `peak_flops` when it is given, else against the datasheet peak of the GPU in the
+    training dtype when `DATASHEET_PEAK_TFLOPS` lists it (the figure peers quote), else against a matmul measured on
+    the device (`measure_matmul_peak`). When the datasheet is used and nothing is given, the measured matmul peak is
+    also logged and `mfu_vs_measured` is MFU against it (what the chip reaches in practice).
 
     tokens_per_step: tokens in one optimizer step over all processes (exact for packed blocks). When None, the growth
     of `state.num_input_tokens_seen` is used (set `include_num_input_tokens_seen`).
@@ -472,18 +575,29 @@ class ThroughputCallback(TrainerCallback):
                  peak_dtype: torch.dtype = torch.float32):
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step
-        self.peak_flops = peak_flops
+        self.given_peak = peak_flops
         self.peak_dtype = peak_dtype
-        self._step_times: list[float] = []
-        self._last_end: float | None = None
-        self._tokens_at_log = 0
+        self.datasheet_peak: float | None = None
+        self.measured_peak: float | None = None
+        self._anchor: tuple[float, int, int] | None = None  # (time, global step, tokens seen) where timing restarts
         self._measure = peak_flops is None
 
+    @property
+    def peak_flops(self) -> float:
+        """The peak `mfu` is measured against."""
+        return self.given_peak or self.datasheet_peak or self.measured_peak
+
     def on_train_begin(self, args, state, control, **kwargs):
+        dtype = str(self.peak_dtype).removeprefix("torch.")
         if self._measure:
-            self.peak_flops = max(self.peak_flops or 0.0, measure_matmul_peak(args.device, self.peak_dtype))
-            source = (f"measured: {str(self.peak_dtype).removeprefix('torch.')} square matmul on {args.device}, "
-                      "measured again at every evaluation and save, the best value used")
+            name = accelerator_name(args.device)
+            self.datasheet_peak = datasheet_peak_flops(name, self.peak_dtype)
+            self.measured_peak = max(self.measured_peak or 0.0, measure_matmul_peak(args.device, self.peak_dtype))
+            measured = (f"measured: {dtype} square matmul on {args.device}, measured again at every evaluation and "
+                        "save, the best value used")
+            source = (f"the {name} datasheet's dense {dtype} peak; mfu_vs_measured: against the {dtype} matmul "
+                      f"measured on it ({self.measured_peak / 1e9:.1f} GFLOP/s at the start)"
+                      if self.datasheet_peak else measured)
         else:
             source = "given"
         if state.is_world_process_zero:
@@ -491,47 +605,49 @@ class ThroughputCallback(TrainerCallback):
                 f"MFU = tokens/s x {self.flops_per_token:.4g} FLOPs/token / ({args.world_size} x "
                 f"{self.peak_flops / 1e9:.1f} GFLOP/s peak per process, {source})"
             )
-        self._tokens_at_log = state.num_input_tokens_seen
+        self._restart(state)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        if self._last_end is not None:
-            self._step_times.append(now - self._last_end)
-        self._last_end = now
+    def _restart(self, state) -> None:
+        self._anchor = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self._pause(args)
+        self._pause(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        self._pause(args)
+        self._pause(args, state)
 
-    def _pause(self, args) -> None:
+    def _pause(self, args, state) -> None:
         # Training is paused anyway: on a machine shared with other jobs the peak measured at the start can be
         # depressed (MFU above 1), so measure again and keep the best value.
         if self._measure:
-            self.peak_flops = max(self.peak_flops, measure_matmul_peak(args.device, self.peak_dtype, repeats=2))
-        self._last_end = None  # the next interval includes the evaluation or the save, not a training step
+            self.measured_peak = max(self.measured_peak, measure_matmul_peak(args.device, self.peak_dtype, repeats=2))
+        self._restart(state)  # the next interval counts training steps only, not the evaluation or the save
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or not self._step_times:
+        if logs is None or "loss" not in logs or self._anchor is None:
             return
-        step_time = statistics.median(self._step_times)
+        start, start_step, start_tokens = self._anchor
+        steps, seconds = state.global_step - start_step, time.perf_counter() - start
+        if steps <= 0 or seconds <= 0:
+            return
         if self.tokens_per_step is not None:
-            tokens_per_step = self.tokens_per_step
+            tokens_per_second = self.tokens_per_step * steps / seconds
         else:
-            tokens_per_step = (state.num_input_tokens_seen - self._tokens_at_log) / max(len(self._step_times), 1)
-            self._tokens_at_log = state.num_input_tokens_seen
-        tokens_per_second = tokens_per_step / step_time
+            tokens_per_second = (state.num_input_tokens_seen - start_tokens) / seconds
+        flops_per_process = tokens_per_second * self.flops_per_token / args.world_size
         extra = {
             "tokens_per_second": round(tokens_per_second, 1),
-            "mfu": round(tokens_per_second * self.flops_per_token / (args.world_size * self.peak_flops), 4),
+            "mfu": round(flops_per_process / self.peak_flops, 4),
             "peak_gflops": round(self.peak_flops / 1e9, 1),
         }
+        if self.datasheet_peak and self.measured_peak:
+            extra["mfu_vs_measured"] = round(flops_per_process / self.measured_peak, 4)
+            extra["measured_peak_gflops"] = round(self.measured_peak / 1e9, 1)
         logs.update(extra)
         # Trainer.log stored a copy of these logs in log_history before calling the callbacks.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
-        self._step_times.clear()
+        self._restart(state)
 
 
 def add_callback_first(trainer, callback: TrainerCallback) -> None:

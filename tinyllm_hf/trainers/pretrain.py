@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.corpus import load_corpus
@@ -90,11 +91,13 @@ class DataArguments:
 
 
 class PretrainTrainer(ReliableTrainerMixin, Trainer):
-    """The HF Trainer with atomic checkpoints and a stop on non-finite loss. On a CPU its training steps ask a
-    Tinyllm model for the loss without full logits (`skip_logits`, faster there: docs/benchmarks.md)."""
+    """The HF Trainer with atomic checkpoints and a stop on non-finite loss. Its training steps ask a Tinyllm model
+    for the loss without full logits (`skip_logits`: chunked cross-entropy from the hidden states, the (tokens, vocab)
+    logits never held or upcast whole; faster on CPUs, docs/benchmarks.md, and less memory traffic on GPUs)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not return_outputs and self.args.device.type == "cpu":
+        # Under ZeRO-3 the output projection's weight is a shard outside its own module's forward: keep the logits.
+        if not return_outputs and not is_deepspeed_zero3_enabled():
             if "skip_logits" in inspect.signature(self.accelerator.unwrap_model(model).forward).parameters:
                 inputs = {**inputs, "skip_logits": True}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
