@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from tinyllm_hf import cli
@@ -214,6 +215,43 @@ def test_recipe_numbers_written_as_yaml_strings_become_numbers(tmp_path):
     args = parse_recipe(dpo.ARGUMENTS, ["--config", str(tmp_path / "r.yaml"), "--output_dir", str(tmp_path / "o")],
                         defaults=dpo.DEFAULTS)[2]
     assert (args.learning_rate, args.max_steps, args.beta) == (1e-5, 3, 0.2)
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+@pytest.mark.parametrize("where", ["recipe", "flag", "flag="])
+def test_bf16_auto_follows_the_training_device(monkeypatch, tmp_path, caplog, hardware, where):
+    """`bf16: auto` (recipe) or `--bf16 auto` becomes true exactly where `bf16_in_hardware` says the device has bf16
+    matmuls, asked about the device the run trains on (use_cpu), and the run says which it chose; an explicit
+    `--bf16 false` on the command line wins over a recipe's auto."""
+    from tinyllm_hf.trainers import common, pretrain
+
+    asked = []
+
+    def fake_hardware(use_cpu):
+        asked.append(use_cpu)
+        return hardware, "a test CPU (avx512_bf16)" if hardware else "a test CPU (no AVX-512 BF16 or AMX-BF16)"
+
+    monkeypatch.setattr(common, "bf16_in_hardware", fake_hardware)
+    (tmp_path / "r.yaml").write_text("use_cpu: true\n" + ("bf16: auto\n" if where == "recipe" else ""))
+    flag = {"recipe": [], "flag": ["--bf16", "auto"], "flag=": ["--bf16=auto"]}[where]
+    argv = ["--config", str(tmp_path / "r.yaml"), "--output_dir", str(tmp_path / "o"), *flag]
+    args = next(a for a in parse_recipe(pretrain.ARGUMENTS, argv, defaults=pretrain.DEFAULTS) if hasattr(a, "bf16"))
+    assert args.bf16 is hardware and asked == [True]
+    assert f"bf16: auto -> {str(hardware).lower()} on a test CPU" in caplog.text
+    if where == "recipe":
+        args = next(a for a in parse_recipe(pretrain.ARGUMENTS, [*argv, "--bf16", "false"], defaults=pretrain.DEFAULTS)
+                    if hasattr(a, "bf16"))
+        assert args.bf16 is False and asked == [True]
+
+
+def test_bf16_in_hardware_reads_the_cpu_flags(monkeypatch):
+    """On the CPU, bf16 counts as hardware only with AVX-512 BF16 or AMX-BF16 (torch's CPU capability report)."""
+    from tinyllm_hf.trainers.common import bf16_in_hardware
+
+    for flags, expected in [({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
+                            ({"avx512_bf16": False, "avx2": True}, False)]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda flags=flags: {"cpu_name": "X", **flags})
+        assert bf16_in_hardware(use_cpu=True)[0] is expected
 
 
 def test_grpo_beta_zero_is_accepted():
