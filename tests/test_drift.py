@@ -93,6 +93,10 @@ def test_a_variant_without_its_runtime_is_listed_as_skipped(run):
     row = _rows(result)["model-f16.gguf"]
     assert row["skipped"] and "llama-cpp-python" in row["skipped"]
     assert "| model-f16.gguf | skipped: " in markdown
+    # ... and the table says how to add that row: what to install and the drift command for the skipped file.
+    hint = next(line for line in markdown.splitlines() if line.startswith("The GGUF rows need llama-cpp-python"))
+    assert 'pip install "tinyllm-hf[llamacpp]"' in hint and f"--variant {row['path']}" in hint
+    assert f"--model {result['model']}" in hint
 
 
 def test_markdown_and_json_hold_the_same_numbers(run):

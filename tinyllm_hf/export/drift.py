@@ -328,7 +328,23 @@ def to_markdown(result: dict) -> str:
         "|" + "---|" * len(HEADER),
     ]
     lines += ["| " + " | ".join(table_row(row)) + " |" for row in result["variants"]]
+    missing_gguf = [row for row in result["variants"] if row["kind"] == "gguf" and row["skipped"] and row["path"]]
+    if missing_gguf:
+        lines += ["", how_to_measure_gguf(result, missing_gguf)]
     return "\n".join(lines) + "\n"
+
+
+def how_to_measure_gguf(result: dict, rows: list[dict]) -> str:
+    """What to install and run to add the GGUF rows a machine without llama-cpp-python skipped."""
+    s = result["settings"]
+    options = " ".join(f"--{name.replace('_', '-')} {s[name]}" for name in ("tasks", "task_tokens", "eval_chunks")
+                       if name in s)
+    variants = " ".join(f"--variant {row['path']}" for row in rows)
+    return (f"The GGUF rows need llama-cpp-python, which this environment lacks: it is an sdist that compiles llama.cpp "
+            f"(about 20 minutes on 2 cores, once). Install it with `pip install \"tinyllm-hf[llamacpp]\"` (llama-cpp-"
+            f"python's README also documents prebuilt CPU wheels: `pip install llama-cpp-python --extra-index-url "
+            f"https://abetlen.github.io/llama-cpp-python/whl/cpu`), then measure them with `tinyllm quantize drift "
+            f"--model {result['model']} {variants} {options} --output gguf-drift.md`.")
 
 
 def write_outputs(result: dict, markdown_path: Path, json_path: Path) -> None:
