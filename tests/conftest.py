@@ -17,6 +17,22 @@ def review_lines(limit: int = 600) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runtime_cache(tmp_path_factory):
+    """`--backend auto` saves its exports and choices under $TINYLLM_CACHE: a folder of this session, never the home
+    folder (subprocesses inherit it)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("tinyllm-cache")
+    previous = os.environ.get("TINYLLM_CACHE")
+    os.environ["TINYLLM_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("TINYLLM_CACHE", None)
+    else:
+        os.environ["TINYLLM_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     from tinyllm_hf.tokenizer.train import train_tokenizer

@@ -538,7 +538,7 @@ def test_cli_serves_on_loopback_by_default(checkpoint):
 
 def test_cli_rejects_a_missing_model(tmp_path, capsys):
     assert tinyllm(["serve", "--model", str(tmp_path / "nothing")]) == 1
-    assert "config.json not found" in capsys.readouterr().err
+    assert f"model not found: {tmp_path / 'nothing'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", ["--max-body-bytes", "--max-queue", "--max-batch-size", "--threads"])

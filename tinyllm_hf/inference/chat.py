@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyllm_hf.errors import UsageError
+from tinyllm_hf.inference.model_files import AUTO_BACKEND, BACKENDS, positive_int
 from tinyllm_hf.inference.text_stream import TextStream
 from tinyllm_hf.model_utils import add_trust_remote_code_argument
 from tinyllm_hf.rope_scaling import SPEC_HELP
@@ -227,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", choices=("on", "off"), default="on",
                    help="offer the built-in tools (dictionary lookups, calculator) to the model (default: on)")
     p.add_argument("--think", action="store_true", help="start with thinking on (the model reasons before answering)")
+    p.add_argument("--backend", choices=(AUTO_BACKEND, *BACKENDS), default=AUTO_BACKEND,
+                   help="auto (default): the fastest runtime that reproduces a float32 checkpoint folder, measured "
+                        "once and saved (inference/runtime_choice.py); transformers for adapters, Hub ids, "
+                        "--rope-scaling, other dtypes and devices; or name one")
+    p.add_argument("--threads", type=positive_int, help="CPU threads per decode step (default: the runtime's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR", help=SPEC_HELP)
@@ -244,9 +250,32 @@ def sampling_params(args: argparse.Namespace) -> "SamplingParams":
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
+def load_chat_runtime(args: argparse.Namespace):
+    """The runtime `--backend` asks for: auto measures a plain float32 checkpoint folder (`runtime_choice`), a named
+    llamacpp/onnx backend loads its file, and everything else (adapters, Hub ids, --rope-scaling, other dtypes or
+    devices, `--backend transformers`) goes through `load_chat_model`."""
+    from tinyllm_hf.inference.runtime_choice import choose_runtime, is_auto_eligible
+
+    if args.backend == AUTO_BACKEND and is_auto_eligible(args.model, args.dtype, args.rope_scaling,
+                                                         args.trust_remote_code, args.device):
+        return choose_runtime(args.model, streams=1, threads=args.threads)
+    if args.backend in ("llamacpp", "onnx"):
+        from tinyllm_hf.inference.runtime import load_backend
+
+        return load_backend(args.backend, args.model, threads=args.threads, trust_remote_code=args.trust_remote_code)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    runtime = load_chat_model(args.model, args.device, args.dtype, args.trust_remote_code, args.rope_scaling)
+    if args.backend == AUTO_BACKEND:
+        print("runtime: transformers (the one runtime for this model folder and these options)", file=sys.stderr)
+    return runtime
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runtime = load_chat_model(args.model, args.device, args.dtype, args.trust_remote_code, args.rope_scaling)
+    runtime = load_chat_runtime(args)
     from tinyllm_hf.inference.tool_loop import Toolbox
 
     toolbox = Toolbox.builtin() if args.tools == "on" else None

@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads,
-                           trust_remote_code=args.trust_remote_code, rope_scaling=args.rope_scaling)
+                           trust_remote_code=args.trust_remote_code, rope_scaling=args.rope_scaling,
+                           streams=args.max_batch_size)
     engine = Engine(runtime, max_batch_size=args.max_batch_size)
     try:
         launch(build_demo(engine, title=args.title, tools=args.tools == "on"), args.host, args.port, auth=auth,

@@ -29,6 +29,7 @@ PIP_NAMES = {"llama_cpp": "llama-cpp-python", "optimum.quanto": "optimum-quanto"
 # The runtimes `--backend` of `tinyllm serve` and `tinyllm demo` names (runtime.load_backend); here, not in runtime.py,
 # so their parsers (and `--help`) need no torch.
 BACKENDS = ("transformers", "llamacpp", "onnx")
+AUTO_BACKEND = "auto"  # `--backend auto`: inference/runtime_choice.py
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a --host elsewhere exposes the server or demo: they warn
 
 
@@ -37,7 +38,9 @@ def add_runtime_arguments(parser, what: str) -> None:
     backend, in which dtype, with how many threads, whether code shipped with it may run, and where `what` (the
     server, the demo) listens."""
     parser.add_argument("--model", required=True, help="checkpoint directory, .gguf file (llamacpp) or export (onnx)")
-    parser.add_argument("--backend", choices=BACKENDS, default="transformers")
+    parser.add_argument("--backend", choices=(AUTO_BACKEND, *BACKENDS), default=AUTO_BACKEND,
+                        help="auto (default): the fastest runtime that reproduces the model's greedy tokens, measured "
+                             "once and saved (inference/runtime_choice.py); or name one")
     parser.add_argument("--host", default="127.0.0.1", help=f"address to bind; 0.0.0.0 exposes {what} to the network")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights dtype for the transformers backend")

@@ -30,10 +30,13 @@ row's EOS or budget) that `stream` / `generate` (one prompt) and batched greedy 
 batching engine of `tinyllm serve`, where requests join and leave a running batch, is `engine.py`.
 """
 
+import atexit
 import dataclasses
 import functools
 import json
 import re
+import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tinyllm_hf.errors import MissingDependencyError, MissingFileError, UsageError
-from tinyllm_hf.inference.model_files import BACKENDS, importable, model_kind, quantize_method
+from tinyllm_hf.inference.model_files import AUTO_BACKEND, BACKENDS, importable, model_kind, quantize_method
 from tinyllm_hf.rope_scaling import model_context, parse_rope_scaling
 
 if TYPE_CHECKING:
@@ -423,6 +426,12 @@ class _SingleSequenceRuntime(_ChatEncoding):
         return rendered[0]
 
 
+def _close_llama(llm_ref) -> None:
+    llm = llm_ref()
+    if llm is not None:
+        llm.close()
+
+
 class LlamaCppRuntime(_SingleSequenceRuntime):
     """A GGUF file (e.g. from `tinyllm export gguf`) through llama-cpp-python; tokenizer and chat template from the file.
 
@@ -442,6 +451,9 @@ class LlamaCppRuntime(_SingleSequenceRuntime):
         batch = {"n_batch": n_ctx} if all_logits and n_ctx else {}  # one pass over a whole perplexity window
         self.llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                          logits_all=all_logits, verbose=False, **batch)
+        # llama-cpp-python frees the model in Llama.__del__, which at interpreter exit can run after its library
+        # is gone ("'NoneType' object is not callable"): close it at exit instead, unless it was freed before.
+        atexit.register(_close_llama, weakref.ref(self.llm))
         self.context_length = self.llm.n_ctx()
         self.vocab_size = self.llm.n_vocab()
         self.prompt_logits = all_logits  # without it llama.cpp keeps the last position's logits only
@@ -558,19 +570,31 @@ def load_runtime(path: str | Path, threads: int | None = None, dtype: str = "flo
 
 
 def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: int | None = None,
-                 trust_remote_code: bool = False, rope_scaling: str | None = None):
+                 trust_remote_code: bool = False, rope_scaling: str | None = None, streams: int = 1):
     """The runtime `name` (`tinyllm serve --backend`) for `model`: a checkpoint directory, a .gguf file, or a `tinyllm
     quantize` output. `rope_scaling` ("yarn:4", ...) rescales a checkpoint's RoPE (transformers backend only).
+    `auto`: for a float32 checkpoint, the fastest runtime that reproduces it at `streams` sequences at once
+    (`runtime_choice.choose_runtime`); anything else runs on the one runtime its files need. Says which on stderr.
 
     `threads` sets the CPU threads of one decode step (None: the runtime's default). A small model gains nothing from
     more than one at batch sizes this small, and on an oversubscribed machine each multi-threaded op can wait ~20 ms
     for a descheduled thread (docs/serving.md), so `--threads 1` is the safe choice for small models on shared CPUs.
     """
     if rope_scaling:
-        parse_rope_scaling(rope_scaling)
-        if name != "transformers":
-            raise UsageError(f"--rope-scaling needs the transformers backend (a checkpoint folder), not {name}: export "
-                             "the rescaled checkpoint instead (tinyllm export gguf keeps YaRN)")
+        parse_rope_scaling(rope_scaling)  # a bad spec fails before anything loads
+    if name == AUTO_BACKEND:
+        from tinyllm_hf.inference.runtime_choice import choose_runtime, is_auto_eligible
+
+        if is_auto_eligible(model, dtype, rope_scaling, trust_remote_code):
+            return choose_runtime(model, streams=streams, threads=threads)
+        kind = model_kind(model)
+        name = {"gguf": "llamacpp", "checkpoint": "transformers"}.get(kind, "quanto" if "quanto" in kind else "onnx")
+        print(f"runtime: {name} (the one runtime for a {kind} model with these options)", file=sys.stderr)
+        if name == "quanto":
+            return TransformersRuntime.from_quanto(model, trust_remote_code=trust_remote_code)
+    if rope_scaling and name != "transformers":
+        raise UsageError(f"--rope-scaling needs the transformers backend (a checkpoint folder), not {name}: export "
+                         "the rescaled checkpoint instead (tinyllm export gguf keeps YaRN)")
     if threads is not None:
         torch.set_num_threads(threads)
     if name == "transformers":
@@ -580,4 +604,4 @@ def load_backend(name: str, model: str | Path, dtype: str = "float32", threads: 
         return LlamaCppRuntime(model, n_threads=threads)
     if name == "onnx":
         return ExportedRuntime(model, num_threads=threads, trust_remote_code=trust_remote_code)
-    raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise UsageError(f"unknown backend {name!r}; choose one of {', '.join((AUTO_BACKEND, *BACKENDS))}")

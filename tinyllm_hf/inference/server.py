@@ -1028,13 +1028,14 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllm_hf.inference.runtime import load_backend
 
     runtime = load_backend(args.backend, args.model, dtype=args.dtype, threads=args.threads,
-                           trust_remote_code=args.trust_remote_code, rope_scaling=args.rope_scaling)
+                           trust_remote_code=args.trust_remote_code, rope_scaling=args.rope_scaling,
+                           streams=args.max_batch_size)
     if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"tinyllm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     engine = Engine(runtime, args.max_batch_size, args.max_queue, args.request_timeout)
     model_id = args.served_model_name or Path(args.model).name
     app = build_app(engine, model_id, args.api_key, args.max_body_bytes)
-    print(f"tinyllm serve: {model_id} ({args.backend}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"tinyllm serve: {model_id} ({runtime.backend}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
