@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="base URL of a running server on loopback")
     target.add_argument("--model", help="start `tinyllm serve` in-process on this checkpoint / file")
-    parser.add_argument("--backend", default="transformers")
+    parser.add_argument("--backend", default="auto", help="as `tinyllm serve --backend` (default: auto)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, help="CPU threads per decode step (default: the runtime's)")
     parser.add_argument("--clients", default="1,8", help="comma-separated client counts to run, e.g. 1,4,8")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         from tinyllm_hf.inference.runtime import load_backend
         from tinyllm_hf.inference.server import build_app
 
-        backend = load_backend(args.backend, args.model, threads=args.threads)
+        backend = load_backend(args.backend, args.model, threads=args.threads, streams=args.max_batch_size)
         engine = Engine(backend, max_batch_size=args.max_batch_size)
         try:
             with run_uvicorn(build_app(engine, Path(args.model).name)) as url:
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.close()
 
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-              "date": time.strftime("%Y-%m-%d %H:%M"), "backend": args.backend, "threads": args.threads,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
+              "backend": backend.backend if args.model else args.backend,
               "max_tokens": args.max_tokens,
               "results": results}
     print(json.dumps(report, ensure_ascii=False, indent=2))

@@ -41,7 +41,7 @@ def test_auto_picks_the_fastest_runtime_that_reproduces_the_model_and_saves_it(t
     assert runtime_choice.greedy_tokens(runtime, [prompt], 12) == runtime_choice.greedy_tokens(reference, [prompt], 12)
 
     # The second start loads the saved choice: no export, no measurement.
-    monkeypatch.setattr(runtime_choice, "_export", lambda *a: pytest.fail("exported again"))
+    monkeypatch.setattr(runtime_choice, "cached_export", lambda *a: pytest.fail("exported again"))
     monkeypatch.setattr(runtime_choice, "decode_speed", lambda *a: pytest.fail("measured again"))
     runtime, line = choose(tiny_model_dir)
     assert runtime.backend == "onnx" and "chosen earlier, saved in" in line
@@ -85,8 +85,8 @@ def test_a_server_batch_keeps_the_batched_runtime(tiny_model_dir, cache, monkeyp
     concurrent requests queue), nothing is exported, and the saved decision is kept apart from the single-stream one."""
     seen = []
     real = runtime_choice.decode_speed
-    monkeypatch.setattr(runtime_choice, "_candidates", lambda: {"onnx": None, "llamacpp": "not installed here"})
-    monkeypatch.setattr(runtime_choice, "_export", lambda *a: pytest.fail("exported for a batch"))
+    monkeypatch.setattr(runtime_choice, "unavailable_backends", lambda: {"onnx": None, "llamacpp": "not installed here"})
+    monkeypatch.setattr(runtime_choice, "cached_export", lambda *a: pytest.fail("exported for a batch"))
     monkeypatch.setattr(runtime_choice, "SPEED_TOKENS", 4)
     monkeypatch.setattr(runtime_choice, "decode_speed",
                         lambda runtime, prompt, streams: seen.append(streams) or real(runtime, prompt, streams))
@@ -94,7 +94,7 @@ def test_a_server_batch_keeps_the_batched_runtime(tiny_model_dir, cache, monkeyp
     assert runtime.backend == "transformers" and seen == [4]
     assert "tok/s with 4 streams" in line and "llamacpp: not installed here" in line
     assert "onnx: not considered for 4 streams, since it decodes one sequence at a time" in line
-    monkeypatch.setattr(runtime_choice, "_candidates", lambda: {"onnx": "off", "llamacpp": "off"})
+    monkeypatch.setattr(runtime_choice, "unavailable_backends", lambda: {"onnx": "off", "llamacpp": "off"})
     runtime_choice.choose_runtime(tiny_model_dir, streams=1, log=io.StringIO())
     assert len(list(cache.rglob("choice-*.json"))) == 2
 

@@ -74,12 +74,12 @@ def _files(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def _candidates() -> dict[str, str | None]:
+def unavailable_backends() -> dict[str, str | None]:
     """{backend: why it cannot run here, or None} for the exports a checkpoint can be run from."""
     return {"onnx": missing_runtime("onnx"), "llamacpp": missing_runtime("gguf")}
 
 
-def _export(backend: str, model_dir: Path, folder: Path) -> Path:
+def cached_export(backend: str, model_dir: Path, folder: Path) -> Path:
     """The cached export `backend` runs, written (atomically) if it is not there yet."""
     if backend == "llamacpp":
         path = folder / "model-f16.gguf"
@@ -96,8 +96,12 @@ def _export(backend: str, model_dir: Path, folder: Path) -> Path:
     return path
 
 
-def _load(backend: str, path: Path, threads: int | None):
-    from tinyllm_hf.inference.runtime import ExportedRuntime, LlamaCppRuntime, TransformersRuntime
+def load_export(backend: str, path: Path, threads: int | None):
+    from tinyllm_hf.inference.runtime import (
+        ExportedRuntime,
+        LlamaCppRuntime,
+        TransformersRuntime,
+    )
 
     if backend == "transformers":
         return TransformersRuntime.from_pretrained(path)
@@ -153,7 +157,7 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
         backend = saved["backend"]
         path = model_dir if backend == "transformers" else Path(saved["export"])
         print(f"runtime: {backend} ({saved['summary']}; chosen earlier, saved in {decision_file})", file=log)
-        return _load(backend, path, threads)
+        return load_export(backend, path, threads)
 
     from tinyllm_hf.inference.runtime import TransformersRuntime
 
@@ -167,7 +171,7 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
     speeds = {"transformers": decode_speed(reference, prompts[0], streams)}
     notes, exports = [], {}
     folder.mkdir(parents=True, exist_ok=True)
-    for backend, missing in _candidates().items():
+    for backend, missing in unavailable_backends().items():
         if missing:
             notes.append(f"{backend}: {missing}")
             continue
@@ -176,8 +180,8 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
                          f"and requests would wait for each other (--backend {backend} runs it anyway)")
             continue
         try:
-            exports[backend] = _export(backend, model_dir, folder)
-            runtime = _load(backend, exports[backend], threads)
+            exports[backend] = cached_export(backend, model_dir, folder)
+            runtime = load_export(backend, exports[backend], threads)
         except TinyllmError as err:  # e.g. a model llama.cpp cannot express: that candidate is out, not the run
             notes.append(f"{backend}: cannot export this model ({err})")
             continue
@@ -200,7 +204,7 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
     if backend == "transformers":
         return reference
     del reference
-    return _load(backend, export, threads)
+    return load_export(backend, export, threads)
 
 
 def _saved_decision(path: Path) -> dict | None:
