@@ -107,3 +107,16 @@ def test_models_that_run_one_way_are_not_measured(tiny_model_dir, tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert not runtime_choice.is_auto_eligible(gguf)
+
+
+def test_a_runtime_that_cannot_take_the_model_drops_out(tiny_model_dir, cache, monkeypatch):
+    """An export that fails (here: the exporter raises) leaves that runtime out with its reason; the model still runs."""
+    def failing_export(backend, model_dir, folder):
+        raise RuntimeError(f"{backend} exporter crashed\nwith a long trace")
+
+    monkeypatch.setattr(runtime_choice, "unavailable_backends", lambda: {"onnx": None, "llamacpp": None})
+    monkeypatch.setattr(runtime_choice, "cached_export", failing_export)
+    monkeypatch.setattr(runtime_choice, "SPEED_TOKENS", 4)
+    runtime, line = choose(tiny_model_dir)
+    assert runtime.backend == "transformers"
+    assert "onnx: cannot run this model (onnx exporter crashed)" in line and "llamacpp: cannot run" in line

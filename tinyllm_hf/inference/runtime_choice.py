@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-from tinyllm_hf.errors import TinyllmError
 from tinyllm_hf.inference.model_files import missing_runtime, model_kind
 from tinyllm_hf.runs import atomic_output
 
@@ -182,8 +181,10 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
         try:
             exports[backend] = cached_export(backend, model_dir, folder)
             runtime = load_export(backend, exports[backend], threads)
-        except TinyllmError as err:  # e.g. a model llama.cpp cannot express: that candidate is out, not the run
-            notes.append(f"{backend}: cannot export this model ({err})")
+        except Exception as err:  # noqa: BLE001 - an optional runtime that cannot take this model (llama.cpp cannot
+            # express it, the ONNX exporter fails on it) drops out of the choice; transformers still runs it
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            notes.append(f"{backend}: cannot run this model ({reason})")
             continue
         differs = first_difference(greedy_tokens(runtime, prompts, PARITY_TOKENS), expected)
         if differs:
