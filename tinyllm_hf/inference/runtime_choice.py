@@ -9,7 +9,7 @@ is rejected (the printed line names the first differing position). Of those that
 decode wins, over one stream (chat, or a server or demo run with `--max-batch-size 1`). With a batch of several
 sequences (`tinyllm serve` and `tinyllm demo` by default) only the batched transformers runtime is considered: ONNX
 and llama.cpp decode one sequence at a time, so concurrent requests would queue behind each other, and one long
-reply would hold every other request up (docs/reliability.md: no request slows another beyond its fair share).
+reply would hold every other request up.
 Measured on the quickstart model (docs/benchmarks.md), llama.cpp's one stream is still faster than transformers' batch
 of 8 in aggregate; `--backend llamacpp` serves with it when throughput matters more than fair sharing.
 
