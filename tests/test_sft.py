@@ -210,18 +210,42 @@ def test_packed_conversations_keep_their_labels_and_do_not_see_each_other(tiny_m
 
 
 def test_training_steps_never_build_the_full_logits(tiny_model_dir, tmp_path):
-    """TRL's fused LM head scores the labelled positions in chunks from the hidden states: no training step runs the
-    (tokens, vocab) head projection of the model (the loss is TRL's, not the model's `skip_logits` path)."""
+    """A Tinyllm model's training steps take the loss from the hidden states (`HiddenStateLossMixin`): no step runs the
+    (tokens, vocab) head projection of the model, and TRL's entropy / token-accuracy metrics (which need every
+    position's full softmax) are not logged."""
     trainer = sft_trainer(tiny_model_dir, tmp_path, max_steps=2, logging_steps=1)
     head = trainer.model.get_output_embeddings()
     calls = []
     head.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
     trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
-    assert calls == [] and len(logged) == 2 and all(0 <= e["mean_token_accuracy"] <= 1 for e in logged)
+    assert calls == [] and len(logged) == 2 and not any("mean_token_accuracy" in e for e in logged)
     trainer.model.eval()
     ids = torch.tensor([[5, 6, 7]])
     assert trainer.model(input_ids=ids).logits.shape[-1] == trainer.model.config.vocab_size and calls  # generation path
+
+
+def test_training_loss_and_gradients_equal_trls_fused_head(tiny_model_dir, tmp_path):
+    """The loss from the hidden states at labelled positions only (padding and prompts skipped on a CPU) has the
+    value and every gradient of TRL's own SFT loss on the same padded batch."""
+    from trl import SFTTrainer
+
+    trainer = sft_trainer(tiny_model_dir, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert (batch["labels"] == -100).float().mean() > 0.3  # enough prompt and padding for the selection to matter
+    model = trainer.model.train()
+
+    def loss_and_grads(compute_loss):
+        model.zero_grad()
+        loss = compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(27))
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected, expected_grads = loss_and_grads(lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k))
+    got, got_grads = loss_and_grads(trainer.compute_loss)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -126,6 +126,12 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100, s
     if ignore_index != -100:
         targets = targets.masked_fill(targets == ignore_index, -100)
     logits = logits.reshape(-1, logits.shape[-1])
+    num_labelled = (targets != -100).sum()
+    if logits.device.type == "cpu":
+        # Only positions with a label go through the head and the softmax (padding and, in SFT, the prompts are often
+        # half of a batch). Not on accelerators: boolean indexing waits for the device.
+        has_loss = targets != -100
+        logits, targets = logits[has_loss], targets[has_loss]
     if lm_head_weight is None:
         loss = ChunkedCrossEntropy.apply(logits, targets, loss_chunk_rows(logits.device, logits.shape[-1]))
     else:
@@ -134,7 +140,7 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100, s
         needs_grad = torch.is_grad_enabled() and (logits.requires_grad or lm_head_weight.requires_grad)
         loss = LinearCrossEntropy.apply(logits, lm_head_weight, targets, rows, needs_grad)
     if num_items_in_batch is None:
-        return loss / (targets != -100).sum()
+        return loss / num_labelled.clamp(min=1)  # a batch without labels: 0, not 0 / 0
     return loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
 
 

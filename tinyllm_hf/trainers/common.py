@@ -15,6 +15,7 @@
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, get_peft_config
@@ -374,6 +376,30 @@ def remove_staging_dirs(output_dir: str | os.PathLike) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+
+
+class HiddenStateLossMixin:
+    """Training steps ask a Tinyllm model for the loss without full logits (`skip_logits`: chunked cross-entropy from
+    the hidden states, only at positions with a label on a CPU; the (tokens, vocab) logits are never held or upcast
+    whole). Faster on CPUs (bench/cpu_training_choices.py, bench/sft_step.py) and less memory traffic on GPUs.
+
+    Use before the Trainer class: `class MyTrainer(ReliableTrainerMixin, HiddenStateLossMixin, Trainer)`. A subclass
+    of a TRL trainer whose own loss adds nothing for this step (`_hidden_state_loss_applies`) gets `Trainer`'s loss,
+    the model's `loss` output; evaluation (`return_outputs`) and other models keep the parent's loss.
+    """
+
+    def _hidden_state_loss_applies(self) -> bool:
+        return True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Under ZeRO-3 the output projection's weight is a shard outside its own module's forward: keep the logits.
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped  # PEFT passes it on
+        if (not return_outputs and not is_deepspeed_zero3_enabled() and self._hidden_state_loss_applies()
+                and "skip_logits" in inspect.signature(base.forward).parameters):
+            return Trainer.compute_loss(self, model, {**inputs, "skip_logits": True},
+                                        num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 class ReliableTrainerMixin:

@@ -8,7 +8,6 @@ the command line overrides any of them. `--resume` continues from the newest com
 """
 
 import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -18,7 +17,6 @@ from pathlib import Path
 import datasets
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 import tinyllm_hf  # noqa: F401  (registers the tinyllm model type with the Auto classes)
 from tinyllm_hf.data.corpus import load_corpus
@@ -30,6 +28,7 @@ from tinyllm_hf.modeling import PRESETS, TinyllmConfig
 from tinyllm_hf.rope_scaling import model_context, with_rope_scaling
 from tinyllm_hf.options import parse_key_values
 from tinyllm_hf.trainers.common import (
+    HiddenStateLossMixin,
     LossCurveCallback,
     ReliableTrainerMixin,
     RunArguments,
@@ -90,17 +89,8 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap on validation blocks"})
 
 
-class PretrainTrainer(ReliableTrainerMixin, Trainer):
-    """The HF Trainer with atomic checkpoints and a stop on non-finite loss. Its training steps ask a Tinyllm model
-    for the loss without full logits (`skip_logits`: chunked cross-entropy from the hidden states, the (tokens, vocab)
-    logits never held or upcast whole; faster on CPUs, docs/benchmarks.md, and less memory traffic on GPUs)."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Under ZeRO-3 the output projection's weight is a shard outside its own module's forward: keep the logits.
-        if not return_outputs and not is_deepspeed_zero3_enabled():
-            if "skip_logits" in inspect.signature(self.accelerator.unwrap_model(model).forward).parameters:
-                inputs = {**inputs, "skip_logits": True}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+class PretrainTrainer(ReliableTrainerMixin, HiddenStateLossMixin, Trainer):
+    """The HF Trainer with atomic checkpoints, a stop on non-finite loss and the loss from the hidden states."""
 
 
 def load_tokenizer(path: str | None, trust_remote_code: bool = False):

@@ -50,6 +50,7 @@ from tinyllm_hf.tokenizer.chat_template import (
 )
 from tinyllm_hf.trainers.common import (
     DatasetArguments,
+    HiddenStateLossMixin,
     ReliableTrainerMixin,
     RunArguments,
     ThroughputCallback,
@@ -137,10 +138,26 @@ class SFTDataArguments(DatasetArguments):
         return self.max_eval_samples > 0 and ("default" in self.sources or self.eval_fraction > 0)
 
 
-class TinyllmSFTTrainer(ReliableTrainerMixin, SFTTrainer):
+class TinyllmSFTTrainer(ReliableTrainerMixin, HiddenStateLossMixin, SFTTrainer):
     """TRL's SFTTrainer with atomic checkpoints and a stop on non-finite loss, that tokenizes conversations itself:
     the text of the data is encoded as text, so `<|assistant|>` written in a file is never a control token
-    (`encode_conversations`); TRL then builds the labels from the assistant masks as it would from its own."""
+    (`encode_conversations`); TRL then builds the labels from the assistant masks as it would from its own.
+
+    A Tinyllm model's training steps take the loss from the hidden states at the answer tokens only
+    (`HiddenStateLossMixin`): TRL's fused head computes log-probabilities, entropy and top-1 hits at every position,
+    padding and prompts included, which made its backward most of a CPU step (bench/sft_step.py). The training log
+    then has no `entropy` / `mean_token_accuracy` (evaluation still has them). TRL's loss stays for what only it
+    computes: `loss_type: dft`, label smoothing, a custom `compute_loss_func`, sequence parallelism."""
+
+    def _hidden_state_loss_applies(self) -> bool:
+        parallelism = self.accelerator.parallelism_config
+        return (self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+                and not (parallelism is not None and getattr(parallelism, "sp_enabled", False)))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.aux_loss_enabled:  # a MoE model adds its balancing losses (TRL keeps their weights in its config)
+            inputs = {**inputs, "output_router_logits": True}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if isinstance(dataset, datasets.Dataset) and "messages" in dataset.column_names:
