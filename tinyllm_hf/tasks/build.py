@@ -10,7 +10,7 @@ import argparse
 import functools
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -64,23 +64,26 @@ def shuffled_dataset(rows: list[dict], seed: int) -> datasets.Dataset:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def conversation_rows(task: Task, records: list[dict]) -> list[dict]:
+def take(candidates: Iterable[tuple[str, dict]], converse: Callable[[str, dict], list[dict] | None],
+         count: int | None, order: str, repeat: bool) -> list[dict]:
+    """Rows {id, task, messages} of `count` (task name, record) candidates in a fixed pseudo-random order (all when
+    None); with `repeat`, cycling when more are asked for. `converse(name, record)` makes the messages (None: the
+    record has no conversation, skipped). Candidates are put in order first, so only the rows kept are built."""
+    candidates = sorted(candidates, key=lambda candidate: stable_fraction(candidate[1]["id"], f"sft-order-{order}:"))
     rows = []
-    for record in records:
-        messages = task.conversation(record)
+    for name, record in candidates:
+        if count is not None and len(rows) == count:
+            break
+        messages = converse(name, record)
         if messages is not None:
-            rows.append({"id": record["id"], "task": task.name, "messages": messages})
+            rows.append({"id": record["id"], "task": name, "messages": messages})
+    if repeat and rows and count is not None and count > len(rows):
+        return [rows[i % len(rows)] for i in range(count)]
     return rows
 
 
-def take(rows: list[dict], count: int | None, task: str, repeat: bool) -> list[dict]:
-    """`count` rows in a fixed pseudo-random order (all when None); with `repeat`, cycle when more are asked for."""
-    rows = sorted(rows, key=lambda row: stable_fraction(row["id"], f"sft-order-{task}:"))
-    if count is None:
-        return rows
-    if repeat and rows and count > len(rows):
-        return [rows[i % len(rows)] for i in range(count)]
-    return rows[:count]
+def task_conversation(name: str, record: dict) -> list[dict] | None:
+    return TASKS[name].conversation(record)
 
 
 def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, sizes: dict[str, int] | None = None,
@@ -103,8 +106,8 @@ def build_default_sft(split: str = "train", tasks: Iterable[str] | None = None, 
     records = records_by_kind(tasks, split)
     rows = []
     for name in tasks:
-        task_rows = conversation_rows(TASKS[name], records[TASKS[name].kind])
-        rows += take(task_rows, sizes.get(name), name, repeat=split == "train")
+        candidates = [(name, record) for record in records[TASKS[name].kind]]
+        rows += take(candidates, task_conversation, sizes.get(name), name, repeat=split == "train")
     if tool_sizes:
         rows = [{**row, "tools": None} for row in rows] + build_tool_rows(split, tool_sizes, seed)
     if not rows:

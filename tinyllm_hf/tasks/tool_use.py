@@ -113,7 +113,7 @@ def calculator_rows(count: int, rng: random.Random) -> list[dict]:
 
 def build_tool_rows(split: str, sizes: dict[str, int], seed: int) -> list[dict]:
     """Rows (id, task, messages, tools) of each kind in `sizes` ({kind: count}, kinds from TOOL_KINDS)."""
-    from tinyllm_hf.tasks.build import records_by_kind, take
+    from tinyllm_hf.tasks.build import records_by_kind, take, task_conversation
 
     unknown = sorted(set(sizes) - set(TOOL_KINDS))
     if unknown:
@@ -121,33 +121,26 @@ def build_tool_rows(split: str, sizes: dict[str, int], seed: int) -> list[dict]:
     rng = random.Random(f"tool-use-{split}-{seed}")
     records = records_by_kind([*TOOL_TASKS, *DIRECT_TASKS], split)
 
-    def lookups(names, thinking=False) -> list[dict]:
-        rows = []
-        for name in names:
-            for record in records[TASKS[name].kind]:
-                messages = task_lookup(TASKS[name], record, thinking)
-                if messages is not None:
-                    rows.append({"id": record["id"], "task": name, "messages": messages})
-        return rows
+    def lookups(names, count: int, order: str, thinking: bool = False) -> list[dict]:
+        candidates = [(name, record) for name in names for record in records[TASKS[name].kind]]
+        return take(candidates, lambda name, record: task_lookup(TASKS[name], record, thinking), count, order,
+                    repeat=True)
 
     rows = []
     for kind, count in sizes.items():
         if kind in TOOL_TASKS:
-            rows += take(lookups([kind]), count, f"tools-{kind}", repeat=True)
+            rows += lookups([kind], count, f"tools-{kind}")
         elif kind == "not_found":
             rows += not_found_rows(records, count, rng)
         elif kind == "calculator":
             rows += calculator_rows(count, rng)
         elif kind == "direct":
-            direct = [{"id": record["id"], "task": name, "messages": messages}
-                      for name in DIRECT_TASKS for record in TASKS[name].records(split)
-                      if (messages := TASKS[name].conversation(record)) is not None]
-            rows += take(direct, count, "tools-direct", repeat=True)
+            candidates = [(name, record) for name in DIRECT_TASKS for record in TASKS[name].records(split)]
+            rows += take(candidates, task_conversation, count, "tools-direct", repeat=True)
         elif kind == "thinking":
-            rows += [{**row, "task": "thinking"} for row in take(lookups(TOOL_TASKS, thinking=True), count,
-                                                                 "tools-thinking", repeat=True)]
+            rows += [{**row, "task": "thinking"} for row in lookups(TOOL_TASKS, count, "tools-thinking", thinking=True)]
         elif kind == "multi_turn":
-            pool = take(lookups(TOOL_TASKS), 2 * count, "tools-multi-turn", repeat=True)
+            pool = lookups(TOOL_TASKS, 2 * count, "tools-multi-turn")
             rows += [{"id": f"{first['id']}+{second['id']}", "task": "multi_turn",
                       "messages": first["messages"] + second["messages"]}
                      for first, second in zip(pool[0::2], pool[1::2])]
