@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import unittest.mock
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -427,3 +428,32 @@ def test_data_order_log_is_refused_not_ignored(stage, chat_model_dir, tmp_path, 
                                "--data_order_log", "true", "--use_cpu", "true", "--report_to", "none"])
     assert code == 1
     assert "data_order_log is supported by pretrain and sft only" in capsys.readouterr().err
+
+
+def test_trls_fused_head_scores_only_labelled_positions_on_a_cpu(tiny_model_dir):
+    """Once a trainer is built (ReliableTrainerMixin), TRL's fused LM head (DPO, KTO, ORPO, GRPO, RLOO) projects only
+    the positions with a label on a CPU, and its per-token log-probabilities equal the full head's there (0 elsewhere)."""
+    import trl.trainer.utils as trl_utils
+
+    from tinyllm_hf.trainers.common import score_only_labelled_positions_on_cpu
+
+    score_only_labelled_positions_on_cpu()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(5, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100  # a prompt
+    labels[1, 10:] = -100  # padding
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    rows = []
+    original = trl_utils._ChunkedLogProbFunction.apply
+    trl_utils.add_fused_lm_head(model)
+    with unittest.mock.patch.object(trl_utils._ChunkedLogProbFunction, "apply",
+                                    side_effect=lambda hidden, *rest: rows.append(len(hidden)) or original(hidden, *rest)):
+        with torch.no_grad():
+            log_probs = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    has_label = labels[:, 1:] != -100
+    assert rows == [int(has_label.sum())] == [8]
+    torch.testing.assert_close(log_probs[has_label], expected[has_label], rtol=1e-5, atol=1e-5)
+    assert (log_probs[~has_label] == 0).all()

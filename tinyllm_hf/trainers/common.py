@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, get_peft_config
+
+# After trl: importing transformers' Trainer first starts a circular import through tinyllm_hf's registration hook.
+from transformers import Trainer  # noqa: E402
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # noqa: E402
 
 from tinyllm_hf.data.sft import MALFORMED_POLICIES
 from tinyllm_hf.errors import NonFiniteLossError, TinyllmError, UsageError
@@ -45,6 +48,28 @@ from tinyllm_hf.trainers.recipe_checks import check_recipe_values, coerce_recipe
 from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
 
 logger = logging.get_logger("tinyllm_hf")
+
+
+
+def score_only_labelled_positions_on_cpu() -> None:
+    """Make TRL's fused LM head (DPO, KTO, ORPO, GRPO, RLOO and SFT with other models) score only the positions with
+    a label on a CPU, as it does on Triton devices. Elsewhere it scores every position, prompt and padding included,
+    to keep tile shapes fixed for compilers that recompile per shape (Neuron); a CPU has no such compiler, and
+    scoring the prompts and padding made most of a DPO step and of its reference pass (bench/trl_cpu_steps.py).
+    TRL reads `_use_triton` from its utils module only for that choice (its kernels keep their own binding, so the
+    CPU still runs the torch tiles); if a TRL version lays this out differently, nothing changes."""
+    import trl.trainer.utils as trl_utils
+
+    chooses_compact = getattr(trl_utils, "_use_triton", None)
+    if chooses_compact is None or getattr(chooses_compact, "_compact_on_cpu", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or chooses_compact(device)
+
+    compact._compact_on_cpu = True
+    trl_utils._use_triton = compact
+
 
 STAGING_PREFIX = "tmp-"  # checkpoints are written under tmp-checkpoint-N/ and renamed when complete
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -381,7 +406,7 @@ def remove_staging_dirs(output_dir: str | os.PathLike) -> None:
 class HiddenStateLossMixin:
     """Training steps ask a Tinyllm model for the loss without full logits (`skip_logits`: chunked cross-entropy from
     the hidden states, only at positions with a label on a CPU; the (tokens, vocab) logits are never held or upcast
-    whole). Faster on CPUs (bench/cpu_training_choices.py, bench/sft_step.py) and less memory traffic on GPUs.
+    whole). Faster on CPUs (bench/cpu_training_choices.py, bench/trl_cpu_steps.py) and less memory traffic on GPUs.
 
     Use before the Trainer class: `class MyTrainer(ReliableTrainerMixin, HiddenStateLossMixin, Trainer)`. A subclass
     of a TRL trainer whose own loss adds nothing for this step (`_hidden_state_loss_applies`) gets `Trainer`'s loss,
@@ -426,6 +451,7 @@ class ReliableTrainerMixin:
     _unsynced_tokens: "int | torch.Tensor" = 0
 
     def __init__(self, *args, **kwargs):
+        score_only_labelled_positions_on_cpu()  # here, not at import: trl.trainer.utils loads transformers' Trainer
         super().__init__(*args, **kwargs)
         self.args.logging_nan_inf_filter = False  # `training_step` stops on a non-finite loss instead
 

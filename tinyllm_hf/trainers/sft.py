@@ -145,7 +145,7 @@ class TinyllmSFTTrainer(ReliableTrainerMixin, HiddenStateLossMixin, SFTTrainer):
 
     A Tinyllm model's training steps take the loss from the hidden states at the answer tokens only
     (`HiddenStateLossMixin`): TRL's fused head computes log-probabilities, entropy and top-1 hits at every position,
-    padding and prompts included, which made its backward most of a CPU step (bench/sft_step.py). The training log
+    padding and prompts included, which made its backward most of a CPU step (bench/trl_cpu_steps.py). The training log
     then has no `entropy` / `mean_token_accuracy` (evaluation still has them). TRL's loss stays for what only it
     computes: `loss_type: dft`, label smoothing, a custom `compute_loss_func`, sequence parallelism."""
 
