@@ -34,8 +34,11 @@ off = set(sys.argv[1].split(",")) - {""}
 import tinyllm_hf.trainers.common as common
 if "labelled" in off:  # TRL's own choice: every position scored
     common.score_only_labelled_positions_on_cpu = lambda: None
-if "hidden" in off:
-    common.HiddenStateLossMixin._hidden_state_loss_applies = lambda self: False
+if "hidden" in off:  # the parent's (TRL's) loss in every step
+    def parent_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super(common.HiddenStateLossMixin, self).compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    common.HiddenStateLossMixin.compute_loss = parent_loss
 stage = __import__(f"tinyllm_hf.trainers.{sys.argv[2]}", fromlist=["main"])
 assert stage.main(sys.argv[3:]) == 0
 """
