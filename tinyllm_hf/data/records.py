@@ -200,10 +200,14 @@ def _features(kind: str) -> datasets.Features:
     return datasets.Features(columns)
 
 
-def load_records(kind: str) -> datasets.Dataset:
-    """Structured records of one kind (see RECORD_KINDS) as a Dataset with a stable `id` column."""
+def check_kind(kind: str) -> None:
     if kind not in RECORD_KINDS:
         raise UsageError(f"unknown record kind {kind!r}; known: {', '.join(RECORD_KINDS)}")
+
+
+def load_records(kind: str) -> datasets.Dataset:
+    """Structured records of one kind (see RECORD_KINDS) as a Dataset with a stable `id` column."""
+    check_kind(kind)
     return generate_dataset(_generate_records, _features(kind), {"kind": kind}, _records_fingerprint(kind))
 
 
@@ -215,8 +219,7 @@ def split_records(kind: str, split: str) -> list[dict]:
     """The records of one kind whose item `split_of` puts in `split` ("train" or "heldout"), as dicts in file order:
     what the SFT, preference and RL-prompt builders start from. Read once per process (one SFT data build asks for
     each kind several times), for as long as the source files are unchanged; the dicts are shared, not to be changed."""
-    if kind not in RECORD_KINDS:
-        raise UsageError(f"unknown record kind {kind!r}; known: {', '.join(RECORD_KINDS)}")
+    check_kind(kind)
     return list(_split_records(kind, split, _records_fingerprint(kind)))
 
 

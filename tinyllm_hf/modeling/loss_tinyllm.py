@@ -126,11 +126,11 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100, s
     if ignore_index != -100:
         targets = targets.masked_fill(targets == ignore_index, -100)
     logits = logits.reshape(-1, logits.shape[-1])
-    num_labelled = (targets != -100).sum()
+    has_loss = targets != -100
+    num_labelled = has_loss.sum()
     if logits.device.type == "cpu":
         # Only positions with a label go through the head and the softmax (padding and, in SFT, the prompts are often
         # half of a batch). Not on accelerators: boolean indexing waits for the device.
-        has_loss = targets != -100
         logits, targets = logits[has_loss], targets[has_loss]
     if lm_head_weight is None:
         loss = ChunkedCrossEntropy.apply(logits, targets, loss_chunk_rows(logits.device, logits.shape[-1]))

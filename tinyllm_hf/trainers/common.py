@@ -50,7 +50,6 @@ from tinyllm_hf.tokenizer.train import write_portable_tokenizer_config
 logger = logging.get_logger("tinyllm_hf")
 
 
-
 def score_only_labelled_positions_on_cpu() -> None:
     """Make TRL's fused LM head (DPO, KTO, ORPO, GRPO, RLOO and SFT with other models) score only the positions with
     a label on a CPU, as it does on Triton devices. Elsewhere it scores every position, prompt and padding included,
