@@ -690,8 +690,9 @@ def test_cli_task_accuracy_defaults_to_embedded_heldout_tasks(saved_llama, tmp_p
 
     monkeypatch.setattr(tasks, "heldout_task_records", fake_records)
     out = tmp_path / "r.json"
+    # transformers named: this test is about the task records (tests/test_runtime_choice.py tests auto in eval).
     argv = ["--model", str(saved_llama), "--tasks", "tasks", "--task-sizes", "sentiment=1", "--max-new-tokens", "4",
-            "--output", str(out), "--no-progress"]
+            "--backend", "transformers", "--output", str(out), "--no-progress"]
     assert main(argv) == 0 and calls == ["sentiment=1"]
     assert load_results(out)["tasks"]["tasks"]["per_task"]["sentiment"]["n"] == 1
 

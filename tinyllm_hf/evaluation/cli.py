@@ -20,6 +20,7 @@ from tinyllm_hf.evaluation.benchmarks import (
     load_benchmark,
 )
 from tinyllm_hf.evaluation.results import make_results, results_table, save_results, weights_revision
+from tinyllm_hf.inference.model_files import AUTO_BACKEND, BACKENDS, positive_int
 from tinyllm_hf.model_utils import add_trust_remote_code_argument, check_model_reachable, get_model, get_tokenizer
 from tinyllm_hf.rope_scaling import SPEC_HELP, parse_rope_scaling
 from tinyllm_hf.options import comma_list
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--tasks tasks with the built-in tools (the dictionary lookups and calculator, run by the tool "
                         "loop): off, on (results under 'tasks_tools'), or both")
     p.add_argument("--task-sizes", default=None, help="with the embedded tasks: records per task, e.g. sentiment=200,xiehouyu=50")
+    p.add_argument("--backend", choices=(AUTO_BACKEND, *BACKENDS), default=AUTO_BACKEND,
+                   help="runtime of generation-mode tasks: auto (default): for a float32 checkpoint folder, the fastest "
+                        "runtime that reproduces its greedy tokens at --batch-size streams, measured once and saved "
+                        "(inference/runtime_choice.py); transformers when a task scores log-likelihoods (ppl); or "
+                        "name one")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per decode step (default: the runtime's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR", help=SPEC_HELP + " (checkpoints only)")
@@ -91,13 +98,32 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
 
 
 def load_eval_runtime(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
-                      trust_remote_code: bool = False, rope_scaling: str | None = None):
-    """The runtime (`inference/runtime.py`) evaluated: a checkpoint folder or Hub id through `load_model`; a `tinyllm
-    quantize` output or a .gguf file through `load_runtime`, as `tinyllm serve` runs it."""
+                      trust_remote_code: bool = False, rope_scaling: str | None = None,
+                      backend: str = "transformers", batch_size: int = 16, threads: int | None = None):
+    """The runtime (`inference/runtime.py`) evaluated. `backend` auto: a float32 checkpoint folder runs on the fastest
+    runtime that reproduces it at `batch_size` streams (`runtime_choice.choose_runtime`; pass transformers where
+    log-likelihoods are scored); llamacpp/onnx: that runtime's file; otherwise a checkpoint folder or Hub id through
+    `load_model`, and a `tinyllm quantize` output or a .gguf file through `load_runtime`, as `tinyllm serve` runs it."""
     from tinyllm_hf.inference.model_files import model_kind
-    from tinyllm_hf.inference.runtime import TransformersRuntime, load_runtime
+    from tinyllm_hf.inference.runtime import (
+        TransformersRuntime,
+        load_backend,
+        load_runtime,
+    )
+    from tinyllm_hf.inference.runtime_choice import choose_runtime, is_auto_eligible
 
-    if Path(name).exists() and model_kind(name) != "checkpoint":
+    local = Path(name).exists()
+    if backend == AUTO_BACKEND and local and revision is None and is_auto_eligible(
+            name, "float32" if dtype == "auto" else dtype, rope_scaling, trust_remote_code, device):
+        return choose_runtime(name, streams=batch_size, threads=threads, serial_ok=True)
+    if backend in ("llamacpp", "onnx"):
+        return load_backend(backend, name, threads=threads, trust_remote_code=trust_remote_code,
+                            rope_scaling=rope_scaling)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if local and model_kind(name) != "checkpoint":
         if rope_scaling:
             raise UsageError(f"--rope-scaling applies to checkpoint folders; {name} is a {model_kind(name)} export "
                              "(export the checkpoint again after extending it, or evaluate the checkpoint)")
@@ -155,9 +181,14 @@ def run(args: argparse.Namespace) -> dict:
         from tinyllm_hf.tasks import heldout_task_records
 
         examples = heldout_task_records(sizes=args.task_sizes)
+    scores_likelihoods = "ppl" in tasks or bool(benchmarks and args.mode == "ppl")
+    generates = "tasks" in tasks or bool(benchmarks and args.mode == "gen")
+    # auto measures runtimes only for a run that generates and needs no log-likelihoods (only transformers has them).
+    measure = args.backend == AUTO_BACKEND and generates and not scores_likelihoods
+    backend = "transformers" if args.backend == AUTO_BACKEND and not measure else args.backend
     runtime = load_eval_runtime(args.model, args.revision, args.dtype, args.device, args.trust_remote_code,
-                                args.rope_scaling)
-    if "ppl" in tasks or (benchmarks and args.mode == "ppl"):
+                                args.rope_scaling, backend, args.batch_size, args.threads)
+    if scores_likelihoods:
         transformers_model(runtime, "--tasks ppl" if "ppl" in tasks else "--mode ppl")  # fails before any task runs
     progress = not args.no_progress
     results = {}
@@ -183,7 +214,9 @@ def run(args: argparse.Namespace) -> dict:
             if args.tools in ("on", "both"):
                 results[f"{name}_tools"] = evaluate_tasks(runtime, examples, args.max_new_tokens, args.batch_size,
                                                           progress, toolbox=Toolbox.builtin())
-    settings = {k: v for k, v in vars(args).items() if k not in ("model", "output", "no_progress")}
+    # The runtime that ran, not the option (auto), so results say what produced them.
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("model", "output", "no_progress")},
+                "backend": runtime.backend}
     revision = args.revision or weights_revision(args.model)
     return make_results(args.model, revision, results, settings)
 

@@ -6,20 +6,25 @@ export (`tinyllm quantize` method `onnx`, when onnxruntime is installed) and lla
 the checkpoint's content (`$TINYLLM_CACHE`, default `~/.cache/tinyllm-hf/runtimes/<fingerprint>/`), never into the
 model folder. A candidate must reproduce the model: its greedy tokens on `PARITY_PROMPTS` equal the reference's, or it
 is rejected (the printed line names the first differing position). Of those that do, the fastest by a short measured
-decode wins, over one stream (chat, or a server or demo run with `--max-batch-size 1`). With a batch of several
-sequences (`tinyllm serve` and `tinyllm demo` by default) only the batched transformers runtime is considered: ONNX
-and llama.cpp decode one sequence at a time, so concurrent requests would queue behind each other, and one long
-reply would hold every other request up.
-Measured on the quickstart model (docs/benchmarks.md), llama.cpp's one stream is still faster than transformers' batch
-of 8 in aggregate; `--backend llamacpp` serves with it when throughput matters more than fair sharing.
+decode wins. `streams` is how many sequences run at once: 1 for `tinyllm chat` (and a server or demo run with
+`--max-batch-size 1`), the batch size for generation-mode `tinyllm eval` and for `tinyllm serve` / `tinyllm demo`.
+Over several streams a batched runtime (transformers) decodes them together and a one-sequence runtime (ONNX,
+llama.cpp) one after another, so its aggregate speed is its single-stream speed, measured as such. Evaluation
+(`serial_ok=True`) takes whichever is fastest in aggregate. A server with a batch of several (`serial_ok=False`)
+keeps the batched transformers runtime without measuring the others: with a one-sequence runtime concurrent
+requests queue behind each other (one long reply holds every other request up), and llama.cpp cannot return prompt
+logprobs (`echo` with `logprobs`, which lm-eval's `local-completions` uses), so the default server's API would depend
+on what is installed. `--backend llamacpp` / `onnx` serves with them anyway.
 
-The decision is saved next to the exports (keyed by the mode, the batch size, the thread count and the runtimes'
-versions), so the next start loads the chosen runtime without exporting or measuring. A saved decision whose export
-is missing or has changed size is not trusted: everything is measured again.
+The decision is saved next to the exports (keyed by the batch size, whether serial runtimes count, the thread count
+and the runtimes' versions), so the next start loads the chosen runtime without exporting or measuring. Each export
+is saved with the list of its files and sizes; an export that no longer matches it (a truncated or deleted file) is
+written again, and a saved decision that cannot be read or whose export is damaged is measured again.
 
 Everything else keeps its one runtime: a .gguf file (llama.cpp), a `tinyllm quantize` output (its own runtime), a
 folder whose model needs `--rope-scaling`, a dtype other than float32, or code shipped with the model (its exports
-would run that code again) go to `runtime.load_runtime` / transformers as before.
+would run that code again), a LoRA adapter folder, a GPU (CUDA available), and for `tinyllm eval` a Hub id, a
+`--revision` or a log-likelihood task (ppl) go to `runtime.load_runtime` / transformers as before.
 """
 
 import hashlib
@@ -34,13 +39,13 @@ from pathlib import Path
 from tinyllm_hf.inference.model_files import missing_runtime, model_kind
 from tinyllm_hf.runs import atomic_output
 
-AUTO = "auto"
 CACHE_ENV = "TINYLLM_CACHE"
 # Short chat prompts of the kinds the quickstart model answers; rendered with the model's own template.
 PARITY_PROMPTS = ("你好，请介绍一下你自己。", "房间干净，服务也很热情。这条评论是正面还是负面？", "请帮我算一下 (17+25)*3。")
-PARITY_TOKENS = 24   # greedy tokens per prompt that must match the reference
+PARITY_TOKENS = 32   # greedy tokens per prompt that must match the reference
 SPEED_TOKENS = 64    # decoded tokens per timed stream (EOS ignored)
-DECISION_VERSION = 1
+DECISION_VERSION = 2
+EXPORT_NAMES = {"llamacpp": "model-f16.gguf", "onnx": "onnx"}  # in the cache folder
 
 
 def cache_root() -> Path:
@@ -67,10 +72,22 @@ def _version(package: str) -> str | None:
 
 
 def _files(path: Path) -> dict[str, int]:
-    """{relative name: size} of an export (a file or a folder): what a saved decision checks before trusting it."""
+    """{relative name: size} of an export (a file or a folder): what is checked before an export is reused."""
     if path.is_file():
         return {path.name: path.stat().st_size}
     return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _manifest(export: Path) -> Path:
+    return export.with_name(export.name + ".files.json")
+
+
+def export_intact(export: Path) -> bool:
+    """Whether `export` still has the files and sizes recorded when it was written."""
+    try:
+        return export.exists() and json.loads(_manifest(export).read_text("utf-8")) == _files(export)
+    except (OSError, ValueError):
+        return False
 
 
 def unavailable_backends() -> dict[str, str | None]:
@@ -79,19 +96,25 @@ def unavailable_backends() -> dict[str, str | None]:
 
 
 def cached_export(backend: str, model_dir: Path, folder: Path) -> Path:
-    """The cached export `backend` runs, written (atomically) if it is not there yet."""
-    if backend == "llamacpp":
-        path = folder / "model-f16.gguf"
-        if not path.is_file():
-            from tinyllm_hf.export.gguf import export_gguf
-
-            export_gguf(model_dir, path, "f16")
+    """The cached export `backend` runs: reused if intact, otherwise (missing or damaged) written again, atomically,
+    with the list of its files."""
+    path = folder / EXPORT_NAMES[backend]
+    if export_intact(path):
         return path
-    path = folder / "onnx"
-    if not path.is_dir():
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    if backend == "llamacpp":
+        from tinyllm_hf.export.gguf import export_gguf
+
+        export_gguf(model_dir, path, "f16")
+    else:
         from tinyllm_hf.export.quantize import quantize_checkpoint
 
         quantize_checkpoint(model_dir, path, "onnx")
+    with atomic_output(_manifest(path)) as staged:
+        staged.write_text(json.dumps(_files(path), indent=1) + "\n", "utf-8")
     return path
 
 
@@ -121,6 +144,8 @@ def decode_speed(runtime, prompt: list[int], streams: int) -> float:
     from tinyllm_hf.inference.runtime import SamplingParams, stream_batch
 
     greedy_tokens(runtime, [prompt], 4)  # first-call costs (allocation, graph set-up) are not decode speed
+    if runtime.max_batch_size == 1:  # one sequence after another: the aggregate is the one-stream speed
+        streams = 1
     batch = min(streams, runtime.max_batch_size)
     started, produced = time.perf_counter(), 0
     for _ in range(0, streams, batch):
@@ -137,26 +162,27 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
     return None
 
 
-def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = None, log=None):
+def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = None, serial_ok: bool = False,
+                   log=None):
     """The runtime `--backend auto` runs `model` on (see the module docstring): measured and saved the first time,
-    loaded from the saved decision afterwards. `streams`: how many sequences run at once (a server's batch size;
-    1 for chat). Prints one line to `log` (stderr) saying which runtime and why."""
+    loaded from the saved decision afterwards. `streams`: how many sequences run at once (1 for chat, a server's or an
+    evaluation's batch size); `serial_ok`: whether a one-sequence-at-a-time runtime may take several streams
+    (evaluation: yes; a server: no). Prints one line to `log` (stderr) saying which runtime and why."""
     log = log or sys.stderr
     model_dir = Path(model)
     folder = cache_root() / checkpoint_fingerprint(model_dir)
-    key = {"version": DECISION_VERSION, "streams": streams, "threads": threads,
+    serial_ok = serial_ok or streams == 1
+    key = {"version": DECISION_VERSION, "streams": streams, "serial_ok": serial_ok, "threads": threads,
            **{name: _version(name) for name in ("torch", "onnxruntime", "llama_cpp_python", "tinyllm-hf")}}
     decision_file = folder / f"choice-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
     saved = _saved_decision(decision_file)
-    if saved is None and decision_file.exists():  # damaged: its exports are not reused either
-        print(f"runtime: the saved choice {decision_file} or its export is damaged; exporting and measuring again",
-              file=log)
-        shutil.rmtree(folder)
     if saved is not None:
         backend = saved["backend"]
         path = model_dir if backend == "transformers" else Path(saved["export"])
         print(f"runtime: {backend} ({saved['summary']}; chosen earlier, saved in {decision_file})", file=log)
         return load_export(backend, path, threads)
+    if decision_file.exists():
+        print(f"runtime: the saved choice {decision_file} or its export is damaged; measuring again", file=log)
 
     from tinyllm_hf.inference.runtime import TransformersRuntime
 
@@ -174,9 +200,9 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
         if missing:
             notes.append(f"{backend}: {missing}")
             continue
-        if streams > 1:  # every candidate but transformers decodes one sequence at a time
-            notes.append(f"{backend}: not considered for {streams} streams, since it decodes one sequence at a time "
-                         f"and requests would wait for each other (--backend {backend} runs it anyway)")
+        if not serial_ok:
+            notes.append(f"{backend}: not considered for a server batch of {streams}, since it decodes one sequence "
+                         f"at a time and requests would wait for each other (--backend {backend} runs it anyway)")
             continue
         try:
             exports[backend] = cached_export(backend, model_dir, folder)
@@ -198,7 +224,7 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
                         + notes)
     export = exports.get(backend)
     record = {"backend": backend, "summary": summary, "speeds": speeds, "key": key,
-              "export": str(export) if export else None, "files": _files(export) if export else None}
+              "export": str(export) if export else None}
     with atomic_output(decision_file) as staged:
         staged.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", "utf-8")
     print(f"runtime: {backend} ({summary})", file=log)
@@ -209,14 +235,11 @@ def choose_runtime(model: str | Path, streams: int = 1, threads: int | None = No
 
 
 def _saved_decision(path: Path) -> dict | None:
-    """A saved decision whose export is still there, unchanged in its files and sizes; None otherwise (measure
-    again)."""
+    """A saved decision whose export is intact; None otherwise (measure again)."""
     try:
         record = json.loads(path.read_text("utf-8"))
-        if record["backend"] == "transformers":
-            return record
-        export = Path(record["export"])
-        return record if export.exists() and _files(export) == record["files"] else None
+        intact = record["backend"] == "transformers" or export_intact(Path(record["export"]))
+        return record if intact and isinstance(record["summary"], str) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
