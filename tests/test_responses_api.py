@@ -103,6 +103,15 @@ def test_function_call_round_trip(scripted_url, stream):
     assert second.output_text == IDIOM_ANSWER and second.status == "completed"
 
 
+def test_parallel_tool_calls_false_is_passed_on_and_echoed(scripted_url):
+    response = client(scripted_url).responses.create(model="tiny-chat", input=IDIOM_QUESTION, tools=[IDIOM_TOOL],
+                                                     parallel_tool_calls=False)
+    assert response.parallel_tool_calls is False
+    assert [item.type for item in response.output] == ["function_call"]
+    assert client(scripted_url).responses.create(model="tiny-chat", input=IDIOM_QUESTION,
+                                                 tools=[IDIOM_TOOL]).parallel_tool_calls is True
+
+
 @pytest.mark.parametrize("body, param", [
     ({"input": "你好", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "你好", "store": True}, "store"),

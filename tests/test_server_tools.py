@@ -185,6 +185,21 @@ def test_several_calls_get_their_own_ids_and_indexes(url, scripted):
     assert [c["index"] for c in streamed] == [0, 1] and len({c["id"] for c in streamed}) == 2
 
 
+def test_parallel_tool_calls_false_ends_the_reply_after_its_first_call(url, client, scripted):
+    scripted.script = lambda prompt: "先查：" + CALL + CALL.replace("12*7", "3+4") + "好了。"
+    choice = chat(url, tools=TOOLS, parallel_tool_calls=False)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "先查："
+    assert [json.loads(c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == [ARGUMENTS]
+    chunks = stream_chunks(url, tools=TOOLS, parallel_tool_calls=False)
+    assert [json.loads(c["function"]["arguments"]) for c in streamed_calls(chunks)] == [ARGUMENTS]
+    assert joined(chunks, "content") == "先查：" and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    reply = client.chat.completions.create(model=MODEL_ID, messages=QUESTION, tools=TOOLS, parallel_tool_calls=False)
+    assert len(reply.choices[0].message.tool_calls) == 1
+    assert reply.usage.completion_tokens == len(scripted.encode("先查：" + CALL))  # generation stopped there
+    # true, or without tools: as before
+    assert len(chat(url, tools=TOOLS, parallel_tool_calls=True)["choices"][0]["message"]["tool_calls"]) == 2
+
+
 def test_thinking_switch_as_top_level_field(url, client, scripted):
     scripted.script = lambda prompt: "想想。</think>\n" + ANSWER
     message = chat(url, enable_thinking=True)["choices"][0]["message"]
@@ -309,6 +324,4 @@ def test_client_sees_400s_and_the_rest_stays_rejected(url, client):
         client.chat.completions.create(model=MODEL_ID, messages=QUESTION, tools=TOOLS, tool_choice=NAMED_UNKNOWN)
     assert_openai_error(post(url + "/v1/completions", {"prompt": "12乘7", "tools": TOOLS}), 400,
                         "unsupported_parameter", "tools")
-    assert_openai_error(post(url + "/v1/chat/completions", {"messages": QUESTION, "tools": TOOLS,
-                                                            "parallel_tool_calls": False}),
-                        400, "unsupported_parameter", "parallel_tool_calls")
+

@@ -136,7 +136,6 @@ class ResponsesRequest(_Request):
             "top_logprobs": bool(self.top_logprobs),
             "max_tool_calls": self.max_tool_calls is not None,
             "truncation": self.truncation == "auto",
-            "parallel_tool_calls": self.parallel_tool_calls is False,
         }
 
     def check_supported(self) -> None:
@@ -196,6 +195,8 @@ class ResponsesRequest(_Request):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
         elif self.tool_choice is not None:
             body["tool_choice"] = self.tool_choice
+        if self.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = self.parallel_tool_calls
         text_format = self.text.format if self.text is not None else None
         if text_format is not None and text_format.type == "json_schema":
             if text_format.name is None or text_format.schema_ is None:
@@ -246,7 +247,7 @@ class ResponseBuilder:
             "model": self.model_id, "output": [dict(item) for item in self.output], "error": None,
             "incomplete_details": self.incomplete, "instructions": request.instructions,
             "max_output_tokens": request.max_output_tokens, "metadata": request.metadata or {},
-            "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None, "store": False,
+            "parallel_tool_calls": request.parallel_tool_calls is not False, "previous_response_id": None, "reasoning": None, "store": False,
             "temperature": request.temperature if request.temperature is not None else 1.0,
             "top_p": request.top_p if request.top_p is not None else 1.0,
             "text": {"format": text_format},

@@ -66,7 +66,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 class SamplingParams:
     """How one sequence picks its tokens. A temperature of 0 (or below `GREEDY_BELOW_TEMPERATURE`) means greedy;
     `seed=None` draws a fresh random seed. `stop` strings are checked on the text by the layer above the token ids
-    (see `engine.py`)."""
+    (see `engine.py`) and cut from it; an `end_after` string ends the text after its first occurrence, kept (one tool
+    call per reply: `</tool_call>`)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -74,6 +75,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k filter
     repetition_penalty: float = 1.0  # transformers' rule: logits of tokens already in the sequence shrink
     stop: tuple[str, ...] = ()
+    end_after: tuple[str, ...] = ()
     seed: int | None = None
     # Not how tokens are picked, but what the engine reports with them (as in vLLM's SamplingParams): None reports
     # nothing; k >= 0 the log-probability of each sampled (prompt) token and the k most likely tokens in its place.

@@ -263,13 +263,16 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # accepted at its default (several calls in one reply are parsed)
+    # false: the reply ends after its first tool call (several calls in one reply are parsed otherwise)
+    parallel_tool_calls: bool | None = None
     # The thinking switch, as vLLM and SGLang take it (chat_template_kwargs) and as a plain field.
     chat_template_kwargs: dict | None = None
     enable_thinking: bool | None = None
 
-    def unsupported(self) -> dict[str, bool]:
-        return {**super().unsupported(), "parallel_tool_calls": self.parallel_tool_calls is False}
+    def end_after(self) -> tuple[str, ...]:
+        from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_END
+
+        return (TOOL_CALL_END,) if self.tools and self.parallel_tool_calls is False else ()
 
     def reported_logprobs(self) -> tuple[int | None, int | None]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -447,8 +450,10 @@ class Service:
             )
         max_tokens = min(default_max or context, context - prompt_len) if requested is None else requested
         logprobs, prompt_logprobs = request.reported_logprobs()
+        end_after = request.end_after() if isinstance(request, ChatRequest) else ()
         return SamplingParams(max_tokens, request.temperature, request.top_p, stop=request.stop_strings(),
-                              seed=request.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              end_after=end_after, seed=request.seed, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs,
                               grammar=request._grammar)
 
     def compile_response_format(self, request: _Common) -> None:
@@ -481,7 +486,7 @@ class Service:
         try:
             for index, (prompt, params) in enumerate(jobs):
                 stream = TextStream(decode, params.stop, lambda delta, i=index: on_delta(i, delta),
-                                    self.runtime.token_bytes)
+                                    self.runtime.token_bytes, params.end_after)
                 sequences.append(self.engine.submit(prompt, params, stream))
         except EngineOverloaded as exc:
             for seq in sequences:

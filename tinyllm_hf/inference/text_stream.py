@@ -62,8 +62,9 @@ class TextStream:
     wrote."""
 
     def __init__(self, decode_text: Callable[[list[int]], str], stops: tuple[str, ...], sink: Callable[[Delta], None],
-                 token_bytes: Callable[[int], bytes]):
+                 token_bytes: Callable[[int], bytes], end_after: tuple[str, ...] = ()):
         self.decode_text, self.stops, self.sink, self.token_bytes = decode_text, tuple(stops), sink, token_bytes
+        self.end_after = tuple(end_after)  # strings the text ends after, kept (SamplingParams.end_after)
         self.text = ""
         self.sent = 0  # characters of `text` already streamed
         self.stopped = False  # a stop string cut the text
@@ -73,9 +74,10 @@ class TextStream:
         if logprob is not None:
             self.logprobs.append(logprob)
         self.text = self.decode_text(generated)
-        stop_at = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if stop_at >= 0:
-            self.text, self.stopped = self.text[:stop_at], True
+        cuts = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        cuts += [i + len(s) for i, s in ((self.text.find(s), s) for s in self.end_after) if i >= 0]
+        if cuts:
+            self.text, self.stopped = self.text[:min(cuts)], True
             return True
         return False
 
