@@ -241,6 +241,45 @@ def test_tool_loop_calls_feeds_back_and_answers(tokenizer, toolbox):
     assert unknown.calls[0].error == "unknown tool" and unknown.content == "没有这个工具。"
 
 
+def test_tool_loop_stops_a_reply_past_its_time_limit(tokenizer):
+    """A model that keeps calling a slow tool, and one whose reply is slow to generate: each ends with finish_reason
+    "time" once max_seconds is spent, keeping what it wrote; a reply cut mid-call runs nothing."""
+    import time
+
+    from tinyllm_hf.inference.runtime import stream_batch
+    from tinyllm_hf.inference.tool_loop import UsageError
+
+    def calculator(expression: str) -> str:  # the name the scripted model calls
+        """Adds slowly.
+
+        Args:
+            expression: what to add
+        """
+        time.sleep(0.2)
+        return "2"
+
+    slow = Toolbox({"calculator": calculator})
+    calling = ScriptedRuntime(tokenizer, {"循环": [call_text("calculator", expression="1+1")]})
+    started = time.monotonic()
+    (done,) = run_tool_loop(calling, [[{"role": "user", "content": "循环"}]], slow, greedy(1), max_tokens=300,
+                            max_rounds=50, max_seconds=0.5)
+    assert done.finish_reason == "time" and 1 <= len(done.calls) <= 4  # 0.2 s a call, checked after each round
+    assert time.monotonic() - started < 5.0  # 50 rounds would take 10 s
+
+    def slow_round(prompts, params):
+        for row, token in stream_batch(writing, prompts, params):
+            time.sleep(0.05)
+            yield row, token
+
+    writing = ScriptedRuntime(tokenizer, {"写": ["先查一下：" + call_text("calculator", expression="1+1")]})
+    (cut,) = run_tool_loop(writing, [[{"role": "user", "content": "写"}]], slow, greedy(1), max_tokens=300,
+                           generate_round=slow_round, max_seconds=0.3)
+    assert cut.finish_reason == "time" and cut.calls == [] and cut.content  # the text so far is kept
+    assert len(writing.encode(cut.content)) < len(writing.encode("先查一下：" + call_text("calculator", expression="1+1")))
+    with pytest.raises(UsageError, match="max_seconds"):
+        run_tool_loop(writing, [[{"role": "user", "content": "写"}]], slow, greedy(1), max_seconds=0)
+
+
 def test_tool_loop_without_tools_and_when_the_context_is_full(tokenizer, toolbox):
     runtime = ScriptedRuntime(tokenizer, {"问": [call_text("calculator", expression="1+1")]})
     (done,) = run_tool_loop(runtime, [[{"role": "user", "content": "问"}]], None, greedy(1), max_tokens=64)

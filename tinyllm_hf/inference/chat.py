@@ -119,7 +119,7 @@ class ChatSession:
     def stream(self, user_text: str) -> Iterator[str]:
         """Yield the reply to `user_text` in pieces as it is generated - tool calls and their results as lines of
         their own - and add the whole exchange (calls and results included) to the history."""
-        from tinyllm_hf.inference.tool_loop import DoneEvent, TokenEvent, ToolEvent, tool_loop
+        from tinyllm_hf.inference.tool_loop import DEFAULT_REPLY_SECONDS, DoneEvent, TokenEvent, ToolEvent, tool_loop
         from tinyllm_hf.tokenizer.chat_template import TOOL_CALL_START
 
         history = self.fitted_history(user_text)
@@ -132,7 +132,8 @@ class ChatSession:
         shown = True  # False once the round's tool call begins: calls are shown as ToolEvents, not as raw JSON
         done = None
         for event in tool_loop(self.runtime, [self.messages(history)], self.active_toolbox, [self.sampling],
-                               self.max_new_tokens, enable_thinking=self.thinking):
+                               self.max_new_tokens, enable_thinking=self.thinking,
+                               max_seconds=DEFAULT_REPLY_SECONDS):
             if isinstance(event, TokenEvent):
                 if event.token in self.runtime.eos_token_ids or not shown:
                     continue
@@ -153,7 +154,7 @@ class ChatSession:
                 done = event
                 if shown:
                     text.on_finish(new, "stop", None)
-                if event.finish_reason in ("tool_rounds", "context"):
+                if event.finish_reason in ("tool_rounds", "context", "time"):
                     pieces.append(f"\n({FINISH_NOTES[event.finish_reason]})")
                 elif event.reply["tool_calls"] and self.active_toolbox is None:
                     pieces.append(f"\n({FINISH_NOTES['tools_off']})")
@@ -166,6 +167,7 @@ class ChatSession:
 FINISH_NOTES = {
     "tool_rounds": "the model kept calling tools; stopped after the round limit",
     "context": "the conversation no longer fits the model's context: /reset to start a new one",
+    "time": "the reply took longer than its time limit and was stopped",
     "tools_off": "the model asked for a tool, but tools are off: /tools on",
 }
 

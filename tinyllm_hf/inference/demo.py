@@ -109,6 +109,7 @@ def invalid_call_message(call: dict) -> dict:
 END_NOTES = {
     "context": "[The conversation is longer than the model's context of {context} tokens: press Clear.]",
     "tool_rounds": "[Stopped after {rounds} rounds of tool calls.]",
+    "time": "[Stopped: the reply took longer than {seconds:g} seconds.]",
 }
 
 
@@ -121,6 +122,7 @@ def reply_messages(engine: "Engine", messages: list[dict], toolbox: "Toolbox | N
     from tinyllm_hf.inference.runtime import SamplingParams
     from tinyllm_hf.inference.tool_loop import (
         DEFAULT_MAX_ROUNDS,
+        DEFAULT_REPLY_SECONDS,
         TokenEvent,
         ToolEvent,
         tool_loop,
@@ -130,7 +132,7 @@ def reply_messages(engine: "Engine", messages: list[dict], toolbox: "Toolbox | N
     call_token = tool_call_token(runtime) if toolbox else None
     params = SamplingParams(max_tokens=int(max_tokens), temperature=temperature, top_p=top_p)
     events = tool_loop(runtime, [messages], toolbox, [params], max_tokens=int(max_tokens),
-                       generate_round=engine.stream_batch)
+                       generate_round=engine.stream_batch, max_seconds=DEFAULT_REPLY_SECONDS)
     shown: list[dict] = []  # the messages of the rounds that are over
     tokens: list[int] = []  # the tokens of the round being generated
     text = ""
@@ -151,8 +153,8 @@ def reply_messages(engine: "Engine", messages: list[dict], toolbox: "Toolbox | N
                 yield shown
             else:  # the DoneEvent: the answer is complete
                 final = with_text() + [invalid_call_message(call) for call in event.reply["invalid_tool_calls"]]
-                note = END_NOTES.get(event.finish_reason, "").format(context=runtime.context_length,
-                                                                       rounds=DEFAULT_MAX_ROUNDS)
+                note = END_NOTES.get(event.finish_reason, "").format(
+                    context=runtime.context_length, rounds=DEFAULT_MAX_ROUNDS, seconds=DEFAULT_REPLY_SECONDS)
                 if note:
                     final.append({"role": "assistant", "content": note})
                 yield final or [{"role": "assistant", "content": ""}]  # an empty reply still shows as one

@@ -14,7 +14,8 @@ at once, with `runtime.stream_batch`, or whatever `generate_round` the caller pa
 engine's `Engine.stream_batch`, so a demo's users share one decode batch), and parses the reply. Valid calls run
 (`Toolbox.call`: a known name, arguments that fit its schema, a time limit) and their results, or a sentence saying
 why a call could not run, join the conversation as `tool` messages; a conversation stops when a reply calls no tool,
-after `max_rounds` rounds of calls, or when its prompt no longer fits the context. Nothing the model wrote is dropped:
+after `max_rounds` rounds of calls, when its prompt no longer fits the context, or when the whole loop has run
+`max_seconds` (interactive front ends set it: rounds, tokens and each call are bounded, their sum is not otherwise). Nothing the model wrote is dropped:
 a malformed call stays in the assistant message's content.
 """
 
@@ -22,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import time
 from collections.abc import Callable, Iterator
 
 from tinyllm_hf.errors import UsageError
@@ -30,6 +32,7 @@ from tinyllm_hf.tokenizer.reply import as_message, parse_reply
 
 DEFAULT_MAX_ROUNDS = 3  # rounds of tool calls before the loop stops a conversation
 DEFAULT_TOOL_TIMEOUT = 5.0  # seconds one call may run
+DEFAULT_REPLY_SECONDS = 120.0  # seconds a whole reply (every round and call) may take in chat and the demo
 MAX_RESULT_CHARS = 2000  # a longer result is cut (a small model's whole context is 256 tokens)
 
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict}
@@ -172,8 +175,8 @@ class ToolEvent:
 class DoneEvent:
     """A conversation is over. `messages`: the ones the loop added (assistant turns with tool calls, tool results,
     the final answer); `reply`: the last parsed reply; finish_reason: "stop" (answered), "length" (the last reply
-    hit its token budget), "tool_rounds" (still calling tools after max_rounds) or "context" (the conversation
-    outgrew the model's context before an answer)."""
+    hit its token budget), "tool_rounds" (still calling tools after max_rounds), "context" (the conversation
+    outgrew the model's context before an answer) or "time" (max_seconds ran out before an answer)."""
 
     row: int
     messages: list[dict]
@@ -194,17 +197,26 @@ def _budget(runtime, prompt_ids: list[int], max_tokens: int | None) -> int:
 
 def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None, params: list[SamplingParams],
               max_tokens: int | None = None, max_rounds: int = DEFAULT_MAX_ROUNDS, enable_thinking: bool = False,
-              batch_size: int | None = None, generate_round: Callable | None = None
-              ) -> Iterator[TokenEvent | ToolEvent | DoneEvent]:
+              batch_size: int | None = None, generate_round: Callable | None = None,
+              max_seconds: float | None = None) -> Iterator[TokenEvent | ToolEvent | DoneEvent]:
     """Answer each conversation (messages ending with the user's turn), running `toolbox`'s tools as the model calls
     them (`toolbox=None`: no tools are offered, one round). `params[i]` samples conversation i (its max_tokens is
     replaced by each round's budget: `max_tokens`, or the rest of the context when None). Yields every token, every
     call and one DoneEvent per conversation; conversations are generated together in batches of `batch_size`
     (default: the runtime's `max_batch_size`). `generate_round(prompts, params)` generates one round for a batch of
     prompt ids and yields `(row, token)`, the EOS that ends a row included, as `runtime.stream_batch` does (the
-    default: `stream_batch` on `runtime`)."""
+    default: `stream_batch` on `runtime`). `max_seconds`: a wall-clock limit for the whole loop, checked between
+    tokens and after each round's calls; a conversation still going then ends with finish_reason "time", keeping
+    what it generated."""
     if max_rounds < 0:
         raise UsageError(f"max_rounds must be 0 or more, not {max_rounds}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise UsageError(f"max_seconds must be a positive number of seconds, not {max_seconds}")
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
     tools = toolbox.schemas if toolbox else None
     generate_round = generate_round or functools.partial(stream_batch, runtime)
     batch_size = min(batch_size or runtime.max_batch_size, runtime.max_batch_size)
@@ -229,9 +241,17 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
             round_params = [dataclasses.replace(params[row], max_tokens=_budget(runtime, prompts[row], max_tokens))
                             for row in rows]
             new: dict[int, list[int]] = {row: [] for row in rows}
-            for j, token in generate_round([prompts[row] for row in rows], round_params):
-                new[rows[j]].append(token)
-                yield TokenEvent(rows[j], token)
+            timed_out = False
+            round_tokens = generate_round([prompts[row] for row in rows], round_params)
+            try:
+                for j, token in round_tokens:
+                    new[rows[j]].append(token)
+                    yield TokenEvent(rows[j], token)
+                    if out_of_time():
+                        timed_out = True
+                        break
+            finally:
+                round_tokens.close()  # an engine's round cancels its sequences
             for row in rows:
                 tokens = new[row]
                 ended = bool(tokens) and tokens[-1] in runtime.eos_token_ids
@@ -240,6 +260,9 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
                 message = as_message(reply)
                 history[row].append(message)
                 added[row].append(message)
+                if timed_out and not ended:  # cut mid-reply: its calls, if any, may be incomplete and do not run
+                    yield DoneEvent(row, added[row], reply, "time", calls[row], first[row])
+                    continue
                 if not reply["tool_calls"] or toolbox is None:
                     yield DoneEvent(row, added[row], reply, "stop" if ended else "length", calls[row], first[row])
                     continue
@@ -254,6 +277,8 @@ def tool_loop(runtime, conversations: list[list[dict]], toolbox: Toolbox | None,
                     added[row].append(tool_message)
                 if round_index == max_rounds:
                     yield DoneEvent(row, added[row], reply, "tool_rounds", calls[row], first[row])
+                elif out_of_time():
+                    yield DoneEvent(row, added[row], reply, "time", calls[row], first[row])
                 else:
                     next_active.append(row)
         active = next_active
