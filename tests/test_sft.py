@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tinyllm_hf.cli import main as tinyllm  # noqa: E402
 from tinyllm_hf.data import sft as sft_data  # noqa: E402
-from tinyllm_hf.data.sft import load_sft_dataset, to_messages  # noqa: E402
+from tinyllm_hf.data.sft import load_sft_dataset, to_conversation, to_messages  # noqa: E402
 from tinyllm_hf.errors import MalformedRowError  # noqa: E402
 from tinyllm_hf.tasks import parse_task_sizes  # noqa: E402
 from tinyllm_hf.tokenizer.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
@@ -67,7 +67,18 @@ def test_multi_turn_sharegpt_with_system():
         ({"messages": [USER]}, "must end with an assistant"),
         ({"messages": [ASSISTANT, USER]}, "expected role 'user'"),
         ({"messages": [USER, {"role": "assistant", "content": "  "}]}, "content is empty"),
-        ({"messages": [USER, {"role": "tool", "content": "x"}]}, "role 'tool'"),
+        ({"messages": [USER, {"role": "tool", "content": "x"}]}, "got 'tool' \\(a tool result follows"),
+        ({"messages": [USER, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]},
+                       ASSISTANT]}, "expected role 'tool'"),
+        ({"messages": [USER, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}]},
+         "ends before the results"),
+        ({"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "f", "arguments": "{bad"}}]}]}, "arguments of tool call 'f' are not valid JSON"),
+        ({"messages": [USER, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}]},
+         "needs a function name"),
+        ({"messages": [USER, ASSISTANT], "tools": "[{"}, "'tools' is not valid JSON"),
+        ({"messages": [USER, ASSISTANT], "tools": [{"type": "function", "function": {"name": "has space"}}]},
+         "'tools': .*letters, digits"),
         ({"messages": [USER, {"role": "system", "content": "x"}, ASSISTANT]}, "expected role 'assistant'"),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown speaker 'robot'"),
         ({"question": "q", "answer": 3}, "field 'answer' must be a string"),
@@ -75,7 +86,49 @@ def test_multi_turn_sharegpt_with_system():
 )
 def test_malformed_rows_say_why(row, reason):
     with pytest.raises(MalformedRowError, match=reason):
-        to_messages(row)
+        to_conversation(row)
+
+
+LOOKUP_TOOL = {"name": "idiom_lookup", "description": "查成语",
+               "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}
+RESULT = "比喻做了多余的事。"
+TOOL_ROWS = [
+    # OpenAI / TRL messages: null content with the calls, arguments as a JSON string, a tool_call_id
+    {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                  "function": {"name": "idiom_lookup", "arguments": '{"word": "画蛇添足"}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": RESULT}, {"role": "assistant", "content": RESULT}],
+     "tools": [{"type": "function", "function": LOOKUP_TOOL}]},
+    # LLaMA-Factory's sharegpt: function_call / observation turns, tools as a JSON string of bare functions
+    {"conversations": [{"from": "human", "value": USER["content"]},
+                       {"from": "function_call", "value": '{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}'},
+                       {"from": "observation", "value": RESULT}, {"from": "gpt", "value": RESULT}],
+     "tools": json.dumps([LOOKUP_TOOL], ensure_ascii=False)},
+]
+
+
+def test_tool_conversations_in_either_format_load_the_same_and_train_on_the_call_and_answer(tiny_tokenizer_dir,
+                                                                                           tmp_path):
+    from transformers import AutoTokenizer
+
+    from tinyllm_hf.trainers.sft import encode_conversations
+
+    dataset = load_sft_dataset(str(write_jsonl(tmp_path / "tools.jsonl", [*TOOL_ROWS, {"messages": [USER, ASSISTANT]}])))
+    openai_row, sharegpt_row, plain = dataset
+    assert openai_row == sharegpt_row and plain["tools"] is None
+    assert [m["role"] for m in openai_row["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert json.loads(openai_row["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {"word": "画蛇添足"}
+    assert json.loads(openai_row["tools"])[0]["function"]["name"] == "idiom_lookup"
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    encoded = encode_conversations(dataset.select([0]), tokenizer, None)[0]
+    ids, mask = encoded["input_ids"], encoded["assistant_masks"]
+    spans = labelled_spans([t if m else -100 for t, m in zip(ids, mask)])
+    # The loss is on the call and on the answer (each with its <|endoftext|>), never on the tool's result.
+    assert [tokenizer.decode(ids[a:b]) for a, b in spans] == [
+        '<tool_call>{"name": "idiom_lookup", "arguments": {"word": "画蛇添足"}}</tool_call><|endoftext|>',
+        RESULT + "<|endoftext|>"]
+    text = tokenizer.decode(ids)
+    assert "<|tools|>" in text and "idiom_lookup" in text.split("<|user|>")[0]  # the schemas in the system turn
 
 
 def test_malformed_jsonl_line_fails_with_its_line_number(tmp_path):

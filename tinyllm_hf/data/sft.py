@@ -9,6 +9,12 @@ formats, each row normalised to `{"messages": [{"role", "content"}, ...]}`:
     Alpaca         {"instruction": ..., "input": ..., "output": ...}
     question/answer {"question": ..., "answer": ...}        (the reference project's JSONL)
 
+Tool use: a `messages` row may hold assistant turns with OpenAI `tool_calls` (arguments an object or a JSON string;
+the content may then be empty), `role: "tool"` results after them, `reasoning_content`, and a `tools` field (OpenAI
+function schemas, a list or a JSON string of one); a ShareGPT row may hold `function_call` / `observation` turns and
+a `tools` field, as LLaMA-Factory's sharegpt format has them. Each call must be followed by its result; the schemas
+are checked as the chat template renders them.
+
 A row that is not valid (bad JSON, no known format, roles out of order, empty text, a conversation that does not end
 with the assistant) is reported with its line number (row number for Hub datasets). `malformed="error"` stops at the
 first one; `malformed="skip"` drops them and logs how many and where. Rows are never dropped silently. The same raw-row
@@ -31,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "qa")
 MALFORMED_POLICIES = ("error", "skip")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names seen in the wild -> chat roles.
 SHAREGPT_ROLES = {
     "system": "system",
@@ -42,6 +48,8 @@ SHAREGPT_ROLES = {
     "chatgpt": "assistant",
     "bing": "assistant",
     "bard": "assistant",
+    "function_call": "assistant",  # LLaMA-Factory: the value is the call's JSON ({"name", "arguments"}, or a list)
+    "observation": "tool",
 }
 LOCAL_SUFFIXES = (".jsonl", ".json")
 # The Arrow type of a `messages` column, tool calls and reasoning included (arguments as a JSON string, so calls with
@@ -86,16 +94,46 @@ def _text(row: dict, key: str, required: bool = True) -> str:
     return value
 
 
+def _tool_call(i: int, call) -> dict:
+    """One call of message `i` as MESSAGES_FEATURE stores it: {"type": "function", "function": {"name", "arguments"}},
+    the arguments a JSON object written as a string. Takes OpenAI's form or the bare {"name", "arguments"}."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+        shown = json.dumps(call, ensure_ascii=False)[:80]
+        raise MalformedRowError(f"message {i}: a tool call needs a function name, got {shown}")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            raise MalformedRowError(f"message {i}: the arguments of tool call {function['name']!r} are not valid JSON "
+                                    f"({err.msg})") from None
+    if not isinstance(arguments, dict):
+        raise MalformedRowError(f"message {i}: the arguments of tool call {function['name']!r} must be a JSON object")
+    return {"type": "function", "function": {"name": function["name"],
+                                             "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def _message(i: int, message) -> dict:
+    if not isinstance(message, dict) or "role" not in message or (
+            "content" not in message and not message.get("tool_calls")):
+        raise MalformedRowError(f"message {i} must be an object with 'role' and 'content'")
+    out = {"role": message["role"], "content": message.get("content")}
+    if message.get("tool_calls"):
+        if not isinstance(message["tool_calls"], list):
+            raise MalformedRowError(f"message {i}: 'tool_calls' must be a list")
+        out["content"] = out["content"] or ""  # OpenAI sends null content with calls
+        out["tool_calls"] = [_tool_call(i, call) for call in message["tool_calls"]]
+    if message.get("reasoning_content"):
+        out["reasoning_content"] = message["reasoning_content"]
+    return out
+
+
 def _from_messages(row: dict) -> list[dict]:
     messages = row["messages"]
     if not isinstance(messages, list):
         raise MalformedRowError(f"'messages' must be a list, got {type(messages).__name__}")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise MalformedRowError(f"message {i} must be an object with 'role' and 'content'")
-        out.append({"role": message["role"], "content": message["content"]})
-    return out
+    return [_message(i, message) for i, message in enumerate(messages)]
 
 
 def _from_sharegpt(row: dict) -> list[dict]:
@@ -106,11 +144,26 @@ def _from_sharegpt(row: dict) -> list[dict]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise MalformedRowError(f"conversation turn {i} must be an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        speaker = str(turn["from"]).lower()
+        role = SHAREGPT_ROLES.get(speaker)
         if role is None:
             raise MalformedRowError(f"conversation turn {i}: unknown speaker {turn['from']!r}")
-        out.append({"role": role, "content": turn["value"]})
+        if speaker == "function_call":
+            calls = _calls_of(i, turn["value"])
+            out.append(_message(len(out), {"role": "assistant", "content": "", "tool_calls": calls}))
+        else:
+            out.append({"role": role, "content": turn["value"]})
     return out
+
+
+def _calls_of(i: int, value) -> list:
+    """The calls of a ShareGPT function_call turn: a JSON object or list of them, as a string or parsed."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise MalformedRowError(f"conversation turn {i}: the function_call is not valid JSON ({err.msg})") from None
+    return value if isinstance(value, list) else [value]
 
 
 def _from_alpaca(row: dict) -> list[dict]:
@@ -134,7 +187,9 @@ CONVERTERS: dict[str, Callable[[dict], list[dict]]] = {
 
 def validate_messages(messages: list[dict]) -> list[dict]:
     """Check that `messages` is what the tinyllm chat format renders and trains on: an optional leading system
-    message, then user and assistant turns alternating, ending with the assistant; every content a non-empty string."""
+    message, then user and assistant turns alternating, ending with the assistant; every content a non-empty string
+    (an assistant turn with tool calls may have none). An assistant turn's calls are followed by one `tool` result
+    each, then the assistant again."""
     if not messages:
         raise MalformedRowError("the conversation is empty")
     for i, message in enumerate(messages):
@@ -142,13 +197,27 @@ def validate_messages(messages: list[dict]) -> list[dict]:
             raise MalformedRowError(f"message {i}: role {message['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(message["content"], str):
             raise MalformedRowError(f"message {i}: content must be a string, got {type(message['content']).__name__}")
-        if not message["content"].strip():
+        if not message["content"].strip() and not message.get("tool_calls"):
             raise MalformedRowError(f"message {i} ({message['role']}): content is empty")
+        if message.get("tool_calls") and message["role"] != "assistant":
+            raise MalformedRowError(f"message {i}: only assistant messages make tool calls, not {message['role']!r}")
     start = 1 if messages[0]["role"] == "system" else 0
+    expected, results_due = "user", 0  # results_due: tool results still owed to the last assistant turn's calls
     for i in range(start, len(messages)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if messages[i]["role"] != expected:
-            raise MalformedRowError(f"message {i}: expected role {expected!r}, got {messages[i]['role']!r}")
+        role = messages[i]["role"]
+        if results_due:
+            if role != "tool":
+                raise MalformedRowError(f"message {i}: expected role 'tool' ({results_due} tool call(s) before it "
+                                        f"have no result yet), got {role!r}")
+            results_due -= 1
+            continue
+        if role != expected:
+            hint = " (a tool result follows an assistant message with tool_calls)" if role == "tool" else ""
+            raise MalformedRowError(f"message {i}: expected role {expected!r}, got {role!r}{hint}")
+        results_due = len(messages[i].get("tool_calls") or [])
+        expected = "user" if role == "assistant" and not results_due else "assistant"
+    if results_due:
+        raise MalformedRowError(f"the conversation ends before the results of its last {results_due} tool call(s)")
     if messages[-1]["role"] != "assistant":
         raise MalformedRowError("the conversation must end with an assistant message")
     return messages
@@ -166,6 +235,34 @@ def to_messages(row, fmt: str = "auto") -> list[dict]:
     except KeyError as err:
         raise MalformedRowError(f"missing field {err.args[0]!r} for format {fmt!r}") from None
     return validate_messages(messages)
+
+
+def tools_of(row: dict) -> str | None:
+    """A row's `tools` (OpenAI function schemas: a list, or a JSON string of one, as LLaMA-Factory writes it) as the
+    JSON string the SFT data stores, checked as the chat template renders them; None without tools."""
+    from tinyllm_hf.inference.tool_loop import check_tool_schemas
+
+    tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise MalformedRowError(f"'tools' is not valid JSON ({err.msg})") from None
+    if isinstance(tools, list):  # LLaMA-Factory lists bare functions ({"name", "description", "parameters"})
+        tools = [{"type": "function", "function": tool} if isinstance(tool, dict) and "type" not in tool
+                 and "name" in tool else tool for tool in tools]
+    try:
+        return json.dumps(check_tool_schemas(tools), ensure_ascii=False)
+    except (UsageError, ValueError) as err:
+        raise MalformedRowError(f"'tools': {err}") from None
+
+
+def to_conversation(row, fmt: str = "auto") -> dict:
+    """One row as SFT data stores it: {"messages": validated messages, "tools": JSON string or None}."""
+    messages = to_messages(row, fmt)
+    return {"messages": messages, "tools": tools_of(row)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -277,7 +374,9 @@ def convert_rows(rows: Iterable[tuple[str, object]], convert: Callable[[object],
 def load_sft_dataset(source: str, fmt: str = "auto", malformed: str = "error", split: str = "train",
                      config: str | None = None) -> datasets.Dataset:
     """Instruction data from a local .jsonl/.json file or folder, or a Hugging Face dataset name, as a Dataset with a
-    `messages` column (see the module docstring for the formats)."""
-    rows = convert_rows(read_rows(source, split, config), lambda row: {"messages": to_messages(row, fmt)}, malformed,
-                        source)
-    return datasets.Dataset.from_list(rows)
+    `messages` column and a `tools` column (JSON, None for a conversation without tools); see the module docstring
+    for the formats."""
+    rows = convert_rows(read_rows(source, split, config), lambda row: to_conversation(row, fmt), malformed, source)
+    # One Arrow type for every row (calls and reasoning included), as the default set has it.
+    return datasets.Dataset.from_list(rows, features=datasets.Features(
+        {"messages": MESSAGES_FEATURE, "tools": datasets.Value("string")}))
