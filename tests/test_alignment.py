@@ -207,10 +207,12 @@ def test_reward_arguments_are_checked():
 OFFLINE = {"dpo": (dpo, "2e-3"), "kto": (kto, "1e-3"), "orpo": (orpo, "1e-3")}
 
 
-# ORPO lowers the margin of this fixture since the tokenizer gained the tool tokens (the labels became 2 and 3 tokens
-# long; the summed and the per-token margin both fall, whatever the learning rate or beta): not yet understood, so it
-# is a known failure here (strict: a fix shows up as XPASS) rather than a test bent until it passes.
-ORPO_MARGIN = pytest.mark.xfail(reason="ORPO lowers this fixture's margin since the tool tokens; under investigation",
+# TRL's ORPO puts its supervised loss on the whole chosen sequence, prompt included (the ORPO paper's code; TRL
+# #1516, #2527). Here the default system prompt is most of each sequence and the chosen answers are already at
+# p ~ 1 (the odds-ratio term is saturated), so 6 steps mostly learn the prompt and the margin falls (6.63 -> 5.91 at
+# beta 0.1 and at 1.0; with the loss on the answer only it rises to 6.96). Strict: if TRL changes that loss, XPASS
+# says so. The chat-format checks after the margin are what ORPO is tested for (docs/alignment.md).
+ORPO_MARGIN = pytest.mark.xfail(reason="TRL's ORPO loss includes the prompt, which dominates this fixture's 6 steps",
                                 strict=True)
 
 
@@ -226,7 +228,6 @@ def test_preference_training_raises_the_margin_and_keeps_the_chat_format(stage, 
                         "--beta", "0.1", "--per_device_train_batch_size", "8", *COMMON_FLAGS])
     assert code == 0
     after = preference_margin(output, pairs)
-    assert after > before + 0.5, (before, after)
 
     # The chat format survives: same template, same rendering, and greedy replies still end at the end-of-turn token.
     original, tokenizer = AutoTokenizer.from_pretrained(chat_model_dir), AutoTokenizer.from_pretrained(output)
@@ -244,6 +245,7 @@ def test_preference_training_raises_the_margin_and_keeps_the_chat_format(stage, 
         new = out[0, prompt["input_ids"].shape[1]:].tolist()
         assert new[-1] == tokenizer.eos_token_id and len(new) < max_new_tokens, tokenizer.decode(new)
         assert tokenizer.decode(new, skip_special_tokens=True).strip() in SENTIMENT_LABELS.values()
+    assert after > before + 0.5, (before, after)  # last: ORPO's expected failure leaves the checks above run
 
 
 # Runs `tinyllm dpo` in each process of an `accelerate launch`, recording the reference log-probs each rank trains
