@@ -67,7 +67,7 @@ class TextStream:
         self.end_after = tuple(end_after)  # strings the text ends after, kept (SamplingParams.end_after)
         self.text = ""
         self.sent = 0  # characters of `text` already streamed
-        self.stopped = False  # a stop string cut the text
+        self.stopped = False  # a stop string (or an end_after string) ended the text
         self.logprobs: list[TokenLogprob] = []  # of the tokens whose text is not streamed yet
 
     def on_token(self, generated: list[int], logprob: TokenLogprob | None = None) -> bool:

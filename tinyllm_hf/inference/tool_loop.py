@@ -15,8 +15,8 @@ engine's `Engine.stream_batch`, so a demo's users share one decode batch), and p
 (`Toolbox.call`: a known name, arguments that fit its schema, a time limit) and their results, or a sentence saying
 why a call could not run, join the conversation as `tool` messages; a conversation stops when a reply calls no tool,
 after `max_rounds` rounds of calls, when its prompt no longer fits the context, or when the whole loop has run
-`max_seconds` (interactive front ends set it: rounds, tokens and each call are bounded, their sum is not otherwise). Nothing the model wrote is dropped:
-a malformed call stays in the assistant message's content.
+`max_seconds` (interactive front ends set it: rounds, tokens and each call are bounded, their sum is not otherwise).
+Nothing the model wrote is dropped: a malformed call stays in the assistant message's content.
 """
 
 import concurrent.futures
