@@ -151,7 +151,7 @@ def test_json_list_files_and_folders_load(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"question": "q", "answer": "a"}]), encoding="utf-8")
     write_jsonl(tmp_path / "b.jsonl", [{"messages": [USER, ASSISTANT]}])
     dataset = load_sft_dataset(str(tmp_path))
-    assert dataset.column_names == ["messages"] and len(dataset) == 2
+    assert dataset.column_names == ["messages", "tools"] and len(dataset) == 2 and dataset["tools"] == [None, None]
 
 
 def test_json_lines_in_a_json_file_load_as_belle_publishes_them(tmp_path):
